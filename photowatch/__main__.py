@@ -1,0 +1,3 @@
+from photowatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""FITS at the edges: complete-file checks, raw reads, atomic product writes.
+
+Raw files are only ever opened read-only. Products are written to a temporary
+name in their final folder, flushed, fsynced and renamed into place, so a
+reader (or a restart after kill -9) sees either the old file or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import gzip
+import hashlib
+import io
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from photowatch.errors import BadInput
+
+BLOCK = 2880
+_CARD_RE = re.compile(rb"^([A-Z0-9_-]{1,8})\s*=\s*([^/]*)")
+
+#: environment hook for fault-injection tests: a glob of paths whose writes fail
+#: with "No space left on device" (simulates a full disk without root or tmpfs)
+FAULT_ENV = "PHOTOWATCH_FAULT_WRITE"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, int]:
+    """Content hash (hex) and size of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _open_stream(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _header_values(block_data: bytes) -> dict[str, str]:
+    values = {}
+    for i in range(0, len(block_data), 80):
+        card = block_data[i : i + 80]
+        m = _CARD_RE.match(card)
+        if m:
+            values[m.group(1).decode()] = m.group(2).strip().decode(errors="replace")
+    return values
+
+
+def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
+    """Why a file is not a complete FITS file, or None when it is.
+
+    Checks the FITS structure without decoding data: the file starts with
+    SIMPLE, every header ends with END, every HDU's data is present, and
+    (uncompressed files) the size is a multiple of 2880 bytes. A gzip file is
+    decompressed as a stream, which also checks its CRC.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror}"
+    if size == 0:
+        return "empty file (0 bytes)"
+    gz = path.name.endswith(".gz")
+    if not gz and size % BLOCK:
+        return f"size {size} is not a multiple of 2880 bytes (truncated?)"
+    try:
+        with _open_stream(path) as fh:
+            first = True
+            nhdu = 0
+            while True:
+                header = b""
+                while True:
+                    block = fh.read(BLOCK)
+                    if not block:
+                        if first:
+                            return "empty file"
+                        if header:
+                            return f"HDU {nhdu}: header without END (truncated)"
+                        return None if nhdu else "no HDU"
+                    if len(block) < BLOCK:
+                        return f"HDU {nhdu}: partial 2880-byte block (truncated)"
+                    if first and not block.startswith(b"SIMPLE  ="):
+                        return "not a FITS file (does not start with SIMPLE)"
+                    first = False
+                    header += block
+                    if any(header[i : i + 80].startswith(b"END     ") or
+                           header[i : i + 80].rstrip() == b"END"
+                           for i in range(len(header) - BLOCK, len(header), 80)):
+                        break
+                    if len(header) > BLOCK * 10000:
+                        return f"HDU {nhdu}: header without END"
+                values = _header_values(header)
+                try:
+                    bitpix = abs(int(values.get("BITPIX", "8")))
+                    naxis = int(values.get("NAXIS", "0"))
+                    count = 1 if naxis else 0
+                    for ax in range(1, naxis + 1):
+                        count *= int(values.get(f"NAXIS{ax}", "0"))
+                    gcount = int(values.get("GCOUNT", "1"))
+                    pcount = int(values.get("PCOUNT", "0"))
+                except ValueError:
+                    return f"HDU {nhdu}: unreadable BITPIX/NAXIS"
+                nbytes = bitpix // 8 * gcount * (pcount + count)
+                padded = -(-nbytes // BLOCK) * BLOCK
+                remaining = padded
+                while remaining:
+                    chunk = fh.read(min(remaining, 1 << 22))
+                    if not chunk:
+                        return (f"HDU {nhdu}: data truncated ({padded - remaining} of "
+                                f"{padded} bytes)")
+                    remaining -= len(chunk)
+                nhdu += 1
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        return f"unreadable: {exc}"
+
+
+def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
+    """Read a raw frame read-only: (2-D data as float32 ADU, merged header).
+
+    The image is the first HDU with 2-D data (a tile-compressed .fz image
+    included); the header is that HDU's header with the primary header's
+    cards it lacks.
+
+    Raises
+    ------
+    BadInput
+        not FITS, truncated, or no 2-D image
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    reason = fits_incomplete_reason(path)
+    if reason:
+        raise BadInput(reason)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, mode="readonly", memmap=False) as hdul:
+                for hdu in hdul:
+                    if hdu.is_image and hdu.header.get("NAXIS", 0) == 2 and hdu.data is not None:
+                        data = np.asarray(hdu.data, dtype=np.float32)
+                        header = hdu.header.copy()
+                        if hdu is not hdul[0]:
+                            for card in hdul[0].header.cards:
+                                if card.keyword not in header and card.keyword not in (
+                                    "SIMPLE", "EXTEND", "NEXTEND", "", "COMMENT", "HISTORY"
+                                ):
+                                    header.append(card)
+                            header.remove("XTENSION", ignore_missing=True)
+                            header.remove("PCOUNT", ignore_missing=True)
+                            header.remove("GCOUNT", ignore_missing=True)
+                            header.remove("EXTNAME", ignore_missing=True)
+                        return data, header
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(f"unreadable FITS: {exc}") from None
+    raise BadInput("no 2-D image data in any HDU")
+
+
+def read_header(path: str | os.PathLike):
+    """The header of the raw image (as :func:`read_raw`), without reading data."""
+    from astropy.io import fits
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True) as hdul:
+                primary = hdul[0].header
+                if primary.get("NAXIS", 0) >= 2:
+                    return primary.copy()
+                for hdu in hdul[1:]:
+                    if hdu.header.get("NAXIS", 0) == 2 or hdu.header.get("ZNAXIS", 0) == 2:
+                        header = hdu.header.copy()
+                        for card in primary.cards:
+                            if card.keyword not in header and card.keyword not in (
+                                "SIMPLE", "EXTEND", "NEXTEND", "", "COMMENT", "HISTORY"
+                            ):
+                                header.append(card)
+                        return header
+                return primary.copy()
+    except Exception as exc:
+        raise BadInput(f"unreadable FITS header: {exc}") from None
+
+
+def _fault_for(path: Path) -> None:
+    pattern = os.environ.get(FAULT_ENV)
+    if pattern and fnmatch.fnmatch(str(path), pattern):
+        raise OSError(errno.ENOSPC, f"No space left on device (fault injection: {FAULT_ENV})",
+                      str(path))
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None],
+                 fsync: bool = True) -> Path:
+    """Write a file atomically: ``write(fh)`` into a temporary file, then rename.
+
+    The temporary file is in the same folder (same file system), so the rename
+    is atomic; on any error it is removed and the previous file is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _fault_for(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+    return path
+
+
+def write_hdul(path: str | os.PathLike, hdul, fsync: bool = True) -> Path:
+    """Write an astropy HDUList atomically."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # long cards, reserved keywords: nothing to act on
+        return atomic_write(path, lambda fh: hdul.writeto(fh, output_verify="silentfix"),
+                            fsync=fsync)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> Path:
+    return atomic_write(path, lambda fh: fh.write(data), fsync=fsync)
+
+
+def save_npz(path: str | os.PathLike, fsync: bool = True, **arrays) -> Path:
+    """Write arrays atomically as an uncompressed .npz (accumulator state)."""
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays), fsync=fsync)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporaries left by a killed writer (``.name.XXXX.tmp``); returns the count."""
+    count = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for tmp in folder.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            count += 1
+    return count
