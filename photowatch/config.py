@@ -119,6 +119,8 @@ class Sources(Section):
     detect_sigma: PositiveFloat = 5.0
     min_area_px: Annotated[int, Field(ge=1)] = 5
     aperture_fwhm: PositiveFloat = 2.0
+    #: radius of the large aperture of the aperture correction, in units of the median FWHM
+    apcor_radius_fwhm: PositiveFloat = 5.0
     max_sources: Annotated[int, Field(ge=10)] = 5000
 
 
