@@ -61,3 +61,21 @@ class Frame:
     def err(self) -> np.ndarray:
         """1-sigma uncertainty (electrons), float32."""
         return np.sqrt(np.maximum(self.var, 0), dtype=np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class MasterImage:
+    """A calibration master as a stage uses it.
+
+    ``data`` is in electrons (bias), electrons per second (dark) or
+    normalised to 1 (flat, sky); ``var`` is its variance in the same units
+    squared.
+    """
+
+    kind: str  #: bias | dark | flat | sky
+    data: np.ndarray
+    var: np.ndarray
+    label: str = ""  #: file name, for product headers
+    version: int = 0
+    master_id: int | None = None
+    provisional: bool = False

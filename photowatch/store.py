@@ -104,13 +104,6 @@ CREATE TABLE files (
     duplicate INTEGER NOT NULL DEFAULT 0,
     seen_at TEXT NOT NULL
 );
-CREATE TABLE bad_files (
-    path TEXT PRIMARY KEY,
-    size INTEGER,
-    mtime REAL,
-    reason TEXT NOT NULL,
-    seen_at TEXT NOT NULL
-);
 CREATE TABLE masters (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -367,9 +360,6 @@ class Store:
         """True when this exact file (path, and size/mtime if given) was already taken."""
         row = self.conn.execute("SELECT size, mtime FROM files WHERE path=?", (path,)).fetchone()
         if row is None:
-            row = self.conn.execute("SELECT size, mtime FROM bad_files WHERE path=?",
-                                    (path,)).fetchone()
-        if row is None:
             return False
         if size is not None and row["size"] != size:
             return False
@@ -440,16 +430,6 @@ class Store:
             n += 1
             candidate = f"{stem}_{n}{ext}"
         return candidate
-
-    def add_bad_file(self, path: str, size: int | None, mtime: float | None,
-                     reason: str) -> None:
-        """Record a file that never became a frame (incomplete past the timeout...)."""
-        with self.transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO bad_files(path, size, mtime, reason, seen_at)"
-                " VALUES (?,?,?,?,?)", (path, size, mtime, reason, utcnow()))
-            self._event(conn, "bad_file", file=Path(path).name, level="error", message=reason,
-                        action="quarantined")
 
     # ------------------------------------------------------------------ transitions
     def transition(self, frame_id: int, from_states: Iterable[str], to_state: str, *,

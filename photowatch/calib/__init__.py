@@ -1,0 +1,1 @@
+"""Calibration: incremental combination, master building, selection, bad-pixel masks."""

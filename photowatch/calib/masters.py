@@ -1,0 +1,540 @@
+"""Masters: incremental updates as calibration frames arrive, selection, final rebuild.
+
+:class:`MasterBook` is the calibration side of the engine. For each
+calibration frame it prepares the frame (overscan, trim, gain; darks
+bias-subtracted and per second; flats bias/dark-corrected and normalised),
+applies the quality cuts, adds it to its master's running accumulator
+(O(pixels), no earlier frame re-read), writes a new master version atomically
+and records it in the store in the same transaction that marks the frame
+``used``. Accumulator state lives in ``OUT/masters/<night>/.state/`` and lists
+its inputs, so a restart after kill -9 never adds a frame twice.
+
+Files::
+
+    OUT/masters/<night>/bias_C0.fits               newest version (a hard link)
+    OUT/masters/<night>/flat_SDSS-R_C0.fits
+    OUT/masters/<night>/versions/bias_C0_v003.fits every version
+    OUT/masters/<night>/bpm_C0.fits                bad-pixel mask (at finalize)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from photowatch import __version__
+from photowatch.calib.bpm import bad_pixel_mask
+from photowatch.calib.combine import RunningMean, clipped_median_stack, robust_level
+from photowatch.calib.cuts import judge
+from photowatch.calib.select import Candidate, is_better, select_master
+from photowatch.classify import FrameInfo, safe_name
+from photowatch.config import Settings
+from photowatch.errors import WaitForMasters
+from photowatch.fitsio import read_raw, save_npz, write_hdul
+from photowatch.frame import MasterImage
+from photowatch.instruments import Profile
+from photowatch.logs import get_logger
+from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons
+
+KINDS = ("bias", "dark", "flat")
+log = get_logger("photowatch.calib")
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    kind: str
+    camera: str
+    filter: str
+    binning: str
+    readout: str
+    night: str
+    target: str = ""
+
+    @classmethod
+    def for_frame(cls, kind: str, info: FrameInfo, target: str = "") -> MasterKey:
+        return cls(kind, info.camera, (info.filter or "") if kind in ("flat", "sky") else "",
+                   info.binning, info.readout, info.night, target)
+
+    @property
+    def text(self) -> str:
+        return "|".join((self.kind, self.camera, self.filter, self.binning, self.readout,
+                         self.target, self.night))
+
+    def slug(self, long: bool = False) -> str:
+        parts = [self.kind]
+        if self.filter:
+            parts.append(safe_name(self.filter))
+        if self.target:
+            parts.append(safe_name(self.target))
+        parts.append(self.camera)
+        if long:
+            parts.append(self.binning)
+            if self.readout:
+                parts.append(safe_name(self.readout))
+        return "_".join(parts)
+
+
+@dataclass
+class Outcome:
+    """What happened to a calibration frame."""
+
+    state: str  #: used | rejected
+    reason: str | None
+    levels: dict
+    candidate: Candidate | None = None
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+def read_master(path: str | Path) -> MasterImage:
+    """Read a master file (SCI and ERR extensions) into a MasterImage."""
+    from astropy.io import fits
+
+    with fits.open(path, memmap=False) as hdul:
+        hdr = hdul[0].header
+        data = np.asarray(hdul["SCI"].data, dtype=np.float32)
+        err = np.asarray(hdul["ERR"].data, dtype=np.float32)
+        return MasterImage(kind=hdr.get("PWKIND", ""), data=data, var=err * err,
+                           label=Path(path).name, version=int(hdr.get("VERSION", 0)),
+                           provisional=bool(hdr.get("PROVISNL", False)))
+
+
+def write_master(path: Path, data: np.ndarray, var: np.ndarray, count: np.ndarray | None,
+                 header_items: dict) -> Path:
+    from astropy.io import fits
+
+    primary = fits.PrimaryHDU()
+    for key, value in header_items.items():
+        if value is not None:
+            primary.header[key] = value
+    hdus = [primary,
+            fits.ImageHDU(data.astype(np.float32), name="SCI"),
+            fits.ImageHDU(np.sqrt(np.maximum(var, 0)).astype(np.float32), name="ERR")]
+    if count is not None:
+        hdus.append(fits.ImageHDU(count.astype(np.int16), name="NCOMB"))
+    return write_hdul(path, fits.HDUList(hdus))
+
+
+def _link_current(version_path: Path, current: Path) -> None:
+    tmp = current.with_name(f".{current.name}.link.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(version_path, tmp)
+    except OSError:
+        shutil.copyfile(version_path, tmp)
+    os.replace(tmp, current)
+
+
+class MasterBook:
+    """Masters of an output directory: updates, selection, bad-pixel masks, final rebuild."""
+
+    def __init__(self, store, out: str | Path, settings: Settings,
+                 profile_for: Callable[[str], Profile]):
+        self.store = store
+        self.out = Path(out)
+        self.root = self.out / "masters"
+        self.settings = settings
+        self.cal = settings.calibration
+        self.profile_for = profile_for
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._images = _LRU(8)
+        self._images_guard = threading.Lock()
+        self._bpms = _LRU(4)
+        self._library: list[Candidate] | None = None
+
+    # ------------------------------------------------------------------ locking
+    @contextlib.contextmanager
+    def lock(self, name: str, night: str):
+        """A lock per master key, across threads and processes (flock)."""
+        with self._locks_guard:
+            tlock = self._locks.setdefault(name, threading.Lock())
+        folder = self.root / night / ".state"
+        folder.mkdir(parents=True, exist_ok=True)
+        with tlock, open(folder / f"{name}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ candidates
+    def library(self) -> list[Candidate]:
+        """Masters in the configured calibration library folder (read once)."""
+        if self._library is None:
+            self._library = []
+            folder = self.settings.paths.calibration_library
+            if folder and Path(folder).is_dir():
+                from astropy.io import fits
+
+                for path in sorted(Path(folder).rglob("*.fits")):
+                    try:
+                        hdr = fits.getheader(path)
+                        self._library.append(Candidate(
+                            kind=hdr["PWKIND"], camera=hdr["CAMERA"],
+                            filter=hdr.get("FILTER", "") or "", binning=hdr["BINNING"],
+                            readout=hdr.get("READOUT", "") or "", night=hdr["NIGHT"],
+                            version=int(hdr.get("VERSION", 0)),
+                            ninputs=int(hdr.get("NCOMBINE", 0)),
+                            final=bool(hdr.get("FINAL", False)), path=str(path),
+                            target=hdr.get("TARGET", "") or ""))
+                    except Exception as exc:  # a foreign file in the library: say so, go on
+                        log.warning("library_file_skipped", file=str(path), error=str(exc))
+        return self._library
+
+    @staticmethod
+    def candidate_from_row(row) -> Candidate:
+        return Candidate(kind=row["kind"], camera=row["camera"], filter=row["filter"],
+                         binning=row["binning"], readout=row["readout"], night=row["night"],
+                         version=row["version"], ninputs=row["ninputs"],
+                         final=bool(row["final"]), path=row["path"], obs_time=row["obs_time"],
+                         master_id=row["id"], target=row["target"])
+
+    def candidates(self, kind: str, info: FrameInfo) -> list[Candidate]:
+        rows = self.store.masters("kind=? AND camera=? AND binning=? AND readout=?",
+                                  (kind, info.camera, info.binning, info.readout))
+        return [self.candidate_from_row(r) for r in rows] + [
+            c for c in self.library() if c.kind == kind]
+
+    def select(self, kind: str, info: FrameInfo, target: str = "") -> Candidate | None:
+        return select_master(
+            self.candidates(kind, info), kind=kind, camera=info.camera, binning=info.binning,
+            readout=info.readout, night=info.night, obs_time=info.obs_time,
+            filter=info.filter or "", target=target, min_inputs=self.cal.min_inputs,
+            max_age_days=self.cal.max_age_days)
+
+    def load(self, cand: Candidate) -> MasterImage:
+        def make():
+            img = read_master(cand.path)
+            return MasterImage(kind=cand.kind, data=img.data, var=img.var,
+                               label=Path(cand.path).name, version=cand.version,
+                               master_id=cand.master_id,
+                               provisional=cand.provisional(self.cal.min_inputs))
+        with self._images_guard:
+            return self._images.get_or(cand.path, make)
+
+    def masters_for(self, info: FrameInfo, profile: Profile, kinds: tuple[str, ...] = KINDS
+                    ) -> dict[str, tuple[Candidate, MasterImage]]:
+        """The masters a frame is reduced with; WaitForMasters if a required one is missing."""
+        out = {}
+        missing = []
+        for kind in kinds:
+            if not profile.uses(kind):
+                continue
+            cand = self.select(kind, info)
+            if cand is None:
+                if kind in profile.calibrations_required:
+                    what = f"{kind} for filter {info.filter}" if kind == "flat" else kind
+                    missing.append(f"no master {what}, camera {info.camera}, binning "
+                                   f"{info.binning}{', readout ' + info.readout if info.readout else ''}")
+                continue
+            out[kind] = (cand, self.load(cand))
+        if missing:
+            raise WaitForMasters("; ".join(missing))
+        return out
+
+    def bpm(self, dark: MasterImage | None, flat: MasterImage | None) -> np.ndarray | None:
+        key = (dark.label if dark else None, dark.version if dark else None,
+               flat.label if flat else None, flat.version if flat else None)
+        return self._bpms.get_or(key, lambda: bad_pixel_mask(dark=dark, flat=flat,
+                                                             settings=self.cal))
+
+    # ------------------------------------------------------------------ preparing
+    def calibration_data(self, kind: str, el: Electrons, info: FrameInfo,
+                         deps: dict[str, tuple[Candidate, MasterImage]]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """A prepared calibration frame as it is combined (bias e-, dark e-/s, flat normalised)."""
+        if kind == "bias":
+            return el.data, np.full(el.data.shape, el.readvar, np.float32)
+        bias = deps.get("bias", (None, None))[1]
+        dark = deps.get("dark", (None, None))[1] if kind == "flat" else None
+        data, var = subtract_masters(el, info, bias=bias, dark=dark)
+        if kind == "dark":
+            t = np.float32(info.exptime_s)
+            return data / t, var / (t * t)
+        level, _ = robust_level(data)
+        if not np.isfinite(level) or level <= 0:
+            level = 1.0
+        inv = np.float32(1.0 / level)
+        return data * inv, var * (inv * inv)
+
+    def dependencies(self, kind: str, info: FrameInfo, profile: Profile
+                     ) -> dict[str, tuple[Candidate, MasterImage]]:
+        needs = {"bias": (), "dark": ("bias",), "flat": ("bias", "dark")}[kind]
+        return self.masters_for(info, profile, needs)
+
+    # ------------------------------------------------------------------ incremental
+    def _state_path(self, key: MasterKey) -> Path:
+        return self.root / key.night / ".state" / f"{key.slug(long=True)}.npz"
+
+    def _load_state(self, key: MasterKey) -> tuple[RunningMean | None, dict]:
+        path = self._state_path(key)
+        if not path.exists():
+            return None, {"inputs": [], "levels": [], "times": []}
+        with np.load(path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        meta = json.loads(str(state.pop("meta")))
+        return RunningMean.from_state(state), meta
+
+    def _save_state(self, key: MasterKey, acc: RunningMean, meta: dict) -> None:
+        save_npz(self._state_path(key), meta=np.array(json.dumps(meta)), **acc.state())
+
+    def _master_paths(self, key: MasterKey, version: int) -> tuple[Path, Path]:
+        rows = self.store.masters(
+            "kind=? AND camera=? AND filter=? AND target=? AND night=?",
+            (key.kind, key.camera, key.filter, key.target, key.night))
+        same = [r for r in rows if r["binning"] == key.binning and r["readout"] == key.readout]
+        other = [r for r in rows if not (r["binning"] == key.binning
+                                         and r["readout"] == key.readout)]
+        if same:  # keep the name the key's first version got
+            long = Path(same[0]["path"]).name.startswith(f"{key.slug(long=True)}_v")
+        else:  # the first binning/readout of a night gets the plain PhotoPipe-style name
+            long = bool(other)
+        slug = key.slug(long=long)
+        night_dir = self.root / key.night
+        return night_dir / f"{slug}.fits", night_dir / "versions" / f"{slug}_v{version:03d}.fits"
+
+    def _publish(self, key: MasterKey, version: int, data, var, count, inputs: list[int],
+                 final: bool, method: str, obs_time: str | None,
+                 frame_updates: dict | None = None, stats: dict | None = None) -> Candidate:
+        current, versioned = self._master_paths(key, version)
+        ninputs = len(inputs)
+        provisional = (not final) and ninputs < self.cal.min_inputs
+        names = {r["id"]: r["raw_name"] for r in self.store.frames(
+            f"id IN ({','.join('?' * len(inputs))})", tuple(inputs))} if inputs else {}
+        header = {"PWKIND": key.kind, "CAMERA": key.camera, "FILTER": key.filter or None,
+                  "TARGET": key.target or None, "BINNING": key.binning,
+                  "READOUT": key.readout or None, "NIGHT": key.night, "VERSION": version,
+                  "NCOMBINE": ninputs, "PROVISNL": provisional, "FINAL": final,
+                  "METHOD": method, "PWVERS": __version__,
+                  "BUNIT": {"bias": "electron", "dark": "electron/s"}.get(key.kind, "1")}
+        for i, fid in enumerate(inputs[:999], 1):
+            header[f"IMCMB{i:03d}"] = names.get(fid, str(fid))
+        write_master(versioned, data, var, count, header)
+        _link_current(versioned, current)
+        self.store.add_master(
+            kind=key.kind, camera=key.camera, filter=key.filter, binning=key.binning,
+            readout=key.readout, target=key.target, night=key.night, version=version,
+            ninputs=ninputs, inputs=inputs, path=str(versioned), provisional=provisional,
+            final=final, obs_time=obs_time, method=method, stats=stats,
+            frame_updates=frame_updates)
+        row = self.store.masters(
+            "kind=? AND camera=? AND filter=? AND binning=? AND readout=? AND target=? AND "
+            "night=? AND version=?", (key.kind, key.camera, key.filter, key.binning,
+                                      key.readout, key.target, key.night, version))[0]
+        self._prune(key, version)
+        return self.candidate_from_row(row)
+
+    def _prune(self, key: MasterKey, version: int) -> None:
+        keep = self.cal.keep_versions
+        if not keep or version <= keep:
+            return
+        current, _ = self._master_paths(key, version)
+        for old in range(1, version - keep + 1):
+            _, path = self._master_paths(key, old)
+            used = self.store.conn.execute(
+                "SELECT 1 FROM frames WHERE masters_json LIKE ? LIMIT 1",
+                (f'%{path.name}%',)).fetchone()
+            if not used:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def add_frame(self, frame_id: int, info: FrameInfo, raw: np.ndarray, profile: Profile
+                  ) -> Outcome:
+        """Add one calibration frame to its master (or reject it); returns what happened.
+
+        Raises WaitForMasters when a dark or flat has no bias (or dark) to be corrected with.
+        """
+        kind = info.kind
+        deps = self.dependencies(kind, info, profile)
+        el = to_electrons(raw, info, calibration=self.cal, settings=self.settings.stages.prepare)
+        data, var = self.calibration_data(kind, el, info, deps)
+        key = MasterKey.for_frame(kind, info)
+        with self.lock(key.slug(long=True), key.night):
+            acc, meta = self._load_state(key)
+            levels: dict = {}
+            if frame_id not in meta["inputs"]:
+                verdict = judge(kind, info, data=data, var=var,
+                                raw_median_adu=el.raw_median_adu,
+                                saturated_fraction=el.saturated_fraction,
+                                group_levels=meta["levels"], running=acc, settings=self.cal,
+                                flat_filters=profile.flat_filters)
+                levels = verdict.levels
+                if not verdict.ok:
+                    return Outcome("rejected", verdict.reason, levels)
+                acc = acc or RunningMean(clip_sigma=self.cal.clip_sigma)
+                result = acc.add(data, var)
+                levels["clipped_fraction"] = result.clipped_fraction
+                meta["inputs"].append(frame_id)
+                meta["levels"].append(levels["level"])
+                meta["times"].append(info.obs_time.isoformat())
+                self._save_state(key, acc, meta)
+            mean, mvar, count = acc.estimate()
+            if kind == "flat":
+                norm, _ = robust_level(mean)
+                mean = mean / np.float32(norm)
+                mvar = mvar / np.float32(norm * norm)
+            version = len(meta["inputs"])
+            used_masters = {k: {"path": Path(c.path).name, "version": c.version}
+                            for k, (c, _) in deps.items()}
+            cand = self._publish(
+                key, version, mean, mvar, count, list(meta["inputs"]), final=False,
+                method=f"running {self.cal.clip_sigma:g}-sigma clipped mean",
+                obs_time=max(meta["times"]),
+                frame_updates={frame_id: {"state": "used", "reason": None,
+                                          "qc_json": levels or None,
+                                          "masters_json": used_masters, "product": None}},
+                stats={"level": float(np.median(mean)), "deps": used_masters})
+        log.info("master_updated", file=info.raw_name, master=Path(cand.path).name,
+                 version=version, ninputs=version, provisional=cand.provisional(
+                     self.cal.min_inputs))
+        return Outcome("used", None, levels, cand)
+
+    # ------------------------------------------------------------------ staleness
+    def mark_stale(self, cand: Candidate) -> int:
+        """Mark frames reduced with a worse master of ``cand``'s key as stale."""
+        if self.cal.rereduce == "never":
+            return 0
+        where = "night=? AND camera=? AND binning=? AND readout=? AND kind='object'"
+        args: tuple = (cand.night, cand.camera, cand.binning, cand.readout)
+        if cand.kind in ("flat", "sky"):
+            where += " AND filter=?"
+            args += (cand.filter,)
+        rows = self.store.frames(f"state='reduced' AND stale=0 AND {where}", args)
+        when = self.cal.stale_when if cand.kind != "sky" else [
+            w for w in self.cal.stale_when if w != "inputs_doubled"]
+        stale = []
+        for row in rows:
+            used = json.loads(row["masters_json"] or "{}").get(cand.kind)
+            if cand.kind == "sky" and used is None and not self.settings.stages.mastersky.enabled:
+                continue
+            if cand.kind == "sky" and cand.target and row["target"] != cand.target:
+                continue
+            if is_better(cand, used, min_inputs=self.cal.min_inputs, when=when):
+                stale.append(row["id"])
+        if not stale:
+            return 0
+        what = f"{cand.kind} {Path(cand.path).name} v{cand.version}" + (
+            " (final)" if cand.final else "")
+        return self.store.mark_stale(f"id IN ({','.join('?' * len(stale))})", tuple(stale),
+                                     f"better master: {what}")
+
+    # ------------------------------------------------------------------ final
+    def final_masters(self, night: str, progress: Callable[[str], None] | None = None,
+                      scratch: Path | None = None) -> list[Candidate]:
+        """Rebuild every master of a night from all its accepted frames (idempotent).
+
+        Each master is a sigma-clipped median of its inputs re-prepared with the
+        night's final lower masters (bias, then dark, then flat), combined in
+        chunks of rows from memory-mapped scratch files, so memory stays bounded.
+        """
+        made = []
+        for kind in KINDS:
+            latest = [r for r in self.store.latest_masters(night) if r["kind"] == kind]
+            for row in latest:
+                if row["final"]:
+                    continue
+                cand = self._rebuild(row, scratch, progress)
+                if cand is not None:
+                    made.append(cand)
+        return made
+
+    def _rebuild(self, row, scratch: Path | None, progress) -> Candidate | None:
+        key = MasterKey(row["kind"], row["camera"], row["filter"], row["binning"],
+                        row["readout"], row["night"], row["target"])
+        inputs = json.loads(row["inputs_json"] or "[]")
+        if not inputs:
+            return None
+        frames = {r["id"]: r for r in self.store.frames(
+            f"id IN ({','.join('?' * len(inputs))})", tuple(inputs))}
+        scratch_dir = Path(scratch or (self.out / "tmp")) / f"final-{key.slug(long=True)}"
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+        files = []
+        shape = None
+        deps_used: dict = {}
+        try:
+            with self.lock(key.slug(long=True), key.night):
+                for fid in inputs:
+                    frow = frames[fid]
+                    info = FrameInfo.from_summary(json.loads(frow["info_json"]))
+                    profile = self.profile_for(info.instrument)
+                    deps = self.dependencies(key.kind, info, profile)
+                    deps_used = {k: {"path": Path(c.path).name, "version": c.version}
+                                 for k, (c, _) in deps.items()}
+                    raw, _ = read_raw(frow["path"])
+                    el = to_electrons(raw, info, calibration=self.cal,
+                                      settings=self.settings.stages.prepare)
+                    data, var = self.calibration_data(key.kind, el, info, deps)
+                    shape = data.shape
+                    dpath, vpath = scratch_dir / f"{fid}.data.npy", scratch_dir / f"{fid}.var.npy"
+                    np.save(dpath, data.astype(np.float32))
+                    np.save(vpath, var.astype(np.float32))
+                    files.append((dpath, vpath))
+                    if progress:
+                        progress(f"{key.slug()} input {len(files)}/{len(inputs)}")
+                maps = [(np.load(d, mmap_mode="r"), np.load(v, mmap_mode="r")) for d, v in files]
+
+                def read_rows(i, y0, y1):
+                    return np.asarray(maps[i][0][y0:y1]), np.asarray(maps[i][1][y0:y1])
+
+                data, var, count = clipped_median_stack(
+                    len(files), shape, read_rows, clip_sigma=self.cal.final_clip_sigma,
+                    chunk_rows=self.cal.final_chunk_rows)
+                del maps
+                if key.kind == "flat":
+                    norm, _ = robust_level(data)
+                    data = data / np.float32(norm)
+                    var = var / np.float32(norm * norm)
+                times = [frames[f]["obs_time"] for f in inputs if frames[f]["obs_time"]]
+                cand = self._publish(
+                    key, row["version"] + 1, data, var, count, inputs, final=True,
+                    method=f"{self.cal.final_clip_sigma:g}-sigma clipped median",
+                    obs_time=max(times) if times else None,
+                    stats={"level": float(np.median(data)), "deps": deps_used})
+        finally:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+        log.info("master_final", master=Path(cand.path).name, ninputs=len(inputs))
+        return cand
+
+    def write_bpm(self, night: str, camera: str, binning: str, readout: str,
+                  dark: MasterImage | None, flat: MasterImage | None) -> Path | None:
+        """Write the camera's bad-pixel mask next to the masters (for people and DS9)."""
+        from astropy.io import fits
+
+        bpm = self.bpm(dark, flat)
+        if bpm is None:
+            return None
+        path = self.root / night / f"bpm_{camera}.fits"
+        hdr = fits.Header()
+        hdr["CAMERA"] = camera
+        hdr["BINNING"] = binning
+        hdr["NIGHT"] = night
+        hdr["MDARK"] = dark.label if dark else ""
+        hdr["MFLAT"] = flat.label if flat else ""
+        hdr["COMMENT"] = "1 = bad pixel (hot, dead, low or high flat, bad column)"
+        return write_hdul(path, fits.HDUList([fits.PrimaryHDU(bpm.astype(np.uint8), hdr)]))

@@ -1,0 +1,108 @@
+"""Master-sky accumulators of a night: one per filter (and target, PhotoPipe's skyflattarg).
+
+State lives in ``OUT/masters/<night>/.state/sky_<FILTER>[_<TARGET>]_<CAM>.npz``
+and lists its members, so a restart continues and a frame is never added
+twice. At finalize the accumulated sky is written as a final master
+(``sky_<FILTER>[_<TARGET>]_<CAM>.fits``) and recorded in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from photowatch.calib.masters import MasterBook, MasterKey
+from photowatch.classify import FrameInfo
+from photowatch.config import Settings
+from photowatch.fitsio import save_npz
+from photowatch.frame import MasterImage
+from photowatch.stages.mastersky import SkyAccumulator, SkyPattern
+
+
+class SkyBook:
+    def __init__(self, book: MasterBook, settings: Settings):
+        self.book = book
+        self.settings = settings.stages.mastersky
+        self._cache: dict[str, SkyAccumulator] = {}
+        self._guard = threading.Lock()
+
+    def key(self, info: FrameInfo) -> MasterKey:
+        return MasterKey.for_frame("sky", info, target=(info.target or "") if
+                                   self.settings.per_target else "")
+
+    def _path(self, key: MasterKey) -> Path:
+        return self.book.root / key.night / ".state" / f"{key.slug(long=True)}.npz"
+
+    def _load(self, key: MasterKey) -> SkyAccumulator:
+        cached = self._cache.get(key.text)
+        if cached is not None:
+            return cached
+        path = self._path(key)
+        if path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
+        else:
+            acc = SkyAccumulator()
+        self._cache[key.text] = acc
+        return acc
+
+    def add_and_get(self, member: str, info: FrameInfo, pattern: SkyPattern,
+                    pointing: tuple[float, float]) -> MasterImage | None:
+        """Add a frame's pattern (once) and return the master sky without it, if usable."""
+        if not self.settings.enabled:
+            return None
+        key = self.key(info)
+        with self.book.lock(key.slug(long=True), key.night):
+            acc = self._load(key)
+            if acc.add(member, pattern, pointing):
+                save_npz(self._path(key), fsync=False, **acc.state())
+            usable = acc.n_dithered(self.settings.min_dither_arcsec, exclude=member)
+            if usable < self.settings.min_frames:
+                return None
+            return acc.master(exclude=member, pattern=pattern,
+                              label=f"{key.slug()} (n={len(acc.members) - 1})")
+
+    def members(self, info: FrameInfo) -> list[str]:
+        key = self.key(info)
+        with self.book.lock(key.slug(long=True), key.night):
+            return list(self._load(key).members)
+
+    def finalize(self, night: str) -> list:
+        """Write each usable accumulated sky of a night as a final master; returns candidates."""
+        made = []
+        folder = self.book.root / night / ".state"
+        if not folder.is_dir():
+            return made
+        for path in sorted(folder.glob("sky_*.npz")):
+            with np.load(path, allow_pickle=False) as z:
+                acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
+            if not acc.members:
+                continue
+            rows = self.book.store.frames(
+                f"name IN ({','.join('?' * len(acc.members))})", tuple(acc.members))
+            if not rows:
+                continue
+            info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))
+            key = self.key(info)
+            existing = self.book.store.masters(
+                "kind='sky' AND camera=? AND filter=? AND binning=? AND readout=? AND target=? "
+                "AND night=? AND final=1", (key.camera, key.filter, key.binning, key.readout,
+                                            key.target, key.night))
+            if existing and existing[-1]["ninputs"] == len(acc.members):
+                continue
+            if acc.n_dithered(self.settings.min_dither_arcsec) < self.settings.min_frames:
+                continue
+            master = acc.master(label=key.slug())
+            if master is None:
+                continue
+            ids = [r["id"] for r in rows]
+            version = len(acc.members)
+            cand = self.book._publish(
+                key, version, master.data, master.var, acc.count, ids, final=True,
+                method="masked mean of dithered object frames, sources masked",
+                obs_time=max(r["obs_time"] for r in rows))
+            made.append(cand)
+        return made

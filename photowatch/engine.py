@@ -1,0 +1,323 @@
+"""The engine: takes frames from the store, runs the stages, records every outcome.
+
+Workers (threads, ``daemon.workers``, default the number of cores) each
+compare-and-set a ``received`` frame to ``processing`` and handle it:
+
+- calibration frame → :class:`~photowatch.calib.masters.MasterBook` (cuts,
+  incremental master, new version) → ``used`` or ``rejected``;
+- object frame → masters selected (or ``waiting``) → the pure chain in
+  :mod:`photowatch.pipeline` plus the night's state (master sky, field
+  references) → product written atomically → ``reduced`` → coadd updated.
+
+Bad input and failures never stop the engine: each ends as one store event and
+one log line naming the file, the problem and what was done. An output that
+cannot be written (disk full, permissions) leaves the frame ``received``
+(nothing is marked done that is not) and pauses the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from photowatch import __version__
+from photowatch.calib.masters import MasterBook
+from photowatch.calib.select import Candidate
+from photowatch.calib.skies import SkyBook
+from photowatch.classify import FrameInfo, safe_name
+from photowatch.config import Settings
+from photowatch.errors import (
+    BadInput,
+    FrameIgnored,
+    FrameRejected,
+    StageFailed,
+    WaitForMasters,
+)
+from photowatch.fitsio import read_raw, remove_stale_temporaries
+from photowatch.instruments import Profile, load_profile
+from photowatch.logs import get_logger
+from photowatch.store import Store
+
+log = get_logger("photowatch.engine")
+
+
+class OutputError(RuntimeError):
+    """Products cannot be written (disk full, not writable): processing pauses."""
+
+
+def default_workers(settings: Settings) -> int:
+    return settings.daemon.workers or (os.cpu_count() or 1)
+
+
+def threads_per_worker(settings: Settings) -> int:
+    if settings.daemon.threads_per_worker:
+        return settings.daemon.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // default_workers(settings))
+
+
+def limit_threads(n: int) -> None:
+    """One level of parallelism: numeric libraries get ``n`` threads per worker.
+
+    Must run before numpy/astroscrappy start their thread pools (the CLI calls
+    it first thing).
+    """
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMEXPR_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+
+
+@dataclass
+class Timing:
+    stages: dict
+    total_s: float
+
+
+class Engine:
+    """Runs frames of one output directory through masters, stages, products and coadds.
+
+    Parameters
+    ----------
+    settings
+        validated settings (paths.output_dir is the output directory unless ``out`` is given)
+    catalog_path
+        a local reference catalogue file (``--catalog``), overriding ``[catalog] path``
+    instrument
+        a profile name (``--instrument``), overriding ``[instrument] name``
+    """
+
+    def __init__(self, settings: Settings, out: str | Path | None = None, *,
+                 catalog_path: str | None = None, instrument: str | None = None,
+                 command: str = "photowatch", workers: int | None = None):
+        self.settings = settings
+        self.out = Path(out or settings.paths.output_dir).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.out / "state.sqlite", command=command)
+        self.instrument = instrument
+        self.workers = workers or default_workers(settings)
+        self.book = MasterBook(self.store, self.out, settings, self.profile)
+        self.skies = SkyBook(self.book, settings)
+        from photowatch.refs import FieldRefs
+
+        self.refs = FieldRefs(self.out)
+        self.catalog_path = catalog_path or settings.catalog.path or None
+        self._catalog = None
+        self._catalog_cache: dict = {}
+        self._previous_wcs: dict = {}
+        self._coadds = None
+        self._wake = threading.Condition()
+        self._busy = 0
+        self._busy_guard = threading.Lock()
+        self.paused: str | None = None
+        self.progress: Callable[[dict], None] | None = None
+        self.processed = 0
+        self.last_progress = time.time()
+
+    # ------------------------------------------------------------------ helpers
+    def profile(self, name: str) -> Profile:
+        return load_profile(name, self.settings.instrument.profile_dir or None)
+
+    @property
+    def catalog(self):
+        """The reference catalogue provider, or None (relative calibration only)."""
+        if self._catalog is None:
+            from photowatch.catalogs import open_catalog
+
+            self._catalog = open_catalog(self.settings.catalog,
+                                         path_override=self.catalog_path) or False
+        return self._catalog or None
+
+    @property
+    def coadds(self):
+        if self._coadds is None:
+            from photowatch.coaddbook import CoaddBook
+
+            self._coadds = CoaddBook(self)
+        return self._coadds
+
+    def notify(self) -> None:
+        """Wake idle workers (new frames were ingested)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def startup(self) -> None:
+        """Recover frames left ``processing`` by a dead process; drop stale temporaries."""
+        self.store.register_process("starting")
+        recovered = self.store.recover(max_tries=self.settings.daemon.max_tries)
+        if recovered:
+            log.warning("recovered_frames", count=len(recovered),
+                        action="taken up again after a crash")
+        for sub in ("reduced", "coadds", "masters", "report", "state"):
+            remove_stale_temporaries(self.out / sub)
+
+    def shutdown(self) -> None:
+        try:
+            self.store.unregister_process()
+        except Exception:  # the store may be unavailable at exit; nothing more to do
+            pass
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, stop: threading.Event, *, until_idle: bool, rereduce: bool | None = None,
+            nights: list[str] | None = None) -> None:
+        """Run workers until ``stop`` is set (daemon) or no work is left (``until_idle``).
+
+        ``rereduce``: also re-reduce stale frames when idle (default: the
+        ``calibration.rereduce`` policy is ``idle``).
+        """
+        if rereduce is None:
+            rereduce = self.settings.calibration.rereduce == "idle"
+        errors: list[BaseException] = []
+        idle_workers = set()
+
+        def worker(index: int):
+            try:
+                while not stop.is_set():
+                    if self.paused:
+                        if until_idle:
+                            return
+                        stop.wait(5.0)
+                        self.paused = None
+                        continue
+                    did = self.step(rereduce=rereduce, nights=nights)
+                    if did:
+                        idle_workers.discard(index)
+                        continue
+                    idle_workers.add(index)
+                    if until_idle and len(idle_workers) == self.workers and self._idle():
+                        stop.set()
+                        self.notify()
+                        return
+                    with self._wake:
+                        self._wake.wait(0.5)
+            except BaseException as exc:  # a bug in the engine itself: stop, report
+                errors.append(exc)
+                stop.set()
+                self.notify()
+
+        threads = [threading.Thread(target=worker, args=(i,), name=f"worker-{i}", daemon=True)
+                   for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+        if errors:
+            raise errors[0]
+        if self.paused and until_idle:
+            raise OutputError(self.paused)
+
+    def _idle(self) -> bool:
+        with self._busy_guard:
+            if self._busy:
+                return False
+        return self.store.pending() == 0
+
+    def step(self, *, rereduce: bool = True, nights: list[str] | None = None) -> bool:
+        """Do one unit of work; False when there was none."""
+        row = self.store.claim_next(nights=nights)
+        if row is None and self._coadd_pending(nights):
+            return True
+        if row is None and rereduce:
+            row = self.store.claim_stale(nights=nights)
+        if row is None:
+            return False
+        with self._busy_guard:
+            self._busy += 1
+        try:
+            self.handle(row)
+        finally:
+            with self._busy_guard:
+                self._busy -= 1
+            self.processed += 1
+            self.last_progress = time.time()
+        return True
+
+    # ------------------------------------------------------------------ one frame
+    def handle(self, row) -> None:
+        """Process one claimed frame; every outcome is recorded, nothing escapes but bugs."""
+        fid, name = row["id"], row["raw_name"]
+        blog = log.bind(file=name, frame_id=fid)
+        rereduce = row["product"] is not None and row["kind"] == "object"
+        try:
+            info = FrameInfo.from_summary(json.loads(row["info_json"]))
+            profile = self.profile(info.instrument)
+            raw, header = read_raw(row["path"])
+            if info.is_calibration:
+                self._calibration(row, info, raw, profile, blog)
+            else:
+                self._science(row, info, raw, header, profile, blog, rereduce=rereduce)
+        except WaitForMasters as exc:
+            self.store.transition(fid, ["processing"], "waiting", reason=str(exc),
+                                  message=str(exc), action="waits for masters")
+            blog.info("waiting", problem=str(exc), action="waits for masters")
+        except BadInput as exc:
+            self._finish_bad(fid, "quarantined", str(exc), blog)
+        except FrameIgnored as exc:
+            self._finish_bad(fid, "ignored", str(exc), blog)
+        except FrameRejected as exc:
+            self._finish_bad(fid, "rejected", str(exc), blog)
+        except OutputError as exc:
+            self._retry_later(fid, str(exc), blog, pause=True)
+        except OSError as exc:
+            problem = f"cannot write products: {exc.strerror or exc} ({exc.filename or self.out})"
+            self._retry_later(fid, problem, blog, pause=True)
+        except StageFailed as exc:
+            self._retry_later(fid, str(exc), blog, pause=False)
+        except Exception as exc:  # a bug: record the traceback, keep running
+            tb = traceback.format_exc()
+            tries = (self.store.frame(fid) or {"tries": 99})["tries"]
+            final = tries >= self.settings.daemon.max_tries
+            state = "quarantined" if final else "received"
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.store.transition(fid, ["processing"], state, reason=reason if final else None,
+                                  message=tb[-4000:], error_class="bug", level="error",
+                                  action="quarantined" if final else "retried")
+            blog.error("internal_error", problem=reason, action=state, exc_info=True)
+
+    def _finish_bad(self, fid: int, state: str, reason: str, blog) -> None:
+        self.store.transition(fid, ["processing"], state, reason=reason, message=reason,
+                              level="warning", action=state)
+        blog.warning("frame_" + state, problem=reason, action=state)
+
+    def _retry_later(self, fid: int, problem: str, blog, pause: bool) -> None:
+        self.store.transition(fid, ["processing"], "received", message=problem, level="error",
+                              error_class="output" if pause else "stage", action="will retry")
+        blog.error("not_done", problem=problem, action="left received; will retry")
+        if pause:
+            self.paused = problem
+
+    # ------------------------------------------------------------------ calibration
+    def _calibration(self, row, info: FrameInfo, raw, profile: Profile, blog) -> None:
+        if not profile.uses(info.kind):
+            raise FrameIgnored(f"{info.kind} frames are not used for instrument {profile.name}")
+        outcome = self.book.add_frame(row["id"], info, raw, profile)
+        if outcome.state == "rejected":
+            self.store.transition(row["id"], ["processing"], "rejected", reason=outcome.reason,
+                                  qc_json=outcome.levels, message=outcome.reason,
+                                  level="warning", action="rejected")
+            blog.warning("calibration_rejected", problem=outcome.reason, action="rejected")
+            return
+        cand = outcome.candidate
+        if cand is not None:
+            self.book.mark_stale(cand)
+        woken = self.store.wake_waiting("camera=? AND binning=?", (info.camera, info.binning))
+        if woken:
+            self.notify()
+
+    # ------------------------------------------------------------------ science
+    def _science(self, row, info: FrameInfo, raw, header, profile: Profile, blog, *,
+                 rereduce: bool) -> None:
+        from photowatch.science import reduce_object
+
+        result = reduce_object(self, row, info, raw, header, profile, blog)
+        self.coadds.after_reduction(row, info, result, rereduce=rereduce)
+
+    def _coadd_pending(self, nights) -> bool:
+        return self.coadds.process_pending(nights)

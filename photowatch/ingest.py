@@ -1,0 +1,132 @@
+"""Ingest: a complete raw file → a frame row in the store (hash, header summary, classification).
+
+Used by the watcher and by ``reduce``. A file is identified by its content
+hash: the same bytes under a second name are recorded as a duplicate, not
+reduced again. Bad input never raises: it becomes a ``quarantined`` or
+``ignored`` frame with the reason, and one log line that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from photowatch.classify import classify
+from photowatch.config import Settings
+from photowatch.errors import BadInput, ConfigError, FrameIgnored, FrameRejected
+from photowatch.fitsio import fits_incomplete_reason, read_header, sha256_file
+from photowatch.instruments import Profile, detect_profile, load_profile
+from photowatch.logs import get_logger
+from photowatch.store import Store
+
+log = get_logger("photowatch.ingest")
+
+#: header keywords kept in the store's summary of a frame
+SUMMARY_KEYS = ("INSTRUME", "TELESCOP", "OBSTYPE", "IMAGETYP", "OBJTYPE", "FILTER", "FILTER1",
+                "FILTER2", "EXPTIME", "DATE-OBS", "OBJECT", "OBJNAME", "RA", "DEC", "CCDSUM",
+                "BINNING", "AIRMASS", "SOFTGAIN", "RDOUTM", "STRRQAP")
+
+
+@dataclass(frozen=True)
+class Ingested:
+    frame_id: int
+    new: bool
+    state: str
+    reason: str | None
+
+
+def choose_profile(header, settings: Settings, instrument: str | None = None) -> Profile:
+    """The profile for a header: the one named (config or ``--instrument``), else detected.
+
+    Raises FrameIgnored when a named profile does not match the header's
+    instrument; with ``auto``, an unmatched instrument falls back to ``generic``.
+    """
+    name = instrument or settings.instrument.name
+    profile_dir = settings.instrument.profile_dir or None
+    if name and name != "auto":
+        profile = load_profile(name, profile_dir)
+        value = header.get(profile.detect_keyword)
+        if (profile.detect_values and value is not None and str(value).strip().lower()
+                not in {v.lower() for v in profile.detect_values}):
+            raise FrameIgnored(f"{profile.detect_keyword}={value!r} is not instrument "
+                               f"{profile.name}")
+        return profile
+    profile = detect_profile(header, profile_dir)
+    return profile or load_profile("generic", profile_dir)
+
+
+def header_summary(header) -> dict:
+    out = {}
+    for key in SUMMARY_KEYS:
+        if key in header:
+            value = header[key]
+            out[key] = value if isinstance(value, int | float | bool) else str(value)
+    return out
+
+
+def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
+                instrument: str | None = None, arrived_at: str | None = None,
+                check_complete: bool = True) -> Ingested:
+    """Record one raw file in the store (never raises for bad input)."""
+    path = Path(path).resolve()
+    spath = str(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        log.error("unreadable_file", file=path.name, error=exc.strerror, action="skipped")
+        raise
+    reason = fits_incomplete_reason(path) if check_complete else None
+    try:
+        sha, size = sha256_file(path)
+    except OSError as exc:
+        reason = f"cannot read: {exc.strerror}"
+        sha, size = f"unreadable:{spath}:{st.st_mtime}", st.st_size
+    if reason:
+        # the partial content's hash plus the path: two empty files are two frames
+        return _record(store, spath, f"bad:{sha}:{spath}", size, st.st_mtime, arrived_at,
+                       None, None, "quarantined", reason)
+    row = store.conn.execute("SELECT id, state, reason FROM frames WHERE sha256=?",
+                             (sha,)).fetchone()
+    if row is not None:  # a duplicate: record the path, do not read again
+        frame_id, _ = store.add_frame(path=spath, sha256=sha, size=size, mtime=st.st_mtime)
+        return Ingested(frame_id, False, row["state"], row["reason"])
+    info = header = None
+    state, reason = "received", None
+    try:
+        hdr = read_header(path)
+        header = header_summary(hdr)
+        profile = choose_profile(hdr, settings, instrument)
+        try:
+            info = classify(hdr, path.name, profile, settings.site.longitude_deg,
+                            settings.site.night_start_hour)
+        except BadInput as exc:
+            if profile.name == "generic" and hdr.get("INSTRUME") is not None:
+                raise BadInput(f"unknown instrument INSTRUME={hdr.get('INSTRUME')!r} (no "
+                               f"profile matches; generic profile: {exc})") from None
+            raise
+    except BadInput as exc:
+        state, reason = "quarantined", str(exc)
+    except FrameIgnored as exc:
+        state, reason = "ignored", str(exc)
+    except FrameRejected as exc:
+        state, reason = "rejected", str(exc)
+    except ConfigError as exc:
+        state, reason = "quarantined", f"configuration: {exc}"
+    return _record(store, spath, sha, size, st.st_mtime, arrived_at,
+                   info.summary() if info else None, header, state, reason)
+
+
+def _record(store, spath, sha, size, mtime, arrived_at, info, header, state, reason):
+    frame_id, new = store.add_frame(path=spath, sha256=sha, size=size, mtime=mtime,
+                                    arrived_at=arrived_at, info=info, header=header,
+                                    state=state, reason=reason)
+    name = Path(spath).name
+    if state == "received":
+        log.info("frame_received", file=name, kind=(info or {}).get("kind"),
+                 filter=(info or {}).get("filter"), name=(info or {}).get("std_name"))
+    else:
+        action = {"quarantined": "quarantined", "ignored": "ignored, not reduced",
+                  "rejected": "rejected, not reduced"}[state]
+        log.warning("bad_input", file=name, problem=reason, action=action)
+    return Ingested(frame_id, new, state, reason)

@@ -1,0 +1,61 @@
+"""Field references of a night: what later frames of a field are measured against.
+
+- the **astrometric** reference of a (night, target): used when no catalogue
+  is available: the first good frame's stars with sky positions from its
+  WCS; later frames are registered to it (a relative solution);
+- the **photometric** reference of a (night, target, filter): the zero point
+  (or, without a catalogue, the star fluxes) of the first accepted frame;
+  every frame's FLXSCALE brings it to this reference, and the coadd's MAGZP
+  is the reference's.
+
+Each is written once, atomically, as an ECSV file under
+``OUT/state/refs/<night>/``; the first writer wins, so two workers of a process
+cannot set two references.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+from photowatch.classify import safe_name
+from photowatch.fitsio import write_bytes
+
+
+class FieldRefs:
+    def __init__(self, out: str | Path):
+        self.root = Path(out) / "state" / "refs"
+        self._cache: dict[Path, object] = {}
+        self._guard = threading.Lock()
+
+    def _path(self, night: str, target: str, filt: str | None, kind: str) -> Path:
+        name = f"{kind}_{safe_name(target)}" + (f"_{safe_name(filt)}" if filt else "")
+        return self.root / night / f"{name}.ecsv"
+
+    def get(self, night: str, target: str, filt: str | None, kind: str):
+        """The reference table (astropy Table with meta), or None."""
+        from astropy.table import Table
+
+        path = self._path(night, target, filt, kind)
+        with self._guard:
+            if path in self._cache:
+                return self._cache[path]
+            if not path.exists():
+                return None
+            table = Table.read(path, format="ascii.ecsv")
+            self._cache[path] = table
+            return table
+
+    def set_if_absent(self, night: str, target: str, filt: str | None, kind: str, table):
+        """Make ``table`` the reference unless one exists; returns the reference in force."""
+        path = self._path(night, target, filt, kind)
+        with self._guard:
+            if path in self._cache:
+                return self._cache[path]
+            if not path.exists():
+                buf = io.StringIO()
+                table.write(buf, format="ascii.ecsv")
+                write_bytes(path, buf.getvalue().encode())
+        existing = self.get(night, target, filt, kind)
+        return existing if existing is not None else table
