@@ -355,5 +355,14 @@ def classify(
         biassec=_section(header, profile.keys.biassec, det.biassec, "overscan section"),
         trimsec=_section(header, profile.keys.trimsec, det.trimsec, "trim section"),
         raw_name=Path(filename).name,
-        std_name=standard_name(obs_time, camera, kind),
+        std_name=_existing_standard_name(filename, profile) or standard_name(obs_time, camera,
+                                                                             kind),
     )
+
+
+def _existing_standard_name(filename: str, profile: Profile) -> str | None:
+    """A raw file already named the PhotoPipe way (RATIR) keeps its name."""
+    if not (profile.types.from_filename or profile.keys.camera_from_filename):
+        return None
+    m = STD_NAME_RE.search(Path(filename).name)
+    return f"{m.group(1)}C{m.group(2)}{m.group(3)}.fits" if m else None

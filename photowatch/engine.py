@@ -17,6 +17,7 @@ cannot be written (disk full, permissions) leaves the frame ``received``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -26,13 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from photowatch import __version__
 from photowatch.calib.masters import MasterBook
-from photowatch.calib.select import Candidate
 from photowatch.calib.skies import SkyBook
-from photowatch.classify import FrameInfo, safe_name
+from photowatch.classify import FrameInfo
 from photowatch.config import Settings
 from photowatch.errors import (
     BadInput,
@@ -158,10 +155,8 @@ class Engine:
             remove_stale_temporaries(self.out / sub)
 
     def shutdown(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the store may be gone at exit: nothing to do
             self.store.unregister_process()
-        except Exception:  # the store may be unavailable at exit; nothing more to do
-            pass
 
     # ------------------------------------------------------------------ main loop
     def run(self, stop: threading.Event, *, until_idle: bool, rereduce: bool | None = None,

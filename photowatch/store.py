@@ -310,14 +310,16 @@ class Store:
         host, pid, _ = (owner.split(":") + ["", "", ""])[:3]
         row = conn.execute("SELECT heartbeat FROM processes WHERE owner=?", (owner,)).fetchone()
         if host == self.host:
+            if pid == str(os.getpid()):
+                return True
             try:
                 os.kill(int(pid), 0)
             except (ProcessLookupError, ValueError):
                 return False
             except PermissionError:
                 pass
-            # the pid exists: alive unless its heartbeat stopped long ago (pid reuse)
-            return row is not None and time.time() - row["heartbeat"] < stale_after_s
+            # the pid exists: alive unless its heartbeat stopped long ago (pid reused)
+            return row is None or time.time() - row["heartbeat"] < stale_after_s
         return row is not None and time.time() - row["heartbeat"] < stale_after_s
 
     def recover(self, stale_after_s: float = 300.0, max_tries: int = 3) -> list[int]:
@@ -485,7 +487,14 @@ class Store:
 
         Returns the frame row, now ``processing`` and owned by this process, or None.
         """
-        where = ["state='received'"]
+        # a frame waits while a frame it depends on (a lower kind of its night and
+        # camera: bias < dark < flat < object) is still queued or in progress
+        where = ["state='received'", """NOT EXISTS (SELECT 1 FROM frames g WHERE
+                 g.state IN ('received', 'processing') AND g.night = frames.night AND
+                 g.camera = frames.camera AND g.id != frames.id AND
+                 (CASE g.kind WHEN 'bias' THEN 0 WHEN 'dark' THEN 1 WHEN 'flat' THEN 2
+                  ELSE 3 END) < (CASE frames.kind WHEN 'bias' THEN 0 WHEN 'dark' THEN 1
+                  WHEN 'flat' THEN 2 ELSE 3 END))"""]
         args: list = []
         if kinds is not None:
             kinds = list(kinds)

@@ -34,7 +34,7 @@ def _group_stats(values: list[float]) -> tuple[float, float] | None:
 def judge(kind: str, info: FrameInfo, *, data: np.ndarray, var: np.ndarray,
           raw_median_adu: float, saturated_fraction: float, group_levels: list[float],
           running: RunningMean | None, settings: Calibration,
-          flat_filters: list[str] | None = None) -> Verdict:
+          flat_filters: list[str] | None = None, flat_level_e: float | None = None) -> Verdict:
     """Decide whether a prepared calibration frame may enter its master.
 
     Parameters
@@ -48,6 +48,8 @@ def judge(kind: str, info: FrameInfo, *, data: np.ndarray, var: np.ndarray,
         the ``level`` of the frames already accepted into this master
     running
         the master's current accumulator (for the noise and outlier tests)
+    flat_level_e
+        a flat's central level in electrons above bias and dark, before normalisation
     """
     level, sigma = robust_level(data)
     levels = {"level": level, "sigma": sigma, "raw_median_adu": raw_median_adu,
@@ -68,6 +70,10 @@ def judge(kind: str, info: FrameInfo, *, data: np.ndarray, var: np.ndarray,
         if raw_median_adu <= settings.flat_amin * sat:
             return Verdict(False, f"too faint: median {raw_median_adu:.0f} ADU is below "
                                   f"{settings.flat_amin:g} x saturation ({sat:.0f} ADU)", levels)
+        levels["level_e"] = flat_level_e
+        if flat_level_e is not None and flat_level_e < settings.flat_min_level:
+            return Verdict(False, f"too faint: {flat_level_e:.0f} e- per pixel (limit "
+                                  f"{settings.flat_min_level:g} e-)", levels)
         if saturated_fraction > settings.flat_max_saturated_fraction:
             return Verdict(False, f"{100 * saturated_fraction:.3f} % of pixels saturated "
                                   f"(limit {100 * settings.flat_max_saturated_fraction:g} %)",

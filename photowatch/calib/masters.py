@@ -267,21 +267,24 @@ class MasterBook:
     # ------------------------------------------------------------------ preparing
     def calibration_data(self, kind: str, el: Electrons, info: FrameInfo,
                          deps: dict[str, tuple[Candidate, MasterImage]]
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        """A prepared calibration frame as it is combined (bias e-, dark e-/s, flat normalised)."""
+                         ) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """A prepared calibration frame as it is combined (bias e-, dark e-/s, flat normalised).
+
+        Returns (data, variance, level): ``level`` is a flat's central level in
+        electrons before normalisation (None for bias and dark).
+        """
         if kind == "bias":
-            return el.data, np.full(el.data.shape, el.readvar, np.float32)
+            return el.data, np.full(el.data.shape, el.readvar, np.float32), None
         bias = deps.get("bias", (None, None))[1]
         dark = deps.get("dark", (None, None))[1] if kind == "flat" else None
         data, var = subtract_masters(el, info, bias=bias, dark=dark)
         if kind == "dark":
             t = np.float32(info.exptime_s)
-            return data / t, var / (t * t)
+            return data / t, var / (t * t), None
         level, _ = robust_level(data)
-        if not np.isfinite(level) or level <= 0:
-            level = 1.0
-        inv = np.float32(1.0 / level)
-        return data * inv, var * (inv * inv)
+        norm = level if np.isfinite(level) and level > 0 else 1.0
+        inv = np.float32(1.0 / norm)
+        return data * inv, var * (inv * inv), level
 
     def dependencies(self, kind: str, info: FrameInfo, profile: Profile
                      ) -> dict[str, tuple[Candidate, MasterImage]]:
@@ -373,7 +376,7 @@ class MasterBook:
         kind = info.kind
         deps = self.dependencies(kind, info, profile)
         el = to_electrons(raw, info, calibration=self.cal, settings=self.settings.stages.prepare)
-        data, var = self.calibration_data(kind, el, info, deps)
+        data, var, flat_level = self.calibration_data(kind, el, info, deps)
         key = MasterKey.for_frame(kind, info)
         with self.lock(key.slug(long=True), key.night):
             acc, meta = self._load_state(key)
@@ -383,7 +386,7 @@ class MasterBook:
                                 raw_median_adu=el.raw_median_adu,
                                 saturated_fraction=el.saturated_fraction,
                                 group_levels=meta["levels"], running=acc, settings=self.cal,
-                                flat_filters=profile.flat_filters)
+                                flat_filters=profile.flat_filters, flat_level_e=flat_level)
                 levels = verdict.levels
                 if not verdict.ok:
                     return Outcome("rejected", verdict.reason, levels)
@@ -489,7 +492,7 @@ class MasterBook:
                     raw, _ = read_raw(frow["path"])
                     el = to_electrons(raw, info, calibration=self.cal,
                                       settings=self.settings.stages.prepare)
-                    data, var = self.calibration_data(key.kind, el, info, deps)
+                    data, var, _ = self.calibration_data(key.kind, el, info, deps)
                     shape = data.shape
                     dpath, vpath = scratch_dir / f"{fid}.data.npy", scratch_dir / f"{fid}.var.npy"
                     np.save(dpath, data.astype(np.float32))
@@ -505,7 +508,7 @@ class MasterBook:
                 data, var, count = clipped_median_stack(
                     len(files), shape, read_rows, clip_sigma=self.cal.final_clip_sigma,
                     chunk_rows=self.cal.final_chunk_rows)
-                del maps
+                maps.clear()  # release the memory maps before the files go
                 if key.kind == "flat":
                     norm, _ = robust_level(data)
                     data = data / np.float32(norm)

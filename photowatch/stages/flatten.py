@@ -11,7 +11,7 @@ import numpy as np
 
 from photowatch.config import Flatten
 from photowatch.errors import StageFailed
-from photowatch.frame import Frame, MasterImage, Mask
+from photowatch.frame import Frame, Mask, MasterImage
 
 #: the flat is never divided by less than this (masked pixels stay finite)
 FLOOR = 0.05

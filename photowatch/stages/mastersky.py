@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from photowatch.config import MasterSky
-from photowatch.frame import Frame, MasterImage, Mask
+from photowatch.frame import Frame, Mask, MasterImage
 from photowatch.stages.skysub import source_mask
 
 _UNUSABLE = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT | Mask.COSMIC)

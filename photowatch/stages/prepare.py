@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from photowatch.classify import FrameInfo
 from photowatch.config import Calibration, Prepare
-from photowatch.frame import Frame, MasterImage, Mask
+from photowatch.frame import Frame, Mask, MasterImage
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ def saturation_mask(raw_trim: np.ndarray, saturation_adu: float, *, grow_px: int
         for sl in objects:
             ys = slice(max(0, sl[0].start - grow_px), min(ny, sl[0].stop + grow_px))
             xs = slice(max(0, sl[1].start - grow_px), min(nx, sl[1].stop + grow_px))
-            grown[ys, xs] |= ndimage.binary_dilation(sat[ys, xs], iterations=grow_px)
+            grown[ys, xs] |= ndimage.binary_dilation(sat[ys, xs], structure=np.ones((3, 3), bool),
+                                                     iterations=grow_px)
         sat = grown
     return sat
 
@@ -127,7 +128,7 @@ def to_electrons(raw: np.ndarray, info: FrameInfo, *, calibration: Calibration,
     mask = np.zeros(trimmed.shape, np.uint16)
     sat = saturation_mask(trimmed, info.saturation_adu, grow_px=settings.saturation_grow_px,
                           bleed=settings.bleed_trail)
-    mask[sat] |= Mask.SATURATED
+    mask[sat] |= np.uint16(Mask.SATURATED)
     if levels is not None:
         data = (trimmed - levels[rows][:, None]) * np.float32(info.gain)
         overscan = float(np.median(levels[rows]))
@@ -136,7 +137,7 @@ def to_electrons(raw: np.ndarray, info: FrameInfo, *, calibration: Calibration,
         overscan = 0.0
     bad = ~np.isfinite(data)
     if bad.any():
-        mask[bad] |= Mask.NODATA
+        mask[bad] |= np.uint16(Mask.NODATA)
         data[bad] = 0.0
     readvar = info.read_noise_e**2 + est_var_adu * info.gain**2
     sub = trimmed[:: max(1, trimmed.shape[0] // 512), :: max(1, trimmed.shape[1] // 512)]
