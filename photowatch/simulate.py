@@ -786,6 +786,7 @@ def simulate_night(
     star_density: float = 65000.0,
     catalog: bool = True,
     write_models: bool = True,
+    write_crmasks: bool = True,
     cloud_frame: bool = False,
     defocus_frame: bool = False,
     nosolve_frame: bool = False,
@@ -834,6 +835,9 @@ def simulate_night(
         Relative radial distortion at the frame corner (k r^2 of dx = k u r^2).
     cr_rate
         Cosmic rays per cm2 of detector per minute (15 um unbinned pixels).
+    write_models, write_crmasks
+        Write ``truth/model_<raw>.fits`` / ``truth/crmask_<raw>.fits`` per object frame
+        (turn off for 4k benchmarks; the SimFrame paths are then None).
     overwrite
         Replace ``lmi.*.fits`` files already in ``out/raw`` (else FileExistsError).
     callback
@@ -864,6 +868,11 @@ def simulate_night(
                               "(pass overwrite=True to replace them)")
     for path in existing:
         path.unlink()
+    if existing and truth_dir.is_dir():  # the old night's truth goes with its frames
+        for pattern in ("crmask_lmi.*.fits", "model_lmi.*.fits", "flat_*.fits",
+                        "skypattern_*.fits"):
+            for path in truth_dir.glob(pattern):
+                path.unlink()
     raw_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
 
@@ -1024,7 +1033,8 @@ def simulate_night(
                 sky_variation=sky_variation, flat=flats[filt], pattern=patterns[filt],
                 dark=dark, row_adu=row_adu, bias_adu=bias_adu, cr_rate=cr_rate,
                 trail_px=trail_px, truth_dir=truth_dir,
-                write_truth=kind == "object", write_models=write_models, wcs_cls=WCS)
+                write_crmasks=kind == "object" and write_crmasks,
+                write_models=kind == "object" and write_models, wcs_cls=WCS)
         _write_fits(path, raw, hdr)
         frames.append(frame)
         if callback is not None:
@@ -1057,7 +1067,7 @@ _PARAM_NAMES = (
     "size", "binning", "filters", "seed", "n_bias", "n_dark", "dark_exptime_s", "n_flat",
     "n_science", "exptime_s", "target", "ra_deg", "dec_deg", "dither_arcsec",
     "pointing_error_arcsec", "rotation_deg", "flip", "fwhm_arcsec", "star_density", "catalog",
-    "write_models", "cloud_frame", "defocus_frame", "nosolve_frame", "ignored_frame",
+    "write_models", "write_crmasks", "cloud_frame", "defocus_frame", "nosolve_frame", "ignored_frame",
     "satellite_flat", "night_date", "start_time", "readout_s", "science_order", "bad_flats",
     "transparency_range", "sky_variation", "sip_distortion", "cr_rate", "n_bright",
     "faint_mag", "catalog_mag_limit", "trail_px",
@@ -1095,7 +1105,7 @@ def _flat_frame(rng, n: int, scale: float, entry: dict, flat: np.ndarray, dark: 
 def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, dec0,
                   dither_arcsec, pointing_error_arcsec, rotation_deg, flip, sip, fwhm_range,
                   stars, transparency_range, sky_rate, sky_variation, flat, pattern, dark,
-                  row_adu, bias_adu, cr_rate, trail_px, truth_dir, write_truth, write_models,
+                  row_adu, bias_adu, cr_rate, trail_px, truth_dir, write_crmasks, write_models,
                   wcs_cls):
     """A science (or focus) frame: stars through the true WCS, sky, dark, CRs, bleeding."""
     from astropy.io import fits
@@ -1170,18 +1180,18 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                       ra_deg=parse_sexagesimal(ra_txt, True),
                       dec_deg=parse_sexagesimal(dec_txt, False),
                       binning=binning, n=n, airmass_value=x_am)
-    if write_truth:
+    thdr = fits.Header(whdr)
+    thdr["ORIGFILE"] = frame.raw_name
+    if write_crmasks:
         sigma = np.sqrt(background.ravel()[idx] + dark.ravel()[idx] * exptime
                         + READ_NOISE_E ** 2)
         crmask = np.zeros((n, n), np.uint8)
         crmask.ravel()[idx[val > CR_SIGMA * sigma]] = 1
-        thdr = fits.Header(whdr)
-        thdr["ORIGFILE"] = frame.raw_name
         frame.crmask_path = truth_dir / f"crmask_{frame.path.stem}.fits"
         _write_fits(frame.crmask_path, crmask, thdr)
-        if write_models:
-            thdr["BUNIT"] = "electron"
-            thdr["ZPTRUE"] = (zp, "m = ZPTRUE - 2.5 log10(e-)")
-            frame.model_path = truth_dir / f"model_{frame.path.stem}.fits"
-            _write_fits(frame.model_path, model, thdr)
+    if write_models:
+        thdr["BUNIT"] = "electron"
+        thdr["ZPTRUE"] = (zp, "m = ZPTRUE - 2.5 log10(e-)")
+        frame.model_path = truth_dir / f"model_{frame.path.stem}.fits"
+        _write_fits(frame.model_path, model, thdr)
     return raw, hdr
