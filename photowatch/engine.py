@@ -240,6 +240,8 @@ class Engine:
         fid, name = row["id"], row["raw_name"]
         blog = log.bind(file=name, frame_id=fid)
         rereduce = row["product"] is not None and row["kind"] == "object"
+        if row["tries"] > 1:
+            blog.info("retry", tries=row["tries"])
         try:
             info = FrameInfo.from_summary(json.loads(row["info_json"]))
             profile = self.profile(info.instrument)
@@ -309,10 +311,82 @@ class Engine:
     # ------------------------------------------------------------------ science
     def _science(self, row, info: FrameInfo, raw, header, profile: Profile, blog, *,
                  rereduce: bool) -> None:
-        from photowatch.science import reduce_object
+        """Compute, swap the old version out of its coadd, write, record, add to the coadd.
 
+        The order makes every crash point safe: until the store says
+        ``reduced``, a restart redoes the frame; the coadd file names the
+        member versions it holds, so nothing is added twice.
+        """
+        from photowatch.science import reduce_object, write_outputs
+
+        t0 = time.perf_counter()
         result = reduce_object(self, row, info, raw, header, profile, blog)
-        self.coadds.after_reduction(row, info, result, rereduce=rereduce)
+        if rereduce:
+            self.coadds.remove_old(row)
+        t1 = time.perf_counter()
+        paths = write_outputs(self, row, info, header, result)
+        result.timings["write"] = time.perf_counter() - t1
+        version = row["product_version"] + 1
+        stackable = result.accepted and result.wcs is not None and self.settings.coadd.enabled
+        coadd = "pending" if stackable else ("excluded" if not result.accepted else None)
+        state = "reduced" if result.accepted else "rejected"
+        result.qc["timings"] = {k: round(v, 4) for k, v in result.timings.items()}
+        self.store.transition(
+            row["id"], ["processing"], state, product=paths["product"],
+            product_version=version, quicklook=paths.get("quicklook"),
+            masters_json=result.masters_used, qc_json=result.qc, accepted=int(result.accepted),
+            reason=result.reason, coadd=coadd, stale=0, stale_reason=None,
+            provisional=int(result.provisional),
+            message=("re-reduced" if rereduce else "reduced") + (
+                f"; not stacked: {result.reason}" if result.reason else ""),
+            level="info" if result.accepted else "warning",
+            action="stacked" if stackable else "kept out of the coadd")
+        if stackable:
+            t2 = time.perf_counter()
+            try:
+                self.coadds.add(row, info, result.frame, result.wcs, result.qc, version)
+            except OSError:
+                raise  # the frame is reduced; its coadd update stays pending and is retried
+            except Exception as exc:  # the product is good: keep it, say the coadd failed
+                self.store.update_frame(row["id"], coadd="excluded")
+                self.store.event("coadd_failed", frame_id=row["id"], file=info.raw_name,
+                                 level="error", message=f"{type(exc).__name__}: {exc}",
+                                 action="left out of the quick-look coadd")
+                blog.error("coadd_failed", problem=str(exc), action="left out of the coadd",
+                           exc_info=True)
+            result.timings["coadd"] = time.perf_counter() - t2
+        total = time.perf_counter() - t0
+        qc = result.qc
+        blog.info("frame_reduced" if result.accepted else "frame_not_stacked",
+                  name=row["name"], filter=info.filter, seconds=round(total, 2),
+                  fwhm=qc.get("fwhm_arcsec"), zp=qc.get("zp"), sky=qc.get("sky_e"),
+                  astrometry=qc.get("aststat"), reason=result.reason,
+                  provisional=result.provisional or None)
+        if self.progress:
+            self.progress({"frame": info.raw_name, "seconds": total, "timings": result.timings})
+        self.maybe_update_report()
+
+    # ------------------------------------------------------------------ report
+    def maybe_update_report(self) -> None:
+        """Refresh the night report at most every ``daemon.report_interval_s`` seconds."""
+        interval = self.settings.daemon.report_interval_s
+        if not interval:
+            return
+        now = time.time()
+        if now - getattr(self, "_last_report", 0.0) < interval:
+            return
+        self._last_report = now
+        try:
+            self.update_report()
+        except Exception as exc:  # the report is a view: never fail a frame for it
+            log.warning("report_failed", problem=str(exc), action="skipped")
+
+    def update_report(self, force: bool = False, night: str | None = None) -> None:
+        from photowatch.report import write_report
+
+        nights = [night] if night else self.store.nights()[-1:]
+        for n in nights:
+            write_report(self.out, self.store, n, self.settings, final=False)
 
     def _coadd_pending(self, nights) -> bool:
         return self.coadds.process_pending(nights)

@@ -160,10 +160,25 @@ def write_product(path: str | Path, frame: Frame, *, primary, sci_hdr, cat=None,
     hdus.append(fits.ImageHDU(np.asarray(frame.mask, dtype=np.uint16), header=mask_hdr,
                               name="MASK"))
     if cat is not None:
-        table = fits.table_to_hdu(cat)
-        table.name = "CAT"
-        hdus.append(table)
+        hdus.append(table_hdu(cat, "CAT"))
     return write_hdul(path, fits.HDUList(hdus), fsync=fsync)
+
+
+def table_hdu(table, name: str):
+    """A binary-table HDU; units FITS does not know (``electron``) are kept as TUNITn text."""
+    from astropy.io import fits
+
+    plain = table.copy(copy_data=False)
+    units = {}
+    for col in plain.columns.values():
+        if col.unit is not None:
+            units[col.name] = col.unit.to_string()
+            col.unit = None
+    hdu = fits.BinTableHDU(plain, name=name)
+    for i, colname in enumerate(plain.colnames, 1):
+        if colname in units:
+            hdu.header[f"TUNIT{i}"] = units[colname]
+    return hdu
 
 
 def read_product(path: str | Path, memmap: bool = False) -> Product:

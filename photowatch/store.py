@@ -524,7 +524,7 @@ class Store:
 
     def claim_stale(self, nights: Iterable[str] | None = None) -> sqlite3.Row | None:
         """Take a reduced frame marked stale, for re-reduction (reduced → processing)."""
-        where, args = ["state='reduced'", "stale=1"], []
+        where, args = ["state IN ('reduced', 'rejected')", "stale=1", "product IS NOT NULL"], []
         if nights is not None:
             nights = list(nights)
             where.append(f"night IN ({','.join('?' * len(nights))})")
@@ -532,17 +532,18 @@ class Store:
         now = utcnow()
         with self.transaction() as conn:
             row = conn.execute(
-                f"SELECT id, raw_name, stale_reason FROM frames WHERE {' AND '.join(where)} "
+                f"SELECT id, raw_name, state, stale_reason FROM frames WHERE {' AND '.join(where)} "
                 "ORDER BY obs_time, id LIMIT 1", args).fetchone()
             if row is None:
                 return None
             conn.execute(
                 "UPDATE frames SET state='processing', owner=?, started_at=?, updated_at=?,"
-                " tries=tries+1 WHERE id=? AND state='reduced'",
+                " tries=tries+1 WHERE id=? AND state IN ('reduced', 'rejected')",
                 (self.owner, now, now, row["id"]),
             )
             self._event(conn, "rereduce", frame_id=row["id"], file=row["raw_name"],
-                        state_from="reduced", state_to="processing", message=row["stale_reason"])
+                        state_from=row["state"], state_to="processing",
+                        message=row["stale_reason"])
             return conn.execute("SELECT * FROM frames WHERE id=?", (row["id"],)).fetchone()
 
     def wake_waiting(self, where: str = "1=1", args: tuple = ()) -> int:
@@ -687,10 +688,11 @@ class Store:
         return self.conn.execute("SELECT * FROM masters WHERE id=?", (master_id,)).fetchone()
 
     def mark_stale(self, where: str, args: tuple, reason: str) -> int:
-        """Mark reduced frames stale (a better master exists); returns the count."""
+        """Mark frames with a product stale (a better master exists); returns the count."""
         with self.transaction() as conn:
             rows = conn.execute(
-                f"SELECT id, raw_name FROM frames WHERE state='reduced' AND stale=0 AND ({where})",
+                f"SELECT id, raw_name FROM frames WHERE state IN ('reduced', 'rejected') AND "
+                f"product IS NOT NULL AND stale=0 AND ({where})",
                 args).fetchall()
             for row in rows:
                 conn.execute("UPDATE frames SET stale=1, stale_reason=?, updated_at=? WHERE id=?",

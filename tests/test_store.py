@@ -156,7 +156,8 @@ def test_masters_and_stale(tmp_path):
     s = Store(tmp_path / "state.sqlite")
     fid = add(s, 1)
     s.transition(fid, ["received"], "processing")
-    s.transition(fid, ["processing"], "reduced", masters_json={"bias": {"version": 1}})
+    s.transition(fid, ["processing"], "reduced", masters_json={"bias": {"version": 1}},
+                 product="/p.fits")
     mid = s.add_master(kind="bias", camera="C0", filter="", binning="1x1", readout="",
                        night="2020-01-28", version=1, ninputs=1, inputs=[5], path="/m.fits",
                        provisional=True)

@@ -307,6 +307,14 @@ class MasterBook:
     def _save_state(self, key: MasterKey, acc: RunningMean, meta: dict) -> None:
         save_npz(self._state_path(key), meta=np.array(json.dumps(meta)), **acc.state())
 
+    def _next_version(self, key: MasterKey) -> int:
+        row = self.store.conn.execute(
+            "SELECT MAX(version) FROM masters WHERE kind=? AND camera=? AND filter=? AND "
+            "binning=? AND readout=? AND target=? AND night=?",
+            (key.kind, key.camera, key.filter, key.binning, key.readout, key.target,
+             key.night)).fetchone()
+        return (row[0] or 0) + 1
+
     def _master_paths(self, key: MasterKey, version: int) -> tuple[Path, Path]:
         rows = self.store.masters(
             "kind=? AND camera=? AND filter=? AND target=? AND night=?",
@@ -402,7 +410,7 @@ class MasterBook:
                 norm, _ = robust_level(mean)
                 mean = mean / np.float32(norm)
                 mvar = mvar / np.float32(norm * norm)
-            version = len(meta["inputs"])
+            version = self._next_version(key)
             used_masters = {k: {"path": Path(c.path).name, "version": c.version}
                             for k, (c, _) in deps.items()}
             cand = self._publish(
@@ -414,7 +422,7 @@ class MasterBook:
                                           "masters_json": used_masters, "product": None}},
                 stats={"level": float(np.median(mean)), "deps": used_masters})
         log.info("master_updated", file=info.raw_name, master=Path(cand.path).name,
-                 version=version, ninputs=version, provisional=cand.provisional(
+                 version=version, ninputs=cand.ninputs, provisional=cand.provisional(
                      self.cal.min_inputs))
         return Outcome("used", None, levels, cand)
 
@@ -428,7 +436,8 @@ class MasterBook:
         if cand.kind in ("flat", "sky"):
             where += " AND filter=?"
             args += (cand.filter,)
-        rows = self.store.frames(f"state='reduced' AND stale=0 AND {where}", args)
+        rows = self.store.frames(f"state IN ('reduced', 'rejected') AND product IS NOT NULL "
+                                 f"AND stale=0 AND {where}", args)
         when = self.cal.stale_when if cand.kind != "sky" else [
             w for w in self.cal.stale_when if w != "inputs_doubled"]
         stale = []
@@ -515,7 +524,7 @@ class MasterBook:
                     var = var / np.float32(norm * norm)
                 times = [frames[f]["obs_time"] for f in inputs if frames[f]["obs_time"]]
                 cand = self._publish(
-                    key, row["version"] + 1, data, var, count, inputs, final=True,
+                    key, self._next_version(key), data, var, count, inputs, final=True,
                     method=f"{self.cal.final_clip_sigma:g}-sigma clipped median",
                     obs_time=max(times) if times else None,
                     stats={"level": float(np.median(data)), "deps": deps_used})

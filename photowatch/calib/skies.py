@@ -99,7 +99,7 @@ class SkyBook:
             if master is None:
                 continue
             ids = [r["id"] for r in rows]
-            version = len(acc.members)
+            version = self.book._next_version(key)
             cand = self.book._publish(
                 key, version, master.data, master.var, acc.count, ids, final=True,
                 method="masked mean of dithered object frames, sources masked",

@@ -1,0 +1,436 @@
+"""One object frame through the whole chain, with the night's state as explicit inputs.
+
+:func:`reduce_object` selects the masters (or raises WaitForMasters), runs the
+pure chain of :mod:`photowatch.pipeline`, feeds the master-sky accumulator,
+extracts sources, solves the astrometry against the reference catalogue (or,
+without one, registers the frame to its field's reference frame), calibrates
+the photometry (zero point, or a relative flux scale) and judges the frame's
+quality. It computes; it does not write: :func:`write_outputs` writes the
+product, its quick-look PNG and, if asked, the intermediates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from photowatch import __version__
+from photowatch.calib.select import Candidate
+from photowatch.classify import FrameInfo
+from photowatch.frame import Frame
+from photowatch.instruments import Profile
+from photowatch.pipeline import back, front, pattern_for_sky, profile_header_items
+from photowatch.products import primary_header, sci_header, set_key, write_product
+from photowatch.quality import assess
+
+
+@dataclass
+class ScienceResult:
+    frame: Frame  #: final frame (WCS and every keyword in its header)
+    cat: object  #: astropy Table of sources (CAT)
+    wcs: object | None  #: the solution used for stacking (absolute or relative), or None
+    qc: dict
+    accepted: bool
+    reason: str | None
+    masters_used: dict
+    provisional: bool
+    intermediates: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _finite(v) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, blog,
+                  ) -> ScienceResult:
+    """Run the chain on one object frame (see the module docstring); writes nothing."""
+    s = engine.settings
+    timer = _Timer()
+    with timer("masters"):
+        masters = engine.book.masters_for(info, profile)
+        images = {k: img for k, (c, img) in masters.items()}
+        bpm = engine.book.bpm(images.get("dark"), images.get("flat"))
+    with timer("prepare+flatten"):
+        fr = front(raw, header, info, masters=images, bpm=bpm, settings=s)
+    f = fr["f"]
+    pattern = sky = None
+    if s.stages.mastersky.enabled:
+        with timer("mastersky"):
+            pattern = pattern_for_sky(f, s)
+            sky = engine.skies.add_and_get(row["name"], info, pattern,
+                                           (info.ra_deg or math.nan, info.dec_deg or math.nan))
+        if sky is not None:
+            key = engine.skies.key(info)
+            engine.book.mark_stale(Candidate(
+                kind="sky", camera=key.camera, filter=key.filter, binning=key.binning,
+                readout=key.readout, night=key.night, version=sky.version,
+                ninputs=sky.version, final=False, path=sky.label, target=key.target))
+    b = back(f, settings=s, sky=sky, pattern=pattern)
+    timer.times.update(b.seconds)
+    z = b.frames["z"]
+
+    from photowatch.sources import extract_sources
+
+    with timer("sources"):
+        src = extract_sources(z, settings=s.stages.sources,
+                              pixel_scale_arcsec=info.pixel_scale_arcsec)
+    with timer("astrometry"):
+        frame, cat, wcs, ast_qc, reference = astrometry(engine, info, profile, z, header, src)
+    with timer("zeropoint"):
+        frame, cat, phot_qc = photometry(engine, info, profile, frame, cat, ast_qc, reference)
+
+    sky_e = b.sky.level_e
+    qc = {
+        "time": info.obs_time.isoformat(),
+        "filter": info.filter,
+        "target": info.target,
+        "exptime": info.exptime_s,
+        "fwhm_arcsec": _finite(src.fwhm_arcsec),
+        "ellipticity": _finite(src.ellipticity),
+        "nsources": len(cat),
+        "sky_e": _finite(sky_e),
+        "sky_e_per_s": _finite(sky_e / info.exptime_s) if info.exptime_s else None,
+        "skynoise_e": _finite(b.sky.noise_e),
+        "ncr": b.cosmics.npix,
+        "airmass": info.airmass,
+        **ast_qc,
+        **phot_qc,
+    }
+    best = best_transparency(engine, info, qc)
+    verdict = assess(qc, best_transparency_mag=best, settings=s.quality)
+    qc["accepted"] = verdict.accepted
+    qc["checks"] = [list(c) for c in verdict.checks]
+
+    provisional = any(img.provisional for img in images.values())
+    masters_used = {k: {"master_id": c.master_id, "path": Path(c.path).name, "key": c.key,
+                        "night": c.night, "version": c.version, "ninputs": c.ninputs,
+                        "final": c.final, "provisional": c.provisional(s.calibration.min_inputs)}
+                    for k, (c, _) in masters.items()}
+    if sky is not None:
+        key = engine.skies.key(info)
+        masters_used["sky"] = {"path": sky.label, "key": key.text, "night": key.night,
+                               "version": sky.version, "ninputs": sky.version, "final": False,
+                               "provisional": False, "master_id": None}
+    hdr = frame.header.copy()
+    for k, v in profile_header_items(info, profile).items():
+        set_key(hdr, k, v)
+    set_key(hdr, "PWVERS", (__version__, "photowatch version"))
+    set_key(hdr, "PROVISNL", (provisional, "reduced with a provisional master"))
+    set_key(hdr, "QCSTATUS", ("accepted" if verdict.accepted else "rejected",
+                              "frame quality: coadd use"))
+    set_key(hdr, "QCREASON", (verdict.reason or "", "why the frame is not stacked"))
+    frame = frame.replace(header=hdr)
+    return ScienceResult(
+        frame=frame, cat=cat, wcs=wcs, qc=qc, accepted=verdict.accepted,
+        reason=verdict.reason, masters_used=masters_used, provisional=provisional,
+        intermediates={**fr, **b.frames}, timings=timer.times)
+
+
+# ---------------------------------------------------------------------------- astrometry
+
+def _reference_stars(engine, info: FrameInfo, profile: Profile, wcs0, shape):
+    """Catalogue stars around the frame (cached per field), or None; and the catalogue's name."""
+    provider = engine.catalog
+    if provider is None:
+        return None, None
+    from photowatch.catalogs import field_cone
+
+    ra, dec, radius = field_cone(wcs0, shape, margin=engine.settings.catalog.radius_margin,
+                                 extra_arcsec=engine.settings.stages.astrometry
+                                 .max_pointing_error_arcsec)
+    band = profile.band_for(info.filter)
+    key = (info.night, info.target, round(ra, 3), round(dec, 3), band)
+    cached = engine._catalog_cache.get(key)
+    if cached is None:
+        bands = [band] if band else []
+        table = provider.query(ra, dec, radius, bands=bands)
+        if band and band in table.colnames and "mag" not in table.colnames:
+            table["mag"] = table[band]
+        cached = table
+        engine._catalog_cache[key] = cached
+    return cached, getattr(provider, "name", "catalogue")
+
+
+def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_header, src):
+    """Solve (absolute, else relative to the field's reference frame).
+
+    Returns (frame, cat, wcs, qc, reference): the reference catalogue is None
+    in relative mode.
+    """
+    from photowatch.stages.astrometry import (
+        apply_astrometry,
+        initial_wcs,
+        radec_for,
+        solve_astrometry,
+    )
+
+    s = engine.settings.stages.astrometry
+    shape = frame.sci.shape
+    wcs0 = initial_wcs(info, profile, shape, header=raw_header)
+    qc: dict = {}
+    reference = refname = None
+    notes = []
+    if s.enabled:
+        try:
+            reference, refname = _reference_stars(engine, info, profile, wcs0, shape)
+        except Exception as exc:  # catalogue down and not cached: register relatively
+            notes.append(f"catalogue unavailable ({exc})")
+            reference = None
+    relative = reference is None
+    prev_key = (info.night, info.target, info.camera)
+    result = None
+    if not s.enabled:
+        result = None
+    elif relative:
+        ref = engine.refs.get(info.night, info.target or "", None, "astrom")
+        if ref is None:
+            # the field's first frame: its own initial WCS defines the relative frame
+            table = radec_for(src.table, wcs0)
+            good = table[(table["flags"] == 0) & np.isfinite(table["ra"])]
+            if len(good) >= s.min_matches:
+                keep = good["ra", "dec", "flux", "fluxerr", "x", "y"]
+                keep.meta.update({"relative": True, "frame": info.std_name})
+                engine.refs.set_if_absent(info.night, info.target or "", None, "astrom", keep)
+                ref = engine.refs.get(info.night, info.target or "", None, "astrom")
+            if ref is not None and ref.meta.get("frame") == info.std_name:
+                result = _reference_result(wcs0, len(good))
+        if result is None and ref is not None:
+            ref = ref.copy()
+            ref.meta["relative"] = True
+            result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=ref,
+                                      settings=s, previous=engine._previous_wcs.get(prev_key))
+            refname = f"relative:{ref.meta.get('frame', '?')}"
+        refname = refname or f"relative:{info.std_name}"
+    else:
+        result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=reference,
+                                  settings=s, previous=engine._previous_wcs.get(prev_key))
+    if result is None:
+        from photowatch.stages.astrometry import AstrometryResult
+
+        why = "astrometry disabled" if not s.enabled else \
+            "too few stars to register the field's first frame"
+        result = AstrometryResult(wcs=None, status="failed", method="none", reason=why)
+    if result.wcs is not None and result.status in ("ok", "relative"):
+        engine._previous_wcs[prev_key] = result.wcs
+    frame = apply_astrometry(frame, result, reference_name=refname or "none")
+    wcs = result.wcs if result.status in ("ok", "relative") else None
+    cat = radec_for(src.table, wcs if wcs is not None else wcs0)
+    qc.update({
+        "aststat": result.status,
+        "astmethod": result.method,
+        "astrms_arcsec": _finite(result.rms_arcsec),
+        "astnstar": int(result.nstar or 0),
+        "astoffset_arcsec": _finite(result.offset_arcsec),
+        "astreason": result.reason or ("; ".join(notes) if notes else None),
+        "astref": refname,
+        "abscal_astrometry": result.status == "ok",
+    })
+    if relative and result.status != "failed":
+        qc["astreason"] = "no reference catalogue: registered to the field's reference frame"
+    return frame, cat, wcs, qc, reference
+
+
+def _reference_result(wcs0, nstar):
+    from photowatch.stages.astrometry import AstrometryResult
+
+    return AstrometryResult(wcs=wcs0, status="relative", method="reference-frame", rms_arcsec=0.0,
+                            nstar=nstar, offset_arcsec=0.0,
+                            reason="the field's reference frame (initial WCS from the header)")
+
+
+# ---------------------------------------------------------------------------- photometry
+
+def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast_qc, reference):
+    """Zero point (catalogue) or relative flux scale; FLXSCALE; calibrated CAT magnitudes."""
+    from photowatch.stages.zeropoint import (
+        calibrate_zeropoint,
+        calibrated_magnitudes,
+        relative_flux_scale,
+    )
+
+    s = engine.settings
+    zs = s.stages.zeropoint
+    band = profile.band_for(info.filter)
+    hdr = frame.header.copy()
+    qc: dict = {}
+    cat = cat.copy()
+    target = info.target or ""
+    t = info.exptime_s or 1.0
+    absolute = (zs.enabled and reference is not None and band is not None
+                and band in reference.colnames and ast_qc.get("aststat") == "ok")
+    if absolute:
+        zp = calibrate_zeropoint(cat, reference, band=band, shape=frame.sci.shape, settings=zs)
+        qc.update(phot_status=zp.status, phot_reason=zp.reason, zp_n=zp.n,
+                  zp=_finite(zp.magzp), zp_err=_finite(zp.magzp_err),
+                  zp_scatter=_finite(zp.scatter), band=band)
+        if zp.status == "ok":
+            calibrated_magnitudes(cat, zp, frame.sci.shape)
+            zp_s = zp.magzp - 2.5 * math.log10(t)
+            qc["zp_per_s"] = zp_s
+            from astropy.table import Table
+
+            ref = engine.refs.set_if_absent(info.night, target, info.filter, "phot",
+                                            Table(meta={"zp": zp.magzp, "frame": info.std_name,
+                                                        "exptime": t}, names=["ra"]))
+            zp_ref = float(ref.meta["zp"])
+            flx = 10 ** (-0.4 * (zp.magzp - zp_ref))
+            qc.update(flxscale=flx, zp_ref=zp_ref, abscal=True)
+            set_key(hdr, "MAGZP", (round(zp.magzp, 5), "mag = MAGZP - 2.5 log10(counts in SCI)"))
+            set_key(hdr, "MAGZPERR", (round(zp.magzp_err, 5), "zero-point uncertainty (mag)"))
+            set_key(hdr, "MAGZPN", (zp.n, "stars used for the zero point"))
+            set_key(hdr, "MAGZPSEC", (round(zp_s, 5), "zero point for 1 s"))
+            set_key(hdr, "MAGZPBND", (band, "catalogue band"))
+            set_key(hdr, "FLXSCALE", (flx, "multiply SCI by this to reach FLXREF"))
+            set_key(hdr, "FLXREF", (round(zp_ref, 5), "photometric reference zero point"))
+        set_key(hdr, "ZPSTAT", (zp.status, zp.reason or "zero point vs catalogue"))
+        set_key(hdr, "ABSCAL", (zp.status == "ok", "absolutely calibrated photometry"))
+    else:
+        why = ("no reference catalogue" if reference is None else
+               f"catalogue has no band for filter {info.filter}" if band is None or
+               band not in reference.colnames else "astrometry not absolute")
+        qc.update(abscal=False, phot_note=f"not absolutely calibrated: {why}")
+        ref = engine.refs.get(info.night, target, info.filter, "phot")
+        usable = cat[(cat["flags"] == 0) & np.isfinite(np.asarray(cat["ra"], float))]
+        if ref is None and ast_qc.get("aststat") != "failed" and len(usable) >= s.quality.min_stars:
+            table = usable["ra", "dec", "flux", "fluxerr"]
+            table.meta.update({"frame": info.std_name, "exptime": t})
+            ref = engine.refs.set_if_absent(info.night, target, info.filter, "phot", table)
+        if ref is not None and ref.meta.get("frame") == info.std_name:
+            qc.update(phot_status="reference", flxscale=1.0, zp_n=len(ref))
+        elif ref is not None and ast_qc.get("aststat") != "failed":
+            fs = relative_flux_scale(cat, ref, settings=zs, min_stars=s.quality.min_stars)
+            qc.update(phot_status=fs.status, phot_reason=fs.reason, zp_n=fs.n)
+            if fs.status == "ok":
+                qc["flxscale"] = fs.scale
+        else:
+            qc.update(phot_status="failed", phot_reason=(
+                "astrometry failed" if ast_qc.get("aststat") == "failed" else
+                "no reference frame for the relative flux scale"))
+        if qc.get("flxscale"):
+            t_ref = float(ref.meta.get("exptime", t)) if ref is not None else t
+            qc["transparency_mag"] = 2.5 * math.log10((1.0 / qc["flxscale"]) * (t_ref / t))
+            set_key(hdr, "FLXSCALE", (qc["flxscale"], "multiply SCI by this to reach FLXREF"))
+            set_key(hdr, "FLXREF", (ref.meta.get("frame", ""), "photometric reference frame"))
+        set_key(hdr, "ZPSTAT", (qc.get("phot_status"), "relative flux scale (no MAGZP)"))
+        set_key(hdr, "ABSCAL", (False, "not absolutely calibrated (no catalogue)"))
+        set_key(hdr, "MAGSYS", ("instrumental", "CAT mag = -2.5 log10(counts)"))
+    return frame.replace(header=hdr), cat, qc
+
+
+def best_transparency(engine, info: FrameInfo, qc: dict) -> float | None:
+    """The night's best zero point per second of the filter (relative: of the field and filter)."""
+    key = "zp_per_s" if qc.get("zp_per_s") is not None else "transparency_mag"
+    where = "night=? AND filter=? AND kind='object' AND qc_json IS NOT NULL"
+    args: tuple = (info.night, info.filter)
+    if key == "transparency_mag":
+        where += " AND target=?"
+        args += (info.target,)
+    row = engine.store.conn.execute(
+        f"SELECT MAX(json_extract(qc_json, '$.{key}')) FROM frames WHERE {where}", args
+    ).fetchone()
+    values = [v for v in (row[0] if row else None, qc.get(key)) if v is not None]
+    return max(values) if values else None
+
+
+# ---------------------------------------------------------------------------- outputs
+
+def product_path(out: Path, info: FrameInfo, name: str) -> Path:
+    return out / "reduced" / info.night / name
+
+
+def write_outputs(engine, row, info: FrameInfo, raw_header, result: ScienceResult) -> dict:
+    """Write the product (atomically), its PNG and the intermediates; returns paths."""
+    out = engine.out
+    name = row["name"]
+    path = product_path(out, info, name)
+    frame = result.frame
+    from astropy.wcs import WCS  # noqa: F401  (the header carries the WCS already)
+
+    wcs_header = _wcs_header(frame.header)
+    extra = {k: frame.header[k] for k in frame.header if k in _PRODUCT_KEYS}
+    prim = primary_header(raw_header, {**extra, **profile_header_items(info, engine.profile(
+        info.instrument))})
+    set_key(prim, "MASTERS", (json.dumps({k: v["path"] for k, v in result.masters_used.items()}),
+                              "masters used"))
+    shdr = sci_header(frame, wcs_header, extra)
+    write_product(path, frame, primary=prim, sci_hdr=shdr, cat=result.cat)
+    paths = {"product": str(path)}
+    s = engine.settings.stages
+    if s.quicklook_png:
+        try:
+            from photowatch.quicklook import save_png
+
+            png = path.with_suffix(".png")
+            save_png(frame.sci, png, mask=frame.mask, title=f"{name} {info.filter} "
+                     f"{info.exptime_s:g}s")
+            paths["quicklook"] = str(png)
+        except Exception as exc:  # a preview must never cost a product
+            engine_log(engine).warning("quicklook_failed", file=info.raw_name, problem=str(exc),
+                                       action="no PNG")
+    if s.write_intermediates:
+        from astropy.io import fits
+
+        from photowatch.fitsio import write_hdul
+
+        folder = path.parent / "intermediate"
+        for prefix, key in (("p", "p"), ("fp", "f"), ("sfp", "s"), ("zsfp", "z")):
+            inter = result.intermediates.get(key)
+            if inter is None:
+                continue
+            hdus = fits.HDUList([fits.PrimaryHDU(inter.sci.astype(np.float32)),
+                                 fits.ImageHDU(inter.err, name="ERR"),
+                                 fits.ImageHDU(inter.mask, name="MASK")])
+            write_hdul(folder / f"{prefix}{name}", hdus, fsync=False)
+    return paths
+
+
+def engine_log(engine):
+    from photowatch.logs import get_logger
+
+    return get_logger("photowatch.science")
+
+
+_PRODUCT_KEYS = set()
+
+
+def _wcs_header(header):
+    from astropy.io import fits
+
+    from photowatch.products import WCS_PREFIXES
+
+    out = fits.Header()
+    for card in header.cards:
+        if card.keyword.startswith(WCS_PREFIXES):
+            out.append(card)
+    return out
+
+
+def _init_keys():
+    from photowatch.products import PHOTOWATCH_KEYS
+
+    _PRODUCT_KEYS.update(PHOTOWATCH_KEYS)
+    _PRODUCT_KEYS.update({"OVERSCAN", "SATFRAC", "MAGZPBND", "MAGSYS", "SKYPRE", "QCSTATUS",
+                          "QCREASON"})
+
+
+_init_keys()

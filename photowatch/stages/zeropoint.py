@@ -1,0 +1,258 @@
+"""zeropoint: the frame's photometric zero point and flux scale (PhotoPipe's zpoint, ``t`` step).
+
+With a reference catalogue: the frame's unsaturated, unflagged stars are
+matched to the catalogue band of the filter; a robust weighted fit of
+``catalogue mag − instrumental mag`` (errors of both, a floor, iterative
+clipping at ``clip_sigma`` × 1.48 MAD; optionally a colour term and a
+low-order spatial term) gives ``MAGZP``, so that
+
+    mag = MAGZP − 2.5 log10(counts in the SCI image)
+
+where counts are a star's total (aperture-corrected) electrons. Without a
+catalogue no zero point is invented: the frame gets a relative flux scale
+from the stars it shares with the night's reference frame of its field and
+filter.
+
+``FLXSCALE`` multiplies the frame's data to put it on the photometric
+reference of its target and filter (the zero point ``ZP_ref`` the coadd is
+put on): ``FLXSCALE = 10^(−0.4 (MAGZP − ZP_ref))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from photowatch.config import ZeroPoint
+
+#: neighbour band used for a colour term: band → (blue, red) of the colour
+COLOURS = {"u": ("u", "g"), "g": ("g", "r"), "r": ("g", "r"), "i": ("r", "i"), "z": ("i", "z"),
+           "y": ("z", "y"), "B": ("B", "V"), "V": ("B", "V"), "R": ("V", "R"), "I": ("R", "I"),
+           "J": ("J", "H"), "H": ("J", "H"), "K": ("H", "K")}
+
+
+@dataclass(frozen=True)
+class ZeroPointResult:
+    status: str  #: "ok" | "failed"
+    magzp: float = float("nan")  #: at the frame centre and colour 0
+    magzp_err: float = float("nan")
+    n: int = 0  #: stars used after clipping
+    n_matched: int = 0  #: stars matched before clipping
+    scatter: float = float("nan")  #: robust rms of the residuals (mag)
+    color_coeff: float = 0.0
+    spatial: tuple = ()  #: coefficients of the spatial terms (mag per half-frame)
+    band: str | None = None
+    reason: str | None = None
+
+    def zp_at(self, x: np.ndarray, y: np.ndarray, shape) -> np.ndarray:
+        """Zero point at pixel positions (spatial term included)."""
+        base = np.full(np.shape(x), self.magzp, float)
+        if self.spatial:
+            xs, ys = _norm_xy(np.asarray(x, float), np.asarray(y, float), shape)
+            for coeff, term in zip(self.spatial, _spatial_terms(xs, ys, len(self.spatial))):
+                base = base + coeff * term
+        return base
+
+
+def _norm_xy(x, y, shape):
+    ny, nx = shape
+    return (x - (nx - 1) / 2) / (nx / 2), (y - (ny - 1) / 2) / (ny / 2)
+
+
+def _spatial_terms(xs, ys, n):
+    terms = [xs, ys, xs * xs, xs * ys, ys * ys]
+    return terms[:n]
+
+
+def match_sky(ra1, dec1, ra2, dec2, radius_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour match of two position lists within a radius: (index1, index2)."""
+    from scipy.spatial import cKDTree
+
+    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2))
+    ok1 = np.isfinite(ra1) & np.isfinite(dec1)
+    ok2 = np.isfinite(ra2) & np.isfinite(dec2)
+    if not ok1.any() or not ok2.any():
+        return np.zeros(0, int), np.zeros(0, int)
+
+    def xyz(ra, dec):
+        return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+    i1 = np.nonzero(ok1)[0]
+    i2 = np.nonzero(ok2)[0]
+    tree = cKDTree(xyz(ra2[i2], dec2[i2]))
+    chord = 2 * math.sin(math.radians(radius_arcsec / 3600.0) / 2)
+    dist, idx = tree.query(xyz(ra1[i1], dec1[i1]), distance_upper_bound=chord)
+    good = np.isfinite(dist)
+    a, b = i1[good], i2[idx[good]]
+    # one catalogue star per detection and vice versa: keep the closest pair
+    order = np.argsort(dist[good])
+    _, first = np.unique(b[order], return_index=True)
+    keep = order[first]
+    return a[keep], b[keep]
+
+
+def usable_stars(cat, *, min_snr: float = 10.0) -> np.ndarray:
+    """Indices of unflagged, positive, reasonably bright sources with positions."""
+    flux = np.asarray(cat["flux"], float)
+    err = np.asarray(cat["fluxerr"], float)
+    ok = (np.asarray(cat["flags"]) == 0) & np.isfinite(flux) & (flux > 0) & (err > 0)
+    ok &= np.isfinite(np.asarray(cat["ra"], float))
+    ok &= flux / np.where(err > 0, err, np.inf) >= min_snr
+    if "stellar" in cat.colnames:
+        stellar = np.asarray(cat["stellar"], bool)
+        if stellar[ok].sum() >= 5:
+            ok &= stellar
+    return np.nonzero(ok)[0]
+
+
+def _robust_fit(design, y, w, clip_sigma, max_iter=10):
+    keep = np.ones(y.size, bool)
+    coef = np.zeros(design.shape[1])
+    for _ in range(max_iter):
+        if keep.sum() < design.shape[1] + 1:
+            break
+        sw = np.sqrt(w[keep])
+        coef, *_ = np.linalg.lstsq(design[keep] * sw[:, None], y[keep] * sw, rcond=None)
+        res = y - design @ coef
+        med = np.median(res[keep])
+        mad = 1.4826 * np.median(np.abs(res[keep] - med))
+        new = np.abs(res - med) <= clip_sigma * max(mad, 1e-4)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    res = y - design @ coef
+    return coef, keep, res
+
+
+def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
+                        settings: ZeroPoint) -> ZeroPointResult:
+    """Fit the zero point of a frame's source table against a reference catalogue.
+
+    Parameters
+    ----------
+    cat
+        the frame's sources (``ra, dec`` from its solved WCS; ``flux, fluxerr``
+        total electrons; ``flags``; ``x, y``)
+    reference
+        catalogue with ``ra, dec, <band>, <band>_err``
+    """
+    if reference is None or band not in reference.colnames:
+        return ZeroPointResult("failed", band=band, reason=f"no catalogue magnitudes in band {band}")
+    idx = usable_stars(cat)
+    if idx.size == 0:
+        return ZeroPointResult("failed", band=band, reason="no unflagged stars measured")
+    a, b = match_sky(np.asarray(cat["ra"])[idx], np.asarray(cat["dec"])[idx],
+                     reference["ra"], reference["dec"], settings.match_radius_arcsec)
+    a = idx[a]
+    refmag = np.asarray(reference[band], float)[b]
+    errcol = f"{band}_err"
+    referr = np.asarray(reference[errcol], float)[b] if errcol in reference.colnames else \
+        np.full(b.size, 0.02)
+    flux = np.asarray(cat["flux"], float)[a]
+    fluxerr = np.asarray(cat["fluxerr"], float)[a]
+    good = np.isfinite(refmag) & np.isfinite(referr) & (referr < settings.max_mag_err)
+    good &= refmag < 90  # PhotoPipe's "no value" sentinel
+    inst = -2.5 * np.log10(flux)
+    insterr = 1.0857 * fluxerr / flux
+    good &= insterr < settings.max_mag_err
+    nmatch = int(good.sum())
+    if nmatch < settings.min_stars:
+        return ZeroPointResult("failed", n_matched=nmatch, band=band,
+                               reason=f"{nmatch} catalogue stars matched, need "
+                                      f"{settings.min_stars}")
+    a, b, refmag, referr, inst, insterr = (v[good] for v in (a, b, refmag, referr, inst,
+                                                             insterr))
+    y = refmag - inst
+    w = 1.0 / (referr**2 + insterr**2 + settings.err_floor_mag**2)
+    cols = [np.ones(y.size)]
+    colour = None
+    if settings.color_term and band in COLOURS:
+        blue, red = COLOURS[band]
+        if blue in reference.colnames and red in reference.colnames:
+            colour = np.asarray(reference[blue], float)[b] - np.asarray(reference[red], float)[b]
+            colour = np.where(np.isfinite(colour) & (np.abs(colour) < 5), colour, np.nan)
+            ok = np.isfinite(colour)
+            if ok.sum() >= settings.min_stars + 1:
+                y, w, colour, a = y[ok], w[ok], colour[ok], a[ok]
+                cols = [np.ones(y.size), colour]
+            else:
+                colour = None
+    nspatial = {0: 0, 1: 2, 2: 5}[settings.spatial_order]
+    if nspatial:
+        xs, ys = _norm_xy(np.asarray(cat["x"], float)[a], np.asarray(cat["y"], float)[a], shape)
+        cols += _spatial_terms(xs, ys, nspatial)
+    design = np.column_stack(cols)
+    coef, keep, res = _robust_fit(design, y, w, settings.clip_sigma)
+    n = int(keep.sum())
+    if n < settings.min_stars:
+        return ZeroPointResult("failed", n_matched=nmatch, band=band,
+                               reason=f"{n} stars left after clipping, need {settings.min_stars}")
+    scatter = 1.4826 * float(np.median(np.abs(res[keep] - np.median(res[keep]))))
+    formal = float(np.sqrt(1.0 / w[keep].sum()))
+    err = max(formal, scatter / math.sqrt(n))
+    return ZeroPointResult(
+        "ok", magzp=float(coef[0]), magzp_err=err, n=n, n_matched=nmatch, scatter=scatter,
+        color_coeff=float(coef[1]) if colour is not None else 0.0,
+        spatial=tuple(float(c) for c in coef[len(cols) - nspatial:]) if nspatial else (),
+        band=band)
+
+
+@dataclass(frozen=True)
+class FluxScaleResult:
+    status: str  #: "ok" | "reference" | "failed"
+    scale: float = float("nan")  #: multiply the frame by this to match the reference
+    err: float = float("nan")
+    n: int = 0
+    reason: str | None = None
+
+
+def relative_flux_scale(cat, reference, *, settings: ZeroPoint, min_stars: int
+                        ) -> FluxScaleResult:
+    """Flux scale to the night's reference frame of a field and filter, from common stars.
+
+    ``reference`` has ``ra, dec, flux`` (the reference frame's sources).
+    """
+    idx = usable_stars(cat)
+    if idx.size == 0:
+        return FluxScaleResult("failed", reason="no unflagged stars measured")
+    a, b = match_sky(np.asarray(cat["ra"])[idx], np.asarray(cat["dec"])[idx],
+                     reference["ra"], reference["dec"], settings.match_radius_arcsec)
+    a = idx[a]
+    f = np.asarray(cat["flux"], float)[a]
+    fe = np.asarray(cat["fluxerr"], float)[a]
+    fr = np.asarray(reference["flux"], float)[b]
+    ok = np.isfinite(fr) & (fr > 0) & (f > 0)
+    if "fluxerr" in reference.colnames:
+        fre = np.asarray(reference["fluxerr"], float)[b]
+    else:
+        fre = np.zeros_like(fr)
+    ok &= np.isfinite(fre)
+    if ok.sum() < min_stars:
+        return FluxScaleResult("failed", n=int(ok.sum()),
+                               reason=f"{int(ok.sum())} stars in common with the reference "
+                                      f"frame, need {min_stars}")
+    d = -2.5 * np.log10(fr[ok] / f[ok])  # mag difference: reference − this frame
+    e2 = (1.0857 * fe[ok] / f[ok]) ** 2 + (1.0857 * fre[ok] / fr[ok]) ** 2 + \
+        settings.err_floor_mag**2
+    coef, keep, res = _robust_fit(np.ones((d.size, 1)), d, 1.0 / e2, settings.clip_sigma)
+    n = int(keep.sum())
+    if n < min_stars:
+        return FluxScaleResult("failed", n=n, reason=f"{n} common stars after clipping")
+    err_mag = max(float(np.sqrt(1.0 / (1.0 / e2[keep]).sum())),
+                  1.4826 * float(np.median(np.abs(res[keep]))) / math.sqrt(n))
+    scale = 10 ** (-0.4 * coef[0])
+    return FluxScaleResult("ok", scale=float(scale), err=float(scale * err_mag / 1.0857), n=n)
+
+
+def calibrated_magnitudes(cat, zp: ZeroPointResult, shape) -> None:
+    """Fill the table's mag/magerr with calibrated magnitudes (in place, on a table copy)."""
+    flux = np.asarray(cat["flux"], float)
+    err = np.asarray(cat["fluxerr"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inst = np.where(flux > 0, -2.5 * np.log10(flux), np.nan)
+        magerr = np.where(flux > 0, 1.0857 * err / flux, np.nan)
+    zps = zp.zp_at(np.asarray(cat["x"], float), np.asarray(cat["y"], float), shape)
+    cat["mag"] = inst + zps
+    cat["magerr"] = np.sqrt(magerr**2 + zp.magzp_err**2)
