@@ -328,9 +328,11 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
     dist, _ = tree.query(flat, k=1, distance_upper_bound=radius)
     counts = np.isfinite(dist).reshape(nh, len(zall)).sum(axis=1)
     best = int(np.argmax(counts))
+    # a hypothesis puts its own triangle's three stars on reference stars by construction:
+    # only the other stars can match by chance
     density = len(verify_xy) / max(search_area, 1e-9)
-    expected = len(img_xy) * density * math.pi * radius**2
-    needed = max(min_matches, poisson_needed(expected, nh))
+    expected = max(len(img_xy) - 3, 0) * density * math.pi * radius**2
+    needed = max(min_matches, 3 + poisson_needed(expected, nh))
     match = PatternMatch(Similarity(complex(a[best]), complex(b[best]), bool(flip[best])),
                          int(counts[best]), float(expected), int(needed), nh)
     log.debug("pattern: %d hypotheses, best %d of %d (chance %.2f, need %d)", nh,

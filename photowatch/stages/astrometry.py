@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -640,8 +641,10 @@ def run_solve_field(x, y, *, shape, scale: float, centre: tuple[float, float],
         if not out.exists():
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
             return None, f"solve-field found no solution (exit {proc.returncode}) {tail[0]}"
-        header = fits.getheader(out)
-        wcs = WCS(header, relax=True)
+        with warnings.catch_warnings():  # a header-only file: "more axes than the image"
+            warnings.simplefilter("ignore")
+            header = fits.getheader(out)
+            wcs = WCS(header, relax=True)
         if not wcs.has_celestial:
             return None, "solve-field wrote no celestial WCS"
         return wcs.celestial, ""
@@ -713,6 +716,24 @@ def relative_reference(sources, wcs):
     return table
 
 
+def wcs_cards(wcs):
+    """FITS cards of a WCS with a CD matrix (as PhotoPipe, SCAMP and SWarp write it).
+
+    astropy writes PCi_j and CDELTi; the CD form is what older tools expect.
+    """
+    hdr = wcs.to_header(relax=True)
+    for key in ("DATE-OBS", "MJD-OBS", "DATEREF", "MJDREFI", "MJDREFF", "WCSNAME", "MJDREF"):
+        hdr.remove(key, ignore_missing=True)
+    cd = np.asarray(wcs.pixel_scale_matrix)
+    for key in ("PC1_1", "PC1_2", "PC2_1", "PC2_2", "CDELT1", "CDELT2"):
+        hdr.remove(key, ignore_missing=True)
+    for i in range(2):
+        for j in range(2):
+            hdr.insert("CRVAL1", (f"CD{i + 1}_{j + 1}", float(cd[i, j]),
+                                  "[deg/px] linear transformation matrix"))
+    return hdr
+
+
 def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: str) -> Frame:
     """A new frame whose header holds the solution (or the failure) of ``result``.
 
@@ -728,10 +749,7 @@ def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: 
     for key in ("ASTRMS", "ASTNSTAR", "ASTOFFS", "ASTREASN"):
         header.remove(key, ignore_missing=True)
     if result.wcs is not None and result.status != "failed":
-        wcs_header = result.wcs.to_header(relax=True)
-        for key in ("DATE-OBS", "MJD-OBS", "DATEREF", "MJDREFI", "MJDREFF", "WCSNAME"):
-            wcs_header.remove(key, ignore_missing=True)
-        header.update(wcs_header)
+        header.update(wcs_cards(result.wcs))
         set_key(header, "ASTRMS", float(result.rms_arcsec), "[arcsec] astrometric rms")
         set_key(header, "ASTNSTAR", int(result.nstar), "stars in the astrometric fit")
         set_key(header, "ASTOFFS", float(result.offset_arcsec),
@@ -797,4 +815,4 @@ def check_neighbours(result: AstrometryResult, previous_results, *, shape: tuple
 
 __all__ = ["AstrometryResult", "apply_astrometry", "check_neighbours", "initial_wcs",
            "radec_for", "relative_reference", "run_solve_field", "solve_astrometry",
-           "wcs_geometry"]
+           "wcs_cards", "wcs_geometry"]

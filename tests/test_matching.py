@@ -1,0 +1,209 @@
+"""The geometry of photowatch.matching: projection, triangle hash, verification, fitting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from photowatch.matching import (
+    Similarity,
+    deproject,
+    find_similarity,
+    fit_tan_sip,
+    match_nearest,
+    poisson_needed,
+    project,
+    refine,
+    shift_search,
+    triangles,
+)
+
+
+def _similar(xy, *, angle_deg, scale, flip, shift):
+    z = xy[:, 0] + 1j * xy[:, 1]
+    if flip:
+        z = np.conj(z)
+    w = scale * np.exp(1j * math.radians(angle_deg)) * z + complex(*shift)
+    return np.column_stack([w.real, w.imag])
+
+
+def test_projection_round_trip_and_astropy_tan():
+    from astropy.wcs import WCS
+
+    rng = np.random.default_rng(0)
+    ra0, dec0 = 313.2, 6.7
+    ra = ra0 + rng.uniform(-0.3, 0.3, 200)
+    dec = dec0 + rng.uniform(-0.3, 0.3, 200)
+    xi, eta = project(ra, dec, ra0, dec0)
+    ra2, dec2 = deproject(xi, eta, ra0, dec0)
+    assert np.allclose(ra2, ra, atol=1e-11) and np.allclose(dec2, dec, atol=1e-11)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra0, dec0]
+    w.wcs.crpix = [0, 0]
+    w.wcs.cd = np.eye(2)  # 1 deg per "pixel": pixel offsets are intermediate world coordinates
+    x, y = w.all_world2pix(ra, dec, 1)
+    assert np.allclose(x, xi, atol=1e-9) and np.allclose(y, eta, atol=1e-9)
+    # near the pole and across RA = 0
+    xi, eta = project([359.9, 0.1], [89.0, 89.0], 0.0, 89.5)
+    ra2, dec2 = deproject(xi, eta, 0.0, 89.5)
+    assert np.allclose(ra2, [359.9, 0.1]) and np.allclose(dec2, [89.0, 89.0])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("angle", [0.0, 37.0, 180.0, -101.0])
+def test_triangle_invariants_survive_rotation_scale_and_flip(angle, flip):
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 1000, (40, 2))
+    moved = _similar(xy, angle_deg=angle, scale=0.37, flip=flip, shift=(55.0, -12.0))
+    a = triangles(xy, k=5)
+    b = triangles(moved, k=5)
+    assert len(a) > 50
+    # the same vertex triples, in the same order, with the same invariants
+    key_a = {tuple(v): inv for v, inv in zip(a.vertices, a.invariants)}
+    key_b = {tuple(v): inv for v, inv in zip(b.vertices, b.invariants)}
+    assert key_a.keys() == key_b.keys()
+    for key, inv in key_a.items():
+        assert np.allclose(inv, key_b[key], atol=1e-9)
+    assert np.allclose(b.size, a.size * 0.37)
+    # a reflection reverses every triangle's orientation
+    sign = -1 if flip else 1
+    assert np.array_equal(np.sign(b.orientation), sign * np.sign(a.orientation))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_find_similarity_recovers_transform_with_missing_and_extra_stars(flip):
+    rng = np.random.default_rng(2)
+    # the reference field (arcsec): wider than the image by the pointing uncertainty; about
+    # 60 of its stars fall on the image (1000 x 1000 px at 0.4"/px)
+    sky = rng.uniform(-700, 700, (735, 2))
+    true = Similarity(a=0.4 * np.exp(1j * math.radians(123.0)), b=complex(40, -90), flip=flip)
+    z = (sky[:, 0] + 1j * sky[:, 1] - true.b) / true.a
+    if flip:
+        z = np.conj(z)
+    img = np.column_stack([z.real, z.imag])
+    img = img[(np.abs(img) < 500).all(axis=1)]
+    assert len(img) >= 50
+    # some catalogue stars are missing from the image, and it has some the catalogue lacks
+    img = img[rng.permutation(len(img))[: len(img) - 8]]
+    nreal = len(img)
+    img = np.vstack([img, rng.uniform(-500, 500, (8, 2))])
+    img += rng.normal(0, 0.05, img.shape)
+    match, why = find_similarity(img, sky, verify_xy=sky, scale=0.4 * 1.03,
+                                 scale_tolerance=0.05, max_offset=300, radius=3.0,
+                                 search_area=1400.0**2, min_matches=6)
+    assert match is not None, why
+    assert match.transform.flip == flip
+    assert abs(match.transform.scale / 0.4 - 1) < 1e-3
+    assert abs(match.transform.rotation_deg - 123.0) < 0.05
+    pred = match.transform.apply(img[:nreal])
+    assert len(match_nearest(pred, sky, 0.5)[0]) == nreal
+
+
+def test_find_similarity_refuses_unrelated_fields():
+    for seed in range(5):
+        rng = np.random.default_rng(100 + seed)
+        sky = rng.uniform(-700, 700, (300, 2))
+        img = rng.uniform(-500, 500, (60, 2))
+        match, why = find_similarity(img, sky[:150], verify_xy=sky, scale=0.4,
+                                     scale_tolerance=0.05, max_offset=300, radius=6.0,
+                                     search_area=1400.0**2, min_matches=6)
+        assert match is None
+        assert "no pattern match" in why or "no " in why
+
+
+def test_poisson_needed_grows_with_chance_and_trials():
+    assert poisson_needed(0.01, 1) == 2
+    assert poisson_needed(2.0, 1) < poisson_needed(2.0, 1000) < poisson_needed(5.0, 1000)
+    from scipy.stats import poisson
+
+    k = poisson_needed(3.0, 300)
+    assert poisson.sf(k - 1, 3.0) * 300 <= 1e-3 < poisson.sf(k - 2, 3.0) * 300
+
+
+def test_match_nearest_is_one_to_one():
+    a = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [np.nan, 1.0]])
+    b = np.array([[0.05, 0.0], [5.2, 5.0], [9.0, 9.0]])
+    ia, ib, d = match_nearest(a, b, 0.5)
+    assert sorted(zip(ia.tolist(), ib.tolist())) == [(0, 0), (2, 1)] or \
+        sorted(zip(ia.tolist(), ib.tolist())) == [(1, 0), (2, 1)]
+    assert len(set(ib.tolist())) == len(ib)
+    assert match_nearest(np.zeros((0, 2)), b, 1.0)[0].size == 0
+
+
+def test_shift_search_finds_offset_among_clutter():
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(0, 2000, (150, 2))
+    img = ref[:80] - np.array([37.3, -81.6]) + rng.normal(0, 0.1, (80, 2))
+    img = np.vstack([img, rng.uniform(0, 2000, (40, 2))])
+    shift, votes = shift_search(img, ref, max_shift=300, bin_size=3.0)
+    assert np.allclose(shift, [37.3, -81.6], atol=0.1)
+    assert votes >= 75
+
+
+def _true_wcs(n=1000, flip=False):
+    from astropy.wcs import WCS, Sip
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    w.wcs.crpix = [n / 2 + 3.3, n / 2 - 7.1]
+    w.wcs.crval = [150.0, -30.0]
+    s = 0.4 / 3600
+    sx = 1.0 if flip else -1.0
+    th = math.radians(20.0)
+    w.wcs.cd = [[sx * s * math.cos(th), s * math.sin(th)], [-sx * s * math.sin(th),
+                                                          s * math.cos(th)]]
+    a = np.zeros((4, 4))
+    b = np.zeros((4, 4))
+    a[2, 0], a[1, 1], a[3, 0], a[1, 2] = 4e-6, -2e-6, 4e-9, 4e-9
+    b[0, 2], b[2, 1], b[0, 3] = 3e-6, 4e-9, 4e-9
+    w.sip = Sip(a, b, None, None, w.wcs.crpix)
+    w.wcs.set()
+    return w
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_fit_tan_sip_recovers_distortion_exactly(flip):
+    n = 1000
+    w = _true_wcs(n, flip)
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(0, n - 1, (2, 300))
+    ra, dec = w.all_pix2world(x, y, 0)
+    fit = fit_tan_sip(x, y, ra, dec, crpix=(n / 2, n / 2), crval=(150.01, -29.99), degree=3,
+                      scale_px=n / 2, shape=(n, n))
+    sol = fit.solution.to_wcs()
+    assert sol.wcs.ctype[0] == "RA---TAN-SIP"
+    gx, gy = (v.ravel() for v in np.meshgrid(np.linspace(0, n - 1, 25), np.linspace(0, n - 1, 25)))
+    r1, d1 = w.all_pix2world(gx, gy, 0)
+    r2, d2 = sol.all_pix2world(gx, gy, 0)
+    err = np.hypot((r2 - r1) * np.cos(np.radians(d1)), d2 - d1) * 3600 / 0.4
+    assert err.max() < 1e-4  # pixels
+    bx, by = sol.all_world2pix(r1, d1, 0)  # the fitted inverse (AP, BP)
+    assert np.hypot(bx - gx, by - gy).max() < 2e-3
+    # the pure-python evaluation used while fitting agrees with astropy
+    r3, d3 = fit.solution.pix2world(gx, gy)
+    assert np.allclose(r3, r2, atol=1e-10) and np.allclose(d3, d2, atol=1e-10)
+
+
+def test_refine_rejects_outliers_and_lowers_degree_for_few_stars():
+    n = 1000
+    w = _true_wcs(n)
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(0, n - 1, (2, 25))
+    ra, dec = w.all_pix2world(x, y, 0)
+    ra_ref, dec_ref = ra.copy(), dec.copy()
+    ra_ref[:3] += 1.0 / 3600  # three catalogue positions off by 1"
+
+    def predict(px, py):  # a first guess off by 2" in declination
+        r, d = w.all_pix2world(px, py, 0)
+        return r, d + 2.0 / 3600
+
+    out = refine(x, y, ra_ref, dec_ref, predict=predict, crpix=(n / 2, n / 2),
+                 crval=(150.0, -30.0), degree=3, start_radius=6.0, match_radius=2.0,
+                 clip_sigma=3.0, scale_px=n / 2, shape=(n, n))
+    assert out.solution is not None
+    assert out.degree == 1  # 22 pairs constrain a linear fit only (5 pairs per term)
+    assert not set(out.img_index.tolist()) & {0, 1, 2}
+    assert len(out.img_index) == 22

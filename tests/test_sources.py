@@ -1,0 +1,162 @@
+"""Source extraction on synthetic frames with known stars."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from scipy.spatial import cKDTree
+from scipy.special import erf
+
+from photowatch.config import Sources
+from photowatch.frame import Frame, Mask
+from photowatch.sources import COLUMNS, SourceFlag, extract_sources
+
+SIGMA = 1.5  # px; FWHM 3.53 px
+SKY_VAR = 100.0  # e-^2 per pixel
+
+
+def gaussian_stars(shape, x, y, flux, sigma=SIGMA, half=12):
+    """Pixel-integrated circular Gaussians (exact), electrons."""
+    img = np.zeros(shape, np.float64)
+    ny, nx = shape
+    off = np.arange(-half, half + 1)
+    for xc, yc, f in zip(x, y, flux):
+        xi, yi = int(round(xc)), int(round(yc))
+        xs, ys = xi + off, yi + off
+        gx = 0.5 * (erf((xs + 0.5 - xc) / (np.sqrt(2) * sigma))
+                    - erf((xs - 0.5 - xc) / (np.sqrt(2) * sigma)))
+        gy = 0.5 * (erf((ys + 0.5 - yc) / (np.sqrt(2) * sigma))
+                    - erf((ys - 0.5 - yc) / (np.sqrt(2) * sigma)))
+        stamp = f * np.outer(gy, gx)
+        okx = (xs >= 0) & (xs < nx)
+        oky = (ys >= 0) & (ys < ny)
+        img[np.ix_(ys[oky], xs[okx])] += stamp[np.ix_(oky, okx)]
+    return img
+
+
+def make_frame(seed=0, n=512, nstars=120, mask=None, extra=None):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(20, n - 20, nstars)
+    y = rng.uniform(20, n - 20, nstars)
+    flux = 10 ** rng.uniform(3.3, 5.3, nstars)
+    model = gaussian_stars((n, n), x, y, flux)
+    if extra is not None:
+        model += extra
+    var = (SKY_VAR + model).astype(np.float32)
+    sci = (model + rng.standard_normal((n, n)) * np.sqrt(var)).astype(np.float32)
+    m = np.zeros((n, n), np.uint16) if mask is None else mask
+    return Frame(sci=sci, var=var, mask=m, header=fits.Header()), x, y, flux
+
+
+def _nearest(table, x, y):
+    d, i = cKDTree(np.column_stack([x, y])).query(np.column_stack([table["x"], table["y"]]))
+    return d, i
+
+
+def test_positions_fwhm_and_fluxes_of_isolated_stars():
+    frame, x, y, flux = make_frame()
+    out = extract_sources(frame, settings=Sources(), pixel_scale_arcsec=0.5)
+    t = out.table
+    assert set(COLUMNS) <= set(t.colnames)
+    assert len(t) >= 110
+    d, i = _nearest(t, x, y)
+    assert (d < 1).mean() > 0.95
+    # isolated stars: no other star within 12 px
+    nb = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), 2)[0][:, 1]
+    good = (d < 1) & (t["flags"] == 0) & (nb[i] > 12)
+    snr = np.asarray(t["snr"])
+    bright = good & (snr > 100)
+    # windowed centroids: a few hundredths of a pixel for bright stars, unbiased
+    dx = np.asarray(t["x"])[bright] - x[i[bright]]
+    dy = np.asarray(t["y"])[bright] - y[i[bright]]
+    assert np.sqrt(np.mean(dx**2 + dy**2)) < 0.03
+    assert abs(np.mean(dx)) < 0.01 and abs(np.mean(dy)) < 0.01
+    # FWHM of the pixel-integrated Gaussian (sigma^2 + 1/12)
+    true_fwhm = 2.3548 * np.sqrt(SIGMA**2 + 1 / 12)
+    assert out.fwhm_px == pytest.approx(true_fwhm, rel=0.03)
+    assert out.fwhm_arcsec == pytest.approx(0.5 * out.fwhm_px)
+    assert out.ellipticity < 0.05
+    # aperture-corrected total fluxes and their errors
+    ratio = np.asarray(t["flux"])[bright] / flux[i[bright]]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.01)
+    assert out.n_apcor >= 5 and out.aperture_correction == pytest.approx(1.0, abs=0.01)
+    pull = (np.asarray(t["flux_aper"])[good] * out.aperture_correction - flux[i[good]]) \
+        / np.asarray(t["fluxerr"])[good]
+    assert 0.7 < np.std(pull) < 1.5
+    assert np.allclose(t["mag"][good], -2.5 * np.log10(t["flux"][good]))
+    assert np.all(np.isnan(t["ra"])) and np.all(np.isnan(t["dec"]))
+    assert out.aperture_radius_px == pytest.approx(2.0 * out.fwhm_px)
+    assert t.meta["FWHM"] == pytest.approx(out.fwhm_arcsec)
+
+
+def test_flags_saturation_masks_cosmics_edges_and_hot_pixels():
+    n = 256
+    rng = np.random.default_rng(1)
+    mask = np.zeros((n, n), np.uint16)
+    # four bright test stars well apart, plus faint field stars
+    special = {"sat": (60.3, 60.7), "bad": (190.2, 60.1), "cr": (60.6, 190.4),
+               "clean": (190.5, 190.5), "edge": (2.2, 128.0)}
+    xs = np.array([p[0] for p in special.values()])
+    ys = np.array([p[1] for p in special.values()])
+    model = gaussian_stars((n, n), xs, ys, np.full(len(xs), 3e5))
+    mask[59:63, 59:63] |= int(Mask.SATURATED)
+    mask[62, 186] |= int(Mask.BAD)  # inside the aperture of "bad", off its core
+    mask[193, 62] |= int(Mask.COSMIC)
+    hot = np.zeros((n, n))
+    hot[128, 128] = 5e4  # a single hot pixel
+    var = (SKY_VAR + model + hot).astype(np.float32)
+    sci = (model + hot + rng.standard_normal((n, n)) * np.sqrt(var)).astype(np.float32)
+    frame = Frame(sci=sci, var=var, mask=mask, header=fits.Header())
+    t = extract_sources(frame, settings=Sources(), pixel_scale_arcsec=0.5).table
+
+    def row(px, py):
+        d = np.hypot(t["x"] - px, t["y"] - py)
+        assert d.min() < 1.0
+        return t[int(np.argmin(d))]
+
+    assert row(*special["sat"])["flags"] & SourceFlag.SATURATED
+    assert row(*special["bad"])["flags"] & SourceFlag.MASKED
+    assert not row(*special["bad"])["flags"] & SourceFlag.SATURATED
+    assert row(*special["cr"])["flags"] & SourceFlag.COSMIC
+    assert row(*special["edge"])["flags"] & SourceFlag.EDGE
+    assert row(*special["clean"])["flags"] == 0
+    assert row(*special["clean"])["stellar"]
+    hot_row = row(128, 128)
+    assert hot_row["flags"] & SourceFlag.SHARP and not hot_row["stellar"]
+
+
+def test_masked_pixels_are_not_detected_and_nan_is_survivable():
+    n = 200
+    blob = gaussian_stars((n, n), [100.0], [100.0], [1e6], sigma=3.0)
+    mask = np.zeros((n, n), np.uint16)
+    mask[80:120, 80:120] = Mask.NODATA
+    frame, *_ = make_frame(seed=2, n=n, nstars=10, mask=mask, extra=blob)
+    sci = frame.sci.copy()
+    sci[5, 5] = np.nan
+    var = frame.var.copy()
+    var[6, 6] = 0.0
+    frame = frame.replace(sci=sci, var=var)
+    t = extract_sources(frame, settings=Sources(), pixel_scale_arcsec=0.5).table
+    assert not np.any((np.abs(t["x"] - 100) < 15) & (np.abs(t["y"] - 100) < 15))
+    assert np.all(np.isfinite(t["x"]))
+
+
+def test_blank_frame_gives_an_empty_table():
+    rng = np.random.default_rng(3)
+    n = 128
+    var = np.full((n, n), SKY_VAR, np.float32)
+    sci = (rng.standard_normal((n, n)) * 10).astype(np.float32)
+    frame = Frame(sci=sci, var=var, mask=np.zeros((n, n), np.uint16), header=fits.Header())
+    out = extract_sources(frame, settings=Sources(detect_sigma=50.0), pixel_scale_arcsec=0.5)
+    assert len(out) == 0
+    assert set(COLUMNS) <= set(out.table.colnames)
+    assert np.isnan(out.fwhm_arcsec) and np.isnan(out.ellipticity)
+
+
+def test_max_sources_keeps_the_brightest():
+    frame, x, y, flux = make_frame(seed=4, nstars=150)
+    out = extract_sources(frame, settings=Sources(max_sources=20), pixel_scale_arcsec=0.5)
+    assert len(out) == 20
+    d, i = _nearest(out.table, x, y)
+    assert np.min(flux[i]) > np.percentile(flux, 70)
