@@ -51,12 +51,22 @@ class RunningMean:
 
     # ---------------------------------------------------------------- estimate
     def estimate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, variance of the mean, number of frames per pixel)."""
+        """(mean, variance of the mean, number of frames per pixel); cached until the next add.
+
+        The arrays are shared with the cache: do not modify them.
+        """
+        cached = getattr(self, "_estimate", None)
+        if cached is not None:
+            return cached
+        self._estimate = self._compute_estimate()
+        return self._estimate
+
+    def _compute_estimate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.sum is not None:
-            n = np.maximum(self.count, 1).astype(np.float32)
-            mean = self.sum / n
-            var = self.sumvar / (n * n)
-            return mean.astype(np.float32), var.astype(np.float32), self.count
+            inv = 1.0 / np.maximum(self.count, 1).astype(np.float32)
+            mean = self.sum * inv
+            var = self.sumvar * (inv * inv)
+            return mean, var, self.count
         if not self.pending:
             raise ValueError("no frame added yet")
         if len(self.pending) == 1:
@@ -70,10 +80,15 @@ class RunningMean:
         return mean, var, count
 
     # ---------------------------------------------------------------- compare
-    def deviation_fraction(self, data: np.ndarray, var: np.ndarray, nsigma: float) -> float:
-        """Fraction of pixels of ``data`` further than ``nsigma`` from the current estimate."""
+    def deviation_fraction(self, data: np.ndarray, var: np.ndarray, nsigma: float,
+                           stride: int = 1) -> float:
+        """Fraction of pixels of ``data`` further than ``nsigma`` from the current estimate.
+
+        ``stride`` > 1 tests every stride-th row (a whole-frame statistic needs no more).
+        """
         mean, mvar, _ = self.estimate()
-        dev = (data - mean) ** 2 > nsigma**2 * (var + mvar)
+        rows = slice(None, None, stride)
+        dev = (data[rows] - mean[rows]) ** 2 > nsigma**2 * (var[rows] + mvar[rows])
         return float(np.count_nonzero(dev)) / dev.size
 
     # ---------------------------------------------------------------- add
@@ -81,6 +96,8 @@ class RunningMean:
         """Add one frame (float32 data and variance, same shape as the others)."""
         data = np.asarray(data, dtype=np.float32)
         var = np.asarray(var, dtype=np.float32)
+        cached = getattr(self, "_estimate", None)
+        self._estimate = None
         if self.sum is None and len(self.pending) < N_START - 1:
             self.pending.append((data, var))
             self.nframes += 1
@@ -89,12 +106,12 @@ class RunningMean:
             self._start(data, var)
             self.nframes += 1
             return AddResult(0, 0.0)
-        n = np.maximum(self.count, 1).astype(np.float32)
-        mean = self.sum / n
-        mvar = self.sumvar / (n * n)
-        keep = (data - mean) ** 2 <= self.clip_sigma**2 * (var + mvar)
-        np.add(self.sum, np.where(keep, data, 0), out=self.sum)
-        np.add(self.sumvar, np.where(keep, var, 0), out=self.sumvar)
+        mean, mvar, _ = self._compute_estimate() if cached is None else cached
+        diff = data - mean
+        np.square(diff, out=diff)
+        keep = diff <= np.float32(self.clip_sigma**2) * (var + mvar)
+        np.add(self.sum, data, out=self.sum, where=keep)
+        np.add(self.sumvar, var, out=self.sumvar, where=keep)
         self.count += keep
         self.nframes += 1
         clipped = int(keep.size - np.count_nonzero(keep))
@@ -180,24 +197,34 @@ def clipped_median_stack(
         variances = np.empty_like(values)
         for i in range(n_inputs):
             values[i], variances[i] = read_rows(i, y0, y1)
-        keep = np.isfinite(values)
+        finite = np.isfinite(values)
+        keep = finite
+        med = _masked_median(values, keep)
         for _ in range(iterations):
-            masked = np.where(keep, values, np.nan)
-            med = np.nanmedian(masked, axis=0)
-            newkeep = np.isfinite(values) & (
-                (values - med) ** 2 <= clip_sigma**2 * variances * (1 + np.pi / 2 / n_inputs))
-            newkeep |= ~newkeep.any(axis=0)  # all rejected: fall back to every value
+            newkeep = finite & ((values - med) ** 2 <= clip_sigma**2 * variances
+                                * (1 + np.pi / 2 / n_inputs))
+            newkeep |= finite & ~newkeep.any(axis=0)  # all rejected: fall back to every value
             if np.array_equal(newkeep, keep):
                 break
             keep = newkeep
-        masked = np.where(keep, values, np.nan)
+            med = _masked_median(values, keep)
         n = keep.sum(axis=0)
-        out[y0:y1] = np.nanmedian(masked, axis=0)
+        out[y0:y1] = med
         nsafe = np.maximum(n, 1)
         eff = np.where(n > 2, np.pi / 2, 1.0)
         outvar[y0:y1] = eff * np.where(keep, variances, 0).sum(axis=0) / (nsafe * nsafe)
         count[y0:y1] = n
     return out, outvar, count
+
+
+def _masked_median(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per-pixel median over axis 0 of the kept values (a sort; NaN sorts last)."""
+    srt = np.sort(np.where(keep, values, np.nan), axis=0)
+    n = keep.sum(axis=0)
+    lo = np.maximum((n - 1) // 2, 0)[None]
+    hi = np.maximum(n // 2, 0)[None]
+    med = 0.5 * (np.take_along_axis(srt, lo, 0)[0] + np.take_along_axis(srt, hi, 0)[0])
+    return np.where(n > 0, med, np.nan).astype(np.float32)
 
 
 def robust_level(data: np.ndarray, mask: np.ndarray | None = None,

@@ -101,10 +101,9 @@ def judge(kind: str, info: FrameInfo, *, data: np.ndarray, var: np.ndarray,
         if mean.shape != data.shape:
             return Verdict(False, f"shape {data.shape} differs from the master's {mean.shape}",
                            levels)
-        diff = data - mean
-        step = max(1, diff.shape[0] // 512)
-        sub = diff[::step, ::step]
-        subvar = (var + mvar)[::step, ::step]
+        step = max(1, data.shape[0] // 512)
+        sub = data[::step, ::step] - mean[::step, ::step]
+        subvar = var[::step, ::step] + mvar[::step, ::step]
         ratio = float(np.median(np.abs(sub - np.median(sub)))) * 1.4826 / float(
             np.sqrt(np.median(subvar)))
         levels["noise_ratio"] = ratio
@@ -112,7 +111,8 @@ def judge(kind: str, info: FrameInfo, *, data: np.ndarray, var: np.ndarray,
             return Verdict(False, f"noise {ratio:.2f} x the expected read noise "
                                   f"(limit {settings.bias_noise_factor:g})", levels)
         if running.nframes >= 3:
-            frac = running.deviation_fraction(data, var, settings.outlier_sigma)
+            frac = running.deviation_fraction(data, var, settings.outlier_sigma,
+                                              stride=max(1, data.shape[0] // 512))
             levels["outlier_fraction"] = frac
             if frac > settings.outlier_fraction:
                 return Verdict(False, f"{100 * frac:.1f} % of pixels differ from the current "

@@ -150,6 +150,12 @@ def _link_current(version_path: Path, current: Path) -> None:
     os.replace(tmp, current)
 
 
+def _rows_from(path: Path, width: int, y0: int, y1: int) -> np.ndarray:
+    """Rows y0:y1 of a raw float32 image file of ``width`` columns (a seek, no memory map)."""
+    return np.fromfile(path, dtype=np.float32, count=(y1 - y0) * width,
+                       offset=y0 * width * 4).reshape(y1 - y0, width)
+
+
 class MasterBook:
     """Masters of an output directory: updates, selection, bad-pixel masks, final rebuild."""
 
@@ -166,6 +172,8 @@ class MasterBook:
         self._images = _LRU(8)
         self._images_guard = threading.Lock()
         self._bpms = _LRU(4)
+        #: accumulators in memory, by state file: (mtime, RunningMean, meta)
+        self._states = _LRU(8)
         self._library: list[Candidate] | None = None
 
     # ------------------------------------------------------------------ locking
@@ -296,16 +304,25 @@ class MasterBook:
         return self.root / key.night / ".state" / f"{key.slug(long=True)}.npz"
 
     def _load_state(self, key: MasterKey) -> tuple[RunningMean | None, dict]:
+        """The accumulator of a key: from memory if the file has not changed since, else read."""
         path = self._state_path(key)
         if not path.exists():
             return None, {"inputs": [], "levels": [], "times": []}
+        stamp = path.stat().st_mtime_ns
+        cached = self._states.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1], json.loads(json.dumps(cached[2]))
         with np.load(path, allow_pickle=False) as z:
             state = {k: z[k] for k in z.files}
         meta = json.loads(str(state.pop("meta")))
-        return RunningMean.from_state(state), meta
+        acc = RunningMean.from_state(state)
+        self._states[path] = (stamp, acc, meta)
+        return acc, json.loads(json.dumps(meta))
 
     def _save_state(self, key: MasterKey, acc: RunningMean, meta: dict) -> None:
-        save_npz(self._state_path(key), meta=np.array(json.dumps(meta)), **acc.state())
+        path = self._state_path(key)
+        save_npz(path, meta=np.array(json.dumps(meta)), **acc.state())
+        self._states[path] = (path.stat().st_mtime_ns, acc, json.loads(json.dumps(meta)))
 
     def _next_version(self, key: MasterKey) -> int:
         row = self.store.conn.execute(
@@ -333,6 +350,16 @@ class MasterBook:
     def _publish(self, key: MasterKey, version: int, data, var, count, inputs: list[int],
                  final: bool, method: str, obs_time: str | None,
                  frame_updates: dict | None = None, stats: dict | None = None) -> Candidate:
+        # choosing a name and recording it happen under one lock per name family, so two keys
+        # of one kind and camera (another binning or readout) never both take the plain name
+        names_lock = self.lock(f"names-{key.kind}-{key.camera}-{safe_name(key.filter or '_')}-"
+                               f"{safe_name(key.target or '_')}", key.night)
+        with names_lock:
+            return self._publish_locked(key, version, data, var, count, inputs, final, method,
+                                        obs_time, frame_updates, stats)
+
+    def _publish_locked(self, key, version, data, var, count, inputs, final, method, obs_time,
+                        frame_updates, stats) -> Candidate:
         current, versioned = self._master_paths(key, version)
         ninputs = len(inputs)
         provisional = (not final) and ninputs < self.cal.min_inputs
@@ -503,21 +530,20 @@ class MasterBook:
                                       settings=self.settings.stages.prepare)
                     data, var, _ = self.calibration_data(key.kind, el, info, deps)
                     shape = data.shape
-                    dpath, vpath = scratch_dir / f"{fid}.data.npy", scratch_dir / f"{fid}.var.npy"
-                    np.save(dpath, data.astype(np.float32))
-                    np.save(vpath, var.astype(np.float32))
+                    dpath, vpath = scratch_dir / f"{fid}.data.f32", scratch_dir / f"{fid}.var.f32"
+                    data.astype(np.float32).tofile(dpath)
+                    var.astype(np.float32).tofile(vpath)
                     files.append((dpath, vpath))
                     if progress:
                         progress(f"{key.slug()} input {len(files)}/{len(inputs)}")
-                maps = [(np.load(d, mmap_mode="r"), np.load(v, mmap_mode="r")) for d, v in files]
-
                 def read_rows(i, y0, y1):
-                    return np.asarray(maps[i][0][y0:y1]), np.asarray(maps[i][1][y0:y1])
+                    width = shape[1]
+                    return (_rows_from(files[i][0], width, y0, y1),
+                            _rows_from(files[i][1], width, y0, y1))
 
                 data, var, count = clipped_median_stack(
                     len(files), shape, read_rows, clip_sigma=self.cal.final_clip_sigma,
                     chunk_rows=self.cal.final_chunk_rows)
-                maps.clear()  # release the memory maps before the files go
                 if key.kind == "flat":
                     norm, _ = robust_level(data)
                     data = data / np.float32(norm)

@@ -167,10 +167,11 @@ def test_bad_calibration_input(tmp_path, calib_night):
         h[0].header["CCDSUM"] = "2 2"
         h[0].header["DATE-OBS"] = "2020-01-29T01:59:00.000"
         h.writeto(odd)
+    # the other readout's bias comes last: the night's first key keeps the plain name
     odd_bias = raw / "odd_bias.fits"
     with fits.open(src[0].path) as h:
         h[0].header["RDMODE"] = "FAST"
-        h[0].header["DATE-OBS"] = "2020-01-29T01:58:00.000"
+        h[0].header["DATE-OBS"] = "2020-01-29T02:30:00.000"
         h.writeto(odd_bias)
     engine = run_engine([*files, odd, odd_bias], tmp_path / "out")
     rows = {r["raw_name"]: r for r in engine.store.frames()}
@@ -182,6 +183,8 @@ def test_bad_calibration_input(tmp_path, calib_night):
     assert sorted(m["readout"] for m in biases) == ["", "FAST"]
     main = [m for m in biases if m["readout"] == ""][0]
     assert Path(main["path"]).name.startswith("bias_C0_v")
+    fast = [m for m in biases if m["readout"] == "FAST"][0]
+    assert Path(fast["path"]).name.startswith("bias_C0_4x4_FAST_v")
 
 
 @pytest.mark.skipif(not RATIR.is_dir(), reason="shared RATIR data not present")
