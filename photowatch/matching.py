@@ -388,14 +388,21 @@ def _design(u: np.ndarray, v: np.ndarray, terms) -> np.ndarray:
 
 
 def _lstsq(design: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Least squares by complete orthogonal factorisation (LAPACK gelsy).
+    """Least squares by the normal equations, columns scaled to unit norm.
 
-    numpy's SVD-based lstsq is two orders of magnitude slower here for these
-    tall, thin systems with some OpenBLAS builds.
+    The systems here are tall and thin (stars x at most 21 terms, pixel
+    offsets normalised to about 1), so the normal equations are well
+    conditioned; LAPACK's factorisations of the tall matrix (gelsd, gelsy, QR)
+    were 100 times slower with some OpenBLAS builds on a busy machine. An
+    ill-conditioned system falls back to SVD.
     """
-    from scipy.linalg import lstsq
-
-    return lstsq(design, rhs, lapack_driver="gelsy", check_finite=False)[0]
+    norm = np.sqrt((design**2).sum(axis=0))
+    norm[norm == 0] = 1.0
+    a = design / norm
+    ata = a.T @ a
+    if np.linalg.cond(ata) > 1e12:
+        return np.linalg.lstsq(design, rhs, rcond=None)[0]
+    return np.linalg.solve(ata, a.T @ rhs) / norm[:, None]
 
 
 def nterms(degree: int) -> int:

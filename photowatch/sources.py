@@ -204,8 +204,13 @@ def _half_max_fwhm(data: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) ->
     return fwhm, peak
 
 
-def _mask_bits(mask: np.ndarray, x, y, r: float) -> np.ndarray:
-    """OR of the mask bits of the pixels whose centre lies within ``r`` of each source."""
+def _mask_bits(mask: np.ndarray | None, x, y, r: float) -> np.ndarray:
+    """OR of the mask bits of the pixels whose centre lies within ``r`` of each source.
+
+    ``mask=None`` stands for a mask without any bit set.
+    """
+    if mask is None:
+        return np.zeros(len(x), dtype=np.uint16)
     half = int(np.ceil(r)) + 1
     xi = np.rint(x).astype(np.intp)
     yi = np.rint(y).astype(np.intp)
@@ -301,7 +306,8 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
         bad = ~np.isfinite(data) | ~(var > 0) | ~np.isfinite(var)
         if not bad.any():
             bad = None
-    if mask16.any():
+    has_mask = bool(mask16.any())
+    if has_mask:
         detect_mask = (mask16 & _DETECT_MASKED) != 0
         phot_mask = (mask16 & _PHOT_MASKED) != 0
     else:
@@ -335,18 +341,21 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     b = objects["b"].astype(np.float64)
     sepflags = objects["flag"].astype(np.int16)
 
-    # a first size scale from the isophotal moments of the brighter objects
-    bright = objects["flux"] > np.percentile(objects["flux"], 50)
-    sig_iso = float(np.median(np.sqrt(a[bright] * b[bright]))) if bright.any() else 1.5
+    # a first FWHM from the brightest few hundred objects that are not single pixels
+    bright = np.argsort(-objects["flux"])[:400]
+    sig_iso = float(np.median(np.sqrt(a[bright] * b[bright])))
     half = int(np.clip(np.ceil(2.0 * GAUSS_FWHM * sig_iso) + 2, 4, 25))
-    fwhm0, _ = _half_max_fwhm(data, x0, y0, half)
-    med0 = np.nanmedian(fwhm0) if np.isfinite(fwhm0).any() else GAUSS_FWHM * sig_iso
+    fwhm0, _ = _half_max_fwhm(data, x0[bright], y0[bright], half)
+    starlike = fwhm0 >= MIN_STAR_FWHM_PX
+    med0 = float(np.median(fwhm0[starlike])) if starlike.any() else GAUSS_FWHM * max(sig_iso, 1)
+    size_ref = float(np.median(np.sqrt(a[bright][starlike] * b[bright][starlike]))) \
+        if starlike.any() else sig_iso
 
-    # windowed centroids (SExtractor XWIN/YWIN) with a per-source window
+    # windowed centroids (SExtractor XWIN/YWIN): the stellar window, wider for extended objects
     import sep
 
-    fw = np.where(np.isfinite(fwhm0), fwhm0, med0)
-    sig = np.clip(fw, 1.0 * med0, 2.0 * med0) / GAUSS_FWHM
+    grow = np.clip(np.sqrt(a * b) / max(size_ref, 1e-3), 1.0, 2.0)
+    sig = grow * med0 / GAUSS_FWHM
     xw, yw, wflag = sep.winpos(data, x0, y0, sig, mask=detect_mask, subpix=0)
     moved = np.hypot(xw - x0, yw - y0)
     # masked or edge-truncated windows still give a centroid (those bits are not failures)
@@ -360,7 +369,8 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     snr0 = objects["flux"] / (sky_err * np.sqrt(np.maximum(objects["npix"], 1)))
 
     # stellar selection: unflagged, bright enough, FWHM near the mode
-    bits_core = _mask_bits(mask16, x, y, max(2.0 * med0, 2.0))
+    any_bits = mask16 if has_mask else None
+    bits_core = _mask_bits(any_bits, x, y, max(2.0 * med0, 2.0))
     clean = ((bits_core & int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT)) == 0) & (
         (sepflags & (sep.OBJ_MERGED | sep.OBJ_TRUNC)) == 0
     ) & ~failed
@@ -381,7 +391,7 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     r_ap = settings.aperture_fwhm * (fwhm_med if np.isfinite(fwhm_med) else GAUSS_FWHM * 1.5)
     flux_ap, ferr_ap, aflag = sep.sum_circle(data, x, y, r_ap, var=var, mask=phot_mask,
                                              subpix=5)
-    bits = _mask_bits(mask16, x, y, r_ap)
+    bits = _mask_bits(any_bits, x, y, r_ap)
     flags = np.zeros(n, dtype=np.int16)
     flags |= np.where(bits & int(Mask.SATURATED), int(SourceFlag.SATURATED), 0).astype(np.int16)
     masked = (bits & int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)) != 0
