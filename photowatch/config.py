@@ -198,6 +198,13 @@ class Coadd(Section):
     chunk_rows: Annotated[int, Field(ge=8)] = 256
     quicklook_png: bool = True
     detect_sigma: PositiveFloat = 3.0
+    #: final coadd: tolerance for seeing differences, a fraction of the pixel level added
+    #: in quadrature to the noise before clipping (SWarp's CLIP_AMPFRAC)
+    clip_amp_frac: Fraction = 0.3
+    #: final coadd: also reject neighbours (within N px) of a rejected value above clip/2
+    clip_grow_px: Annotated[int, Field(ge=0, le=5)] = 1
+    #: catalogues of several filters of a target are merged within this radius
+    merge_radius_arcsec: PositiveFloat = 1.0
 
 
 class Daemon(Section):
