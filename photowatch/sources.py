@@ -383,12 +383,12 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     if np.isfinite(fwhm_med):
         sharp |= fwhm < 0.5 * fwhm_med
     stellar = candidates & keep
-    if not np.isfinite(fwhm_med):
-        fwhm_med = float(med0) if np.isfinite(med0) else float("nan")
+    # without stars the frame has no FWHM (NaN), but apertures still need a size
+    fwhm_use = fwhm_med if np.isfinite(fwhm_med) else float(med0)
     ell_med = float(np.median(ellipticity[stellar])) if stellar.any() else float("nan")
 
     # aperture photometry
-    r_ap = settings.aperture_fwhm * (fwhm_med if np.isfinite(fwhm_med) else GAUSS_FWHM * 1.5)
+    r_ap = settings.aperture_fwhm * fwhm_use
     flux_ap, ferr_ap, aflag = sep.sum_circle(data, x, y, r_ap, var=var, mask=phot_mask,
                                              subpix=5)
     bits = _mask_bits(any_bits, x, y, r_ap)
@@ -411,7 +411,7 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     stellar &= flags == 0
 
     # aperture correction from bright, isolated, unflagged stellar sources
-    r_big = settings.apcor_radius_fwhm * fwhm_med if np.isfinite(fwhm_med) else 2.5 * r_ap
+    r_big = settings.apcor_radius_fwhm * fwhm_use
     r_big = max(r_big, r_ap)
     apcor, apcor_err, n_apcor = 1.0, 0.0, 0
     snr_ap = np.where(ferr_ap > 0, flux_ap / np.where(ferr_ap > 0, ferr_ap, 1), 0)

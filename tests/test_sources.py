@@ -160,3 +160,17 @@ def test_max_sources_keeps_the_brightest():
     assert len(out) == 20
     d, i = _nearest(out.table, x, y)
     assert np.min(flux[i]) > np.percentile(flux, 70)
+
+
+def test_hot_pixels_alone_give_no_fwhm():
+    rng = np.random.default_rng(5)
+    n = 256
+    sci = (rng.standard_normal((n, n)) * 10).astype(np.float32)
+    iy, ix = rng.integers(5, n - 5, (2, 30))
+    sci[iy, ix] += 2000
+    frame = Frame(sci=sci, var=np.full((n, n), SKY_VAR, np.float32),
+                  mask=np.zeros((n, n), np.uint16), header=fits.Header())
+    out = extract_sources(frame, settings=Sources(), pixel_scale_arcsec=0.5)
+    assert len(out) >= 25
+    assert np.all(out.table["flags"] & SourceFlag.SHARP)
+    assert out.n_stellar == 0 and np.isnan(out.fwhm_arcsec) and "FWHM" not in out.table.meta
