@@ -65,7 +65,7 @@ COADD_EXTENSIONS = ("SCI", "WHT", "EXP", "NCOV", "MEMBERS")
 _WORLD2PIX_TOL = 1e-7
 #: output rows per strip in :func:`resample` (bounds temporary memory)
 _STRIP_ROWS = 256
-#: values per column block of the final rejection (bounds its temporaries: ~16 MB each)
+#: values per row block of the final rejection (bounds its temporaries: ~16 MB each)
 _BLOCK_ELEMENTS = 1 << 22
 #: orders of :func:`scipy.ndimage.map_coordinates` for each interpolation
 _ORDERS = {"bilinear": 1, "cubic": 3}
@@ -424,11 +424,14 @@ class _Source:
         coords = np.empty((2,) + yin.shape)
         np.subtract(yin, self.row0, out=coords[0])
         coords[1] = xin
-        ndimage.map_coordinates(self.sci, coords, output=data_out, order=order,
-                                mode="constant", cval=0.0, prefilter=False)
+        # the boundary mode only matters outside the image, where pixels are not good
+        # anyway; cubic uses the prefilter's own mode
+        mode = "constant" if order == 1 else "mirror"
+        ndimage.map_coordinates(self.sci, coords, output=data_out, order=order, mode=mode,
+                                cval=0.0, prefilter=False)
         if var_out is not None:
-            ndimage.map_coordinates(self.var, coords, output=var_out, order=order,
-                                    mode="constant", cval=0.0, prefilter=False)
+            ndimage.map_coordinates(self.var, coords, output=var_out, order=order, mode=mode,
+                                    cval=0.0, prefilter=False)
         # floor indices into the padded footprint map (non-negative after the shift, so a
         # cast truncates like floor); out-of-image windows land on the masked border
         fny, fnx = self.footprint.shape
@@ -697,8 +700,10 @@ class Accumulator:
         """Subtract a member's contribution, using the scalars it was added with.
 
         ``resampled`` must be the same resampling that was added (same frame,
-        WCS, grid and settings); the sums then return to their previous values
-        to float64 round-off (exactly zero where no frame is left).
+        WCS, grid and settings: :func:`resample` is deterministic, so after a
+        restart resampling the old product again gives it back); the sums then
+        return to their previous values to float64 round-off (exactly zero
+        where no frame is left).
         """
         try:
             member = self._members[member_id]
@@ -1026,8 +1031,10 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
         Rejection threshold, in units of each value's expected noise.
     chunk_rows : int
         Output rows per chunk. Peak memory is about
-        ``len(members) * (chunk_rows + 2 * grow_px) * nx * 10`` bytes plus the
-        output planes (14 bytes per grid pixel).
+        ``len(members) * (chunk_rows + 2 * grow_px) * nx * 9`` bytes (the stacked
+        data, variance and good flags of one chunk), plus the output planes (14
+        bytes per grid pixel), plus each member's mapping spline (about 7 MB for
+        a 4k frame at ``step_px`` 64), plus a few 16 MB temporaries per thread.
     magzp : float or None
         Zero point of the photometric reference, written as MAGZP.
     header_extra : mapping, optional
@@ -1051,8 +1058,8 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
 
     Notes
     -----
-    Inputs are read with memory mapping, row range by row range, so memory
-    does not grow with the frame size beyond one chunk per member. The
+    Inputs are read row range by row range (FITS sections, no memory map), so
+    only the rows a chunk needs are in memory. The
     rejection compares with the per-pixel median first (robust with 3 or
     more frames); with exactly 2 frames at a pixel the higher of two
     discordant values is rejected. A pixel's value is kept only if it is

@@ -494,11 +494,13 @@ def test_final_without_outliers_matches_the_quicklook(field, quicklook, tmp_path
     assert loaded.members == quicklook.members
 
 
-def test_final_chunked_equals_unchunked(field, tmp_path):
+@pytest.mark.parametrize("interpolation", ["bilinear", "cubic"])
+def test_final_chunked_equals_unchunked(field, tmp_path, interpolation):
     members, _ = write_products(field, tmp_path, trail_frame=1, unflagged_cr_frames=(4,))
-    a = final_coadd(members, field.grid, tmp_path / "a.fits", **final_kwargs(chunk_rows=8))
+    a = final_coadd(members, field.grid, tmp_path / "a.fits",
+                    **final_kwargs(chunk_rows=8, interpolation=interpolation))
     b = final_coadd(members, field.grid, tmp_path / "b.fits",
-                    **final_kwargs(chunk_rows=10_000, workers=1))
+                    **final_kwargs(chunk_rows=10_000, workers=1, interpolation=interpolation))
     fa, _ = read_coadd(a)
     fb, _ = read_coadd(b)
     for name in ("SCI", "WHT", "EXP"):
