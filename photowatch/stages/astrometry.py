@@ -474,8 +474,7 @@ def _warm(prob: _Problem, previous, settings: Astrometry) -> tuple[Refined | Non
     return (ref, "") if not why else (None, f"warm start: {why}")
 
 
-def _result(prob: _Problem, ref: Refined, wcs_guess, *, status: str, method: str,
-            sources, reference) -> AstrometryResult:
+def _result(prob: _Problem, ref: Refined, *, status: str, method: str) -> AstrometryResult:
     from astropy.table import Table
 
     wcs = ref.solution.to_wcs()
@@ -561,13 +560,11 @@ def solve_astrometry(sources, *, shape: tuple[int, int], wcs_guess, reference,
     if previous is not None:
         ref, why = _warm(prob, previous, settings)
         if ref is not None:
-            return _result(prob, ref, wcs_guess, status=status, method="warm", sources=sources,
-                           reference=reference)
+            return _result(prob, ref, status=status, method="warm")
         reasons.append(why)
     ref, why = _pattern(prob, settings)
     if ref is not None:
-        return _result(prob, ref, wcs_guess, status=status, method="pattern", sources=sources,
-                       reference=reference)
+        return _result(prob, ref, status=status, method="pattern")
     reasons.append(why)
     if settings.solve_field and shutil.which("solve-field"):
         sf_wcs, sf_why = run_solve_field(prob.x, prob.y, shape=shape, scale=prob.scale,
@@ -581,8 +578,7 @@ def solve_astrometry(sources, *, shape: tuple[int, int], wcs_guess, reference,
             ref = _refine(prob, predict, settings, 3 * settings.match_radius_arcsec)
             why = _accept(prob, ref, settings)
             if not why:
-                return _result(prob, ref, wcs_guess, status=status, method="solve-field",
-                               sources=sources, reference=reference)
+                return _result(prob, ref, status=status, method="solve-field")
             reasons.append(f"solve-field: {why}")
         else:
             reasons.append(f"solve-field: {sf_why}")
