@@ -754,7 +754,7 @@ nav {{ margin-top: 8px; font-size: 14px; }} nav a {{ margin-right: 14px; }}
 .card .k {{ color: {MUTED}; font-size: 13px; text-transform: uppercase; letter-spacing: .5px; }}
 .card .v {{ font-size: 26px; font-weight: 650; font-variant-numeric: tabular-nums; }}
 .card .s {{ color: {MUTED}; font-size: 13px; }}
-.card.bad {{ border-color: {BAD}; }} .card.bad .v {{ color: {BAD}; }}
+.card.bad {{ border-color: {BAD}; }} .card.bad .v, .card.bad .v a {{ color: {BAD}; }}
 .card.warn {{ border-color: {WARN}; }} .card.warn .v {{ color: {WARN}; }}
 .card.good .v {{ color: {GOOD}; }}
 table {{ border-collapse: collapse; font-size: 13.5px; font-variant-numeric: tabular-nums; }}
@@ -764,6 +764,8 @@ th {{ color: {MUTED}; font-weight: 600; background: {PANEL}; white-space: nowrap
 table.sortable th {{ cursor: pointer; }} table.sortable th:hover {{ color: {TEXT}; }}
 td.n, th.n {{ text-align: right; }} td.dim {{ color: {MUTED}; }}
 td.reason {{ max-width: 380px; min-width: 200px; white-space: normal; color: #ffd0c8; }}
+td.reason details {{ padding: 2px 6px; margin: 4px 0 0; max-width: 560px; }}
+td.reason pre {{ white-space: pre-wrap; font-size: 11.5px; }}
 tr.rejected td {{ background: rgba(255,107,107,.13); }}
 tr.rejected td:first-child {{ box-shadow: inset 3px 0 {BAD}; }}
 tr.quarantined td {{ background: rgba(243,183,79,.15); }}
@@ -981,6 +983,22 @@ def _filter_table(facts: dict) -> str:
             "(of all frames of the filter when none was stacked)</p>")
 
 
+def _message(text: str | None, limit: int = 240) -> str:
+    """One readable line of a message; a traceback or a long text is folded below it."""
+    if not text:
+        return ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if text.lstrip().startswith("Traceback"):
+        head = lines[-1]  # the exception line
+    else:
+        head = lines[0]
+    short = head if len(head) <= limit else head[: limit - 1] + "…"
+    if short == text.strip():
+        return _e(short)
+    return (f"{_e(short)}<details><summary class='muted' style='font-weight:400'>full text"
+            f"</summary><pre>{_e(text.strip())}</pre></details>")
+
+
 def _other_events(facts: dict) -> list[dict]:
     """Warning/error events that are not a frame's state change (those are listed by frame)."""
     return [e for e in facts["errors"] if e["level"] == "error" or not e["state_to"]]
@@ -1016,7 +1034,8 @@ def _problems(facts: dict) -> str:
                 f"<td class='{cls}'>{_e(e['level'])}</td><td>{_e(e['file'])}</td>"
                 f"<td>{_e(e['event'])}{' / ' + _e(e['stage']) if e['stage'] else ''}"
                 f"{' <span class=muted>' + _e(e['error_class']) + '</span>' if e['error_class'] else ''}"
-                f"</td><td class='reason'>{_e(e['message'])}</td><td>{_e(e['action'])}</td></tr>")
+                f"</td><td class='reason'>{_message(e['message'])}</td>"
+                f"<td>{_e(e['action'])}</td></tr>")
         parts.append("<h3>Last errors and warnings</h3><div class='scroll'><table><thead><tr>"
                      "<th>time (UTC)</th><th>level</th><th>file</th><th>event</th>"
                      "<th>message</th><th>action</th></tr></thead><tbody>" + "".join(rows)
@@ -1053,7 +1072,7 @@ def _frame_table(facts: dict, links: _Links) -> str:
             f"<td title='{_e(f['name'])}'>{_e(f['file'])}</td><td>{_e(f['type'])}</td>"
             f"<td>{_dot(colours.get(f['filter']))}{_e(f['filter'])}</td><td>{_e(f['target'])}</td>"
             f"{num('exptime', 1)}<td><span class='st {state_cls}'>{_e(f['state'])}</span>"
-            f"{tags}</td><td class='reason'>{_e(f['reason'])}</td>"
+            f"{tags}</td><td class='reason'>{_message(f['reason'])}</td>"
             f"{num('fwhm_arcsec')}{num('zp', 3)}{num('sky_e_per_s', 1)}{num('ellipticity')}"
             f"{num('astrms_arcsec', 3)}"
             f"<td class='n' data-v='{'' if f['latency_s'] is None else f['latency_s']}'>"

@@ -125,6 +125,9 @@ def build_night(out: Path) -> Store:
     store.event("stage_failed", frame_id=bias[0], file="raw.0001.fits", level="error",
                 stage="astrometry", error_class="StageFailed", message="no stars found",
                 action="no WCS")
+    store.event("bug", frame_id=bias[1], file="raw.0002.fits", level="error", action="retried",
+                message="Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+                        "KeyError: 'dec'")
     return store
 
 
@@ -194,8 +197,9 @@ def test_report_files_links_and_thumbnails(night):
     assert "QUICK-LOOK" in text and "FINAL" not in text
     assert "http-equiv" in index.read_text()  # a quick-look page reloads itself
     for needle in ("too faint: median 800 ADU", "focus frame", "not a FITS file",
-                   "no stars found", "FWHM 4.8"):
+                   "no stars found", "FWHM 4.8", "KeyError: 'dec'"):
         assert needle in text, needle
+    assert "details" in page.tags  # the traceback is folded under its last line
     img = folder / "img"
     for name in ("master_bias_C0_4x4_thumb.png", "master_bias_C0_4x4.png",
                  "coadd_M1_SDSS-R_thumb.png", "coadd_M1_SDSS-R.png",
