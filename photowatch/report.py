@@ -974,11 +974,12 @@ def _filter_table(facts: dict) -> str:
             f"<td class='n'>{_fmt(_median(f.get('sky_e_per_s') for f in use), 1)}</td>"
             f"<td class='n'>{_fmt(_median(f.get('ellipticity') for f in use))}</td>"
             f"<td class='n'>{sum(f.get('exptime') or 0 for f in ok) / 60:.1f}</td></tr>")
-    return ("<table><thead><tr><th>filter</th><th class='n'>frames</th><th class='n'>stacked</th>"
+    return ("<div class='scroll'><table><thead><tr><th>filter</th><th class='n'>frames</th>"
+            "<th class='n'>stacked</th>"
             "<th class='n'>not stacked</th><th class='n'>FWHM (″)</th><th class='n'>MAGZP</th>"
             "<th class='n'>ZP 1 s</th><th class='n'>sky (e⁻/s)</th><th class='n'>ellipticity</th>"
             "<th class='n'>stacked exp. (min)</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
             "<p class='muted' style='font-size:13px;margin:4px 0'>medians of stacked frames "
             "(of all frames of the filter when none was stacked)</p>")
 
