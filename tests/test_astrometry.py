@@ -444,13 +444,16 @@ def ratir_frames():
 
 
 def test_ratir_frames_register_to_the_first_of_their_pointing(ratir_frames):
-    """Relative mode on real frames: two pointings (the telescope alternated between the ZJ and
-    YH apertures, STRAPRAO, although STRRQAP always says ZJcenter); each frame registers to the
-    first frame of its pointing, checked against an FFT cross-correlation of the images."""
+    """Relative mode on real frames: two pointings 5.4' apart (the telescope alternated
+    between the ZJ and YH apertures, STRRQAP); each frame registers to the first frame of its
+    pointing, checked against an FFT cross-correlation of the images."""
     groups: dict = {}
     for item in ratir_frames:
-        groups.setdefault(round(item[2]["STRAPRAO"], 4), []).append(item)
-    assert len(groups) == 2
+        groups.setdefault(item[2]["STRRQAP"], []).append(item)
+    assert sorted(groups) == ["YHcenter", "ZJcenter"]
+    # the initial WCS puts the two pointings 5.4' apart (aperture offsets 2.2' and -3.2' E)
+    (ra1, dec1), (ra2, dec2) = (groups[k][0][4].wcs.crval for k in ("ZJcenter", "YHcenter"))
+    assert (ra2 - ra1) * math.cos(math.radians(dec1)) * 60 == pytest.approx(5.4, abs=0.01)
     settings = Astrometry()
     report = []
     for items in groups.values():
@@ -486,8 +489,8 @@ def test_ratir_frames_register_to_the_first_of_their_pointing(ratir_frames):
 def test_ratir_frames_of_the_other_pointing_do_not_register(ratir_frames):
     """The two pointings do not overlap: no solution rather than a wrong one (hot pixels of
     the same detector would match each other at zero shift if they were not flagged)."""
-    zj = [i for i in ratir_frames if i[2]["STRAPRAO"] < 0]
-    yh = [i for i in ratir_frames if i[2]["STRAPRAO"] > 0]
+    zj = [i for i in ratir_frames if i[2]["STRRQAP"] == "ZJcenter"]
+    yh = [i for i in ratir_frames if i[2]["STRRQAP"] == "YHcenter"]
     reference = relative_reference(zj[0][3].table, zj[0][4])
     for frame, info, _, src, wcs in yh[:3]:
         res = solve_astrometry(src.table, shape=frame.shape, wcs_guess=wcs, reference=reference,

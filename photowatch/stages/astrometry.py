@@ -205,8 +205,10 @@ def initial_wcs(info: FrameInfo, profile: Profile, shape: tuple[int, int], heade
         the field centre: the pointing minus the aperture offset (east, north,
         applied on the tangent plane; PhotoPipe subtracts the east offset from
         RA without the cos(dec) factor). If the profile's ``wcs`` section
-        defines ``offset_keywords`` (east, north, degrees on the sky, e.g.
-        RATIR's dither offsets ``STRRQRAO``/``STRRQDEO``) they are added.
+        defines ``offset_keywords`` (pairs of header keywords, east then north,
+        degrees on the sky, summed; e.g. RATIR's applied aperture offset
+        ``STRAPRAO``/``STRAPDEO`` and dither ``STRRQRAO``/``STRRQDEO``) they are
+        added. (The profile model has no such field yet; see the report.)
 
     Raises
     ------
@@ -237,10 +239,11 @@ def initial_wcs(info: FrameInfo, profile: Profile, shape: tuple[int, int], heade
 
     east, north = _aperture_offset_arcmin(profile, header)
     d_east, d_north = -east / 60.0, -north / 60.0
-    for i, key in enumerate(getattr(profile.wcs, "offset_keywords", None) or ()):
+    keys = list(getattr(profile.wcs, "offset_keywords", None) or ())
+    for i, key in enumerate(keys[: len(keys) // 2 * 2]):  # (east, north) pairs, summed
         value = _header_float(header, key) if header is not None else None
-        if value is not None and i < 2:
-            if i == 0:
+        if value is not None:
+            if i % 2 == 0:
                 d_east += value
             else:
                 d_north += value
