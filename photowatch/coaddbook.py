@@ -21,8 +21,6 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from photowatch.classify import FrameInfo
 from photowatch.logs import get_logger
 
@@ -182,8 +180,7 @@ class CoaddBook:
 
                 sci, _, _, _ = acc.images()
                 png = path.with_suffix(".png")
-                save_png(np.nan_to_num(sci), png, title=f"{target} {filt} quick-look "
-                         f"N={len(acc)}")
+                save_png(sci, png, max_size=1024)
         members = sorted(acc.members)
         self.engine.store.upsert_coadd(
             night=night, target=target, filter=filt, path=str(path), stacktype="QUICKLOOK",
@@ -192,7 +189,7 @@ class CoaddBook:
             quicklook=str(png) if png else None, frame_updates=frame_updates)
 
     def _magzp(self, key: tuple) -> float | None:
-        ref = self.engine.refs.get(key[0], key[1], key[2], "phot")
+        ref = self.engine.refs.get(key[0], key[1], key[2], "zpref")
         if ref is not None and "zp" in ref.meta:
             return float(ref.meta["zp"])
         return None

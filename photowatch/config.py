@@ -166,6 +166,7 @@ class Stages(Section):
 class Quality(Section):
     max_zp_drop_mag: PositiveFloat = 1.0
     max_fwhm_arcsec: PositiveFloat = 4.0
+    max_fwhm_ratio: PositiveFloat = 1.8
     max_ellipticity: Fraction = 0.3
     max_sky_e_per_s: PositiveFloat = 1.0e5
     min_stars: Annotated[int, Field(ge=1)] = 5

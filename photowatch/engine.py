@@ -104,7 +104,12 @@ class Engine:
         from photowatch.refs import FieldRefs
 
         self.refs = FieldRefs(self.out)
-        self.catalog_path = catalog_path or settings.catalog.path or None
+        # the catalogue of an output directory is remembered, so finalize (and a restarted
+        # daemon) calibrate the night the way it was started
+        self.catalog_path = catalog_path or settings.catalog.path or \
+            self.store.get_meta("catalog_path")
+        if catalog_path:
+            self.store.set_meta("catalog_path", str(Path(catalog_path).resolve()))
         self._catalog = None
         self._catalog_cache: dict = {}
         self._previous_wcs: dict = {}
@@ -127,8 +132,8 @@ class Engine:
         if self._catalog is None:
             from photowatch.catalogs import open_catalog
 
-            self._catalog = open_catalog(self.settings.catalog,
-                                         path_override=self.catalog_path) or False
+            self._catalog = open_catalog(self.settings.catalog, path_override=self.catalog_path,
+                                         cache_dir=self.out / "catalogs") or False
         return self._catalog or None
 
     @property

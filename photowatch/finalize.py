@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from photowatch.config import Settings
 from photowatch.engine import Engine, OutputError
 from photowatch.logs import get_logger
@@ -183,8 +185,12 @@ def reassess(engine: Engine, night: str) -> int:
                  if r["filter"] == row["filter"] and (key == "zp_per_s" or
                                                       r["target"] == row["target"])]
         peers = [p for p in peers if p is not None]
+        fwhms = [json.loads(r["qc_json"] or "{}").get("fwhm_arcsec") for r in rows
+                 if r["filter"] == row["filter"] and r["id"] != row["id"]]
+        fwhms = [f for f in fwhms if f is not None]
         verdict = assess(qc, best_transparency_mag=max(peers) if peers else None,
-                         settings=engine.settings.quality)
+                         settings=engine.settings.quality,
+                         night_fwhm_arcsec=float(np.median(fwhms)) if len(fwhms) >= 3 else None)
         accepted = int(verdict.accepted)
         if accepted == (row["accepted"] or 0) and (verdict.reason or None) == row["reason"]:
             continue
@@ -257,8 +263,7 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
                 from photowatch.quicklook import save_png
 
                 png = path.with_suffix(".png")
-                save_png(fits.getdata(path, "SCI"), png, title=f"{target} {filt} FINAL "
-                         f"N={len(specs)}")
+                save_png(fits.getdata(path, "SCI"), png, max_size=1024)
             store.upsert_coadd(night=night, target=target, filter=filt, path=str(path),
                                stacktype="FINAL", ncombine=len(specs),
                                exptime=sum(m.exptime_s for m in specs), magzp=magzp,

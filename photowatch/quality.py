@@ -8,7 +8,8 @@ Checks (thresholds in ``[quality]``, PhotoPipe's where it had them):
   night's best for the filter (without a catalogue: the relative transparency
   from the flux scale);
 - flux scale beyond PhotoPipe's ``min_flux_scale`` limit;
-- seeing or focus: median FWHM above ``max_fwhm_arcsec``;
+- seeing or focus: median FWHM above ``max_fwhm_arcsec``, or more than
+  ``max_fwhm_ratio`` times the median of the night's other frames of the filter;
 - trailing: median ellipticity above ``max_ellipticity``;
 - sky brighter than ``max_sky_e_per_s``;
 - too few stars for the photometric calibration.
@@ -33,7 +34,8 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, int | float) and math.isfinite(v)
 
 
-def assess(qc: dict, *, best_transparency_mag: float | None, settings: Quality) -> Verdict:
+def assess(qc: dict, *, best_transparency_mag: float | None, settings: Quality,
+           night_fwhm_arcsec: float | None = None) -> Verdict:
     """Judge a frame from its measured quality numbers.
 
     Parameters
@@ -46,6 +48,8 @@ def assess(qc: dict, *, best_transparency_mag: float | None, settings: Quality) 
     best_transparency_mag
         the night's best (largest) zero point per second of the filter, or, in
         relative mode, the best relative transparency (same scale as ``qc``)
+    night_fwhm_arcsec
+        the median FWHM of the night's other frames of the filter (None: too few)
     """
     checks = []
     reasons = []
@@ -71,6 +75,14 @@ def assess(qc: dict, *, best_transparency_mag: float | None, settings: Quality) 
         if not ok:
             reasons.append(f"seeing/focus: FWHM {qc['fwhm_arcsec']:.2f}\" above "
                            f"{settings.max_fwhm_arcsec:g}\"")
+    if _finite(qc.get("fwhm_arcsec")) and _finite(night_fwhm_arcsec) and night_fwhm_arcsec > 0:
+        ratio = qc["fwhm_arcsec"] / night_fwhm_arcsec
+        ok = ratio <= settings.max_fwhm_ratio
+        checks.append(("fwhm_ratio", round(ratio, 3), settings.max_fwhm_ratio, ok))
+        if not ok:
+            reasons.append(f"out of focus: FWHM {qc['fwhm_arcsec']:.2f}\" is {ratio:.1f} x the "
+                           f"night's median {night_fwhm_arcsec:.2f}\" (limit "
+                           f"{settings.max_fwhm_ratio:g})")
     if _finite(qc.get("ellipticity")):
         ok = qc["ellipticity"] <= settings.max_ellipticity
         checks.append(("ellipticity", round(qc["ellipticity"], 3), settings.max_ellipticity, ok))

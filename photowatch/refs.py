@@ -3,10 +3,10 @@
 - the **astrometric** reference of a (night, target): used when no catalogue
   is available: the first good frame's stars with sky positions from its
   WCS; later frames are registered to it (a relative solution);
-- the **photometric** reference of a (night, target, filter): the zero point
-  (or, without a catalogue, the star fluxes) of the first accepted frame;
-  every frame's FLXSCALE brings it to this reference, and the coadd's MAGZP
-  is the reference's.
+- the **photometric** references of a (night, target, filter): ``zpref``, the
+  zero point of the first absolutely calibrated frame, and ``fluxref``, the
+  star fluxes of the first frame measured without a catalogue; every frame's
+  FLXSCALE brings it to one of them, and the coadd's MAGZP is ``zpref``'s.
 
 Each is written once, atomically, as an ECSV file under
 ``OUT/state/refs/<night>/``; the first writer wins, so two workers of a process

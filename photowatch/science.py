@@ -57,6 +57,10 @@ class _Timer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
+def _round(v, nd: int) -> float | None:
+    return round(float(v), nd) if v is not None and np.isfinite(v) else None
+
+
 def _finite(v) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
 
@@ -117,7 +121,8 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         **phot_qc,
     }
     best = best_transparency(engine, info, qc)
-    verdict = assess(qc, best_transparency_mag=best, settings=s.quality)
+    verdict = assess(qc, best_transparency_mag=best, settings=s.quality,
+                     night_fwhm_arcsec=night_fwhm(engine, info, row["id"]))
     qc["accepted"] = verdict.accepted
     qc["checks"] = [list(c) for c in verdict.checks]
 
@@ -134,6 +139,10 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
     hdr = frame.header.copy()
     for k, v in profile_header_items(info, profile).items():
         set_key(hdr, k, v)
+    set_key(hdr, "FWHM", (_round(src.fwhm_arcsec, 4), "[arcsec] median stellar FWHM"))
+    set_key(hdr, "ELLIP", (_round(src.ellipticity, 4), "median stellar ellipticity 1-b/a"))
+    set_key(hdr, "NSOURCES", (len(cat), "sources in CAT"))
+    set_key(hdr, "APCOR", (_round(src.aperture_correction, 5), "aperture correction (flux/aper)"))
     set_key(hdr, "PWVERS", (__version__, "photowatch version"))
     set_key(hdr, "PROVISNL", (provisional, "reduced with a provisional master"))
     set_key(hdr, "QCSTATUS", ("accepted" if verdict.accepted else "rejected",
@@ -289,7 +298,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
             qc["zp_per_s"] = zp_s
             from astropy.table import Table
 
-            ref = engine.refs.set_if_absent(info.night, target, info.filter, "phot",
+            ref = engine.refs.set_if_absent(info.night, target, info.filter, "zpref",
                                             Table(meta={"zp": zp.magzp, "frame": info.std_name,
                                                         "exptime": t}, names=["ra"]))
             zp_ref = float(ref.meta["zp"])
@@ -309,12 +318,12 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
                f"catalogue has no band for filter {info.filter}" if band is None or
                band not in reference.colnames else "astrometry not absolute")
         qc.update(abscal=False, phot_note=f"not absolutely calibrated: {why}")
-        ref = engine.refs.get(info.night, target, info.filter, "phot")
+        ref = engine.refs.get(info.night, target, info.filter, "fluxref")
         usable = cat[(cat["flags"] == 0) & np.isfinite(np.asarray(cat["ra"], float))]
         if ref is None and ast_qc.get("aststat") != "failed" and len(usable) >= s.quality.min_stars:
             table = usable["ra", "dec", "flux", "fluxerr"]
             table.meta.update({"frame": info.std_name, "exptime": t})
-            ref = engine.refs.set_if_absent(info.night, target, info.filter, "phot", table)
+            ref = engine.refs.set_if_absent(info.night, target, info.filter, "zpref", table)
         if ref is not None and ref.meta.get("frame") == info.std_name:
             qc.update(phot_status="reference", flxscale=1.0, zp_n=len(ref))
         elif ref is not None and ast_qc.get("aststat") != "failed":
@@ -335,6 +344,16 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
         set_key(hdr, "ABSCAL", (False, "not absolutely calibrated (no catalogue)"))
         set_key(hdr, "MAGSYS", ("instrumental", "CAT mag = -2.5 log10(counts)"))
     return frame.replace(header=hdr), cat, qc
+
+
+def night_fwhm(engine, info: FrameInfo, frame_id: int, min_frames: int = 3) -> float | None:
+    """Median FWHM of the night's other measured frames of the filter (None if fewer than 3)."""
+    rows = engine.store.conn.execute(
+        "SELECT json_extract(qc_json, '$.fwhm_arcsec') FROM frames WHERE night=? AND filter=? "
+        "AND kind='object' AND id != ? AND qc_json IS NOT NULL", (info.night, info.filter,
+                                                                  frame_id)).fetchall()
+    values = [r[0] for r in rows if r[0] is not None]
+    return float(np.median(values)) if len(values) >= min_frames else None
 
 
 def best_transparency(engine, info: FrameInfo, qc: dict) -> float | None:
@@ -381,8 +400,7 @@ def write_outputs(engine, row, info: FrameInfo, raw_header, result: ScienceResul
             from photowatch.quicklook import save_png
 
             png = path.with_suffix(".png")
-            save_png(frame.sci, png, mask=frame.mask, title=f"{name} {info.filter} "
-                     f"{info.exptime_s:g}s")
+            save_png(frame.sci, png, mask=frame.mask, max_size=800)
             paths["quicklook"] = str(png)
         except Exception as exc:  # a preview must never cost a product
             engine_log(engine).warning("quicklook_failed", file=info.raw_name, problem=str(exc),

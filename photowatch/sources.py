@@ -424,10 +424,16 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
                                        return_length=True)
         idx = np.flatnonzero(use)[counts == 1]
         if idx.size:
+            # both apertures against a local annulus: the ratio must not depend on how
+            # well the global sky was subtracted (a small sky error times the large
+            # aperture's area would bias every flux of the frame)
+            ann = (1.2 * r_big, 1.2 * r_big + max(5.0, 2.0 * fwhm_use))
             fb, _, fbflag = sep.sum_circle(data, x[idx], y[idx], r_big, var=var,
-                                           mask=phot_mask, subpix=5)
-            ok = (fbflag & (sep.APER_HASMASKED | sep.APER_TRUNC)) == 0
-            ratio = fb[ok] / flux_ap[idx][ok]
+                                           mask=phot_mask, subpix=5, bkgann=ann)
+            fs, _, fsflag = sep.sum_circle(data, x[idx], y[idx], r_ap, var=var,
+                                           mask=phot_mask, subpix=5, bkgann=ann)
+            ok = ((fbflag | fsflag) & (sep.APER_HASMASKED | sep.APER_TRUNC)) == 0
+            ratio = fb[ok] / fs[ok]
             ratio = ratio[np.isfinite(ratio) & (ratio > 0.5) & (ratio < 3.0)]
             if ratio.size:
                 med, kept = _robust_median(ratio)

@@ -50,6 +50,7 @@ def status_data(out: Path, night: str | None = None) -> dict:
     processes = [dict(r) for r in store.conn.execute(
         "SELECT owner, command, started_at, heartbeat, status FROM processes").fetchall()]
     nights = store.nights()
+    store.close()
     report_night = night or (nights[-1] if nights else None)
     report = out / "report" / report_night / "index.html" if report_night else None
     return {
