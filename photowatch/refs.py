@@ -1,8 +1,10 @@
 """Field references of a night: what later frames of a field are measured against.
 
-- the **astrometric** reference of a (night, target): used when no catalogue
-  is available: the first good frame's stars with sky positions from its
-  WCS; later frames are registered to it (a relative solution);
+- the **astrometric** references of a (night, target): used when no catalogue
+  is available: the first good frame of each *field* (pointing) of the target,
+  its stars with sky positions from its WCS; later frames of that field are
+  registered to it (a relative solution). A target observed at two pointings
+  that do not overlap (RATIR's ZJ/YH apertures) has two fields;
 - the **photometric** references of a (night, target, filter): ``zpref``, the
   zero point of the first absolutely calibrated frame, and ``fluxref``, the
   star fluxes of the first frame measured without a catalogue; every frame's
@@ -59,3 +61,47 @@ class FieldRefs:
                 write_bytes(path, buf.getvalue().encode())
         existing = self.get(night, target, filt, kind)
         return existing if existing is not None else table
+
+    # -------------------------------------------------------------- per field (pointing)
+    def near(self, night: str, target: str, filt: str | None, kind: str, ra: float, dec: float,
+             radius_deg: float):
+        """The reference of the field whose centre (meta ``ra0``/``dec0``) is nearest to
+        (ra, dec) and within ``radius_deg``, or None."""
+        import math
+
+        best, best_d = None, radius_deg
+        folder = self.root / night
+        stem = self._path(night, target, filt, kind).stem
+        if not folder.is_dir():
+            return None
+        for path in sorted(folder.glob(f"{stem}*.ecsv")):
+            table = self._read(path)
+            ra0, dec0 = table.meta.get("ra0"), table.meta.get("dec0")
+            if ra0 is None or dec0 is None:
+                continue
+            dra = (ra - ra0 + 180.0) % 360.0 - 180.0
+            d = math.hypot(dra * math.cos(math.radians(dec)), dec - dec0)
+            if d <= best_d:
+                best, best_d = table, d
+        return best
+
+    def add_field(self, night: str, target: str, filt: str | None, kind: str, table):
+        """Add the reference of a new field (meta ``ra0``/``dec0`` give its centre)."""
+        base = self._path(night, target, filt, kind)
+        with self._guard:
+            n = 1
+            while (path := base.with_name(f"{base.stem}_f{n}.ecsv")).exists():
+                n += 1
+            buf = io.StringIO()
+            table.write(buf, format="ascii.ecsv")
+            write_bytes(path, buf.getvalue().encode())
+            self._cache[path] = table
+        return table
+
+    def _read(self, path: Path):
+        from astropy.table import Table
+
+        with self._guard:
+            if path not in self._cache:
+                self._cache[path] = Table.read(path, format="ascii.ecsv")
+            return self._cache[path]

@@ -99,9 +99,11 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         src = extract_sources(z, settings=s.stages.sources,
                               pixel_scale_arcsec=info.pixel_scale_arcsec)
     with timer("astrometry"):
-        frame, cat, wcs, ast_qc, reference = astrometry(engine, info, profile, z, header, src)
+        frame, cat, wcs, ast_qc, reference, wcs0 = astrometry(engine, info, profile, z, header,
+                                                              src)
     with timer("zeropoint"):
-        frame, cat, phot_qc = photometry(engine, info, profile, frame, cat, ast_qc, reference)
+        frame, cat, phot_qc = photometry(engine, info, profile, frame, cat, ast_qc, reference,
+                                         wcs, wcs0)
 
     sky_e = b.sky.level_e
     qc = {
@@ -183,13 +185,14 @@ def _reference_stars(engine, info: FrameInfo, profile: Profile, wcs0, shape):
 def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_header, src):
     """Solve (absolute, else relative to the field's reference frame).
 
-    Returns (frame, cat, wcs, qc, reference): the reference catalogue is None
-    in relative mode.
+    Returns (frame, cat, wcs, qc, reference, initial wcs): the reference
+    catalogue is None in relative mode.
     """
     from photowatch.stages.astrometry import (
         apply_astrometry,
         initial_wcs,
         radec_for,
+        relative_reference,
         solve_astrometry,
     )
 
@@ -206,30 +209,27 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
             notes.append(f"catalogue unavailable ({exc})")
             reference = None
     relative = reference is None
-    prev_key = (info.night, info.target, info.camera)
+    ra_c, dec_c, _ = _centre(wcs0, shape)
+    # warm starts per field: a target observed at two pointings has two previous solutions
+    prev_key = (info.night, info.target, info.camera, round(ra_c, 2), round(dec_c, 2))
     result = None
     if not s.enabled:
         result = None
     elif relative:
-        ref = engine.refs.get(info.night, info.target or "", None, "astrom")
+        ra0, dec0, half = _centre(wcs0, shape)
+        ref = engine.refs.near(info.night, info.target or "", None, "astrom", ra0, dec0, half)
         if ref is None:
-            # the field's first frame: its own initial WCS defines the relative frame
-            table = radec_for(src.table, wcs0)
-            good = table[(table["flags"] == 0) & np.isfinite(table["ra"])]
-            if len(good) >= s.min_matches:
-                keep = good["ra", "dec", "flux", "fluxerr", "x", "y"]
-                keep.meta.update({"relative": True, "frame": info.std_name})
-                engine.refs.set_if_absent(info.night, info.target or "", None, "astrom", keep)
-                ref = engine.refs.get(info.night, info.target or "", None, "astrom")
-            if ref is not None and ref.meta.get("frame") == info.std_name:
-                result = _reference_result(wcs0, len(good))
+            # the first frame of this field: its own initial WCS defines the relative frame
+            table = relative_reference(src.table, wcs0)
+            if len(table) >= s.min_matches:
+                table.meta.update({"frame": info.std_name, "ra0": ra0, "dec0": dec0})
+                ref = engine.refs.add_field(info.night, info.target or "", None, "astrom",
+                                            table)
+                result = _reference_result(wcs0, len(table))
         if result is None and ref is not None:
-            ref = ref.copy()
-            ref.meta["relative"] = True
             result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=ref,
                                       settings=s, previous=engine._previous_wcs.get(prev_key))
-            refname = f"relative:{ref.meta.get('frame', '?')}"
-        refname = refname or f"relative:{info.std_name}"
+        refname = f"relative:{ref.meta.get('frame', '?')}" if ref is not None else None
     else:
         result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=reference,
                                   settings=s, previous=engine._previous_wcs.get(prev_key))
@@ -256,7 +256,17 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
     })
     if relative and result.status != "failed":
         qc["astreason"] = "no reference catalogue: registered to the field's reference frame"
-    return frame, cat, wcs, qc, reference
+    return frame, cat, wcs, qc, reference, wcs0
+
+
+def _centre(wcs, shape) -> tuple[float, float, float]:
+    """Sky position of the image centre and half the image's shorter side (deg)."""
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    ny, nx = shape
+    ra, dec = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
+    scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial)))
+    return float(ra[0]), float(dec[0]), 0.5 * min(nx, ny) * scale
 
 
 def _reference_result(wcs0, nstar):
@@ -269,7 +279,8 @@ def _reference_result(wcs0, nstar):
 
 # ---------------------------------------------------------------------------- photometry
 
-def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast_qc, reference):
+def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast_qc, reference,
+               wcs, wcs0):
     """Zero point (catalogue) or relative flux scale; FLXSCALE; calibrated CAT magnitudes."""
     from photowatch.stages.zeropoint import (
         calibrate_zeropoint,
@@ -318,12 +329,13 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
                f"catalogue has no band for filter {info.filter}" if band is None or
                band not in reference.colnames else "astrometry not absolute")
         qc.update(abscal=False, phot_note=f"not absolutely calibrated: {why}")
-        ref = engine.refs.get(info.night, target, info.filter, "fluxref")
+        ra0, dec0, half = _centre(wcs if wcs is not None else wcs0, frame.sci.shape)
+        ref = engine.refs.near(info.night, target, info.filter, "fluxref", ra0, dec0, half)
         usable = cat[(cat["flags"] == 0) & np.isfinite(np.asarray(cat["ra"], float))]
         if ref is None and ast_qc.get("aststat") != "failed" and len(usable) >= s.quality.min_stars:
             table = usable["ra", "dec", "flux", "fluxerr"]
-            table.meta.update({"frame": info.std_name, "exptime": t})
-            ref = engine.refs.set_if_absent(info.night, target, info.filter, "zpref", table)
+            table.meta.update({"frame": info.std_name, "exptime": t, "ra0": ra0, "dec0": dec0})
+            ref = engine.refs.add_field(info.night, target, info.filter, "fluxref", table)
         if ref is not None and ref.meta.get("frame") == info.std_name:
             qc.update(phot_status="reference", flxscale=1.0, zp_n=len(ref))
         elif ref is not None and ast_qc.get("aststat") != "failed":

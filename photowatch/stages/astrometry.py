@@ -413,11 +413,16 @@ def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]
     ny, nx = prob.shape
     cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
     image_area = nx * ny * prob.scale**2
-    search_area = math.pi * prob.search_radius**2
-    ratio = search_area / image_area
     nref = len(prob.ref_ra)
     xi, eta = project(prob.ref_ra, prob.ref_dec, *prob.centre)
     ref_std = np.column_stack([xi, eta]) * ARCSEC_PER_DEG
+    # the reference covers the search cone (a catalogue) or less (a relative reference: one
+    # frame's footprint): densities are matched over the area it really covers
+    search_area = math.pi * prob.search_radius**2
+    if nref >= 3:
+        span = np.ptp(ref_std, axis=0)
+        search_area = min(search_area, max(float(span[0] * span[1]), image_area))
+    ratio = search_area / image_area
     radius = max(3 * settings.match_radius_arcsec, 0.01 * prob.field_radius)
     reasons = []
     for factor, k in ((1, 5), (2, 6)):
