@@ -252,7 +252,7 @@ class _Mapping:
 
     def __init__(self, wcs_in: WCS, grid: CoaddGrid, bbox: tuple[int, int, int, int],
                  step_px: int):
-        from scipy.interpolate import make_interp_spline
+        from scipy.interpolate import BSpline, make_interp_spline
 
         y0, y1, x0, x1 = bbox
         self.bbox = bbox
@@ -271,11 +271,13 @@ class _Mapping:
         d_dy = make_interp_spline(yn, nodes, k=ky, axis=1).derivative()(yn)
         jac = np.abs(d_dx[1] * d_dy[0] - d_dy[1] * d_dx[0])
         xs = np.arange(x0, x1, dtype=float)
-        self._splines = [
-            make_interp_spline(yn, make_interp_spline(xn, plane, k=kx, axis=1)(xs), k=ky,
-                               axis=0)
-            for plane in (yi, xi, jac)
-        ]
+        self._splines = []
+        for plane in (yi, xi, jac):
+            # solve along y on the nodes (small), then expand the y coefficients along x:
+            # the same tensor-product spline, without a banded solve over every column
+            along_y = make_interp_spline(yn, plane, k=ky, axis=0)
+            coef = make_interp_spline(xn, along_y.c, k=kx, axis=1)(xs)
+            self._splines.append(BSpline(along_y.t, coef, ky, extrapolate=True))
         self.node_x, self.node_y = xi, yi
 
     def rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
