@@ -740,6 +740,18 @@ class Accumulator:
                 ncov[sl] = np.minimum(self.ncov[sl], top)
         return sci, wht, exp, ncov
 
+    def sci(self) -> np.ndarray:
+        """The weighted mean alone (float32, NaN where WHT = 0), e.g. for a preview."""
+        out = np.empty(tuple(self.grid.shape), np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for r0 in range(0, out.shape[0], _STRIP_ROWS):
+                sl = slice(r0, r0 + _STRIP_ROWS)
+                sw = self.sum_w[sl]
+                q = self.sum_wd[sl] / sw
+                q[~(sw > 0)] = np.nan
+                out[sl] = q
+        return out
+
     def members_table(self) -> Table:
         return members_table(self._members)
 

@@ -296,6 +296,7 @@ def test_quicklook_never_uses_masked_pixels(field, quicklook):
     assert far.sum() > 1000
     assert np.max(np.abs(sci[far])) < 1e-3
     assert np.all(np.isnan(sci[ncov == 0])) and np.all(wht[ncov == 0] == 0)
+    assert np.array_equal(quicklook.sci(), sci, equal_nan=True)
 
 
 def test_quicklook_sums_and_maps(field, quicklook):
