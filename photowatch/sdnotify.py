@@ -18,7 +18,9 @@ import socket
 def notify(*lines: str) -> bool:
     """Send ``KEY=value`` lines to systemd; True when sent, False outside systemd.
 
-    Never raises: a notification that cannot be sent (socket gone) is dropped.
+    Never raises and never blocks: a notification that cannot be sent at once
+    (socket gone, or its queue full because nobody reads it) is dropped. A
+    blocking send would freeze the caller, and with it signal handling.
     """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address or not lines:
@@ -27,8 +29,8 @@ def notify(*lines: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall("\n".join(lines).encode())
+            sock.setblocking(False)
+            sock.sendto("\n".join(lines).encode(), address)
     except OSError:
         return False
     return True

@@ -159,3 +159,21 @@ def test_watchdog_interval(monkeypatch):
     assert sdnotify.watchdog_interval_s() == 600.0
     monkeypatch.setenv("WATCHDOG_PID", "1" if os.getpid() != 1 else "2")
     assert sdnotify.watchdog_interval_s() is None
+
+
+def test_sd_notify_never_blocks(monkeypatch):
+    """Nobody reads the socket: once its queue is full, notifications are dropped at once."""
+    import socket
+    import uuid
+
+    from photowatch import sdnotify
+
+    name = f"photowatch-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    try:
+        sent = [sdnotify.notify("WATCHDOG=1") for _ in range(5000)]  # would hang if blocking
+        assert sent[0] and not sent[-1]
+    finally:
+        sock.close()
