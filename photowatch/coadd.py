@@ -244,15 +244,15 @@ class _Mapping:
     tensor-product cubic spline (not-a-knot) through the nodes gives every
     output pixel. The Jacobian determinant (input pixel area per output
     pixel) comes from the spline's derivatives at the nodes and is
-    interpolated the same way. The x direction is expanded once (three
-    planes of ``n_nodes_y x width`` float64: 7 MB for a 4k frame); a row strip
-    is then a local 4-tap B-spline evaluation along y per plane, without BLAS
-    (threaded BLAS on small products is slow on a busy machine).
+    interpolated the same way. Only node-level coefficients are kept (kB); a
+    row strip expands along x the few y coefficients it needs, then evaluates
+    a 4-tap B-spline along y, without BLAS (threaded BLAS on small products
+    is slow on a busy machine).
     """
 
     def __init__(self, wcs_in: WCS, grid: CoaddGrid, bbox: tuple[int, int, int, int],
                  step_px: int):
-        from scipy.interpolate import BSpline, make_interp_spline
+        from scipy.interpolate import make_interp_spline
 
         y0, y1, x0, x1 = bbox
         self.bbox = bbox
@@ -270,24 +270,39 @@ class _Mapping:
         d_dx = make_interp_spline(xn, nodes, k=kx, axis=2).derivative()(xn)
         d_dy = make_interp_spline(yn, nodes, k=ky, axis=1).derivative()(yn)
         jac = np.abs(d_dx[1] * d_dy[0] - d_dy[1] * d_dx[0])
-        xs = np.arange(x0, x1, dtype=float)
-        self._splines = []
+        # the tensor-product spline, kept at node level: solved along y, then the y
+        # coefficients interpolated along x (a B-spline in x per y coefficient)
+        self._ky = ky
+        self._across = []
         for plane in (yi, xi, jac):
-            # solve along y on the nodes (small), then expand the y coefficients along x:
-            # the same tensor-product spline, without a banded solve over every column
-            along_y = make_interp_spline(yn, plane, k=ky, axis=0)
-            coef = make_interp_spline(xn, along_y.c, k=kx, axis=1)(xs)
-            self._splines.append(BSpline(along_y.t, coef, ky, extrapolate=True))
+            along_y = make_interp_spline(yn, plane, k=ky, axis=0)  # c: (n_ycoef, nx_nodes)
+            self._ty = along_y.t
+            self._across.append(make_interp_spline(xn, along_y.c, k=kx, axis=1))
+        self._xs = np.arange(x0, x1, dtype=float)
         self.node_x, self.node_y = xi, yi
 
     def rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Input y, input x and area ratio for grid rows ``r0 .. r1 - 1`` (absolute).
 
-        Three float64 arrays of shape ``(r1 - r0, x1 - x0)``.
+        Three C-contiguous float64 arrays of shape ``(r1 - r0, x1 - x0)``. Only
+        the few y coefficients these rows need are expanded along x.
         """
+        from scipy.interpolate import BSpline
+
+        k, t = self._ky, self._ty
+        n_coef = t.size - k - 1
+
+        def interval(y: float) -> int:
+            return int(np.clip(np.searchsorted(t, y, side="right") - 1, k, n_coef - 1))
+
+        j0, j1 = interval(r0) - k, interval(r1 - 1) + 1
         ys = np.arange(r0, r1, dtype=float)
-        yin, xin, jac = (spline(ys) for spline in self._splines)
-        return yin, xin, jac
+        out = []
+        for across in self._across:
+            sub = BSpline(across.t, across.c[:, j0:j1], across.k)(self._xs)  # (nx, j1 - j0)
+            strip = BSpline(t[j0:j1 + k + 1], np.ascontiguousarray(sub.T), k)
+            out.append(strip(ys))
+        return out[0], out[1], out[2]
 
 
 def _world2pix(wcs_in: WCS, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1029,7 +1044,7 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
                 clip_sigma: float, chunk_rows: int, magzp: float | None,
                 header_extra: Mapping | None = None, step_px: int = 64,
                 interpolation: str = "bilinear", amp_frac: float = 0.3, grow_px: int = 1,
-                workers: int = 2, fsync: bool = True) -> Path:
+                workers: int = 2, max_stack_mb: float = 1024.0, fsync: bool = True) -> Path:
     """Outlier-rejected weighted-mean coadd of reduced products, in chunks of output rows.
 
     Parameters
@@ -1044,11 +1059,11 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
     clip_sigma : float
         Rejection threshold, in units of each value's expected noise.
     chunk_rows : int
-        Output rows per chunk. Peak memory is about
-        ``len(members) * (chunk_rows + 2 * grow_px) * nx * 9`` bytes (the stacked
-        data, variance and good flags of one chunk), plus the output planes (14
-        bytes per grid pixel), plus each member's mapping spline (about 7 MB for
-        a 4k frame at ``step_px`` 64), plus a few 16 MB temporaries per thread.
+        Output rows per chunk (at most; see ``max_stack_mb``). Peak memory is
+        about ``len(members) * (chunk_rows + 2 * grow_px) * nx * 9`` bytes (the
+        stacked data, variance and good flags of one chunk), plus the output
+        planes (14 bytes per grid pixel), plus per thread a few 16 MB
+        temporaries and one member's input rows.
     magzp : float or None
         Zero point of the photometric reference, written as MAGZP.
     header_extra : mapping, optional
@@ -1062,6 +1077,9 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
         Values next to a rejected value of the same frame (within ``grow_px``)
         are also rejected when they deviate by more than ``clip_sigma / 2``
         (the faint wings of trails and cosmic rays).
+    max_stack_mb : float
+        Cap on the stacked planes of one chunk (MB): fewer rows per chunk when
+        there are many members.
     fsync : bool
         fsync the output (atomic either way).
 
@@ -1123,7 +1141,8 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
         scales = np.array([om.member.flxscale for om in opened], dtype=np.float32)
         exps = np.array([om.member.exptime_s for om in opened])
         halo = max(int(grow_px), 0)
-        chunk_rows = max(int(chunk_rows), 1)
+        per_row = len(opened) * nx_g * 9  # bytes of the stacked planes per grid row
+        chunk_rows = max(1, min(int(chunk_rows), int(max_stack_mb * 2**20 // per_row) - 2 * halo))
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(workers, 1)))
         for c0 in range(0, ny_g, chunk_rows):
             c1 = min(c0 + chunk_rows, ny_g)
