@@ -25,6 +25,8 @@ NODATA_RGB = (0.12, 0.16, 0.45)
 STRETCHES = ("zscale", "asinh")
 _DPI = 100
 _TITLE_PX = 22
+#: fast zlib level: encoding dominates the cost at the default level (0.35 s per 1k image)
+_PNG_OPTIONS = {"compress_level": 1}
 
 
 def block_average(array: np.ndarray, factor: int, mask: np.ndarray | None = None) -> np.ndarray:
@@ -48,6 +50,9 @@ def block_average(array: np.ndarray, factor: int, mask: np.ndarray | None = None
         return np.where(valid, a, np.nan).astype(np.float32)
     ny, nx = a.shape
     py, px = (-ny) % factor, (-nx) % factor
+    if not (py or px) and valid.all():  # the common case: plain block means
+        small = a.reshape(ny // factor, factor, nx // factor, factor).mean(axis=3)
+        return small.mean(axis=1, dtype=np.float32)
     values = np.where(valid, a, np.float32(0))
     if py or px:
         values = np.pad(values, ((0, py), (0, px)))
@@ -143,11 +148,11 @@ def save_png(array: np.ndarray, path: str | Path, *, mask: np.ndarray | None = N
         ax.set_axis_off()
         fig.text(0.005, 1 - 0.5 * _TITLE_PX / (h + _TITLE_PX), title, ha="left",
                  va="center", fontsize=10, family="monospace")
-        fig.savefig(buf, format="png", dpi=_DPI)
+        fig.savefig(buf, format="png", dpi=_DPI, pil_kwargs=_PNG_OPTIONS)
     else:
         from matplotlib.image import imsave
 
-        imsave(buf, rgb, format="png", origin="lower")
+        imsave(buf, rgb, format="png", origin="lower", pil_kwargs=_PNG_OPTIONS)
     return write_bytes(path, buf.getvalue(), fsync=fsync)
 
 

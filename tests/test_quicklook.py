@@ -26,6 +26,8 @@ def test_block_average_ignores_masked_and_nan_pixels():
     odd = block_average(np.ones((7, 5)), 3)
     assert odd.shape == (3, 2) and np.all(odd == 1)
     assert np.isnan(block_average(np.full((4, 4), np.nan), 2)).all()
+    x = np.random.default_rng(2).random((8, 12)).astype(np.float32)  # the fast path
+    assert np.allclose(block_average(x, 4), x.reshape(2, 4, 3, 4).mean(axis=(1, 3)))
 
 
 def test_preview_shape_orientation_and_nodata_colour():
