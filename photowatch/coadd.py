@@ -488,7 +488,7 @@ def _check_interpolation(interpolation: str) -> int:
                          f"got {interpolation!r}") from None
 
 
-def resample(sci: np.ndarray, var: np.ndarray, mask: np.ndarray, wcs_in: WCS,
+def resample(sci: np.ndarray, var: np.ndarray | None, mask: np.ndarray, wcs_in: WCS,
              grid: CoaddGrid, *, step_px: int = 64, interpolation: str = "bilinear",
              workers: int = 2) -> Resampled:
     """Resample one frame onto a coadd grid, conserving flux.
