@@ -288,6 +288,7 @@ def main() -> None:
     from photowatch.photometry import coadd_catalog
     from photowatch.quicklook import save_png
 
+    save_png(np.ones((8, 8)), work / "warm.png", title="x")  # imports matplotlib, PIL
     t = time.perf_counter()
     preview_png = save_png(acc.sci(), work / "coadds" / "coadd_BENCH_R.png", title="BENCH R")
     t_png = time.perf_counter() - t
