@@ -176,11 +176,12 @@ class Watcher:
         self.error: BaseException | None = None
         self._alarm = _OverflowAlarm(self.rescan_requested)
         self._observer_checked = 0.0
+        self.polling = settings.polling
 
     # ------------------------------------------------------------------ observer
     @property
     def observer_kind(self) -> str:
-        return "polling" if self.settings.polling else "inotify"
+        return "polling" if self.polling else "inotify"
 
     def start_observer(self) -> None:
         """Start watching (before the startup scan, so nothing falls between)."""
@@ -193,23 +194,37 @@ class Watcher:
             FileModifiedEvent,
             FileMovedEvent,
         )
+        from watchdog.observers.polling import PollingObserver
 
-        if self.settings.polling:
-            from watchdog.observers.polling import PollingObserver
-
-            observer = PollingObserver(timeout=self.settings.poll_interval_s)
-        else:
+        events = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
+                  FileDeletedEvent, DirCreatedEvent, DirMovedEvent]
+        logging.getLogger("watchdog").addHandler(self._alarm)
+        observer = None
+        if not self.settings.polling:
             from watchdog.observers.inotify import InotifyObserver
 
-            # full events: a file renamed in from outside RAWDIR is a move, not a creation
-            observer = InotifyObserver(generate_full_events=True)
-        observer.schedule(_Events(self.events), str(self.rawdir), recursive=True,
-                          event_filter=[FileCreatedEvent, FileModifiedEvent, FileClosedEvent,
-                                        FileMovedEvent, FileDeletedEvent, DirCreatedEvent,
-                                        DirMovedEvent])
-        observer.daemon = True
-        logging.getLogger("watchdog").addHandler(self._alarm)
-        observer.start()
+            try:
+                # full events: a file renamed in from outside RAWDIR is a move, not a creation
+                observer = InotifyObserver(generate_full_events=True)
+                observer.schedule(_Events(self.events), str(self.rawdir), recursive=True,
+                                  event_filter=events)
+                observer.daemon = True
+                observer.start()
+            except OSError as exc:  # e.g. fs.inotify.max_user_watches reached
+                log.warning("inotify_unavailable", rawdir=str(self.rawdir),
+                            problem=exc.strerror or str(exc),
+                            action="polling instead (raise fs.inotify.max_user_watches)")
+                if observer is not None:
+                    with contextlib.suppress(Exception):  # releases its inotify descriptor
+                        observer.stop()
+                observer = None
+        if observer is None:
+            observer = PollingObserver(timeout=self.settings.poll_interval_s)
+            observer.schedule(_Events(self.events), str(self.rawdir), recursive=True,
+                              event_filter=events)
+            observer.daemon = True
+            observer.start()
+        self.polling = isinstance(observer, PollingObserver)
         self.observer = observer
 
     def stop_observer(self, timeout: float = 5.0) -> None:
@@ -587,8 +602,9 @@ class Daemon:
             held = self.engine.store.conn.execute(
                 "SELECT raw_name FROM frames WHERE state='processing' AND owner=?",
                 (self.engine.store.owner,)).fetchall()
-            log.warning("frames_abandoned", files=[r["raw_name"] for r in held],
-                        action="left processing; taken up again at the next start")
+            if held:
+                log.warning("frames_abandoned", files=[r["raw_name"] for r in held],
+                            action="left processing; taken up again at the next start")
         self.engine.shutdown()
         log.info("stopped", processed=self.engine.processed)
         code = 1 if failure else 0
