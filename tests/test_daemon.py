@@ -37,7 +37,7 @@ settle_s = 0.3
 rescan_interval_s = 2
 report_interval_s = 0
 incomplete_timeout_s = 3
-stop_timeout_s = 120
+stop_timeout_s = {stop_timeout_s}
 workers = 2
 max_tries = {max_tries}
 
@@ -111,10 +111,11 @@ class Daemon:
     """One ``photowatch watch`` subprocess on ``raw``, writing to ``out``."""
 
     def __init__(self, tmp: Path, raw: Path, out: Path, catalog: Path, *, max_tries: int = 3,
-                 env: dict | None = None, watchdog_s: float | None = None):
+                 env: dict | None = None, watchdog_s: float | None = None,
+                 stop_timeout_s: float = 120.0):
         self.tmp, self.raw, self.out, self.catalog = tmp, raw, out, catalog
         self.config = tmp / "config.toml"
-        self.config.write_text(CONFIG.format(max_tries=max_tries))
+        self.config.write_text(CONFIG.format(max_tries=max_tries, stop_timeout_s=stop_timeout_s))
         self.env = dict(env or {})
         self.watchdog_s = watchdog_s
         self.proc: subprocess.Popen | None = None
@@ -418,6 +419,23 @@ def test_sigterm_finishes_cleanly(daemon, night):
     d.wait(lambda: d.quiescent(everything), "the rest of the night")
     assert d.stop(signal.SIGINT) == 0
     check_products(d)
+
+
+def test_stop_timeout_abandons_frames_and_the_next_start_takes_them(daemon, night):
+    d = daemon(stop_timeout_s=0.1).start()
+    everything = copy_in(raw_files(night), d.raw)
+    d.wait(lambda: d.query("SELECT COUNT(*) n FROM frames WHERE state='processing' AND "
+                           "kind='object'")[0]["n"], "a science frame in progress")
+    assert d.stop(signal.SIGTERM) == 0
+    held = [f["raw_name"] for f in d.frames() if f["state"] == "processing"]
+    if held:  # abandoned (the usual case): said so, and taken up again below
+        assert "frames_abandoned" in d.log.read_text()
+    d.start()
+    d.wait(lambda: d.quiescent(everything), "every frame terminal after the restart")
+    assert d.stop() == 0
+    check_products(d)
+    recovered = {r["file"] for r in d.query("SELECT file FROM events WHERE event='recovered'")}
+    assert set(held) <= recovered
 
 
 def test_kill_minus_nine_at_random_instants(daemon, night, tmp_path):

@@ -233,3 +233,19 @@ def test_callback_failure_is_retried_at_the_next_rescan(watching):
     (raw / "retry.fits").write_bytes(fits_bytes(13))
     wait_for(lambda: rec.calls, what="the retry")
     assert failures and rec.names() == ["retry.fits"]
+
+
+def test_inotify_failure_falls_back_to_polling(watching, monkeypatch):
+    import errno
+
+    from watchdog.observers import inotify
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(inotify.InotifyObserver, "schedule", refuse)
+    raw, rec, watcher = watching()
+    assert watcher.observer_kind == "polling"
+    (raw / "polled.fits").write_bytes(fits_bytes(14))
+    wait_for(lambda: rec.calls, what="the polled file")
+    assert rec.names() == ["polled.fits"]
