@@ -249,3 +249,20 @@ def test_inotify_failure_falls_back_to_polling(watching, monkeypatch):
     (raw / "polled.fits").write_bytes(fits_bytes(14))
     wait_for(lambda: rec.calls, what="the polled file")
     assert rec.names() == ["polled.fits"]
+
+
+def test_observer_overflow_triggers_a_rescan(watching, monkeypatch):
+    """Events lost (inotify queue overflow): watchdog's warning makes the watcher rescan."""
+    import logging
+
+    from photowatch import watch
+
+    raw, rec, _ = watching()  # periodic rescans only every 60 s
+    monkeypatch.setattr(watch._Events, "dispatch", lambda self, event: None)  # events lost
+    (raw / "lost.fits").write_bytes(fits_bytes(15))
+    time.sleep(0.5)
+    assert rec.calls == []
+    logging.getLogger("watchdog.observers.inotify_c").warning(
+        "Inotify queue overflowed; filesystem events were lost")
+    wait_for(lambda: rec.calls, what="the rescan after the overflow")
+    assert rec.names() == ["lost.fits"]
