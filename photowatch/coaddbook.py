@@ -103,10 +103,11 @@ class CoaddBook:
         return acc
 
     def _resample(self, sci, var, mask, wcs, grid):
+        """The frame on the grid (data only: the quick-look sums need no variance)."""
         from photowatch.coadd import resample
         from photowatch.engine import threads_per_worker
 
-        return resample(sci, var, mask, wcs, grid, step_px=self.settings.mapping_step_px,
+        return resample(sci, None, mask, wcs, grid, step_px=self.settings.mapping_step_px,
                         interpolation=self.settings.interpolation,
                         workers=threads_per_worker(self.engine.settings))
 
@@ -154,7 +155,18 @@ class CoaddBook:
             if not (skynoise and skynoise > 0 and flx and flx > 0):
                 self.engine.store.update_frame(row["id"], coadd="excluded")
                 return False
-            res = self._resample(frame.sci, frame.var, frame.mask, wcs, grid)
+            from photowatch.errors import StageDegraded
+
+            try:
+                res = self._resample(frame.sci, frame.var, frame.mask, wcs, grid)
+            except StageDegraded as exc:  # the frame misses the night's grid of its target
+                self.engine.store.update_frame(row["id"], coadd="excluded")
+                self.engine.store.event("coadd_skipped", frame_id=row["id"],
+                                        file=row["raw_name"], level="warning",
+                                        message=str(exc), action="left out of the coadd")
+                log.warning("coadd_skipped", file=row["raw_name"], problem=str(exc),
+                            action="left out of the coadd")
+                return False
             # a frame already in under an older version (crash between swap steps): replace it
             for other in [m for m in acc.members if m.startswith(row["name"] + ":v")]:
                 log.warning("coadd_stale_member", file=row["raw_name"], member=other,

@@ -201,7 +201,7 @@ class Coadd(Section):
     detect_sigma: PositiveFloat = 3.0
     #: final coadd: tolerance for seeing differences, a fraction of the pixel level added
     #: in quadrature to the noise before clipping (SWarp's CLIP_AMPFRAC)
-    clip_amp_frac: Fraction = 0.3
+    clip_amp_frac: Annotated[float, Field(ge=0, le=5)] = 2.0
     #: final coadd: also reject neighbours (within N px) of a rejected value above clip/2
     clip_grow_px: Annotated[int, Field(ge=0, le=5)] = 1
     #: catalogues of several filters of a target are merged within this radius

@@ -254,7 +254,8 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
                             header_extra={"TARGET": target, "FILTNAME": filt, "NIGHT": night,
                                           "ABSCAL": magzp is not None},
                             step_px=settings.mapping_step_px,
-                            interpolation=settings.interpolation)
+                            interpolation=settings.interpolation,
+                            amp_frac=settings.clip_amp_frac, grow_px=settings.clip_grow_px)
                 engine.coadds._accs.pop((night, target, filt), None)
             png = None
             if settings.quicklook_png:
@@ -270,7 +271,7 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
                                grid=grid.to_dict(), members=ids,
                                quicklook=str(png) if png else None)
             done.append(f"final coadd {path.name}: {len(specs)} frames")
-        catalogs.setdefault(target, {})[filt] = (path, magzp)
+        catalogs.setdefault(target, {})[filt] = (path, magzp, not up_to_date)
     done += _catalogues(engine, night, catalogs)
     return done
 
@@ -280,16 +281,22 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
 
     done = []
     for target, per_filter in catalogs.items():
+        fresh = any(changed or not Path(str(path).replace(".fits", ".cat.fits")).exists()
+                    for path, _, changed in per_filter.values())
+        if not fresh:
+            continue
         tables = {}
-        for filt, (path, magzp) in per_filter.items():
+        for filt, (path, magzp, _) in per_filter.items():
             cat_path = Path(str(path).replace(".fits", ".cat.fits"))
             tables[filt] = (coadd_catalog(path, magzp=magzp,
                                           detect_sigma=engine.settings.coadd.detect_sigma),
                             cat_path)
-        merged = merge_bands({f: t for f, (t, _) in tables.items()}) if len(tables) > 1 else None
+        merged = merge_bands({f: t for f, (t, _) in tables.items()},
+                             radius_arcsec=engine.settings.coadd.merge_radius_arcsec) \
+            if len(tables) > 1 else None
         for filt, (table, cat_path) in tables.items():
             if merged is not None:
-                table = _with_bands(table, merged)
+                table = _with_bands(table, merged, engine.settings.coadd.merge_radius_arcsec)
             write_catalog(table, cat_path)
             row = engine.store.coadd(night, target, filt)
             with engine.store.transaction() as conn:
@@ -298,13 +305,13 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
     return done
 
 
-def _with_bands(table, merged):
+def _with_bands(table, merged, radius: float = 1.0):
     """Add the per-band columns of the merged catalogue to one filter's catalogue (by position)."""
     import numpy as np
 
     from photowatch.stages.zeropoint import match_sky
 
-    a, b = match_sky(table["ra"], table["dec"], merged["ra"], merged["dec"], 1.0)
+    a, b = match_sky(table["ra"], table["dec"], merged["ra"], merged["dec"], radius)
     out = table.copy()
     for col in merged.colnames:
         if col.startswith(("mag_", "magerr_")):

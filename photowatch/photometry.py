@@ -38,7 +38,10 @@ from photowatch.frame import Frame, Mask
 
 #: flag bit added to the :class:`photowatch.sources.SourceFlag` bits: the source's
 #: centre has less than half the coadd's typical weight (fewer frames, or worse ones)
-LOWWEIGHT = 128
+LOWWEIGHT = 256
+#: flag bit: the source's centre has less exposure than its surroundings (its core was
+#: masked, e.g. saturated, in some frames): its coadd flux is not trustworthy
+PARTIAL = 512
 #: columns of a coadd catalogue, in order
 CATALOG_COLUMNS = ("ra", "dec", "mag", "magerr", "flux", "fluxerr", "fwhm", "flags", "x", "y",
                    "snr", "ellipticity", "stellar")
@@ -126,7 +129,7 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
         Columns :data:`CATALOG_COLUMNS`: ``ra, dec`` (deg), ``mag, magerr``
         (calibrated), ``flux, fluxerr`` (aperture-corrected, reference
         electrons), ``fwhm`` (px), ``flags`` (:class:`photowatch.sources.SourceFlag`
-        bits plus :data:`LOWWEIGHT`), ``x, y`` (0-based grid pixels), ``snr``,
+        bits plus :data:`LOWWEIGHT` and :data:`PARTIAL`), ``x, y`` (0-based grid pixels), ``snr``,
         ``ellipticity``, ``stellar``. ``meta``: MAGZP, APRAD, APCOR, APCORERR,
         APCORN, FWHMPIX, FWHM (arcsec), NSOURCES, SKYNOISE (pixel rms at the
         median weight), NOISECOR, GAINEFF, STACKTYP, NCOMBINE, COADD.
@@ -153,6 +156,7 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
             sci = np.asarray(hdul["SCI"].data, dtype=np.float32)
             wht = np.asarray(hdul["WHT"].data, dtype=np.float32)
             header = hdul["SCI"].header.copy()
+            exp = np.asarray(hdul["EXP"].data, dtype=np.float32) if "EXP" in names else None
             primary = hdul[0].header.copy()
             members = Table.read(hdul["MEMBERS"]) if "MEMBERS" in names else None
             wcs = WCS(header, naxis=2)
@@ -194,6 +198,16 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
         ix = np.clip(np.rint(src["x"]).astype(int), 0, sci.shape[1] - 1)
         iy = np.clip(np.rint(src["y"]).astype(int), 0, sci.shape[0] - 1)
         flags = flags | np.where(wht[iy, ix] < 0.5 * med_wht, LOWWEIGHT, 0).astype(np.int16)
+        if exp is not None:
+            from scipy import ndimage
+
+            # the core (3x3) lost on average a tenth of the exposure of its surroundings:
+            # masked (saturated) in some frames. A single cleaned cosmic-ray pixel does not
+            # count; an edge of a frame's footprint does, rightly.
+            core = ndimage.uniform_filter(exp, size=3)
+            around = ndimage.maximum_filter(exp, size=9)
+            short = core[iy, ix] < 0.9 * around[iy, ix]
+            flags = flags | np.where(short, PARTIAL, 0).astype(np.int16)
     table = Table()
     table["ra"] = np.asarray(ra, dtype=float)
     table["dec"] = np.asarray(dec, dtype=float)
@@ -324,4 +338,4 @@ def merge_bands(tables: Mapping[str, object], *, radius_arcsec: float = 1.0):
 
 
 __all__ = ["coadd_catalog", "write_catalog", "merge_bands", "catalog_path", "noise_model",
-           "effective_gain", "band_key", "LOWWEIGHT", "CATALOG_COLUMNS"]
+           "effective_gain", "band_key", "LOWWEIGHT", "PARTIAL", "CATALOG_COLUMNS"]

@@ -257,6 +257,126 @@ def _extract(data, var, mask, settings: Sources):
         sep.set_extract_pixstack(old)
 
 
+#: the measured growth at the large aperture is trusted when known this well (fraction)
+_DIRECT_APCOR_SEM = 0.003
+
+
+def _annulus(r_big: float, fwhm: float) -> tuple[float, float]:
+    """Inner and outer radius of the local sky annulus of the aperture correction."""
+    inner = 1.2 * r_big
+    return inner, inner + max(5.0, 2.0 * fwhm)
+
+
+def _aperture_correction(data, mask, var, x, y, r_ap, r_big, fwhm):
+    """Aperture correction (total flux / flux in ``r_ap``) from the frame's bright stars.
+
+    For each star: its sky is the 3-sigma-clipped median of its own annulus, its flux
+    in ``r_ap`` an exact aperture sum, and the light beyond ``r_ap`` is measured ring by
+    ring out to ``r_big`` as the ring's *median* surface brightness times its area. A
+    median ignores the few pixels a faint neighbour occupies in a ring, and the
+    annulus median ignores neighbours in the sky; sums would add their light to the
+    correction and bias every flux of the frame (a dense field does that by a few
+    per cent). The growth curves are combined by their median over stars at each
+    radius and fitted with a circular Moffat's enclosed flux, which also extrapolates
+    the little light beyond ``r_big``.
+
+    Returns (correction, its standard error, stars used).
+    """
+    import sep
+
+    r_in, r_out = _annulus(r_big, fwhm)
+    half = int(np.ceil(r_out)) + 1
+    xi, yi = np.round(x).astype(int), np.round(y).astype(int)
+    vals, dx, dy = _stamps(data, xi, yi, half, np.nan)
+    bad, _, _ = _stamps(mask.view(np.uint8) if mask.dtype == bool else mask, xi, yi, half, 1)
+    d = np.hypot(dx + xi[:, None, None] - x[:, None, None], dy + yi[:, None, None] -
+                 y[:, None, None])
+    usable = (bad == 0) & np.isfinite(vals)
+    ring = (d >= r_in) & (d < r_out) & usable
+    edges = r_ap * np.array([1.0, 1.25, 1.5, 2.0, 2.5])
+    edges = np.unique(np.concatenate([edges[edges < r_big], [r_big]]))
+    radii = np.concatenate([[r_ap * 0.75], edges])
+    n = len(x)
+    sky = np.full(n, np.nan)
+    growth = np.full((len(radii), n), np.nan)
+    f_in, _, fl_in = sep.sum_circle(data, x, y, r_ap * 0.75, var=var, mask=mask, subpix=5)
+    f_ap, e_ap, fl_ap = sep.sum_circle(data, x, y, r_ap, var=var, mask=mask, subpix=5)
+    for i in range(n):
+        v = vals[i][ring[i]]
+        for _ in range(3):
+            if v.size < 20:
+                break
+            med = np.median(v)
+            sig = 1.4826 * np.median(np.abs(v - med))
+            v = v[np.abs(v - med) <= 3 * max(sig, 1e-6)]
+        if v.size < 20:
+            continue
+        sky[i] = np.median(v)
+        small = f_ap[i] - sky[i] * np.pi * r_ap**2
+        if not small > 0:
+            continue
+        growth[0, i] = (f_in[i] - sky[i] * np.pi * (0.75 * r_ap) ** 2) / small
+        growth[1, i] = 1.0
+        total = small
+        for k in range(1, len(edges)):
+            sel = usable[i] & (d[i] >= edges[k - 1]) & (d[i] < edges[k])
+            if sel.sum() < 8:
+                break
+            total += (np.median(vals[i][sel]) - sky[i]) * np.pi * (edges[k]**2 - edges[k - 1]**2)
+            growth[k + 1, i] = total / small
+    flags = fl_in | fl_ap
+    good = np.all(np.isfinite(growth), axis=0) & \
+        ((flags & (sep.APER_HASMASKED | sep.APER_TRUNC)) == 0)
+    if good.sum() == 0:
+        return 1.0, 0.0, 0
+    g = growth[:, good]
+    med = np.median(g, axis=1)
+    mad = 1.4826 * np.median(np.abs(g - med[:, None]), axis=1)
+    nk = g.shape[1]
+    sem = np.maximum(1.2533 * mad / np.sqrt(nk), 5e-4)
+    sem[1] = 1e-4
+    # Where the growth out to r_big is measured precisely (deep frames, coadds: a mix of
+    # seeings is no Moffat), it is used, and the fitted model only for the light beyond
+    # r_big; otherwise the model fitted to every radius (the inner ones are the precise
+    # ones) is steadier than the noisy ratio at r_big alone.
+    if sem[-1] <= _DIRECT_APCOR_SEM:
+        tail = _moffat_growth_fit(radii, med, sem, r_ap, at=radii[-1]) or 1.0
+        return float(med[-1] * tail), float(sem[-1] * tail), nk
+    corr = _moffat_growth_fit(radii, med, sem, r_ap, at=r_ap)
+    if corr is None:
+        return float(med[-1]), float(sem[-1]), nk
+    return corr, float(sem[-1]), nk
+
+
+def _moffat_growth_fit(radii, growth, err, r_ap, at):
+    """total/F(at) for a circular Moffat fitted to the growth curve, or None.
+
+    E(r) = 1 − (1 + (r/α)²)^(1−β); the model of F(r)/F(r_ap) is E(r)/E(r_ap), fitted
+    with its errors; the result is 1/E(at).
+    """
+    from scipy.optimize import least_squares
+
+    def enclosed(r, alpha, beta):
+        return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+
+    def resid(p):
+        alpha, beta = np.exp(p[0]), 1.0 + np.exp(p[1])
+        return (enclosed(radii, alpha, beta) / enclosed(r_ap, alpha, beta) - growth) / err
+
+    fwhm_guess = r_ap / 2.0
+    p0 = [np.log(fwhm_guess), np.log(2.0)]
+    try:
+        fit = least_squares(resid, p0, method="lm")
+    except Exception:
+        return None
+    if not fit.success:
+        return None
+    alpha, beta = np.exp(fit.x[0]), 1.0 + np.exp(fit.x[1])
+    if not (1.2 < beta < 20 and np.isfinite(alpha)):
+        return None
+    return float(1.0 / enclosed(at, alpha, beta))
+
+
 def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: float) -> SourceList:
     """Detect and measure the sources of a sky-subtracted frame.
 
@@ -415,33 +535,19 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     r_big = max(r_big, r_ap)
     apcor, apcor_err, n_apcor = 1.0, 0.0, 0
     snr_ap = np.where(ferr_ap > 0, flux_ap / np.where(ferr_ap > 0, ferr_ap, 1), 0)
-    use = stellar & (snr_ap >= 50)
+    use = stellar & (snr_ap >= 20)
     if use.any() and r_big > r_ap:
         from scipy.spatial import cKDTree
 
         tree = cKDTree(np.column_stack([x, y]))
+        # isolated: no other detection within the large aperture (the annulus sky is a
+        # clipped median, robust to a neighbour)
         counts = tree.query_ball_point(np.column_stack([x[use], y[use]]), r_big + r_ap,
                                        return_length=True)
         idx = np.flatnonzero(use)[counts == 1]
         if idx.size:
-            # both apertures against a local annulus: the ratio must not depend on how
-            # well the global sky was subtracted (a small sky error times the large
-            # aperture's area would bias every flux of the frame)
-            ann = (1.2 * r_big, 1.2 * r_big + max(5.0, 2.0 * fwhm_use))
-            fb, _, fbflag = sep.sum_circle(data, x[idx], y[idx], r_big, var=var,
-                                           mask=phot_mask, subpix=5, bkgann=ann)
-            fs, _, fsflag = sep.sum_circle(data, x[idx], y[idx], r_ap, var=var,
-                                           mask=phot_mask, subpix=5, bkgann=ann)
-            ok = ((fbflag | fsflag) & (sep.APER_HASMASKED | sep.APER_TRUNC)) == 0
-            ratio = fb[ok] / fs[ok]
-            ratio = ratio[np.isfinite(ratio) & (ratio > 0.5) & (ratio < 3.0)]
-            if ratio.size:
-                med, kept = _robust_median(ratio)
-                r = ratio[kept]
-                apcor = med
-                n_apcor = int(r.size)
-                mad = 1.4826 * np.median(np.abs(r - med)) if r.size > 1 else 0.0
-                apcor_err = float(1.2533 * mad / np.sqrt(r.size)) if r.size > 1 else 0.0
+            apcor, apcor_err, n_apcor = _aperture_correction(
+                data, phot_mask, var, x[idx], y[idx], r_ap, r_big, fwhm_use)
 
     flux = flux_ap * apcor
     # the aperture-correction error is common to all sources (a systematic): kept in the

@@ -450,6 +450,8 @@ class Store:
         if to_state in TERMINAL or to_state == "waiting":
             sets["finished_at"] = now
             sets["owner"] = None
+        if to_state in TERMINAL:
+            sets["tries"] = 0  # tries count attempts that did not finish, not past successes
         if to_state == "processing":
             sets["owner"] = self.owner
             sets["started_at"] = now
@@ -658,6 +660,7 @@ class Store:
             if state in TERMINAL:
                 sets["finished_at"] = sets["updated_at"]
                 sets["owner"] = None
+                sets["tries"] = 0
         assign = ", ".join(f"{k}=?" for k in sets)
         conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
         if state is not None and state != row["state"]:

@@ -1,0 +1,283 @@
+"""A simulated night through ``reduce`` and ``finalize``, measured against the simulator's truth.
+
+One night (512x512 at 0.48"/px, SDSS-R, six good science frames plus a cloudy,
+a defocused and a trailed frame) is reduced with its reference catalogue and
+finalized once per session; the tests then compare products with truth:
+astrometry on a grid, calibrated magnitudes, zero points, the noise model,
+the final coadd, and finalize's idempotence and restartability.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from photowatch.batch import reduce_directory
+from photowatch.config import Settings
+from photowatch.finalize import finalize
+from photowatch.products import read_product
+from photowatch.simulate import simulate_night
+from photowatch.stages.zeropoint import match_sky
+from photowatch.store import TERMINAL, Store
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    root = tmp_path_factory.mktemp("night")
+    sim = simulate_night(root / "sim", size=512, binning=4, filters=("SDSS-R",), seed=21,
+                         n_science=6, cloud_frame=True, defocus_frame=True, nosolve_frame=True,
+                         ignored_frame=True)
+    out = root / "out"
+    settings = Settings().with_overrides(paths={"output_dir": str(out)})
+    summary = reduce_directory(sim.raw_dir, settings, catalog=str(sim.catalog_path),
+                               progress=False)
+    assert summary.ok, summary.problems
+    # a copy of the reduced, not yet finalized night for the interrupted-finalize test
+    shutil.copytree(out, root / "before_finalize")
+    result = finalize(settings)
+    assert result.ok, result.problems
+    return sim, out, settings, result
+
+
+def frames_by_raw(out):
+    return {r["raw_name"]: r for r in Store(out / "state.sqlite").frames()}
+
+
+def isolated_bright(sim, simframe=None, mag_max=19.0, radius_arcsec=5.0, dmag=4.0):
+    """True stars (of a frame, or all) brighter than mag_max with no neighbour within
+    radius_arcsec that is less than dmag fainter (it would add light to the aperture)."""
+    stars = sim.frame_stars(simframe) if simframe is not None else sim.stars
+    if "mag" not in stars.colnames:
+        stars = stars.copy()
+        stars["mag"] = stars["r"]
+    ra, dec, mag = (np.asarray(stars[c], float) for c in ("ra", "dec", "mag"))
+    ok = mag < mag_max
+    keep = []
+    for i in np.nonzero(ok)[0]:
+        d = np.hypot((ra - ra[i]) * np.cos(np.radians(dec[i])), dec - dec[i]) * 3600
+        near = (d < radius_arcsec) & (d > 0) & (mag < mag[i] + dmag)
+        if not near.any():
+            keep.append(i)
+    return stars[keep]
+
+
+def test_every_frame_terminal_with_expected_outcomes(night):
+    sim, out, _, _ = night
+    rows = frames_by_raw(out)
+    assert len(rows) == len(sim.frames)
+    for f in sim.frames:
+        row = rows[f.raw_name]
+        assert row["state"] in TERMINAL, (f.raw_name, row["state"])
+        if f.kind == "object" and f.expect is None:
+            assert row["state"] == "reduced", (f.raw_name, row["reason"])
+            assert row["accepted"] == 1 and row["coadd"] in ("added", "pending")
+    expect = {f.expect: rows[f.raw_name] for f in sim.frames if f.expect}
+    assert expect["cloud"]["state"] == "rejected" and "clouds" in expect["cloud"]["reason"]
+    assert expect["focus"]["state"] == "rejected" and "focus" in expect["focus"]["reason"]
+    assert expect["nosolve"]["state"] == "rejected"
+    assert "astrometry failed" in expect["nosolve"]["reason"]
+    assert expect["ignored"]["state"] == "ignored"
+    # rejected science frames keep their product, marked as not stacked
+    for key in ("cloud", "focus", "nosolve"):
+        prod = read_product(expect[key]["product"])
+        assert prod.header["QCSTATUS"] == "rejected" and prod.header["QCREASON"]
+
+
+def test_products_format(night):
+    sim, out, _, _ = night
+    row = [r for r in frames_by_raw(out).values() if r["state"] == "reduced"][0]
+    path = Path(row["product"])
+    assert path.parent == out / "reduced" / "2020-01-28" and path.name == row["name"]
+    with fits.open(path) as h:
+        names = [x.name for x in h]
+        assert names[:5] == ["PRIMARY", "SCI", "ERR", "MASK", "CAT"]
+        sci = h["SCI"].header
+        assert h["SCI"].data.dtype.kind == "f" and h["MASK"].data.dtype == np.uint16
+        assert sci["ORIGFILE"] == row["raw_name"] and sci["BUNIT"] == "electron"
+        for key in ("MAGZP", "MAGZPERR", "FLXSCALE", "FWHM", "ASTRMS", "ASTNSTAR", "WCSSOLVE",
+                    "SKYLEVEL", "SKYNOISE", "MBIAS", "MFLAT", "PWVERS"):
+            assert key in sci, key
+        assert sci["CTYPE1"] == "RA---TAN-SIP"
+        assert h[0].header["ORIGFILE"] == row["raw_name"]
+        cat = h["CAT"].columns.names
+        for col in ("x", "y", "ra", "dec", "flux", "fluxerr", "mag", "magerr", "fwhm",
+                    "ellipticity", "flags"):
+            assert col in cat
+    assert path.with_suffix(".png").exists()
+
+
+def test_astrometry_against_true_wcs_on_a_grid(night):
+    sim, out, _, _ = night
+    rows = frames_by_raw(out)
+    for f in sim.objects(good_only=True):
+        prod = read_product(rows[f.raw_name]["product"])
+        solved = WCS(prod.header)
+        truth = f.wcs()
+        ny, nx = prod.sci.shape
+        yy, xx = np.mgrid[0:ny:16, 0:nx:16]
+        ra, dec = truth.all_pix2world(xx.ravel(), yy.ravel(), 0)
+        x, y = solved.all_world2pix(ra, dec, 0)
+        rms = np.sqrt(np.mean((x - xx.ravel()) ** 2 + (y - yy.ravel()) ** 2))
+        assert rms < 0.05, (f.raw_name, rms)
+        assert prod.header["ASTSTAT"] == "ok"
+
+
+def test_calibrated_magnitudes_and_zero_points(night):
+    """r < 19 isolated stars: bias < 0.01 mag, scatter at the photon-noise level;
+    the frame-to-frame transparency changes recovered to 0.01 mag."""
+    sim, out, _, _ = night
+    rows = frames_by_raw(out)
+    diffs, errs, dzp = [], [], []
+    for f in sim.objects(good_only=True):
+        prod = read_product(rows[f.raw_name]["product"])
+        cat = prod.cat
+        stars = isolated_bright(sim, f)
+        a, b = match_sky(cat["ra"], cat["dec"], stars["ra"], stars["dec"], 1.0)
+        ok = np.asarray(cat["flags"])[a] == 0
+        # MAGZP applied to the product's own CAT fluxes
+        mag = prod.header["MAGZP"] - 2.5 * np.log10(np.asarray(cat["flux"], float)[a][ok])
+        diffs += list(mag - np.asarray(stars["mag"], float)[b][ok])
+        errs += list(1.0857 * np.asarray(cat["fluxerr"], float)[a][ok] /
+                     np.asarray(cat["flux"], float)[a][ok])
+        dzp.append(prod.header["MAGZP"] - f.zp_true)
+    d, e = np.array(diffs), np.array(errs)
+    assert d.size > 60
+    bias = np.sum(d / e**2) / np.sum(1 / e**2)
+    assert abs(bias) < 0.01, bias
+    chi = d / np.sqrt(e**2 + 0.005**2)  # 5 mmag: the zero points' own uncertainty
+    assert 1.4826 * np.median(np.abs(chi - np.median(chi))) < 1.3
+    dzp = np.array(dzp)
+    assert np.std(dzp) < 0.01, dzp  # transparency changes recovered
+    assert abs(np.mean(dzp)) < 0.02, dzp
+
+
+def test_noise_model_in_star_free_regions(night):
+    """(SCI − truth)/ERR has unit width where there are no stars and no mask bits."""
+    sim, out, _, _ = night
+    rows = frames_by_raw(out)
+    pulls = []
+    for f in sim.objects(good_only=True):
+        prod = read_product(rows[f.raw_name]["product"])
+        model = fits.getdata(f.model_path).astype(float)
+        free = (model < 0.05 * np.median(prod.err)) & (prod.mask == 0)
+        pulls.append(((prod.sci - model) / prod.err)[free])
+    pull = np.concatenate(pulls)
+    assert abs(np.mean(pull)) < 0.05
+    assert abs(np.std(pull) - 1) < 0.05
+
+
+def test_final_coadd(night):
+    sim, out, _, result = night
+    store = Store(out / "state.sqlite")
+    (coadd,) = store.coadds()
+    assert coadd["stacktype"] == "FINAL"
+    good = sim.objects(good_only=True)
+    assert coadd["ncombine"] == len(good)
+    path = Path(coadd["path"])
+    assert path.name == "coadd_NGC0001_SDSS-R.fits"
+    with fits.open(path) as h:
+        assert [x.name for x in h][1:4] == ["SCI", "WHT", "EXP"]
+        assert h["SCI"].header["STACKTYP"] == "FINAL"
+        assert h["SCI"].header["NCOMBINE"] == len(good)
+        magzp = h["SCI"].header["MAGZP"]
+    cat = fits.getdata(path.with_name("coadd_NGC0001_SDSS-R.cat.fits"))
+    stars = isolated_bright(sim)
+    a, b = match_sky(cat["ra"], cat["dec"], stars["ra"], stars["dec"], 1.0)
+    ok = cat["flags"][a] == 0
+    d = cat["mag"][a][ok] - np.asarray(stars["mag"], float)[b][ok]
+    e = cat["magerr"][a][ok]
+    assert ok.sum() > 12
+    assert abs(np.sum(d / e**2) / np.sum(1 / e**2)) < 0.01
+    assert 1.4826 * np.median(np.abs(d / e - np.median(d / e))) < 1.5
+    assert np.isfinite(magzp)
+
+
+def test_no_cosmic_ray_or_masked_pixel_survives_in_the_coadd(night):
+    from scipy import ndimage
+
+    sim, out, _, _ = night
+    store = Store(out / "state.sqlite")
+    path = Path(store.coadds()[0]["path"])
+    with fits.open(path) as h:
+        sci = h["SCI"].data.astype(float)
+        wht = h["WHT"].data.astype(float)
+        w = WCS(h["SCI"].header)
+    covered = wht > 0.5 * np.nanmax(wht)
+    # away from holes (a saturated core masked in every frame) whose edges are steep
+    covered &= ~ndimage.binary_dilation(~np.isfinite(sci), iterations=5)
+    resid = sci - ndimage.median_filter(np.nan_to_num(sci), 5)
+    noise = 1.4826 * np.median(np.abs(resid[covered]))
+    # pixels near any true star are not tested
+    stars = sim.stars
+    x, y = w.all_world2pix(np.asarray(stars["ra"]), np.asarray(stars["dec"]), 0)
+    near = np.zeros(sci.shape, bool)
+    for xi, yi in zip(np.round(x).astype(int), np.round(y).astype(int)):
+        if 0 <= xi < sci.shape[1] and 0 <= yi < sci.shape[0]:
+            near[max(0, yi - 8):yi + 9, max(0, xi - 8):xi + 9] = True
+    spikes = covered & ~near & (np.abs(resid) > 8 * noise)
+    assert spikes.sum() == 0, np.argwhere(spikes)[:10]
+
+
+def test_finalize_is_idempotent(night):
+    sim, out, settings, _ = night
+    before = {p: p.stat().st_mtime_ns for p in (out / "reduced").rglob("*.fits")}
+    coadds = {p: p.stat().st_mtime_ns for p in (out / "coadds").rglob("*.fits")}
+    again = finalize(settings)
+    assert again.ok
+    text = again.text()
+    assert "re-reduced 0 frame(s)" in text and "masters: 0 rebuilt now" in text
+    assert "final coadd" not in text
+    assert {p: p.stat().st_mtime_ns for p in (out / "reduced").rglob("*.fits")} == before
+    assert {p: p.stat().st_mtime_ns for p in (out / "coadds").rglob("*.fits")} == coadds
+
+
+def test_report_lists_every_frame(night):
+    sim, out, _, result = night
+    report = Path(result.report)
+    assert report.exists() and report.name == "index.html"
+    data = json.loads((report.parent / "night.json").read_text())
+    states = {f["file"]: f["state"] for f in data["frames"]}
+    rows = frames_by_raw(out)
+    for f in sim.frames:
+        assert states[f.raw_name] == rows[f.raw_name]["state"]
+    assert data["final"] is True
+
+
+def test_interrupted_finalize_completes(night, tmp_path):
+    """kill -9 in the middle of finalize; a second run completes it."""
+    sim, out, _, _ = night
+    work = tmp_path / "out"
+    shutil.copytree(out.parent / "before_finalize", work)
+    cmd = [sys.executable, "-m", "photowatch", "finalize", "--out", str(work)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill once it has started re-reducing (some master is final), whatever the machine's speed
+    store = Store(work / "state.sqlite")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if store.conn.execute("SELECT COUNT(*) FROM masters WHERE final=1").fetchone()[0]:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = Store(work / "state.sqlite").frames()
+    assert all(r["state"] in TERMINAL for r in rows)
+    assert not any(r["stale"] for r in rows)
+    (coadd,) = Store(work / "state.sqlite").coadds()
+    assert coadd["stacktype"] == "FINAL"
+    assert not list(work.rglob("*.tmp"))
+    data = json.loads((work / "report" / "2020-01-28" / "night.json").read_text())
+    assert len(data["frames"]) == len(sim.frames)
