@@ -151,6 +151,36 @@ class CoaddGrid:
                 and np.allclose(a["cd"], b["cd"], rtol=1e-10, atol=0))
 
 
+def grown_grid(grid: CoaddGrid, frame_wcs: WCS, frame_shape: tuple[int, int],
+               margin_arcsec: float, max_side: int) -> tuple[CoaddGrid, int, int] | None:
+    """A larger grid that also covers a frame, or None when the grid already covers it.
+
+    The grid keeps its tangent point and pixel scale and only gains whole pixels on its
+    sides, so every existing pixel keeps its sky position: pixel (y, x) of the old grid
+    is pixel (y + dy, x + dx) of the new one. Returns (new grid, dy, dx); raises
+    ValueError when the result would exceed ``max_side`` pixels (a frame of another
+    field).
+    """
+    ex, ey = _frame_edges(tuple(frame_shape))
+    ra, dec = frame_wcs.all_pix2world(ex, ey, 0)
+    gx, gy = grid.wcs.all_world2pix(ra, dec, 0)
+    ny, nx = grid.shape
+    if gx.min() >= -0.5 and gy.min() >= -0.5 and gx.max() <= nx - 0.5 and gy.max() <= ny - 0.5:
+        return None
+    margin = margin_arcsec / grid.pixel_scale_arcsec
+    dx = max(0, math.ceil(-gx.min() + margin)) if gx.min() < -0.5 else 0
+    dy = max(0, math.ceil(-gy.min() + margin)) if gy.min() < -0.5 else 0
+    new_nx = max(nx + dx, math.ceil(gx.max() + dx + margin) + 1 if gx.max() > nx - 0.5 else 0)
+    new_ny = max(ny + dy, math.ceil(gy.max() + dy + margin) + 1 if gy.max() > ny - 0.5 else 0)
+    if max(new_nx, new_ny) > max_side:
+        raise ValueError(f"covering the frame would make the coadd {new_ny}x{new_nx} pixels "
+                         f"(limit {max_side}): another field")
+    w = grid.wcs.wcs
+    wcs = _tan_wcs(w.crval, (w.crpix[0] + dx, w.crpix[1] + dy), grid.wcs.pixel_scale_matrix,
+                   ctype=list(w.ctype), radesys=w.radesys or "ICRS")
+    return CoaddGrid(wcs=wcs, shape=(new_ny, new_nx)), dy, dx
+
+
 def _tan_wcs(crval, crpix, cd, *, ctype=None, radesys="ICRS") -> WCS:
     from astropy.wcs import WCS
 
@@ -648,6 +678,16 @@ class Accumulator:
 
     def __contains__(self, member_id: str) -> bool:
         return member_id in self._members
+
+    def grow(self, grid: CoaddGrid, dy: int, dx: int) -> None:
+        """Move the sums onto a larger grid from :func:`grown_grid` (old (y, x) → (y+dy, x+dx))."""
+        ny, nx = self.grid.shape
+        for name in ("sum_wd", "sum_w", "exp", "ncov"):
+            old = getattr(self, name)
+            new = np.zeros(tuple(grid.shape), dtype=old.dtype)
+            new[dy:dy + ny, dx:dx + nx] = old
+            setattr(self, name, new)
+        self.grid = grid
 
     def _apply(self, res: Resampled, member: Member, sign: int) -> None:
         y0, y1, x0, x1 = res.bbox
@@ -1271,6 +1311,6 @@ def final_members(rows: Iterable[Mapping]) -> list[FinalMember]:
                         exptime_s=float(r["exptime_s"])) for r in rows]
 
 
-__all__ = ["CoaddGrid", "make_grid", "coadd_filename", "frame_bbox", "Resampled", "resample",
+__all__ = ["CoaddGrid", "make_grid", "grown_grid", "coadd_filename", "frame_bbox", "Resampled", "resample",
            "resample_frame", "Member", "member_weight", "Accumulator", "members_table",
            "write_coadd", "FinalMember", "final_members", "final_coadd", "COADD_EXTENSIONS"]

@@ -150,6 +150,7 @@ class CoaddBook:
             if mid in acc:
                 self._mark_added(key, acc, row["id"])
                 return False
+            grid = self._cover(key, acc, wcs, frame.sci.shape, row)
             skynoise = qc.get("skynoise_e")
             flx = qc.get("flxscale")
             if not (skynoise and skynoise > 0 and flx and flx > 0):
@@ -174,6 +175,26 @@ class CoaddBook:
             acc.add(mid, res, flxscale=flx, skynoise=skynoise, exptime_s=info.exptime_s)
             self._write(key, acc, grid=grid, frame_updates={row["id"]: {"coadd": "added"}})
         return True
+
+    def _cover(self, key: tuple, acc, wcs, shape, row):
+        """Grow the night's grid of a coadd when a frame reaches beyond it (a second
+        pointing of the target, a large dither); existing pixels keep their places."""
+        from photowatch.coadd import grown_grid
+
+        max_side = 4 * max(shape)
+        try:
+            grown = grown_grid(acc.grid, wcs, shape, self.settings.margin_arcsec, max_side)
+        except ValueError as exc:
+            log.warning("coadd_not_grown", file=row["raw_name"], problem=str(exc),
+                        action="only the overlapping part is stacked")
+            return acc.grid
+        if grown is None:
+            return acc.grid
+        grid, dy, dx = grown
+        acc.grow(grid, dy, dx)
+        log.info("coadd_grown", file=row["raw_name"], coadd=self.path(*key).name,
+                 shape=list(grid.shape), action="grid enlarged to cover the frame")
+        return grid
 
     def _mark_added(self, key, acc, frame_id) -> None:
         self.engine.store.update_frame(frame_id, coadd="added")

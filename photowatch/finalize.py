@@ -210,7 +210,7 @@ def reassess(engine: Engine, night: str) -> int:
 
 def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
     """Final outlier-rejected coadd and catalogue of every (target, filter) of the night."""
-    from photowatch.coadd import CoaddGrid, FinalMember, final_coadd
+    from photowatch.coadd import FinalMember, final_coadd
 
     store = engine.store
     settings = engine.settings.coadd
@@ -237,15 +237,7 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
         up_to_date = (row is not None and row["stacktype"] == "FINAL" and not row["outdated"]
                       and json.loads(row["members_json"] or "[]") == ids and path.exists())
         if not up_to_date:
-            if row is not None and row["grid_json"]:
-                grid = CoaddGrid.from_json(row["grid_json"])
-            else:
-                from photowatch.coaddbook import _wcs
-                from photowatch.products import read_product
-
-                first = read_product(members[0][0]["product"])
-                grid = engine.coadds.grid(night, target, filt, _wcs(first.header),
-                                          first.sci.shape)
+            grid = _covering_grid(engine, night, target, filt, row, members)
             if progress:
                 progress(f"coadd {target} {filt} ({len(specs)} frames)")
             with engine.coadds.lock((night, target, filt)):
@@ -274,6 +266,34 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
         catalogs.setdefault(target, {})[filt] = (path, magzp, not up_to_date)
     done += _catalogues(engine, night, catalogs)
     return done
+
+
+def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, members):
+    """The night's grid of a coadd, grown if needed to cover every member frame."""
+    from astropy.io import fits
+
+    from photowatch.coadd import CoaddGrid, grown_grid
+    from photowatch.coaddbook import _wcs
+
+    grid = None
+    if row is not None and row["grid_json"]:
+        grid = CoaddGrid.from_json(row["grid_json"])
+    for member, _ in members:
+        header = fits.getheader(member["product"], "SCI")
+        wcs, shape = _wcs(header), (header["NAXIS2"], header["NAXIS1"])
+        if grid is None:
+            grid = engine.coadds.grid(night, target, filt, wcs, shape)
+            continue
+        try:
+            grown = grown_grid(grid, wcs, shape, engine.settings.coadd.margin_arcsec,
+                               4 * max(shape))
+        except ValueError as exc:
+            log.warning("coadd_not_grown", file=member["raw_name"], problem=str(exc),
+                        action="only the overlapping part is stacked")
+            continue
+        if grown is not None:
+            grid = grown[0]
+    return grid
 
 
 def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:

@@ -18,6 +18,7 @@ point is known.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from enum import IntFlag
 
@@ -257,6 +258,25 @@ def _extract(data, var, mask, settings: Sources):
         sep.set_extract_pixstack(old)
 
 
+def _fill_from_neighbours(data: np.ndarray, where: np.ndarray, half: int = 2) -> np.ndarray:
+    """A copy of ``data`` with the pixels ``where`` replaced by the median of their unmasked
+    neighbours in a (2*half+1)^2 box (0 where a box has none)."""
+    ys, xs = np.nonzero(where)
+    if ys.size == 0:
+        return data
+    out = data.copy()
+    ny, nx = data.shape
+    off = np.arange(-half, half + 1)
+    yy = np.clip(ys[:, None, None] + off[None, :, None], 0, ny - 1)
+    xx = np.clip(xs[:, None, None] + off[None, None, :], 0, nx - 1)
+    vals = np.where(where[yy, xx], np.nan, data[yy, xx]).reshape(ys.size, -1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(vals, axis=1)
+    out[ys, xs] = np.where(np.isfinite(med), med, 0).astype(data.dtype)
+    return out
+
+
 #: the measured growth at the large aperture is trusted when known this well (fraction)
 _DIRECT_APCOR_SEM = 0.003
 
@@ -442,6 +462,15 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
         phot_mask = phot_mask | bad
     var = np.ascontiguousarray(var, dtype=np.float32)
     sky_err = float(np.sqrt(np.median(var[::8, ::8])))
+    # photometry: bad, no-data and low-flat pixels are filled with the median of their
+    # usable neighbours, so an aperture's wing touching a hot pixel stays unbiased (an
+    # area correction would add the aperture's mean brightness); saturated pixels stay
+    # masked (a saturated star is flagged anyway)
+    filled = (mask16 & int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)) != 0 if has_mask else None
+    if bad is not None:
+        filled = bad if filled is None else (filled | bad)
+    phot_data = _fill_from_neighbours(data, filled) if filled is not None else data
+    sat_mask = (mask16 & int(Mask.SATURATED)) != 0 if has_mask else None
 
     objects = _extract(data, var, detect_mask, settings)
     n = len(objects)
@@ -509,16 +538,20 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
 
     # aperture photometry
     r_ap = settings.aperture_fwhm * fwhm_use
-    flux_ap, ferr_ap, aflag = sep.sum_circle(data, x, y, r_ap, var=var, mask=phot_mask,
+    flux_ap, ferr_ap, aflag = sep.sum_circle(phot_data, x, y, r_ap, var=var, mask=sat_mask,
                                              subpix=5)
     bits = _mask_bits(any_bits, x, y, r_ap)
+    # filled (bad) or cleaned (cosmic-ray) pixels matter in a source's core, not its wings
+    r_core = max(2.0, fwhm_use)
+    core_bits = _mask_bits(any_bits, x, y, r_core)
     flags = np.zeros(n, dtype=np.int16)
     flags |= np.where(bits & int(Mask.SATURATED), int(SourceFlag.SATURATED), 0).astype(np.int16)
-    masked = (bits & int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)) != 0
+    masked = (core_bits & int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)) != 0
     if bad is not None:
-        masked |= _mask_bits(bad.view(np.uint8), x, y, r_ap) != 0
+        masked |= _mask_bits(bad.view(np.uint8), x, y, r_core) != 0
     flags |= np.where(masked, int(SourceFlag.MASKED), 0).astype(np.int16)
-    flags |= np.where(bits & int(Mask.COSMIC), int(SourceFlag.COSMIC), 0).astype(np.int16)
+    flags |= np.where(core_bits & int(Mask.COSMIC), int(SourceFlag.COSMIC),
+                      0).astype(np.int16)
     edge = (x - r_ap < -0.5) | (y - r_ap < -0.5) | (x + r_ap > nx - 0.5) | (y + r_ap > ny - 0.5)
     edge |= (sepflags & sep.OBJ_TRUNC) != 0
     flags |= np.where(edge, int(SourceFlag.EDGE), 0).astype(np.int16)
@@ -547,7 +580,7 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
         idx = np.flatnonzero(use)[counts == 1]
         if idx.size:
             apcor, apcor_err, n_apcor = _aperture_correction(
-                data, phot_mask, var, x[idx], y[idx], r_ap, r_big, fwhm_use)
+                phot_data, phot_mask, var, x[idx], y[idx], r_ap, r_big, fwhm_use)
 
     flux = flux_ap * apcor
     # the aperture-correction error is common to all sources (a systematic): kept in the

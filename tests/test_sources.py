@@ -96,12 +96,13 @@ def test_flags_saturation_masks_cosmics_edges_and_hot_pixels():
     mask = np.zeros((n, n), np.uint16)
     # four bright test stars well apart, plus faint field stars
     special = {"sat": (60.3, 60.7), "bad": (190.2, 60.1), "cr": (60.6, 190.4),
-               "clean": (190.5, 190.5), "edge": (2.2, 128.0)}
+               "clean": (190.5, 190.5), "edge": (2.2, 128.0), "badcore": (125.4, 60.3)}
     xs = np.array([p[0] for p in special.values()])
     ys = np.array([p[1] for p in special.values()])
     model = gaussian_stars((n, n), xs, ys, np.full(len(xs), 3e5))
     mask[59:63, 59:63] |= int(Mask.SATURATED)
     mask[62, 186] |= int(Mask.BAD)  # inside the aperture of "bad", off its core
+    mask[60, 125] |= int(Mask.BAD)  # the core of "badcore"
     mask[193, 62] |= int(Mask.COSMIC)
     hot = np.zeros((n, n))
     hot[128, 128] = 5e4  # a single hot pixel
@@ -116,8 +117,12 @@ def test_flags_saturation_masks_cosmics_edges_and_hot_pixels():
         return t[int(np.argmin(d))]
 
     assert row(*special["sat"])["flags"] & SourceFlag.SATURATED
-    assert row(*special["bad"])["flags"] & SourceFlag.MASKED
-    assert not row(*special["bad"])["flags"] & SourceFlag.SATURATED
+    # a bad pixel in a star's wing is filled from its neighbours: the flux is unbiased and
+    # the star stays usable; in the core it cannot be trusted and the star is flagged
+    assert not row(*special["bad"])["flags"] & (SourceFlag.MASKED | SourceFlag.SATURATED)
+    assert row(*special["bad"])["flux"] == pytest.approx(row(*special["clean"])["flux"],
+                                                         rel=0.01)
+    assert row(*special["badcore"])["flags"] & SourceFlag.MASKED
     assert row(*special["cr"])["flags"] & SourceFlag.COSMIC
     assert row(*special["edge"])["flags"] & SourceFlag.EDGE
     assert row(*special["clean"])["flags"] == 0

@@ -93,14 +93,18 @@ def match_sky(ra1, dec1, ra2, dec2, radius_arcsec: float) -> tuple[np.ndarray, n
     return a[keep], b[keep]
 
 
-def usable_stars(cat, *, min_snr: float = 10.0) -> np.ndarray:
-    """Indices of unflagged, positive, reasonably bright sources with positions."""
+def usable_stars(cat, *, min_snr: float = 10.0, stellar_only: bool = True) -> np.ndarray:
+    """Indices of unflagged, positive, reasonably bright sources with positions.
+
+    ``stellar_only``: keep only sources classified stellar when there are at least five
+    (a catalogue of stars; a relative flux scale can use any compact source).
+    """
     flux = np.asarray(cat["flux"], float)
     err = np.asarray(cat["fluxerr"], float)
     ok = (np.asarray(cat["flags"]) == 0) & np.isfinite(flux) & (flux > 0) & (err > 0)
     ok &= np.isfinite(np.asarray(cat["ra"], float))
     ok &= flux / np.where(err > 0, err, np.inf) >= min_snr
-    if "stellar" in cat.colnames:
+    if stellar_only and "stellar" in cat.colnames:
         stellar = np.asarray(cat["stellar"], bool)
         if stellar[ok].sum() >= 5:
             ok &= stellar
@@ -214,7 +218,7 @@ def relative_flux_scale(cat, reference, *, settings: ZeroPoint, min_stars: int
 
     ``reference`` has ``ra, dec, flux`` (the reference frame's sources).
     """
-    idx = usable_stars(cat)
+    idx = usable_stars(cat, min_snr=5.0, stellar_only=False)
     if idx.size == 0:
         return FluxScaleResult("failed", reason="no unflagged stars measured")
     a, b = match_sky(np.asarray(cat["ra"])[idx], np.asarray(cat["dec"])[idx],
