@@ -308,9 +308,11 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
         tables = {}
         for filt, (path, magzp, _) in per_filter.items():
             cat_path = Path(str(path).replace(".fits", ".cat.fits"))
-            tables[filt] = (coadd_catalog(path, magzp=magzp,
-                                          detect_sigma=engine.settings.coadd.detect_sigma),
-                            cat_path)
+            table = coadd_catalog(path, magzp=magzp,
+                                  detect_sigma=engine.settings.coadd.detect_sigma)
+            if magzp is not None:
+                _calibrate_catalogue(engine, night, target, filt, path, table)
+            tables[filt] = (table, cat_path)
         merged = merge_bands({f: t for f, (t, _) in tables.items()},
                              radius_arcsec=engine.settings.coadd.merge_radius_arcsec) \
             if len(tables) > 1 else None
@@ -323,6 +325,54 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
                 conn.execute("UPDATE coadds SET catalog=? WHERE id=?", (str(cat_path), row["id"]))
             done.append(f"catalogue {cat_path.name}: {len(table)} sources")
     return done
+
+
+def _calibrate_catalogue(engine: Engine, night: str, target: str, filt: str, path, table):
+    """Calibrate a coadd catalogue against the reference catalogue, as PhotoPipe does.
+
+    The coadd's pixels are on its photometric reference (MAGZP of the file); its
+    catalogue's aperture-corrected fluxes carry the coadd's own aperture correction, whose
+    PSF is a blend of the night's seeings. Fitting the catalogue's magnitudes to the
+    reference catalogue (the frames' method) removes that dependence. The file's MAGZP
+    is kept as MAGZPREF in the catalogue header.
+    """
+    from astropy.io import fits
+
+    from photowatch.catalogs import field_cone
+    from photowatch.classify import FrameInfo
+    from photowatch.coaddbook import _wcs
+    from photowatch.stages.zeropoint import calibrate_zeropoint
+
+    provider = engine.catalog
+    rows = engine.store.frames("night=? AND target=? AND filter=? AND kind='object'",
+                               (night, target, filt))
+    if provider is None or not rows:
+        return
+    info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))
+    band = engine.profile(info.instrument).band_for(filt)
+    if band is None:
+        return
+    header = fits.getheader(path, "SCI")
+    shape = (header["NAXIS2"], header["NAXIS1"])
+    try:
+        ra, dec, radius = field_cone(_wcs(header), shape)
+        reference = provider.query(ra, dec, radius, bands=[band])
+    except Exception as exc:  # the catalogue is down: keep the reference zero point
+        log.warning("coadd_catalogue_not_calibrated", coadd=Path(path).name, problem=str(exc),
+                    action="magnitudes from the coadd's reference zero point")
+        return
+    zp = calibrate_zeropoint(table, reference, band=band, shape=shape,
+                             settings=engine.settings.stages.zeropoint)
+    if zp.status != "ok":
+        log.warning("coadd_catalogue_not_calibrated", coadd=Path(path).name, problem=zp.reason,
+                    action="magnitudes from the coadd's reference zero point")
+        return
+    flux = np.asarray(table["flux"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["mag"] = np.where(flux > 0, zp.magzp - 2.5 * np.log10(flux), np.nan)
+    table["magerr"] = np.hypot(np.asarray(table["magerr"], float), zp.magzp_err)
+    table.meta.update({"MAGZPREF": table.meta.get("MAGZP"), "MAGZP": zp.magzp,
+                       "MAGZPERR": zp.magzp_err, "MAGZPN": zp.n, "ZPMETHOD": "catalogue"})
 
 
 def _with_bands(table, merged, radius: float = 1.0):
