@@ -455,9 +455,16 @@ def test_kill_minus_nine_at_random_instants(daemon, night, tmp_path):
     writer = threading.Thread(target=replay, daemon=True)
     writer.start()
     kills = 0
-    for _ in range(5):
+    for k in range(5):
         d.start(wait_ready=False)
-        time.sleep(rng.uniform(0.5, 4.0))  # the instant of the kill, not an assertion
+        if k % 2:  # every other kill lands while a frame is being processed
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not d.query(
+                    "SELECT id FROM frames WHERE state='processing'"):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.2))
+        else:  # any instant: startup, scan, ingest, processing, idle
+            time.sleep(rng.uniform(0.5, 4.0))
         d.kill()
         kills += 1
     writer.join(TIMEOUT_S)
