@@ -158,6 +158,9 @@ class Engine:
                         action="taken up again after a crash")
         for sub in ("reduced", "coadds", "masters", "report", "state"):
             remove_stale_temporaries(self.out / sub)
+        # a coadd addition cut short: the coadd file says whether the frame got in
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE frames SET coadd='pending' WHERE coadd='adding'")
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):  # the store may be gone at exit: nothing to do

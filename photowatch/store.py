@@ -42,6 +42,10 @@ KIND_PRIORITY = {"bias": 0, "dark": 1, "flat": 2, "object": 3}
 
 SCHEMA_VERSION = 1
 
+#: owner tokens of the stores opened by this process (a restarted daemon may get the pid of
+#: the one that died, e.g. as PID 1 in a container: the token, not the pid, tells them apart)
+_LIVE_OWNERS: set[str] = set()
+
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -196,6 +200,7 @@ class Store:
         self._local = threading.local()
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        _LIVE_OWNERS.add(self.owner)
         self.command = command
         self._migrate()
 
@@ -311,7 +316,7 @@ class Store:
         row = conn.execute("SELECT heartbeat FROM processes WHERE owner=?", (owner,)).fetchone()
         if host == self.host:
             if pid == str(os.getpid()):
-                return True
+                return owner in _LIVE_OWNERS
             try:
                 os.kill(int(pid), 0)
             except (ProcessLookupError, ValueError):

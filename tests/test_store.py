@@ -184,3 +184,15 @@ def test_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(RuntimeError, match="newer"):
         Store(path)
+
+
+def test_dead_owner_with_our_pid_is_recovered(tmp_path):
+    """A daemon restarted under the pid of the one that died (PID 1 in a container)."""
+    import os
+
+    s = Store(tmp_path / "state.sqlite")
+    fid = add(s, 1)
+    s.claim_next()
+    s.conn.execute("UPDATE frames SET owner=? WHERE id=?",
+                   (f"{s.host}:{os.getpid()}:deadbeef", fid))
+    assert s.recover() == [fid]
