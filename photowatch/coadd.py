@@ -661,6 +661,9 @@ class Accumulator:
         self.exp = np.zeros(shape, dtype=np.float64)
         self.ncov = np.zeros(shape, dtype=np.int32)
         self._members: dict[str, Member] = {}
+        #: the written planes (big-endian float32/int16), kept up to date in the bounding
+        #: box of each change, so a frame costs O(its footprint), not O(grid), to publish
+        self._images: tuple | None = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -688,6 +691,7 @@ class Accumulator:
             new[dy:dy + ny, dx:dx + nx] = old
             setattr(self, name, new)
         self.grid = grid
+        self._images = None
 
     def _apply(self, res: Resampled, member: Member, sign: int) -> None:
         y0, y1, x0, x1 = res.bbox
@@ -715,6 +719,22 @@ class Accumulator:
                 if empty.any():
                     for plane in (self.sum_wd, self.sum_w, self.exp, self.ncov):
                         plane[sl][empty] = 0
+        if self._images is not None:
+            self._fill_images(self._images, y0, y1, x0, x1)
+
+    def _fill_images(self, images, y0: int, y1: int, x0: int, x1: int) -> None:
+        sci, wht, exp, ncov = images
+        top = np.iinfo(np.int16).max
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for r0 in range(y0, y1, _STRIP_ROWS):
+                sl = (slice(r0, min(r0 + _STRIP_ROWS, y1)), slice(x0, x1))
+                sw = self.sum_w[sl]
+                q = self.sum_wd[sl] / sw
+                q[~(sw > 0)] = np.nan
+                sci[sl] = q
+                wht[sl] = sw
+                exp[sl] = self.exp[sl]
+                ncov[sl] = np.minimum(self.ncov[sl], top)
 
     def add(self, member_id: str, resampled: Resampled, *, flxscale: float, skynoise: float,
             exptime_s: float) -> Member:
@@ -777,23 +797,17 @@ class Accumulator:
 
         ``byteorder='>'`` gives big-endian arrays, which FITS writes without a copy.
         """
+        if byteorder == ">" and self._images is not None:
+            return self._images  # kept current by every add and remove (do not modify)
         f4 = np.dtype(np.float32).newbyteorder(byteorder)
         i2 = np.dtype(np.int16).newbyteorder(byteorder)
         shape = tuple(self.grid.shape)
-        sci, wht, exp = (np.empty(shape, f4) for _ in range(3))
-        ncov = np.empty(shape, i2)
-        top = np.iinfo(np.int16).max
-        with np.errstate(invalid="ignore", divide="ignore"):
-            for r0 in range(0, shape[0], _STRIP_ROWS):
-                sl = slice(r0, r0 + _STRIP_ROWS)
-                sw = self.sum_w[sl]
-                q = self.sum_wd[sl] / sw
-                q[~(sw > 0)] = np.nan
-                sci[sl] = q
-                wht[sl] = sw
-                exp[sl] = self.exp[sl]
-                ncov[sl] = np.minimum(self.ncov[sl], top)
-        return sci, wht, exp, ncov
+        images = (np.empty(shape, f4), np.empty(shape, f4), np.empty(shape, f4),
+                  np.empty(shape, i2))
+        self._fill_images(images, 0, shape[0], 0, shape[1])
+        if byteorder == ">":
+            self._images = images
+        return images
 
     def sci(self) -> np.ndarray:
         """The weighted mean alone (float32, NaN where WHT = 0), e.g. for a preview."""

@@ -37,6 +37,7 @@ class CoaddBook:
         self.settings = engine.settings.coadd
         self.root = engine.out / "coadds"
         self._accs: dict[tuple, object] = {}
+        self._dirty: set[tuple] = set()
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -134,9 +135,19 @@ class CoaddBook:
             wcs = _wcs(prod.header)
             res = self._resample(prod.sci, prod.var, prod.mask, wcs, acc.grid)
             acc.remove(old, res)
-            self._write(key, acc, frame_updates={row["id"]: {"coadd": "pending"}})
+            # written with the new version's addition (or by flush, if it is not stacked)
+            self._dirty.add(key)
+            self.engine.store.update_frame(row["id"], coadd="pending")
             log.info("coadd_swap_out", file=row["raw_name"], coadd=path.name,
                      action="old version removed; the new one follows")
+
+    def flush(self) -> None:
+        """Write the coadds changed but not yet written (a version swapped out, not back)."""
+        for key in list(self._dirty):
+            with self.lock(key):
+                acc = self._accs.get(key)
+                if acc is not None and key in self._dirty:
+                    self._write(key, acc)
 
     def add(self, row, info: FrameInfo, frame, wcs, qc: dict, version: int) -> bool:
         """Add a reduced frame (in memory) to its coadd; returns True if it was added now."""
@@ -200,20 +211,23 @@ class CoaddBook:
         self.engine.store.update_frame(frame_id, coadd="added")
 
     def _write(self, key: tuple, acc, *, grid=None, frame_updates=None) -> None:
+        self._dirty.discard(key)
         night, target, filt = key
         path = self.path(*key)
         magzp = self._magzp(key)
         header = {"TARGET": target, "FILTNAME": filt, "NIGHT": night,
                   "ABSCAL": (magzp is not None, "MAGZP from a reference catalogue")}
-        acc.write(path, magzp=magzp, header_extra=header)
+        # the quick-look coadd is not fsynced: the rename keeps it whole, and if a power
+        # cut loses it the engine rebuilds it from the reduced frames (its members are
+        # queued again when the file is unreadable)
+        acc.write(path, magzp=magzp, header_extra=header, fsync=False)
         png = None
         if self.settings.quicklook_png:
-            with contextlib.suppress(Exception):  # a preview never costs the coadd
-                from photowatch.quicklook import save_png
+            from photowatch.quicklook import save_png
 
-                sci, _, _, _ = acc.images()
-                png = path.with_suffix(".png")
-                save_png(sci, png, max_size=1024)
+            png = path.with_suffix(".png")
+            sci = acc.images(byteorder=">")[0].copy()  # later adds change the cache
+            self.engine.in_background(save_png, sci, png, max_size=1024)
         members = sorted(acc.members)
         self.engine.store.upsert_coadd(
             night=night, target=target, filter=filt, path=str(path), stacktype="QUICKLOOK",

@@ -121,6 +121,8 @@ class Engine:
         self.progress: Callable[[dict], None] | None = None
         self.processed = 0
         self.last_progress = time.time()
+        self._background = None
+        self._pending_background: list = []
 
     # ------------------------------------------------------------------ helpers
     def profile(self, name: str) -> Profile:
@@ -144,6 +146,35 @@ class Engine:
             self._coadds = CoaddBook(self)
         return self._coadds
 
+    def in_background(self, fn, *args, **kwargs) -> None:
+        """Run a best-effort side task (PNG previews) on the background thread.
+
+        It overlaps the next stages; a failure is logged, never raised: a preview
+        must not cost a product. :meth:`drain_background` waits for them.
+        """
+        import concurrent.futures
+
+        if self._background is None:
+            self._background = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="background")
+
+        def task():
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:
+                log.warning("background_task_failed", task=getattr(fn, "__name__", "?"),
+                            problem=str(exc), action="skipped (a preview)")
+
+        self._pending_background.append(self._background.submit(task))
+        self._pending_background = [f for f in self._pending_background if not f.done()]
+
+    def drain_background(self) -> None:
+        """Wait for the side tasks submitted so far."""
+        import concurrent.futures
+
+        pending, self._pending_background = self._pending_background, []
+        concurrent.futures.wait(pending)
+
     def notify(self) -> None:
         """Wake idle workers (new frames were ingested)."""
         with self._wake:
@@ -163,6 +194,7 @@ class Engine:
             conn.execute("UPDATE frames SET coadd='pending' WHERE coadd='adding'")
 
     def shutdown(self) -> None:
+        self.drain_background()
         with contextlib.suppress(Exception):  # the store may be gone at exit: nothing to do
             self.store.unregister_process()
 
@@ -211,6 +243,7 @@ class Engine:
         for t in threads:
             while t.is_alive():
                 t.join(0.5)
+        self.drain_background()
         if errors:
             raise errors[0]
         if self.paused and until_idle:
@@ -363,6 +396,8 @@ class Engine:
                 blog.error("coadd_failed", problem=str(exc), action="left out of the coadd",
                            exc_info=True)
             result.timings["coadd"] = time.perf_counter() - t2
+        if rereduce:
+            self.coadds.flush()
         total = time.perf_counter() - t0
         qc = result.qc
         blog.info("frame_reduced" if result.accepted else "frame_not_stacked",

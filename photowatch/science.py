@@ -410,15 +410,11 @@ def write_outputs(engine, row, info: FrameInfo, raw_header, result: ScienceResul
     paths = {"product": str(path)}
     s = engine.settings.stages
     if s.quicklook_png:
-        try:
-            from photowatch.quicklook import save_png
+        from photowatch.quicklook import save_png
 
-            png = path.with_suffix(".png")
-            save_png(frame.sci, png, mask=frame.mask, max_size=800)
-            paths["quicklook"] = str(png)
-        except Exception as exc:  # a preview must never cost a product
-            engine_log(engine).warning("quicklook_failed", file=info.raw_name, problem=str(exc),
-                                       action="no PNG")
+        png = path.with_suffix(".png")
+        engine.in_background(save_png, frame.sci, png, mask=frame.mask, max_size=800)
+        paths["quicklook"] = str(png)
     if s.write_intermediates:
         from astropy.io import fits
 
@@ -434,12 +430,6 @@ def write_outputs(engine, row, info: FrameInfo, raw_header, result: ScienceResul
                                  fits.ImageHDU(inter.mask, name="MASK")])
             write_hdul(folder / f"{prefix}{name}", hdus, fsync=False)
     return paths
-
-
-def engine_log(engine):
-    from photowatch.logs import get_logger
-
-    return get_logger("photowatch.science")
 
 
 _PRODUCT_KEYS = set()
