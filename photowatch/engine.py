@@ -286,11 +286,14 @@ class Engine:
         try:
             info = FrameInfo.from_summary(json.loads(row["info_json"]))
             profile = self.profile(info.instrument)
+            t_read = time.perf_counter()
             raw, header = read_raw(row["path"])
+            t_read = time.perf_counter() - t_read
             if info.is_calibration:
                 self._calibration(row, info, raw, profile, blog)
             else:
-                self._science(row, info, raw, header, profile, blog, rereduce=rereduce)
+                self._science(row, info, raw, header, profile, blog, rereduce=rereduce,
+                              read_s=t_read)
         except WaitForMasters as exc:
             self.store.transition(fid, ["processing"], "waiting", reason=str(exc),
                                   message=str(exc), action="waits for masters")
@@ -351,7 +354,7 @@ class Engine:
 
     # ------------------------------------------------------------------ science
     def _science(self, row, info: FrameInfo, raw, header, profile: Profile, blog, *,
-                 rereduce: bool) -> None:
+                 rereduce: bool, read_s: float = 0.0) -> None:
         """Compute, swap the old version out of its coadd, write, record, add to the coadd.
 
         The order makes every crash point safe: until the store says
@@ -398,8 +401,12 @@ class Engine:
             result.timings["coadd"] = time.perf_counter() - t2
         if rereduce:
             self.coadds.flush()
-        total = time.perf_counter() - t0
+        total = time.perf_counter() - t0 + read_s
         qc = result.qc
+        # the whole frame's cost, coadd update included (for the night's report and benchmarks)
+        qc["timings"].update({"read": round(read_s, 4), "total": round(total, 4),
+                              "coadd": round(result.timings.get("coadd", 0.0), 4)})
+        self.store.update_frame(row["id"], qc_json=qc)
         blog.info("frame_reduced" if result.accepted else "frame_not_stacked",
                   name=row["name"], filter=info.filter, seconds=round(total, 2),
                   fwhm=qc.get("fwhm_arcsec"), zp=qc.get("zp"), sky=qc.get("sky_e"),

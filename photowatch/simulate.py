@@ -774,7 +774,7 @@ def simulate_night(
     dark_exptime_s: float = 300.0,
     n_flat: int = 6,
     n_science: int = 6,
-    exptime_s: float = 60.0,
+    exptime_s: float | tuple[float, ...] = 60.0,
     target: str = "NGC0001",
     ra_deg: float = 60.0,
     dec_deg: float = 25.0,
@@ -823,6 +823,9 @@ def simulate_night(
     n_flat
         Twilight flats per filter, including (``bad_flats``, n_flat >= 3) one too faint
         (median 0.13 * SATURATE) first and one saturated (1.3 * SATURATE, clipped) last.
+    exptime_s
+        Science exposure time (s), or a sequence cycled through the science frames (a night
+        of 30 s to 300 s exposures).
     n_science
         Good science frames per filter; the optional ``cloud_frame``, ``defocus_frame``,
         ``nosolve_frame`` (first filter) and ``ignored_frame`` (OBSTYPE FOCUS) come on top.
@@ -966,13 +969,14 @@ def simulate_night(
         pairs = [(j, f) for j in range(n_science) for f in filters]
     else:
         pairs = [(j, f) for f in filters for j in range(n_science)]
-    science = [{"kind": "object", "filter": f, "exptime": float(exptime_s), "expect": None}
-               for _, f in pairs]
+    exptimes = tuple(exptime_s) if isinstance(exptime_s, tuple | list) else (exptime_s,)
+    science = [{"kind": "object", "filter": f, "exptime": float(exptimes[k % len(exptimes)]),
+                "expect": None} for k, (_, f) in enumerate(pairs)]
     extras = [name for name, on in (("cloud", cloud_frame), ("focus", defocus_frame),
                                     ("nosolve", nosolve_frame)) if on]
     firsts = [i for i, s in enumerate(science) if s["filter"] == filters[0]]
     at = firsts[1] + 1 if len(firsts) > 1 else len(science)
-    science[at:at] = [{"kind": "object", "filter": filters[0], "exptime": float(exptime_s),
+    science[at:at] = [{"kind": "object", "filter": filters[0], "exptime": float(exptimes[0]),
                        "expect": e} for e in extras]
     plan += science
 
