@@ -102,17 +102,25 @@ class SkySub(Section):
 
 
 class Cosmics(Section):
+    """Cosmic-ray cleaning; the defaults are measured in ``photowatch/stages/cosmics.py``."""
+
     enabled: bool = True
-    sigclip: PositiveFloat = 4.5
+    sigclip: PositiveFloat = 4.0
     sigfrac: PositiveFloat = 0.3
-    objlim: PositiveFloat = 5.0
-    niter: Annotated[int, Field(ge=1, le=10)] = 2
+    objlim: PositiveFloat = 4.0
+    niter: Annotated[int, Field(ge=1, le=10)] = 1
     sepmed: bool = True
     cleantype: Literal["meanmask", "medmask", "median", "idw"] = "meanmask"
     fsmode: Literal["median", "convolve"] = "median"
     psffwhm: PositiveFloat = 2.5
     psfsize: Annotated[int, Field(ge=3)] = 7
+    #: flag neighbours of flagged pixels this many sigma above their 5x5 surroundings (0: off)
+    grow_sigma: NonNegFloat = 2.5
+    grow_passes: Annotated[int, Field(ge=0, le=5)] = 3
     grow_px: Annotated[int, Field(ge=0, le=3)] = 0
+    #: where L.A.Cosmic runs: the whole frame, two row bands in two threads, or only
+    #: boxes around the candidates of a cheap Laplacian pre-pass (same flags)
+    tiles: Literal["full", "halves", "candidates"] = "candidates"
 
 
 class Sources(Section):

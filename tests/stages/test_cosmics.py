@@ -1,0 +1,179 @@
+"""cosmics on small synthetic frames: hits and tracks flagged and cleaned, stars spared."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from photowatch.config import Cosmics
+from photowatch.frame import Frame, Mask
+from photowatch.stages.cosmics import (
+    candidate_seeds,
+    flag_cosmics,
+    grow_conditional,
+    lacosmic_kwargs,
+    laplacian_plus,
+    reach,
+)
+
+SKY_SIGMA = 20.0  # e-, sky-subtracted frame
+
+
+def noise_frame(shape=(64, 64), seed=1, noise=SKY_SIGMA):
+    """Sky-subtracted Gaussian noise of rms ``noise`` with a variance plane of SKY_SIGMA²."""
+    rng = np.random.default_rng(seed)
+    sci = rng.normal(0.0, noise, shape).astype(np.float32)
+    var = np.full(shape, SKY_SIGMA**2, np.float32)
+    hdr = fits.Header()
+    hdr["RDNOISE"] = 6.0
+    return sci, var, hdr
+
+
+def gaussian_star(shape, y0, x0, fwhm_px, flux):
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    sigma = fwhm_px / 2.3548
+    g = np.exp(-0.5 * ((yy - y0) ** 2 + (xx - x0) ** 2) / sigma**2)
+    return (flux * g / g.sum()).astype(np.float32)
+
+
+def with_star_and_hits(seed=1, shape=(64, 64)):
+    """Noise, a FWHM-3 star (peak ~250 sigma), a single hot pixel and a 5-pixel track."""
+    sci, var, hdr = noise_frame(shape, seed)
+    star = gaussian_star(shape, 40.3, 44.6, 3.0, 5.0e5)
+    sci += star
+    var += star  # Poisson of the star
+    hits = np.zeros(shape, bool)
+    sci[12, 15] += 3000.0
+    hits[12, 15] = True
+    for k in range(5):  # a diagonal track
+        sci[25 + k, 8 + k] += 1500.0
+        hits[25 + k, 8 + k] = True
+    var = var + np.where(hits, np.maximum(sci, 0), 0).astype(np.float32)
+    frame = Frame(sci, var.astype(np.float32), np.zeros(shape, np.uint16), hdr)
+    return frame, hits, star
+
+
+def test_hits_and_track_flagged_and_cleaned_star_spared():
+    frame, hits, star = with_star_and_hits()
+    before = (frame.sci.copy(), frame.var.copy(), frame.mask.copy())
+    z, res = flag_cosmics(frame, settings=Cosmics())
+    flagged = (z.mask & Mask.COSMIC) != 0
+    assert flagged[hits].all()
+    # nothing on the star (pixels above 3 sigma of the sky)
+    assert not flagged[star > 3 * SKY_SIGMA].any()
+    # the hits and their direct neighbours; sigclip 4 also flags pure noise at ~200 px per
+    # million (benchmarks/bench_cosmics.py), so allow a stray pair
+    near = np.zeros_like(hits)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            near |= np.roll(np.roll(hits, dy, 0), dx, 1)
+    assert flagged[~near].sum() <= 2
+    # cleaned: back to the sky level where flagged, untouched elsewhere
+    assert np.all(np.abs(z.sci[hits]) < 5 * SKY_SIGMA)
+    np.testing.assert_array_equal(z.sci[~flagged], frame.sci[~flagged])
+    np.testing.assert_array_equal(z.var[~flagged], frame.var[~flagged])
+    assert np.allclose(z.var[hits], SKY_SIGMA**2, rtol=0.01)  # the hit's own Poisson is gone
+    # the input frame is not modified
+    np.testing.assert_array_equal(frame.sci, before[0])
+    np.testing.assert_array_equal(frame.var, before[1])
+    np.testing.assert_array_equal(frame.mask, before[2])
+    assert res.npix == int(flagged.sum()) and z.header["NCRPIX"] == res.npix
+    assert "astroscrappy" in z.header["CRCLEAN"]
+    assert z.sci.dtype == np.float32 and z.mask.dtype == np.uint16
+
+
+def test_other_mask_bits_kept_and_excluded_pixels_never_flagged():
+    frame, hits, _ = with_star_and_hits()
+    mask = frame.mask.copy()
+    mask[12, 15] = Mask.BAD  # the hot pixel is a known bad pixel
+    mask[50:52, 5:7] = Mask.SATURATED
+    frame = frame.replace(mask=mask)
+    z, _ = flag_cosmics(frame, settings=Cosmics())
+    assert z.mask[12, 15] == Mask.BAD  # excluded: not flagged, not cleaned
+    assert z.sci[12, 15] == frame.sci[12, 15]
+    assert np.all(z.mask[50:52, 5:7] & Mask.SATURATED)
+    assert z.mask[27, 10] & Mask.COSMIC  # the track still is
+
+
+def test_disabled_passes_through():
+    frame, _, _ = with_star_and_hits()
+    z, res = flag_cosmics(frame, settings=Cosmics(enabled=False))
+    assert z is frame
+    assert res.npix == 0 and res.tiles == "disabled"
+
+
+def test_nothing_to_flag_shares_the_arrays():
+    sci, var, hdr = noise_frame(noise=0.5 * SKY_SIGMA)  # noise well within the variance
+    frame = Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr)
+    z, res = flag_cosmics(frame, settings=Cosmics())
+    assert res.npix == 0
+    assert z.sci is frame.sci and z.var is frame.var and z.mask is frame.mask
+
+
+@pytest.mark.parametrize("niter", [1, 2])
+def test_tile_modes_give_the_same_mask(niter, monkeypatch):
+    import photowatch.stages.cosmics as cosmics
+
+    # boxes are used even when they cover (and overlap on) this small frame (niter 2: 30 px)
+    monkeypatch.setattr(cosmics, "_MAX_BOX_FRACTION", 100.0)
+    rng = np.random.default_rng(5)
+    shape = (320, 288)
+    sci, var, hdr = noise_frame(shape, seed=5)
+    for _ in range(12):  # hits, pairs and short tracks, maybe at an edge
+        y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        for k in range(rng.integers(1, 4)):
+            sci[min(y + k, shape[0] - 1), x] += rng.uniform(200, 3000)
+    for y, x in ((30, 30), (200, 170), (315, 280)):
+        star = gaussian_star(shape, y, x, 3.0, 2e5)
+        sci += star
+        var += star
+    frame = Frame(sci, var, np.zeros(shape, np.uint16), hdr)
+    masks = {}
+    for tiles in ("full", "halves", "candidates"):
+        z, res = flag_cosmics(frame, settings=Cosmics(niter=niter, tiles=tiles))
+        masks[tiles] = z.mask
+        assert res.tiles == tiles
+    np.testing.assert_array_equal(masks["halves"], masks["full"])
+    np.testing.assert_array_equal(masks["candidates"], masks["full"])
+    assert (masks["full"] & Mask.COSMIC).any()
+
+
+def test_laplacian_matches_astroscrappy():
+    from astroscrappy.utils import laplaceconvolve, rebin, subsample
+
+    sci, _, _ = noise_frame((40, 56), seed=3)
+    sci[10, 10] += 1000
+    conved = laplaceconvolve(subsample(sci))
+    conved[conved < 0] = 0
+    np.testing.assert_allclose(laplacian_plus(sci), rebin(conved), rtol=1e-5, atol=1e-3)
+
+
+def test_candidate_seeds_cover_every_lacosmic_seed():
+    """Every pixel astroscrappy flags lies within the seed reach of a pre-pass candidate."""
+    import astroscrappy
+    from scipy import ndimage
+
+    frame, _, _ = with_star_and_hits(seed=2)
+    sci, var = frame.sci, np.maximum(frame.var, 36.0)
+    inmask = np.zeros(sci.shape, bool)
+    kw = lacosmic_kwargs(Cosmics(), rn=6.0)
+    flags, _ = astroscrappy.detect_cosmics(sci, inmask=inmask, invar=var, **kw)
+    seeds = candidate_seeds(sci, var, inmask, kw["sigclip"])
+    d, _ = reach(kw)
+    covered = ndimage.maximum_filter(seeds.view(np.uint8), size=2 * d + 1).view(bool)
+    assert flags.any() and not (flags & ~covered).any()
+
+
+def test_grow_adds_bright_neighbours_but_not_star_wings():
+    sci, var, _ = noise_frame((32, 32), seed=4)
+    sci[10, 10] = 3000  # flagged hit
+    sci[10, 11] = 6 * SKY_SIGMA  # its faint tail: grown
+    sci[11, 10] = 0.5 * SKY_SIGMA  # plain sky: not grown
+    star = gaussian_star((32, 32), 22, 22, 3.0, 1e5)
+    sci += star
+    var += star
+    crmask = np.zeros(sci.shape, bool)
+    crmask[10, 10] = True
+    crmask[22, 22] = True  # a (false) flag on the star's core
+    out = grow_conditional(sci, var, crmask, np.zeros(sci.shape, bool), nsigma=2.5, passes=3)
+    assert out[10, 11] and not out[11, 10]
+    assert out[22, 22] and out[20:25, 20:25].sum() == 1  # the wings are not taken
