@@ -1,0 +1,161 @@
+"""The science chain against the simulator's truth, on the ``sim_small`` night.
+
+Every good science frame of ``sim_small`` (512 x 512 at 4x4 binning, 0.48"/px,
+seeing 0.9-1.5" = 1.9-3.1 px, 60 s SDSS-R, sky ~3500 e-) is reduced through
+:func:`photowatch.pipeline.front` and :func:`photowatch.pipeline.back` with the
+default settings and masters made from the truth: bias ``true_bias_e()``, dark
+``true_dark_e_per_s()``, flat ``true_flat(F)`` divided by its robust central
+median as :class:`photowatch.calib.masters.MasterBook` normalises a master flat,
+tiny variances, and the bad-pixel mask :func:`photowatch.calib.bpm.bad_pixel_mask`
+makes from them. The master sky is the night's accumulator of all its frames,
+each frame corrected with the others (leave one out), as when the night is
+re-reduced; ``no master sky`` is a frame reduced before the night has one.
+
+What is compared:
+
+- the truth image of a frame in SCI units is ``model * L``: the noiseless
+  stars (flat-fielded e-, true flat of mean 1) times ``L``, the median the
+  master flat was divided by, and no sky (SCI is sky subtracted);
+- (a) the COSMIC mask bit against the truth cosmic-ray mask (pixels with CR
+  charge above 5 sigma of the background noise), excluded pixels (bad,
+  saturated, no data, low flat) left out; star pixels: ``model * L`` above 3
+  times the frame's SKYNOISE, not excluded, not within 1 px of a true CR;
+- (b) in star-free pixels (``model * L`` below 0.05 SKYNOISE, no mask bit, more
+  than 2 px from a true CR), ``(SCI - model * L) / ERR`` should have mean 0 and
+  standard deviation 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+EXCLUDED = 1 | 2 | 8 | 16
+
+
+def truth_masters(night, filter_name):
+    from photowatch.calib.combine import robust_level
+    from photowatch.frame import MasterImage
+
+    bias = night.true_bias_e()
+    dark = night.true_dark_e_per_s()
+    flat = night.true_flat(filter_name)
+    level, _ = robust_level(flat)
+    flat = (flat / np.float32(level)).astype(np.float32)
+    masters = {"bias": MasterImage("bias", bias, np.full_like(bias, 0.01)),
+               "dark": MasterImage("dark", dark, np.full_like(dark, 1e-8)),
+               "flat": MasterImage("flat", flat, np.full_like(flat, 1e-8))}
+    return masters, level
+
+
+@pytest.fixture(scope="module")
+def reduced(sim_small):
+    """Per good science frame: the reduced frames (with and without master sky) and truth."""
+    from astropy.io import fits
+
+    from photowatch.calib.bpm import bad_pixel_mask
+    from photowatch.classify import classify
+    from photowatch.config import Settings
+    from photowatch.fitsio import read_raw
+    from photowatch.instruments import load_profile
+    from photowatch.pipeline import back, front, pattern_for_sky
+    from photowatch.stages.mastersky import SkyAccumulator
+
+    settings = Settings()
+    profile = load_profile("lmi")
+    acc = SkyAccumulator()
+    flattened = []
+    for sf in sim_small.objects(good_only=True):
+        raw, header = read_raw(sf.path)
+        info = classify(header, sf.path.name, profile)
+        masters, level = truth_masters(sim_small, sf.filter)
+        bpm = bad_pixel_mask(dark=masters["dark"], flat=masters["flat"],
+                             settings=settings.calibration)
+        f = front(raw, header, info, masters=masters, bpm=bpm, settings=settings)["f"]
+        pattern = pattern_for_sky(f, settings)
+        acc.add(sf.raw_name, pattern, (info.ra_deg, info.dec_deg))
+        flattened.append((sf, f, pattern, level))
+    assert acc.n_dithered(settings.stages.mastersky.min_dither_arcsec) >= \
+        settings.stages.mastersky.min_frames + 1
+    out = []
+    for sf, f, pattern, level in flattened:
+        sky = acc.master(exclude=sf.raw_name, pattern=pattern)
+        with_sky = back(f, settings=settings, sky=sky, pattern=pattern)
+        no_sky = back(f, settings=settings, sky=None, pattern=pattern)
+        out.append({
+            "sf": sf,
+            "z": with_sky.frames["z"], "noise": with_sky.sky.noise_e,
+            "z_nosky": no_sky.frames["z"], "noise_nosky": no_sky.sky.noise_e,
+            "model": fits.getdata(sf.model_path).astype(np.float32) * np.float32(level),
+            "crm": fits.getdata(sf.crmask_path) != 0,
+        })
+    return out
+
+
+def cosmic_scores(reduced):
+    true_px = hit = star_px = star_hit = 0
+    for r in reduced:
+        mask = r["z"].mask
+        excluded = (mask & EXCLUDED) != 0
+        flagged = (mask & 4) != 0
+        truth = r["crm"] & ~excluded
+        star = (r["model"] > 3 * r["noise"]) & ~excluded & ~ndimage.binary_dilation(r["crm"])
+        true_px += truth.sum()
+        hit += (flagged & truth).sum()
+        star_px += star.sum()
+        star_hit += (flagged & star).sum()
+    return hit / true_px, star_hit / star_px, true_px
+
+
+def pulls(reduced, key="z", noise="noise"):
+    values = []
+    for r in reduced:
+        z = r[key]
+        near_cr = ndimage.binary_dilation(r["crm"], iterations=2)
+        free = (r["model"] < 0.05 * r[noise]) & (z.mask == 0) & ~near_cr
+        values.append(((z.sci - r["model"]) / z.err)[free])
+    return np.concatenate(values)
+
+
+def test_cosmic_rays_found_and_stars_spared(reduced):
+    """Measured on this night: 90 % of the true CR pixels, 0.4 % of the star pixels."""
+    completeness, star_fp, true_px = cosmic_scores(reduced)
+    assert true_px > 150
+    assert completeness >= 0.88
+    assert star_fp <= 0.01
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the 95 % goal is met on the 4k LMI 2x2 frame (95.8 %, benchmarks/bench_cosmics.py) "
+    "but not at sim_small's 4x4 binning (90 %): the missed pixels are whole faint events of "
+    "2-3 px at 4-5 sigma per pixel, whose L.A.Cosmic Laplacian S/N (shared between the "
+    "pixels of a track) stays below sigclip 4; a lower sigclip flags noise (800 px per "
+    "million at 3.5) and a lower objlim the cores of these undersampled stars (1.2 % at 3)"))
+def test_cosmic_rays_goal(reduced):
+    completeness, star_fp, _ = cosmic_scores(reduced)
+    assert completeness >= 0.95 and star_fp <= 0.01
+
+
+def test_residuals_have_unit_pulls(reduced):
+    """(SCI - truth) / ERR in star-free pixels: mean 0, sigma 1 (sky, flat, variance right).
+
+    Measured: mean -0.034, standard deviation 1.004. The mean is the light of
+    the stars too faint to be masked, which the sky estimate takes in: 0.036
+    sigma (2.5 e-) per pixel in the pixels the background is measured on.
+    """
+    p = pulls(reduced)
+    assert p.size > 500_000
+    assert abs(float(np.mean(p))) < 0.05
+    assert abs(float(np.std(p)) - 1.0) < 0.03
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "stages/skysub.py subtract_sky: sep mesh_px=128 on a 512-px frame is 4 meshes across and "
+    "cannot follow the night's additive sky pattern (scales of 0.4-0.8 frame widths): "
+    "measured mean -0.10, sigma 1.058 (mesh 32: -0.04, 1.004); only the master sky removes "
+    "it. Fix: cap the mesh at the frame size / 16 (or a per-instrument mesh)"))
+def test_residuals_without_master_sky(reduced):
+    p = pulls(reduced, key="z_nosky", noise="noise_nosky")
+    assert abs(float(np.mean(p))) < 0.05
+    assert abs(float(np.std(p)) - 1.0) < 0.03
