@@ -121,6 +121,10 @@ class Cosmics(Section):
     #: where L.A.Cosmic runs: the whole frame, two row bands in two threads, or only
     #: boxes around the candidates of a cheap Laplacian pre-pass (same flags)
     tiles: Literal["full", "halves", "candidates"] = "candidates"
+    #: second pass for faint events: pixels this many sigma above their eight neighbours'
+    #: mean, by more than sharp_ratio of their value (0: off)
+    sharp_sigma: NonNegFloat = 4.0
+    sharp_ratio: Annotated[float, Field(gt=0, le=1)] = 0.6
 
 
 class Sources(Section):

@@ -12,10 +12,21 @@ Three steps:
 1. L.A.Cosmic (astroscrappy) on the frame mirrored at its edges, either on the
    whole frame or (``tiles="candidates"``) only in boxes around the pixels a
    cheap Laplacian pre-pass says could be seeds; both give the same flags.
-2. Conditional growth (``grow_sigma``): a neighbour of a flagged pixel that
+2. Sharp pixels (``sharp_sigma``, ``sharp_ratio``): faint events L.A.Cosmic
+   leaves, pixels ``sharp_sigma`` above their eight neighbours' mean by more
+   than ``sharp_ratio`` of their value (no star is that sharp).
+3. Conditional growth (``grow_sigma``): a neighbour of a flagged pixel that
    stands ``grow_sigma`` above the median of its unflagged 5x5 surroundings,
    on the sky, is flagged too (``grow_passes`` times).
-3. Cleaning: the flagged pixels' data and variance from their neighbours.
+4. Cleaning: the flagged pixels' data and variance from their neighbours.
+
+The sharp-pixel pass was added after the table below, when nights of several
+frames (not one 4k frame) showed 91-94 % completeness at 2x2 binning: whole
+events of 2-3 px at 4-7 sigma per pixel that never reach sigclip. With it
+(``tests/stages/test_science_truth.py`` and simulated 1k/2k nights of five 300 s
+frames): 96.1-96.4 % at 2x2 binning with 0.01 % of star pixels, 97.7 % at 4x4
+with 0.73 % (the undersampled stars), for ~200 flagged noise pixels per
+million instead of ~140.
 
 Why these defaults (measured with ``benchmarks/bench_cosmics.py``)
 -----------------------------------------------------------------
@@ -166,6 +177,9 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
     kw = lacosmic_kwargs(settings, rn=rn, fwhm_px=fwhm_px)
 
     crmask, area, tiles = detect(sci, var, inmask, kw, tiles=settings.tiles)
+    if settings.sharp_sigma > 0:
+        crmask |= sharp_pixels(sci, var, inmask, crmask, nsigma=settings.sharp_sigma,
+                               ratio=settings.sharp_ratio)
     found = int(np.count_nonzero(crmask))
     if settings.grow_sigma > 0 and settings.grow_passes and found:
         crmask = grow_conditional(sci, var, crmask, inmask, nsigma=settings.grow_sigma,
@@ -194,6 +208,31 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
     result = CosmicsResult(npix, npix / crmask.size, grown=npix - found,
                            area_fraction=area, tiles=tiles)
     return frame.replace(sci=out_sci, var=out_var, mask=mask, header=hdr), result
+
+
+def sharp_pixels(sci, var, inmask, crmask, *, nsigma: float, ratio: float) -> np.ndarray:
+    """Faint events L.A.Cosmic leaves: pixels far sharper than any star.
+
+    A pixel qualifies when it stands ``nsigma`` above the mean of its eight neighbours
+    *and* that excess is more than ``ratio`` of its value. A star's core exceeds its
+    neighbours' mean by a fifth of its value at 4 px FWHM and by ~0.45 at 1.9 px (the
+    most undersampled simulated night), so ``ratio`` 0.6 spares stars; a cosmic-ray
+    pixel stands alone (ratio ~1) or on a thin track (~0.75). Measured on simulated
+    nights, this takes the completeness from ~93 % to ~96 % for ~60 more noise pixels
+    per million; the conditional growth then extends each to its whole track.
+    """
+    from scipy import ndimage
+
+    nb = ndimage.uniform_filter(sci, 3, mode="mirror")
+    nb *= 9.0
+    nb -= sci
+    nb /= 8.0  # mean of the eight neighbours
+    excess = sci - nb
+    out = excess > nsigma * np.sqrt(var)
+    out &= excess > ratio * sci
+    out &= ~inmask
+    out &= ~crmask
+    return out
 
 
 def lacosmic_kwargs(settings: Cosmics, *, rn: float, fwhm_px: float | None = None) -> dict:

@@ -29,11 +29,18 @@ class SkyResult:
     masked_fraction: float  #: fraction of pixels masked as sources or bad
 
 
+#: a background mesh is at most the frame's size over this
+MIN_MESHES = 16
+
+
 def _sep_background(data, mask, mesh, filt):
     import sep
 
     data = np.ascontiguousarray(data, dtype=np.float32)
-    mesh = int(min(mesh, max(8, min(data.shape) // 2)))
+    # at least MIN_MESHES meshes across the frame: a coarser mesh cannot follow a sky that
+    # varies over a fraction of the frame (measured: mesh 128 on 512 px left pulls of
+    # mean -0.10, sigma 1.06 without a master sky; mesh 32: -0.04, 1.00)
+    mesh = int(max(8, min(mesh, min(data.shape) // MIN_MESHES)))
     return sep.Background(data, mask=np.ascontiguousarray(mask), bw=mesh, bh=mesh, fw=filt,
                           fh=filt)
 
@@ -86,10 +93,13 @@ def _bin2(data: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2x2 mean of the usable pixels (a block with none is flagged bad)."""
     ny, nx = data.shape
     ey, ex = ny - ny % 2, nx - nx % 2
-    d = np.where(bad[:ey, :ex], np.float32(0), data[:ey, :ex]).reshape(ey // 2, 2, ex // 2, 2)
-    n = (~bad[:ey, :ex]).reshape(ey // 2, 2, ex // 2, 2).sum(axis=(1, 3))
+    d = np.where(bad[:ey, :ex], np.float32(0), data[:ey, :ex])
+    good = (~bad[:ey, :ex]).view(np.uint8)
+    # four strided adds: several times faster than a reshape-sum over two axes
+    total = d[0::2, 0::2] + d[1::2, 0::2] + d[0::2, 1::2] + d[1::2, 1::2]
+    n = good[0::2, 0::2] + good[1::2, 0::2] + good[0::2, 1::2] + good[1::2, 1::2]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = d.sum(axis=(1, 3)) / n
+        mean = total / n
     small_bad = n == 0
     mean[small_bad] = 0
     return np.ascontiguousarray(mean, dtype=np.float32), small_bad
@@ -159,7 +169,8 @@ def subtract_sky(frame: Frame, *, settings: SkySub, sources: np.ndarray | None =
     else:
         noise = float("nan")
     # a master sky already removed most of the sky: report the whole level
-    level = float(np.median(back)) + float(frame.header.get("SKYPRE", 0.0))
+    # the map is smooth: a sparse sample gives its median (0.004 s instead of 0.2 s at 4k)
+    level = float(np.median(back[::8, ::8])) + float(frame.header.get("SKYPRE", 0.0))
     result = SkyResult(level_e=level, noise_e=noise, method=settings.method,
                        masked_fraction=float(masked.mean()))
     hdr = frame.header.copy()
