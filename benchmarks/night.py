@@ -3,8 +3,9 @@
 Simulates a night of LMI-like frames (calibrations, then dithered science frames in two
 filters with exposures cycling through ``--exptimes``), starts the daemon on an empty
 watched folder, and replays the night into it at the real cadence (from DATE-OBS)
-divided by ``--speed`` (the calibrations first, back to back), optionally writing each
-science file in chunks as a camera does. Reports:
+divided by ``--speed`` (the calibrations first, back to back, and processed before the
+night starts, as at a telescope), optionally writing each science file in chunks as a
+camera does. Reports:
 
 - per science frame, the latency from the file's arrival (its rename, or its last chunk)
   to its reduced product and to its updated quick-look coadd: p50, p95, max;
@@ -200,11 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
         order = observation_order(night.raw_dir)
         start, first = time.monotonic(), None
+        calibrations = [raw for raw in order
+                        if str((watch / raw.path.name).resolve()) not in science]
+        for raw in calibrations:  # taken in the afternoon: delivered back to back, and done
+            arrivals[str((watch / raw.path.name).resolve())] = deliver(raw.path,
+                                                                       watch / raw.path.name)
+        wait_for(lambda: len(rows(db, "SELECT id FROM frames WHERE kind!='object' AND state IN "
+                                      "('used','rejected','quarantined','ignored')"))
+                 == len(calibrations), args.timeout, "the calibrations", proc)
+        print(f"{len(calibrations)} calibration frames done before the night", flush=True)
         for raw in order:
             path, when = raw.path, raw.obs_time
             if str((watch / path.name).resolve()) not in science:
-                # calibrations (taken in the afternoon): delivered back to back
-                arrivals[str((watch / path.name).resolve())] = deliver(path, watch / path.name)
                 continue
             if first is None:
                 first, start = when, time.monotonic()

@@ -94,8 +94,43 @@ def saturation_mask(raw_trim: np.ndarray, saturation_adu: float, *, grow_px: int
     saturation level connected to a saturated pixel.
     """
     sat = raw_trim >= saturation_adu
-    if not sat.any():
+    cols = np.flatnonzero(sat.any(axis=0))
+    if cols.size == 0:
         return sat
+    # work only in the runs of columns around saturated pixels (bleed trails run along
+    # columns): a few hundred columns instead of the whole frame
+    margin = 16 + grow_px
+    runs = np.split(cols, np.flatnonzero(np.diff(cols) > 2 * margin) + 1)
+    out = np.zeros_like(sat)
+    for run in runs:
+        x0, x1 = max(0, run[0] - margin), min(sat.shape[1], run[-1] + margin + 1)
+        part = sat[:, x0:x1]
+        if bleed:
+            bright = raw_trim[:, x0:x1] >= 0.5 * saturation_adu
+            labels, n = ndimage.label(bright, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+            hit = np.zeros(n + 1, bool)
+            hit[labels[part]] = True
+            hit[0] = False
+            part = hit[labels] | part
+        if grow_px:
+            size = 2 * grow_px + 1
+            part = ndimage.maximum_filter(part.view(np.uint8), size=size).view(bool)
+        out[:, x0:x1] |= part
+    sat = out
+    return sat
+    if bleed:
+        bright = raw_trim >= 0.5 * saturation_adu
+        labels, n = ndimage.label(bright, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+        # a lookup table of the labels touching a saturated pixel: one pass over the frame
+        # (np.isin sorts; a long exposure has hundreds of saturated stars)
+        hit = np.zeros(n + 1, bool)
+        hit[labels[sat]] = True
+        hit[0] = False
+        sat = hit[labels] | sat
+    if grow_px:
+        size = 2 * grow_px + 1
+        sat = ndimage.maximum_filter(sat.view(np.uint8), size=size).view(bool)
+    return sat
     if bleed:
         bright = raw_trim >= 0.5 * saturation_adu
         labels, n = ndimage.label(bright, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
