@@ -15,13 +15,11 @@ frame's reason).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import threading
 from pathlib import Path
 
 from photowatch.classify import FrameInfo
+from photowatch.locking import NamedLocks
 from photowatch.logs import get_logger
 
 log = get_logger("photowatch.coadd")
@@ -38,8 +36,7 @@ class CoaddBook:
         self.root = engine.out / "coadds"
         self._accs: dict[tuple, object] = {}
         self._dirty: set[tuple] = set()
-        self._locks: dict[tuple, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._locks = NamedLocks()
 
     # ------------------------------------------------------------------ paths and locks
     def path(self, night: str, target: str, filt: str) -> Path:
@@ -47,18 +44,9 @@ class CoaddBook:
 
         return self.root / night / coadd_filename(target, filt)
 
-    @contextlib.contextmanager
     def lock(self, key: tuple):
-        with self._guard:
-            tlock = self._locks.setdefault(key, threading.Lock())
-        folder = self.root / key[0]
-        folder.mkdir(parents=True, exist_ok=True)
-        with tlock, open(folder / f".{self.path(*key).stem}.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """A lock per coadd, across threads and processes (finalize beside the daemon)."""
+        return self._locks.hold(key, self.root / key[0] / f".{self.path(*key).stem}.lock")
 
     # ------------------------------------------------------------------ grid
     def grid(self, night: str, target: str, filt: str, wcs, shape):

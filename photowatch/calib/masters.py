@@ -20,7 +20,6 @@ Files::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from photowatch.errors import WaitForMasters
 from photowatch.fitsio import read_raw, save_npz, write_hdul
 from photowatch.frame import MasterImage
 from photowatch.instruments import Profile
+from photowatch.locking import NamedLocks
 from photowatch.logs import get_logger
 from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons
 
@@ -167,8 +167,7 @@ class MasterBook:
         self.settings = settings
         self.cal = settings.calibration
         self.profile_for = profile_for
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = NamedLocks()
         self._images = _LRU(8)
         self._images_guard = threading.Lock()
         self._bpms = _LRU(4)
@@ -177,19 +176,9 @@ class MasterBook:
         self._library: list[Candidate] | None = None
 
     # ------------------------------------------------------------------ locking
-    @contextlib.contextmanager
     def lock(self, name: str, night: str):
-        """A lock per master key, across threads and processes (flock)."""
-        with self._locks_guard:
-            tlock = self._locks.setdefault(name, threading.Lock())
-        folder = self.root / night / ".state"
-        folder.mkdir(parents=True, exist_ok=True)
-        with tlock, open(folder / f"{name}.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """A lock per master key, across threads and processes."""
+        return self._locks.hold(name, self.root / night / ".state" / f"{name}.lock")
 
     # ------------------------------------------------------------------ candidates
     def library(self) -> list[Candidate]:

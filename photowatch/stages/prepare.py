@@ -118,38 +118,6 @@ def saturation_mask(raw_trim: np.ndarray, saturation_adu: float, *, grow_px: int
         out[:, x0:x1] |= part
     sat = out
     return sat
-    if bleed:
-        bright = raw_trim >= 0.5 * saturation_adu
-        labels, n = ndimage.label(bright, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
-        # a lookup table of the labels touching a saturated pixel: one pass over the frame
-        # (np.isin sorts; a long exposure has hundreds of saturated stars)
-        hit = np.zeros(n + 1, bool)
-        hit[labels[sat]] = True
-        hit[0] = False
-        sat = hit[labels] | sat
-    if grow_px:
-        size = 2 * grow_px + 1
-        sat = ndimage.maximum_filter(sat.view(np.uint8), size=size).view(bool)
-    return sat
-    if bleed:
-        bright = raw_trim >= 0.5 * saturation_adu
-        labels, n = ndimage.label(bright, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
-        hit = np.unique(labels[sat])
-        hit = hit[hit > 0]
-        if hit.size:
-            sat = np.isin(labels, hit) | sat
-    if grow_px:
-        # grow only around the saturated region's bounding boxes (cheap at 4k)
-        objects = ndimage.find_objects(ndimage.label(sat)[0])
-        grown = sat.copy()
-        ny, nx = sat.shape
-        for sl in objects:
-            ys = slice(max(0, sl[0].start - grow_px), min(ny, sl[0].stop + grow_px))
-            xs = slice(max(0, sl[1].start - grow_px), min(nx, sl[1].stop + grow_px))
-            grown[ys, xs] |= ndimage.binary_dilation(sat[ys, xs], structure=np.ones((3, 3), bool),
-                                                     iterations=grow_px)
-        sat = grown
-    return sat
 
 
 def to_electrons(raw: np.ndarray, info: FrameInfo, *, calibration: Calibration,
