@@ -281,3 +281,38 @@ def test_interrupted_finalize_completes(night, tmp_path):
     assert not list(work.rglob("*.tmp"))
     data = json.loads((work / "report" / "2020-01-28" / "night.json").read_text())
     assert len(data["frames"]) == len(sim.frames)
+
+
+def test_depth_grows_as_the_square_root_of_the_exposure(night, tmp_path):
+    """Final coadds of 1, 2, 4 and 6 frames: the sky noise times sqrt(exposure) is constant
+    within 10 % (equal exposures, weights near equal: depth grows as sqrt(exposure))."""
+    from photowatch.coadd import CoaddGrid, FinalMember, final_coadd
+
+    sim, out, settings, _ = night
+    store = Store(out / "state.sqlite")
+    (coadd,) = store.coadds()
+    grid = CoaddGrid.from_json(coadd["grid_json"])
+    rows = store.frames("kind='object' AND state='reduced' AND accepted=1")
+    members = [FinalMember(r["name"], r["product"], json.loads(r["qc_json"])["flxscale"],
+                           json.loads(r["qc_json"])["skynoise_e"], r["exptime"]) for r in rows]
+    depth = []
+    for n in (1, 2, 4, len(members)):
+        path = final_coadd(members[:n], grid, tmp_path / f"c{n}.fits", clip_sigma=3.0,
+                           chunk_rows=256, magzp=None)
+        with fits.open(path) as h:
+            sci, ncov = h["SCI"].data.astype(np.float32), h["NCOV"].data
+        # photometric depth: sums in 4-px apertures at random places covered by all n
+        # frames (apertures, not pixels: resampling correlates neighbouring pixels)
+        ys, xs = np.nonzero(ncov[8:-8, 8:-8] == n)
+        pick = np.random.default_rng(n).choice(ys.size, 3000, replace=False)
+        import sep
+
+        v, _, _ = sep.sum_circle(np.ascontiguousarray(np.nan_to_num(sci)), xs[pick] + 8.0,
+                                 ys[pick] + 8.0, 4.0)
+        for _ in range(5):  # stars are a small minority of the apertures: clipped away
+            med, sig = np.median(v), 1.4826 * np.median(np.abs(v - np.median(v)))
+            v = v[np.abs(v - med) < 3 * sig]
+        exposure = sum(m.exptime_s for m in members[:n])
+        depth.append(np.std(v) * np.sqrt(exposure))
+    depth = np.array(depth)
+    assert np.all(np.abs(depth / depth[0] - 1) < 0.10), depth
