@@ -21,6 +21,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, Sip
+from shared_data import RATIR as RATIR_DIR
 
 from photowatch.classify import classify
 from photowatch.config import Astrometry, Catalog, Sources
@@ -42,8 +43,6 @@ from photowatch.stages.astrometry import (
 
 N = 1024
 SCALE = 0.4
-RATIR_DIR = "/work/shared/data/ratir-2013-07-16"
-
 
 # ----------------------------------------------------------------------------- synthetic fields
 

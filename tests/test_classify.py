@@ -1,10 +1,10 @@
 """Profiles and classification: real RATIR headers, LMI-like headers, edge cases, names."""
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from astropy.io import fits
+from shared_data import RATIR
 
 from photowatch.classify import (
     classify,
@@ -17,7 +17,6 @@ from photowatch.classify import (
 from photowatch.errors import BadInput, FrameIgnored, FrameRejected
 from photowatch.instruments import all_profiles, detect_profile, load_profile
 
-RATIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ratir-2013-07-16"
 needs_ratir = pytest.mark.skipif(not RATIR.is_dir(), reason="shared RATIR data not present")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from shared_data import RATIR
 
 from photowatch.batch import reduce_directory
 from photowatch.config import Settings
@@ -24,7 +25,6 @@ from photowatch.products import read_product
 from photowatch.stages.zeropoint import match_sky
 from photowatch.store import TERMINAL, Store
 
-RATIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ratir-2013-07-16"
 pytestmark = pytest.mark.skipif(not RATIR.is_dir(), reason="shared RATIR data not present")
 
 

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from shared_data import RATIR
 
 from photowatch.calib.combine import robust_level
 from photowatch.config import Settings
 from photowatch.engine import Engine
 from photowatch.ingest import ingest_file
 from photowatch.simulate import simulate_night
-
-RATIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "ratir-2013-07-16"
 
 
 def run_engine(raw_files, out, **overrides):

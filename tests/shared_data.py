@@ -1,0 +1,27 @@
+"""Where the real RATIR night lives, for the tests that use it (read-only; tests copy it).
+
+``PHOTOWATCH_RATIR_DATA`` names it explicitly; else ``../shared/data/ratir-2013-07-16``
+next to this checkout; else the shared folder of the development machine. Tests that
+need it skip when none exists, so a clone elsewhere still runs the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_NAME = "ratir-2013-07-16"
+
+
+def _find() -> Path:
+    env = os.environ.get("PHOTOWATCH_RATIR_DATA")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data" / _NAME,
+                   Path("/work/shared/data") / _NAME]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return candidates[0]
+
+
+RATIR = _find()
