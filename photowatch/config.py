@@ -149,6 +149,7 @@ class Astrometry(Section):
     solve_field: bool = True
     solve_field_timeout_s: PositiveFloat = 30.0
     neighbour_tolerance_arcsec: PositiveFloat = 5.0
+    neighbour_pointing_arcsec: PositiveFloat = 90.0
 
 
 class ZeroPoint(Section):

@@ -112,7 +112,8 @@ class Engine:
             self.store.set_meta("catalog_path", str(Path(catalog_path).resolve()))
         self._catalog = None
         self._catalog_cache: dict = {}
-        self._previous_wcs: dict = {}
+        # (night, target, camera) -> the last solutions (ra, dec, AstrometryResult)
+        self._field_solutions: dict = {}
         self._coadds = None
         self._wake = threading.Condition()
         self._busy = 0

@@ -56,7 +56,7 @@ PROBLEM_STATES = ("rejected", "quarantined", "ignored", "waiting")
 #: numbers of ``frames.qc_json`` copied into night.json
 QC_KEYS = ("exptime", "fwhm_arcsec", "ellipticity", "nsources", "sky_e", "sky_e_per_s",
            "skynoise_e", "ncr", "airmass", "aststat", "astrms_arcsec", "astnstar", "astreason",
-           "zp", "zp_err", "zp_n", "zp_per_s", "flxscale", "transparency_mag", "phot_status",
+           "astsuspect", "zp", "zp_err", "zp_n", "zp_per_s", "flxscale", "transparency_mag", "phot_status",
            "phot_reason", "accepted")
 THUMB_PX = 240  #: longest side of a thumbnail
 PREVIEW_PX = 1024  #: longest side of a preview made from a FITS file
@@ -1007,8 +1007,9 @@ def _other_events(facts: dict) -> list[dict]:
 
 def _problems(facts: dict) -> str:
     bad = [f for f in facts["frames"] if f["state"] in PROBLEM_STATES]
+    suspect = [f for f in facts["frames"] if f["state"] == "reduced" and f.get("astsuspect")]
     parts = []
-    if not bad and not _other_events(facts) and not facts["duplicates"]:
+    if not bad and not suspect and not _other_events(facts) and not facts["duplicates"]:
         return "<p class='allgood'>✓ No rejected, quarantined or ignored frames and no errors.</p>"
     order = {s: i for i, s in enumerate(("quarantined", "waiting", "rejected", "ignored"))}
     if bad:
@@ -1021,6 +1022,12 @@ def _problems(facts: dict) -> str:
                          "</li>")
         parts.append("<h3>Frames not reduced or not stacked</h3><ul class='problems'>"
                      + "".join(items) + "</ul>")
+    if suspect:
+        items = [f"<li><b>{_e(f['file'])}</b> <span class='muted'>{_e(f['filter'] or '')} "
+                 f"{_hms(f['obs_time'])}</span> — {_e(f.get('astreason') or 'suspect')}</li>"
+                 for f in suspect]
+        parts.append("<h3>Astrometry unlike the field's other frames (check them)</h3>"
+                     "<ul class='problems'>" + "".join(items) + "</ul>")
     if facts["duplicates"]:
         items = [f"<li>{_e(Path(d['path']).name)} <span class='muted'>same content as frame "
                  f"{_e(d['of'])}; not reduced again</span></li>" for d in facts["duplicates"][:20]]

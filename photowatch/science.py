@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,7 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
     """
     from photowatch.stages.astrometry import (
         apply_astrometry,
+        check_neighbours,
         initial_wcs,
         radec_for,
         relative_reference,
@@ -209,30 +211,33 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
             notes.append(f"catalogue unavailable ({exc})")
             reference = None
     relative = reference is None
-    ra_c, dec_c, _ = _centre(wcs0, shape)
-    # warm starts per field: a target observed at two pointings has two previous solutions
-    prev_key = (info.night, info.target, info.camera, round(ra_c, 2), round(dec_c, 2))
+    ra_c, dec_c, half_deg = _centre(wcs0, shape)
+    # the field's earlier solutions near this pointing: the newest is the warm start, all
+    # of them the neighbours a new solution is compared with
+    field_key = (info.night, info.target, info.camera)
+    neighbours = _nearby_solutions(engine, field_key, ra_c, dec_c, half_deg)
+    previous = next((r.wcs for r in reversed(neighbours) if not r.suspect), None)
     result = None
     if not s.enabled:
         result = None
     elif relative:
-        ra0, dec0, half = _centre(wcs0, shape)
-        ref = engine.refs.near(info.night, info.target or "", None, "astrom", ra0, dec0, half)
+        ref = engine.refs.near(info.night, info.target or "", None, "astrom", ra_c, dec_c,
+                               half_deg)
         if ref is None:
             # the first frame of this field: its own initial WCS defines the relative frame
             table = relative_reference(src.table, wcs0)
             if len(table) >= s.min_matches:
-                table.meta.update({"frame": info.std_name, "ra0": ra0, "dec0": dec0})
+                table.meta.update({"frame": info.std_name, "ra0": ra_c, "dec0": dec_c})
                 ref = engine.refs.add_field(info.night, info.target or "", None, "astrom",
                                             table)
                 result = _reference_result(wcs0, len(table))
         if result is None and ref is not None:
             result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=ref,
-                                      settings=s, previous=engine._previous_wcs.get(prev_key))
+                                      settings=s, previous=previous)
         refname = f"relative:{ref.meta.get('frame', '?')}" if ref is not None else None
     else:
         result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=reference,
-                                  settings=s, previous=engine._previous_wcs.get(prev_key))
+                                  settings=s, previous=previous)
     if result is None:
         from photowatch.stages.astrometry import AstrometryResult
 
@@ -240,7 +245,14 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
             "too few stars to register the field's first frame"
         result = AstrometryResult(wcs=None, status="failed", method="none", reason=why)
     if result.wcs is not None and result.status in ("ok", "relative"):
-        engine._previous_wcs[prev_key] = result.wcs
+        # a solution unlike the field's previous ones is flagged (kept, said in the header)
+        result = check_neighbours(result, neighbours, shape=shape,
+                                  tolerance_arcsec=s.neighbour_tolerance_arcsec,
+                                  pointing_tolerance_arcsec=s.neighbour_pointing_arcsec)
+        # every solution votes (a wrong first one is soon outvoted); bounded per field
+        ra_s, dec_s, _ = _centre(result.wcs, shape)
+        engine._field_solutions.setdefault(field_key, deque(maxlen=16)).append(
+            (ra_s, dec_s, result))
     frame = apply_astrometry(frame, result, reference_name=refname or "none")
     wcs = result.wcs if result.status in ("ok", "relative") else None
     cat = radec_for(src.table, wcs if wcs is not None else wcs0)
@@ -255,8 +267,22 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
         "abscal_astrometry": result.status == "ok",
     })
     if relative and result.status != "failed":
-        qc["astreason"] = "no reference catalogue: registered to the field's reference frame"
+        qc["astreason"] = "no reference catalogue: registered to the field's reference frame" \
+            + (f"; {result.reason}" if result.suspect else "")
+    qc["astsuspect"] = bool(result.suspect)
     return frame, cat, wcs, qc, reference, wcs0
+
+
+def _nearby_solutions(engine, field_key, ra: float, dec: float, radius_deg: float) -> list:
+    """The field's remembered solutions (oldest first) centred within ``radius_deg``."""
+    out = []
+    for ra_s, dec_s, result in engine._field_solutions.get(field_key, ()):
+        cos_d = math.sin(math.radians(dec)) * math.sin(math.radians(dec_s)) + \
+            math.cos(math.radians(dec)) * math.cos(math.radians(dec_s)) * \
+            math.cos(math.radians(ra - ra_s))
+        if math.degrees(math.acos(min(1.0, max(-1.0, cos_d)))) < radius_deg:
+            out.append(result)
+    return out
 
 
 def _centre(wcs, shape) -> tuple[float, float, float]:
@@ -270,10 +296,12 @@ def _centre(wcs, shape) -> tuple[float, float, float]:
 
 
 def _reference_result(wcs0, nstar):
-    from photowatch.stages.astrometry import AstrometryResult
+    from photowatch.stages.astrometry import AstrometryResult, wcs_geometry
 
+    scale, pa, flipped = wcs_geometry(wcs0)
     return AstrometryResult(wcs=wcs0, status="relative", method="reference-frame", rms_arcsec=0.0,
-                            nstar=nstar, offset_arcsec=0.0,
+                            nstar=nstar, offset_arcsec=0.0, rotation_deg=pa, scale_arcsec=scale,
+                            flipped=flipped,
                             reason="the field's reference frame (initial WCS from the header)")
 
 

@@ -18,6 +18,7 @@ from photowatch.batch import reduce_directory
 from photowatch.config import Settings
 from photowatch.finalize import finalize
 from photowatch.products import read_product
+from photowatch.report import write_report
 from photowatch.simulate import simulate_night
 from photowatch.store import TERMINAL, Store
 
@@ -56,8 +57,45 @@ def test_flipped_rotated_camera_solves_every_frame(flipped):
         x, y = solved.all_world2pix(ra, dec, 0)
         rms = np.sqrt(np.mean((x - xx.ravel()) ** 2 + (y - yy.ravel()) ** 2))
         assert rms < 0.05, (f.raw_name, rms)
+        assert not prod.header.get("ASTREASN", "").startswith("suspect"), prod.header["ASTREASN"]
         offsets.append(np.hypot(*f.pointing_offset_arcsec))
     assert max(offsets) > 20  # the header pointing really was off
+
+
+def test_a_solution_unlike_its_neighbours_is_flagged(flipped, monkeypatch):
+    """The fourth frame's solution is turned by 3 degrees (9" at the corner): flagged, no other."""
+    import dataclasses
+
+    from photowatch.stages import astrometry
+
+    sim, root = flipped
+    real, seen = astrometry.solve_astrometry, []  # frames told apart by their header pointing
+
+    def solve(*args, **kwargs):
+        res = real(*args, **kwargs)
+        key = tuple(np.round(kwargs["wcs_guess"].wcs.crval, 6))
+        if key not in seen:
+            seen.append(key)
+        return dataclasses.replace(res, rotation_deg=res.rotation_deg + 3.0) \
+            if key == seen[3] else res
+
+    monkeypatch.setattr(astrometry, "solve_astrometry", solve)
+    out = root / "one_turned"
+    settings = run(sim, out, str(sim.catalog_path))
+    store = Store(out / "state.sqlite")
+    flagged = []
+    for row in store.frames("kind = ?", ("object",)):
+        if row["product"]:
+            note = read_product(row["product"]).header.get("ASTREASN", "")
+            if note.startswith("suspect"):
+                flagged.append((row["raw_name"], note))
+    assert len(seen) == 5
+    assert len(flagged) == 1 and "rotation differs" in flagged[0][1], flagged
+    # the observer sees it in the night report
+    index = write_report(out, store, store.nights()[-1], settings, final=False)
+    page = index.read_text()
+    assert "Astrometry unlike the field" in page and flagged[0][0] in page
+    store.close()
 
 
 def test_without_a_catalogue_nothing_is_invented_and_the_coadd_is_built(flipped):

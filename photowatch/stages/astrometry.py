@@ -738,6 +738,20 @@ def wcs_cards(wcs):
     return hdr
 
 
+def _add_mjd_obs(header) -> None:
+    """MJD-OBS from DATE-OBS when missing, as WCS readers (astropy, DS9) otherwise add it
+    themselves with a warning on every read."""
+    if "MJD-OBS" in header or "DATE-OBS" not in header:
+        return
+    from astropy.time import Time
+
+    try:
+        mjd = Time(str(header["DATE-OBS"]).strip(), scale="utc").mjd
+    except ValueError:
+        return
+    header.set("MJD-OBS", round(float(mjd), 8), "[d] MJD of DATE-OBS", after="DATE-OBS")
+
+
 def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: str) -> Frame:
     """A new frame whose header holds the solution (or the failure) of ``result``.
 
@@ -754,6 +768,7 @@ def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: 
         header.remove(key, ignore_missing=True)
     if result.wcs is not None and result.status != "failed":
         header.update(wcs_cards(result.wcs))
+        _add_mjd_obs(header)
         set_key(header, "ASTRMS", float(result.rms_arcsec), "[arcsec] astrometric rms")
         set_key(header, "ASTNSTAR", int(result.nstar), "stars in the astrometric fit")
         set_key(header, "ASTOFFS", float(result.offset_arcsec),
@@ -773,7 +788,8 @@ def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: 
 
 
 def check_neighbours(result: AstrometryResult, previous_results, *, shape: tuple[int, int],
-                     tolerance_arcsec: float) -> AstrometryResult:
+                     tolerance_arcsec: float,
+                     pointing_tolerance_arcsec: float | None = None) -> AstrometryResult:
     """Flag a solution that disagrees with the other solutions of its field.
 
     Compares with the median of ``previous_results`` (usable solutions of the
@@ -782,7 +798,10 @@ def check_neighbours(result: AstrometryResult, previous_results, *, shape: tuple
     displacement at the image corner (arcsec), and the parity. A difference
     above ``tolerance_arcsec`` returns a copy with ``suspect=True`` and the
     reason; otherwise ``result`` itself. The header pointing must follow the
-    dithers for the pointing comparison to be meaningful.
+    dithers for the pointing comparison to be meaningful; it has its own
+    tolerance, ``pointing_tolerance_arcsec`` (default ``tolerance_arcsec``),
+    since a telescope's pointing error scatters from one frame to the next
+    while rotation, scale and parity do not.
     """
     prev = [r for r in previous_results if r is not None and r.ok]
     if not result.ok or not prev:
@@ -797,7 +816,8 @@ def check_neighbours(result: AstrometryResult, previous_results, *, shape: tuple
     flips = [r.flipped for r in prev]
     problems = []
     d_point = math.hypot(result.offset_east_arcsec - east, result.offset_north_arcsec - north)
-    if d_point > tolerance_arcsec:
+    if d_point > (tolerance_arcsec if pointing_tolerance_arcsec is None
+                  else pointing_tolerance_arcsec):
         problems.append(f"pointing differs by {d_point:.1f} arcsec")
     d_rot = abs(math.radians(rot)) * corner
     if d_rot > tolerance_arcsec:
