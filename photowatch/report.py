@@ -522,12 +522,18 @@ def png_thumbnail(path: Path, max_px: int = THUMB_PX) -> bytes:
 
 def _master_images(m: dict, folder: Path, cache: _ImageCache) -> dict:
     """Thumbnail and preview of one master (remade when its FITS file changed)."""
-    src = Path(m["path"])
-    stamp = _file_stamp(src)
-    if stamp is None or not m["this_night"]:
+    if not m["this_night"]:
         return {}
     base = "master_" + _slug(m["kind"], m["camera"], m["filter"], m["target"], m["binning"],
                               m["readout"])
+    return _fits_images(Path(m["path"]), base, folder, cache)
+
+
+def _fits_images(src: Path, base: str, folder: Path, cache: _ImageCache) -> dict:
+    """Thumbnail and preview PNGs of a FITS file's image, remade only when the file changed."""
+    stamp = _file_stamp(src)
+    if stamp is None:
+        return {}
     names = (f"{base}_thumb.png", f"{base}.png")
     if not all(cache.fresh(n, stamp) for n in names):
         try:
@@ -555,21 +561,7 @@ def _coadd_images(c: dict, folder: Path, cache: _ImageCache) -> dict:
                 return {"error": f"{ql.name}: {exc}"}
             cache.record(name, stamp)
         return {"thumb": folder / "img" / name, "full": ql}
-    src = Path(c["path"])
-    stamp = _file_stamp(src)
-    if stamp is None:
-        return {}
-    names = (f"{base}_thumb.png", f"{base}.png")
-    if not all(cache.fresh(n, stamp) for n in names):
-        try:
-            thumb, preview = fits_previews(src, (THUMB_PX, PREVIEW_PX))
-        except Exception as exc:  # a thumbnail must never cost the report
-            return {"error": f"{src.name}: {exc}"}
-        write_bytes(folder / "img" / names[0], thumb, fsync=False)
-        write_bytes(folder / "img" / names[1], preview, fsync=False)
-        for n in names:
-            cache.record(n, stamp)
-    return {"thumb": folder / "img" / names[0], "full": folder / "img" / names[1]}
+    return _fits_images(Path(c["path"]), base, folder, cache)
 
 
 # ---------------------------------------------------------------------------- plots

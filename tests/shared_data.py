@@ -25,3 +25,15 @@ def _find() -> Path:
 
 
 RATIR = _find()
+
+
+def wcs_grid_rms_px(solved, truth, shape, step: int = 16) -> float:
+    """rms (px) of where ``solved`` puts the sky positions ``truth`` gives a grid of pixels:
+    the whole frame, not only the matched stars."""
+    import numpy as np
+
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny:step, 0:nx:step]
+    ra, dec = truth.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    x, y = solved.all_world2pix(ra, dec, 0)
+    return float(np.sqrt(np.mean((x - xx.ravel()) ** 2 + (y - yy.ravel()) ** 2)))
