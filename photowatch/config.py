@@ -212,6 +212,9 @@ class Coadd(Section):
     chunk_rows: Annotated[int, Field(ge=8)] = 256
     quicklook_png: bool = True
     detect_sigma: PositiveFloat = 3.0
+    #: coadd catalogue: at most this many sources (the brightest); a deep stack of a rich
+    #: field holds far more than a single frame's cap (stages.sources.max_sources)
+    max_sources: Annotated[int, Field(ge=10)] = 200_000
     #: final coadd: tolerance for seeing differences, a fraction of the pixel level added
     #: in quadrature to the noise before clipping (SWarp's CLIP_AMPFRAC)
     clip_amp_frac: Annotated[float, Field(ge=0, le=5)] = 2.0

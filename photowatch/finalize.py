@@ -309,7 +309,8 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
         for filt, (path, magzp, _) in per_filter.items():
             cat_path = Path(str(path).replace(".fits", ".cat.fits"))
             table = coadd_catalog(path, magzp=magzp,
-                                  detect_sigma=engine.settings.coadd.detect_sigma)
+                                  detect_sigma=engine.settings.coadd.detect_sigma,
+                                  max_sources=engine.settings.coadd.max_sources)
             if magzp is not None:
                 _calibrate_catalogue(engine, night, target, filt, path, table)
             tables[filt] = (table, cat_path)

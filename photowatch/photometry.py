@@ -107,7 +107,7 @@ def effective_gain(members) -> float:
 
 
 def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
-                  detect_sigma: float = 3.0, settings=None):
+                  detect_sigma: float = 3.0, max_sources: int = 200_000, settings=None):
     """Detect and measure the sources of a coadd; calibrated magnitudes.
 
     Parameters
@@ -119,9 +119,12 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
         the file's MAGZP. Without either, ``mag`` is NaN.
     detect_sigma : float
         Detection threshold in units of the per-pixel noise.
+    max_sources : int
+        At most this many sources (the brightest): the single-frame cap of
+        ``settings`` is far too low for a deep stack.
     settings : photowatch.config.Sources, optional
         Extraction settings (minimum area, aperture size, aperture-correction
-        radius); ``detect_sigma`` replaces its own threshold.
+        radius); ``detect_sigma`` and ``max_sources`` replace its own.
 
     Returns
     -------
@@ -177,7 +180,8 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
     mask = np.where(valid, 0, int(Mask.NODATA)).astype(np.uint16)
     if settings is None:
         settings = Sources()
-    settings = settings.model_copy(update={"detect_sigma": float(detect_sigma)})
+    settings = settings.model_copy(update={"detect_sigma": float(detect_sigma),
+                                           "max_sources": int(max_sources)})
     sources = extract_sources(Frame(sci=data, var=var, mask=mask, header=header),
                               settings=settings, pixel_scale_arcsec=_scale_arcsec(wcs))
     src = sources.table
