@@ -145,6 +145,18 @@ def test_magzp_argument_overrides_the_header(coadd):
     assert np.allclose(b["mag"] - a["mag"], 1.0, equal_nan=True)
 
 
+def test_the_single_frame_source_cap_does_not_apply(coadd):
+    """A deep stack holds more sources than one frame: only ``max_sources`` caps it."""
+    from photowatch.config import Sources
+
+    path, *_ = coadd
+    full = coadd_catalog(path, detect_sigma=3.0, settings=Sources(max_sources=10))
+    assert len(full) > 10
+    capped = coadd_catalog(path, detect_sigma=3.0, max_sources=10)
+    assert len(capped) == 10
+    assert np.nanmedian(capped["mag"]) < np.nanmedian(full["mag"]) - 1  # the brightest kept
+
+
 def test_write_catalog_round_trip(coadd, tmp_path):
     path, grid, truth = coadd
     cat = coadd_catalog(path, detect_sigma=5.0)
