@@ -1154,6 +1154,19 @@ def _master_section(facts: dict, images: list[dict], links: _Links) -> str:
             + "".join(thumbs) + "</div>")
 
 
+def _arrived_as_a_batch(frames: list[dict]) -> bool:
+    """True when most frames arrived in far less time than they took to observe."""
+    pairs = [(_parse_time(f.get("arrived_at")), _parse_time(f.get("obs_time"))) for f in frames]
+    pairs = [(a, o) for a, o in pairs if a is not None and o is not None]
+    if len(pairs) < 3:
+        return False
+    arrived = sorted(a for a, _ in pairs)
+    observed = sorted(o for _, o in pairs)
+    obs_span = (observed[-1] - observed[0]).total_seconds()
+    arr_span = (arrived[-1] - arrived[0]).total_seconds()
+    return obs_span > 600 and arr_span < 0.1 * obs_span
+
+
 def _latency_section(facts: dict, plot: Path | None, links: _Links) -> str:
     rows = "".join(
         f"<tr><td>{label}</td><td class='n'>{s['n']}</td><td class='n'>{_duration(s['median'])}"
@@ -1168,6 +1181,10 @@ def _latency_section(facts: dict, plot: Path | None, links: _Links) -> str:
     left = ("<div><table><thead><tr><th>from arrival to product</th><th class='n'>N</th>"
             "<th class='n'>median</th><th class='n'>p95</th><th class='n'>max</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>")
+    if _arrived_as_a_batch(facts["frames"]):
+        left += ("<p class='muted'>These frames arrived together (a batch <code>photowatch "
+                 "reduce</code>, or a backlog after a restart), so the times above include "
+                 "waiting in the queue; the seconds per stage are the cost of a frame.</p>")
     if stages:
         left += ("<h3>Seconds per stage (science frames)</h3><table><thead><tr><th>stage</th>"
                  "<th class='n'>median</th><th class='n'>max</th></tr></thead>"

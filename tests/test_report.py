@@ -324,7 +324,21 @@ def test_report_of_a_reduced_simulated_night(sim_small, tmp_path):
     assert {f["state"] for f in data["frames"]} <= {"used", "reduced", "rejected"}
     assert data["masters"] and all(
         (index.parent / "img").glob("master_*_thumb.png") for _ in [0])
+    assert "arrived together" in index.read_text()  # a batch: latency is mostly queueing
     store.close()
+
+
+def test_batch_arrivals_are_told_apart_from_a_live_night():
+    from photowatch.report import _arrived_as_a_batch
+
+    def frames(arrival_step_s):
+        return [{"obs_time": f"2020-01-29T02:{10 + 2 * i:02d}:00",
+                 "arrived_at": f"2020-01-29T03:00:{0:02d}" if arrival_step_s == 0 else
+                 f"2020-01-29T02:{10 + 2 * i:02d}:{arrival_step_s:02d}"} for i in range(10)]
+
+    assert _arrived_as_a_batch(frames(0))
+    assert not _arrived_as_a_batch(frames(40))
+    assert not _arrived_as_a_batch(frames(0)[:2])
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium")
