@@ -11,7 +11,6 @@ product, its quick-look PNG and, if asked, the intermediates.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -433,8 +432,6 @@ def write_outputs(engine, row, info: FrameInfo, raw_header, result: ScienceResul
     extra = {k: frame.header[k] for k in frame.header if k in _PRODUCT_KEYS}
     prim = primary_header(raw_header, {**extra, **profile_header_items(info, engine.profile(
         info.instrument))})
-    set_key(prim, "MASTERS", (json.dumps({k: v["path"] for k, v in result.masters_used.items()}),
-                              "masters used"))
     shdr = sci_header(frame, wcs_header, extra)
     write_product(path, frame, primary=prim, sci_hdr=shdr, cat=result.cat)
     paths = {"product": str(path)}

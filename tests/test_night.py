@@ -110,6 +110,10 @@ def test_products_format(night):
             assert key in sci, key
         assert sci["CTYPE1"] == "RA---TAN-SIP"
         assert h[0].header["ORIGFILE"] == row["raw_name"]
+        # the masters used, by file and version, as the store has them
+        used = json.loads(row["masters_json"])
+        for kind, key in (("bias", "MBIAS"), ("dark", "MDARK"), ("flat", "MFLAT")):
+            assert sci[key] == used[kind]["path"] and sci[key + "V"] == used[kind]["version"]
         cat = h["CAT"].columns.names
         for col in ("x", "y", "ra", "dec", "flux", "fluxerr", "mag", "magerr", "fwhm",
                     "ellipticity", "flags"):
