@@ -86,8 +86,10 @@ def set_key(header, key: str, value, comment: str = "") -> None:
         return
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, str) and len(value) > 68:
-        value = value[:68]
+    if isinstance(value, str) and len(value) > 1000:
+        value = value[:997] + "..."
+    # longer strings than a card holds go on CONTINUE cards (the FITS long-string
+    # convention, read by astropy, DS9 and CFITSIO): a reason is never cut mid-sentence
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         header[key] = (value, comment) if comment else value

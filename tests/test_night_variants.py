@@ -88,6 +88,7 @@ def test_a_solution_unlike_its_neighbours_is_flagged(flipped, monkeypatch):
                 flagged.append((row["raw_name"], note))
     assert len(seen) == 5
     assert len(flagged) == 1 and "rotation differs" in flagged[0][1], flagged
+    assert flagged[0][1].endswith("at the corner)")  # the whole reason, on CONTINUE cards
     # the observer sees it in the night report
     index = write_report(out, store, store.nights()[-1], settings, final=False)
     page = index.read_text()
