@@ -56,6 +56,11 @@ def setup_logging(level: str = "info", fmt: str = "auto", file: str = "",
     )
     logging.captureWarnings(True)
     warnings.simplefilter("default")
+    # Known-benign warnings are silenced here, once, for the whole process: the local
+    # catch_warnings() blocks around FITS I/O are not thread-safe (one worker's exit can
+    # restore filters while another is inside its block), so they alone let these leak.
+    for message in (r".*did not parse as fits unit", r"Card is too long, comment will be truncated"):
+        warnings.filterwarnings("ignore", message=message)
     _configured = True
 
 
