@@ -274,16 +274,12 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
 
 def _nearby_solutions(engine, field_key, ra: float, dec: float, radius_deg: float) -> list:
     """The field's remembered solutions (oldest first) centred within ``radius_deg``."""
-    out = []
+    from photowatch.catalogs import angular_distance_deg
+
     # a snapshot: another worker may append to the deque meanwhile (tuple() copies it in
     # one step under the GIL; iterating the deque itself would raise on a concurrent append)
-    for ra_s, dec_s, result in tuple(engine._field_solutions.get(field_key, ())):
-        cos_d = math.sin(math.radians(dec)) * math.sin(math.radians(dec_s)) + \
-            math.cos(math.radians(dec)) * math.cos(math.radians(dec_s)) * \
-            math.cos(math.radians(ra - ra_s))
-        if math.degrees(math.acos(min(1.0, max(-1.0, cos_d)))) < radius_deg:
-            out.append(result)
-    return out
+    return [result for ra_s, dec_s, result in tuple(engine._field_solutions.get(field_key, ()))
+            if float(angular_distance_deg(ra, dec, ra_s, dec_s)) < radius_deg]
 
 
 def _centre(wcs, shape) -> tuple[float, float, float]:
