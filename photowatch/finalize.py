@@ -297,17 +297,17 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
 
 
 def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
-    from photowatch.photometry import coadd_catalog, merge_bands, write_catalog
+    from photowatch.photometry import catalog_path, coadd_catalog, merge_bands, write_catalog
 
     done = []
     for target, per_filter in catalogs.items():
-        fresh = any(changed or not Path(str(path).replace(".fits", ".cat.fits")).exists()
+        fresh = any(changed or not catalog_path(path).exists()
                     for path, _, changed in per_filter.values())
         if not fresh:
             continue
         tables = {}
         for filt, (path, magzp, _) in per_filter.items():
-            cat_path = Path(str(path).replace(".fits", ".cat.fits"))
+            cat_path = catalog_path(path)
             table = coadd_catalog(path, magzp=magzp,
                                   detect_sigma=engine.settings.coadd.detect_sigma,
                                   max_sources=engine.settings.coadd.max_sources)
