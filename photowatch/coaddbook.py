@@ -175,18 +175,22 @@ class CoaddBook:
             self._write(key, acc, grid=grid, frame_updates={row["id"]: {"coadd": "added"}})
         return True
 
+    def covering(self, grid, wcs, shape, raw_name: str):
+        """:func:`photowatch.coadd.grown_grid` with the coadd settings: (grid, dy, dx), or
+        None when ``grid`` covers the frame or the frame is too far off (said in the log)."""
+        from photowatch.coadd import grown_grid
+
+        try:
+            return grown_grid(grid, wcs, shape, self.settings.margin_arcsec, 4 * max(shape))
+        except ValueError as exc:
+            log.warning("coadd_not_grown", file=raw_name, problem=str(exc),
+                        action="only the overlapping part is stacked")
+            return None
+
     def _cover(self, key: tuple, acc, wcs, shape, row):
         """Grow the night's grid of a coadd when a frame reaches beyond it (a second
         pointing of the target, a large dither); existing pixels keep their places."""
-        from photowatch.coadd import grown_grid
-
-        max_side = 4 * max(shape)
-        try:
-            grown = grown_grid(acc.grid, wcs, shape, self.settings.margin_arcsec, max_side)
-        except ValueError as exc:
-            log.warning("coadd_not_grown", file=row["raw_name"], problem=str(exc),
-                        action="only the overlapping part is stacked")
-            return acc.grid
+        grown = self.covering(acc.grid, wcs, shape, row["raw_name"])
         if grown is None:
             return acc.grid
         grid, dy, dx = grown

@@ -272,7 +272,7 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
     """The night's grid of a coadd, grown if needed to cover every member frame."""
     from astropy.io import fits
 
-    from photowatch.coadd import CoaddGrid, grown_grid
+    from photowatch.coadd import CoaddGrid
     from photowatch.coaddbook import _wcs
 
     grid = None
@@ -284,13 +284,7 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
         if grid is None:
             grid = engine.coadds.grid(night, target, filt, wcs, shape)
             continue
-        try:
-            grown = grown_grid(grid, wcs, shape, engine.settings.coadd.margin_arcsec,
-                               4 * max(shape))
-        except ValueError as exc:
-            log.warning("coadd_not_grown", file=member["raw_name"], problem=str(exc),
-                        action="only the overlapping part is stacked")
-            continue
+        grown = engine.coadds.covering(grid, wcs, shape, member["raw_name"])
         if grown is not None:
             grid = grown[0]
     return grid

@@ -199,6 +199,13 @@ class Watcher:
         events = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
                   FileDeletedEvent, DirCreatedEvent, DirMovedEvent]
         logging.getLogger("watchdog").addHandler(self._alarm)
+
+        def start(obs):
+            obs.schedule(_Events(self.events), str(self.rawdir), recursive=True,
+                         event_filter=events)
+            obs.daemon = True
+            obs.start()
+
         observer = None
         if not self.settings.polling:
             from watchdog.observers.inotify import InotifyObserver
@@ -206,10 +213,7 @@ class Watcher:
             try:
                 # full events: a file renamed in from outside RAWDIR is a move, not a creation
                 observer = InotifyObserver(generate_full_events=True)
-                observer.schedule(_Events(self.events), str(self.rawdir), recursive=True,
-                                  event_filter=events)
-                observer.daemon = True
-                observer.start()
+                start(observer)
             except OSError as exc:  # e.g. fs.inotify.max_user_watches reached
                 log.warning("inotify_unavailable", rawdir=str(self.rawdir),
                             problem=exc.strerror or str(exc),
@@ -220,10 +224,7 @@ class Watcher:
                 observer = None
         if observer is None:
             observer = PollingObserver(timeout=self.settings.poll_interval_s)
-            observer.schedule(_Events(self.events), str(self.rawdir), recursive=True,
-                              event_filter=events)
-            observer.daemon = True
-            observer.start()
+            start(observer)
         self.polling = isinstance(observer, PollingObserver)
         self.observer = observer
 
