@@ -356,9 +356,9 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
         qc.update(abscal=False, phot_note=f"not absolutely calibrated: {why}")
         ra0, dec0, half = _centre(wcs if wcs is not None else wcs0, frame.sci.shape)
         ref = engine.refs.near(info.night, target, info.filter, "fluxref", ra0, dec0, half)
-        from photowatch.stages.zeropoint import usable_stars
+        from photowatch.stages.zeropoint import relative_stars
 
-        usable = cat[usable_stars(cat, min_snr=5.0, stellar_only=False)]
+        usable = cat[relative_stars(cat)]
         if ref is None and ast_qc.get("aststat") != "failed" and len(usable) >= s.quality.min_stars:
             table = usable["ra", "dec", "flux", "fluxerr"]
             table.meta.update({"frame": info.std_name, "exptime": t, "ra0": ra0, "dec0": dec0})

@@ -212,13 +212,19 @@ class FluxScaleResult:
     reason: str | None = None
 
 
+def relative_stars(cat) -> np.ndarray:
+    """Indices of the sources a relative flux scale uses: any compact source at S/N >= 5
+    (the field's reference frame keeps the same selection, so both sides match)."""
+    return usable_stars(cat, min_snr=5.0, stellar_only=False)
+
+
 def relative_flux_scale(cat, reference, *, settings: ZeroPoint, min_stars: int
                         ) -> FluxScaleResult:
     """Flux scale to the night's reference frame of a field and filter, from common stars.
 
     ``reference`` has ``ra, dec, flux`` (the reference frame's sources).
     """
-    idx = usable_stars(cat, min_snr=5.0, stellar_only=False)
+    idx = relative_stars(cat)
     if idx.size == 0:
         return FluxScaleResult("failed", reason="no unflagged stars measured")
     a, b = match_sky(np.asarray(cat["ra"])[idx], np.asarray(cat["dec"])[idx],
