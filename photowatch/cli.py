@@ -78,16 +78,22 @@ def _known_night(out: Path, night: str | None) -> None:
 
 
 def _writable(folder: Path) -> str | None:
-    """Why ``folder`` (or the folder that would hold it) cannot be written, or None."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        return f"{probe} is not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable"
+    """Why ``folder`` cannot hold the output (created if missing), or None.
+
+    A probe file is created and removed at once (``os.access`` alone says yes to
+    root on file systems that refuse writes, e.g. ``/proc``).
+    """
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is not a directory"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".photowatch-probe-"):
+            pass
+    except OSError as exc:
+        where = exc.filename or folder
+        return f"cannot write in {where}: {exc.strerror or exc}"
     return None
 
 

@@ -360,7 +360,7 @@ class Engine:
         elif what in ("quarantined", "ignored", "rejected"):
             self._finish_bad(fid, what, str(exc), blog)
         elif what == "held":
-            reason = f"held: {exc}"
+            reason = str(exc)
             self.store.transition(fid, ["processing"], "held", reason=reason, message=reason,
                                   level="warning", error_class="held",
                                   action="held until the configuration is fixed")
@@ -410,6 +410,7 @@ class Engine:
                                   action=f"will retry in {wait:.0f} s (transient)")
             blog.error("not_done", problem=problem, error_class="transient",
                        action=f"left received; processing paused, retried in {wait:.0f} s")
+            self.last_retry = time.monotonic()
             with self._busy_guard:
                 self._resume_at = time.monotonic() + wait
                 self.backoff_s = min(wait * 2, self.settings.daemon.retry_backoff_max_s)

@@ -154,6 +154,7 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg),
                           baseline=before["coadds"], incomplete=result.incomplete)
     result.done += coadds
+    _drop_snapshots(before)
     comparison = compare(engine, night, before)
     result.done += comparison["lines"]
     for name, why in result.incomplete.items():
@@ -246,12 +247,45 @@ def snapshot(engine: Engine, night: str) -> dict:
                 coadds[(c["target"], c["filter"])] = stats["quicklook"]
             continue
         members = json.loads(c["members_json"] or "[]")
+        path = Path(c["path"])
         coadds[(c["target"], c["filter"])] = {
             "ncombine": c["ncombine"], "exptime": c["exptime"],
             "members": sorted(m.split(":v")[0] for m in members),
-            "depth_mag": coadd_depth(c["path"], c["magzp"]) if Path(c["path"]).exists()
-            else None}
+            "depth_mag": coadd_depth(path, c["magzp"]) if path.exists() else None,
+            "snapshot": _snapshot_file(path)}
     return {"frames": frames, "coadds": coadds}
+
+
+def _snapshot_path(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.quicklook-snapshot.fits")
+
+
+def _snapshot_file(path: Path) -> str | None:
+    """A hard link to the quick-look coadd as it is now (free: every coadd write is an
+    atomic rename, so the link keeps tonight's quick-look pixels while re-reduction
+    swaps frames in and out); a copy where links are not supported."""
+    import os
+
+    if not path.exists():
+        return None
+    snap = _snapshot_path(path)
+    try:
+        snap.unlink(missing_ok=True)
+        try:
+            os.link(path, snap)
+        except OSError:
+            _keep_copy(path, snap)
+    except OSError as exc:
+        log.warning("quicklook_snapshot_failed", coadd=path.name, problem=str(exc),
+                    action="no copy kept if the final coadd loses frames")
+        return None
+    return str(snap)
+
+
+def _drop_snapshots(before: dict) -> None:
+    for quick in before["coadds"].values():
+        if quick.get("snapshot"):
+            Path(quick["snapshot"]).unlink(missing_ok=True)
 
 
 def compare(engine: Engine, night: str, before: dict) -> dict:
@@ -430,8 +464,11 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             old = json.loads(row["stats_json"] or "{}").get("finalstat")
             up_to_date = old == finalstat
         if not up_to_date:
-            if lost and row is not None and row["stacktype"] != "FINAL" and path.exists():
-                _keep_copy(path, path.with_suffix(".quicklook.fits"))
+            snap = quick.get("snapshot")
+            if lost and snap and Path(snap).exists():
+                import os
+
+                os.replace(snap, path.with_suffix(".quicklook.fits"))
             grid = _covering_grid(engine, night, target, filt, row, members)
             if progress:
                 progress(f"coadd {target} {filt} ({len(specs)} frames)")
@@ -456,7 +493,8 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
                 png = path.with_suffix(".png")
                 save_png(fits.getdata(path, "SCI"), png, max_size=1024)
             exptime = sum(m.exptime_s for m in specs)
-            stats = {"quicklook": quick or None, "finalstat": finalstat, "finalreason": why or None,
+            baseline_stats = {k: v for k, v in quick.items() if k != "snapshot"}
+            stats = {"quicklook": baseline_stats or None, "finalstat": finalstat, "finalreason": why or None,
                      "lost": sorted(lost),
                      "final": {"ncombine": len(specs), "exptime": exptime,
                                "members": sorted(r["name"] for r, _ in members),

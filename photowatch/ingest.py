@@ -133,7 +133,7 @@ def interpret(path: Path, settings: Settings, instrument: str | None = None
             raise HeaderNotInterpretable(f"profile {profile.name} cannot interpret the "
                                          f"header: {exc}") from None
     except HeaderNotInterpretable as exc:
-        state, reason = "held", f"held: {exc}"
+        state, reason = "held", str(exc)
     except BadInput as exc:
         state, reason = "quarantined", str(exc)
     except FrameIgnored as exc:
@@ -141,7 +141,7 @@ def interpret(path: Path, settings: Settings, instrument: str | None = None
     except FrameRejected as exc:
         state, reason = "rejected", str(exc)
     except ConfigError as exc:
-        state, reason = "held", f"held: configuration: {exc}"
+        state, reason = "held", f"configuration: {exc}"
     return (info.summary() if info else None), header, state, reason
 
 
