@@ -372,7 +372,7 @@ class Engine:
                            f"({exc.filename or self.out})")
             else:
                 problem = str(exc)
-            self._retry_later(fid, problem, blog, pause=True)
+            self._retry_later(fid, problem, blog, pause=True, exc=exc)
         elif what == "retry":
             self._retry_later(fid, str(exc), blog, pause=False)
         else:  # a bug: record the traceback, keep running
@@ -392,7 +392,8 @@ class Engine:
                               level="warning", action=state)
         blog.warning("frame_" + state, problem=reason, action=state)
 
-    def _retry_later(self, fid: int, problem: str, blog, pause: bool) -> None:
+    def _retry_later(self, fid: int, problem: str, blog, pause: bool,
+                     exc: BaseException | None = None) -> None:
         """Leave a frame ``received`` for another try; or reject it after max_tries.
 
         ``pause``: a transient fault (disk full, read-only output, a lock
@@ -405,11 +406,15 @@ class Engine:
             with self.store.transaction() as conn:  # the try does not count
                 conn.execute("UPDATE frames SET tries=MAX(tries-1, 0) WHERE id=?", (fid,))
             wait = self.backoff_s
+            # error_class says what failed: 'output' (products cannot be written) or
+            # 'transient' (a lock timeout...); the action says it is transient
+            cls = "output" if problem.startswith("cannot write") or "(fault injection)" in \
+                problem or isinstance(exc, OSError | OutputError) else "transient"
             self.store.transition(fid, ["processing"], "received", message=problem,
-                                  level="error", error_class="transient",
-                                  action=f"will retry in {wait:.0f} s (transient)")
-            blog.error("not_done", problem=problem, error_class="transient",
-                       action=f"left received; processing paused, retried in {wait:.0f} s")
+                                  level="error", error_class=cls,
+                                  action=f"transient: will retry in {wait:.1f} s")
+            blog.error("not_done", problem=problem, transient=True,
+                       action=f"left received; processing paused, retried in {wait:.1f} s")
             self.last_retry = time.monotonic()
             with self._busy_guard:
                 self._resume_at = time.monotonic() + wait

@@ -286,11 +286,11 @@ def test_disk_full_then_read_only_during_a_live_night_then_resumes(night_copy):
         thread.start()
         deadline = time.time() + 60
         while time.time() < deadline and len(
-                [e for e in store.events(level="error") if e["error_class"] == "transient"]) < 3:
+                [e for e in store.events(level="error") if e["error_class"] == "output"]) < 3:
             time.sleep(0.1)
         assert engine.paused and "No space left on device" in engine.paused
-        transient = [e for e in store.events(level="error") if e["error_class"] == "transient"]
-        assert len(transient) >= 3 and "will retry in" in transient[0]["action"]
+        transient = [e for e in store.events(level="error") if e["error_class"] == "output"]
+        assert len(transient) >= 3 and "transient: will retry in" in transient[0]["action"]
         for r in rows:  # nothing marked done that is not done; tries not spent
             now = store.frame(r["id"])
             assert now["state"] in ("received", "processing")
