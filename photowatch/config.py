@@ -230,7 +230,7 @@ class Daemon(Section):
     polling: bool = False
     poll_interval_s: PositiveFloat = 1.0
     settle_s: NonNegFloat = 2.0
-    incomplete_timeout_s: PositiveFloat = 600.0
+    incomplete_timeout_s: PositiveFloat = 300.0
     rescan_interval_s: PositiveFloat = 60.0
     max_tries: Annotated[int, Field(ge=1)] = 3
     retry_backoff_s: PositiveFloat = 5.0
