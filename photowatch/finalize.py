@@ -60,8 +60,9 @@ class FinalizeResult:
     def text(self) -> str:
         if self.night is None:
             return "photowatch finalize: nothing to finalize (no frames in the store)"
-        lines = [f"photowatch finalize {self.night}: {'done' if self.ok else 'INCOMPLETE'} in "
-                 f"{self.seconds:.1f} s"]
+        verdict = "INCOMPLETE" if not self.ok else (
+            "done with problems" if self.problems else "done")
+        lines = [f"photowatch finalize {self.night}: {verdict} in {self.seconds:.1f} s"]
         lines += [f"  {d}" for d in self.done]
         lines += [f"  problem: {p}" for p in self.problems]
         if self.report:
