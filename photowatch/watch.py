@@ -595,7 +595,8 @@ class Daemon:
         counts = self.engine.store.counts()
         bad = sum(counts.get(s, 0) for s in ("rejected", "quarantined", "ignored"))
         text = (f"{counts.get('received', 0)} queued, {counts.get('processing', 0)} processing, "
-                f"{counts.get('waiting', 0)} waiting for masters; {counts.get('reduced', 0)} "
+                f"{counts.get('waiting', 0)} waiting for masters, {counts.get('held', 0)} held; "
+                f"{counts.get('reduced', 0)} "
                 f"reduced, {counts.get('used', 0)} calibrations used, {bad} rejected or "
                 f"quarantined; {self.engine.processed} processed since start, "
                 f"{len(self.watcher.pending)} files settling")
