@@ -42,6 +42,7 @@ from photowatch.config import Settings
 from photowatch.errors import (
     FrameIgnored,
     OutputError,
+    is_transient,
     outcome,
 )
 from photowatch.fitsio import read_raw, remove_stale_temporaries
@@ -126,6 +127,7 @@ class Engine:
         self._wake = threading.Condition()
         self._busy = 0
         self._busy_guard = threading.Lock()
+        self._inflight: set[int] = set()
         self.paused: str | None = None
         #: seconds the workers wait before the next try while paused (doubles per failure)
         self.backoff_s = settings.daemon.retry_backoff_s
@@ -254,7 +256,13 @@ class Engine:
                         if not resume or not self._try_while_paused(rereduce, nights):
                             stop.wait(min(0.5, self.backoff_s))
                         continue
-                    did = self.step(rereduce=rereduce, nights=nights)
+                    try:
+                        did = self.step(rereduce=rereduce, nights=nights)
+                    except Exception as exc:  # the store itself failed (disk full, locked)
+                        if not is_transient(exc):
+                            raise
+                        self._pause(f"state store: {type(exc).__name__}: {exc}")
+                        continue
                     if did:
                         idle_workers.discard(index)
                         continue
@@ -286,13 +294,44 @@ class Engine:
     _resume_at = 0.0
     _trying = False
 
+    def _pause(self, problem: str) -> None:
+        """Pause every worker (a transient fault), with the doubling backoff."""
+        wait = self.backoff_s
+        log.error("not_done", problem=problem, transient=True,
+                  action=f"processing paused, retried in {wait:.1f} s")
+        self.last_retry = time.monotonic()
+        with self._busy_guard:
+            self._resume_at = time.monotonic() + wait
+            self.backoff_s = min(wait * 2, self.settings.daemon.retry_backoff_max_s)
+        self.paused = problem
+
+    def _release_orphans(self) -> None:
+        """Frames this process holds ``processing`` that no worker handles (their outcome
+        could not be recorded: the store was full) go back to ``received``."""
+        with self._busy_guard:
+            inflight = set(self._inflight)
+        rows = self.store.conn.execute(
+            "SELECT id FROM frames WHERE state='processing' AND owner=?",
+            (self.store.owner,)).fetchall()
+        for row in rows:
+            if row["id"] not in inflight:
+                self.store.transition(row["id"], ["processing"], "received", level="warning",
+                                      message="released after a transient fault",
+                                      action="retried", tries=0)
+
     def _try_while_paused(self, rereduce, nights) -> bool:
         """One try while paused; a success (or no work) resumes every worker."""
         self.last_retry = time.monotonic()
         paused_before = self.paused
         self.paused = None
         try:
+            self._release_orphans()
             did = self.step(rereduce=rereduce, nights=nights)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._pause(f"state store: {type(exc).__name__}: {exc}")
+            return False
         finally:
             self._trying = False
         if self.paused is None:
@@ -318,11 +357,13 @@ class Engine:
             return False
         with self._busy_guard:
             self._busy += 1
+            self._inflight.add(row["id"])
         try:
             self.handle(row)
         finally:
             with self._busy_guard:
                 self._busy -= 1
+                self._inflight.discard(row["id"])
             self.processed += 1
             self.last_progress = time.time()
         return True

@@ -313,13 +313,45 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        full = _disk_full(exc, path.parent)
+        if full is not None:
+            raise full from exc
         raise
     if fsync:
         _fsync_dir(path.parent)
     return path
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def _disk_full(exc: BaseException, folder: Path) -> OSError | None:
+    """A write that failed because the disk is full, as ``OSError(ENOSPC)``; else None.
+
+    Writers do not always say so: numpy's ``tofile`` raises ``OSError: N requested
+    and M written`` without an errno, and astropy then masks it with an
+    AttributeError from its own free-space check. A short write anywhere in the
+    exception's chain, or a folder with (almost) no free space left, is a full disk.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return None  # it says what it is (ENOSPC, EROFS...)
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    short = any(isinstance(e, OSError) and _SHORT_WRITE.search(str(e)) for e in chain)
+    try:
+        free = os.statvfs(folder)
+        nearly_full = free.f_bavail * free.f_frsize < (1 << 20)
+    except OSError:
+        nearly_full = False
+    if short or (nearly_full and isinstance(exc, Exception)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + (f" ({chain[-1]})" if short
+                                                                   else ""), str(folder))
+    return None
 
 
 def write_hdul(path: str | os.PathLike, hdul, fsync: bool = True) -> Path:

@@ -315,3 +315,66 @@ def test_disk_full_then_read_only_during_a_live_night_then_resumes(night_copy):
         assert store.frame(r["id"])["state"] == "reduced"
         assert store.frame(r["id"])["product_version"] == versions[r["id"]] + 1
     assert engine.paused is None and not list(out.rglob("*.tmp"))
+
+
+def test_a_short_write_is_a_full_disk(tmp_path):
+    """numpy's tofile says "N requested and M written" without an errno (and astropy masks
+    it with an AttributeError): atomic_write reports ENOSPC, and leaves nothing behind."""
+    from photowatch.fitsio import atomic_write
+
+    def write(fh):
+        try:
+            raise OSError("262144 requested and 608 written")
+        except OSError:
+            raise AttributeError("'list' object has no attribute '_file'") from None
+
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "x.fits", write)
+    assert info.value.errno == errno.ENOSPC and "608 written" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+    def bug(fh):
+        raise AttributeError("a real bug")
+
+    with pytest.raises(AttributeError):
+        atomic_write(tmp_path / "y.fits", bug)
+
+
+def test_the_engine_survives_a_full_state_store(night_copy, monkeypatch):
+    """SQLite says "database or disk is full" while recording an outcome: the worker does
+    not die; the engine pauses, releases the frame it held, and resumes by itself."""
+    import sqlite3
+
+    sim, out = night_copy
+    settings = settings_for(out, retry_backoff_s=0.2, retry_backoff_max_s=0.5, workers=1)
+    engine = Engine(settings, command="watch")
+    engine.startup()
+    store = engine.store
+    row = store.frames("kind='object' AND state='reduced'")[0]
+    assert store.requeue(row["id"], "test", from_states=["reduced"])
+    real = engine.handle
+    failures = []
+
+    def handle(claimed):
+        if not failures:
+            failures.append(claimed["id"])
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(claimed)
+
+    monkeypatch.setattr(engine, "handle", handle)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), kwargs={"until_idle": False},
+                              daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and store.frame(row["id"])["state"] != "reduced":
+        time.sleep(0.1)
+    stop.set()
+    engine.notify()
+    thread.join(30)
+    engine.shutdown()
+    assert failures == [row["id"]]
+    assert store.frame(row["id"])["state"] == "reduced"
+    released = [e for e in store.events(row["id"]) if e["message"] ==
+                "released after a transient fault"]
+    assert released and engine.paused is None
