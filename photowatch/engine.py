@@ -293,6 +293,7 @@ class Engine:
 
     _resume_at = 0.0
     _trying = False
+    _pauses = 0  #: transient faults so far (a try that adds none got through)
 
     def _pause(self, problem: str) -> None:
         """Pause every worker (a transient fault), with the doubling backoff."""
@@ -303,6 +304,7 @@ class Engine:
         with self._busy_guard:
             self._resume_at = time.monotonic() + wait
             self.backoff_s = min(wait * 2, self.settings.daemon.retry_backoff_max_s)
+            self._pauses += 1
         self.paused = problem
 
     def _release_orphans(self) -> None:
@@ -323,7 +325,7 @@ class Engine:
         """One try while paused; a success (or no work) resumes every worker."""
         self.last_retry = time.monotonic()
         paused_before = self.paused
-        self.paused = None
+        pauses = self._pauses  # the pause stays on (the daemon's status, the watchdog) ...
         try:
             self._release_orphans()
             did = self.step(rereduce=rereduce, nights=nights)
@@ -334,7 +336,8 @@ class Engine:
             return False
         finally:
             self._trying = False
-        if self.paused is None:
+        if self._pauses == pauses:  # ... until a try gets through
+            self.paused = None
             self.backoff_s = self.settings.daemon.retry_backoff_s
             log.info("resumed", problem=paused_before, action="processing resumed")
             return did
@@ -460,6 +463,7 @@ class Engine:
             with self._busy_guard:
                 self._resume_at = time.monotonic() + wait
                 self.backoff_s = min(wait * 2, self.settings.daemon.retry_backoff_max_s)
+                self._pauses += 1
             self.paused = problem
             return
         row = self.store.frame(fid)

@@ -533,7 +533,7 @@ class Daemon:
 
     def _tick(self) -> None:
         paused = self.engine.paused
-        if paused and paused != self._paused:
+        if paused and not self._paused:
             log.error("output_blocked", problem=paused,
                       action="processing paused, frames stay received; retried with backoff "
                       f"(next in {self.engine.backoff_s:.0f} s)")
