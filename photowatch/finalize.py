@@ -305,8 +305,13 @@ def compare(engine: Engine, night: str, before: dict) -> dict:
         new = _frame_status(row)
         entry = {"file": old["file"], "before": old, "after": new}
         frames.append(entry)
-        if old["accepted"] and old["aststat"] in ("ok", "relative") and (
-                not new["accepted"] or new["aststat"] not in ("ok", "relative")):
+        solved = ("ok", "relative")
+        if old["accepted"] and old["aststat"] in solved and (
+                not new["accepted"] or new["aststat"] not in solved):
+            entry["why"] = new["reason"] or "astrometry lost"
+            worse.append(entry)
+        elif old["phot_status"] == "ok" and new["phot_status"] not in (None, "ok"):
+            entry["why"] = f"photometry {old['phot_status']} -> {new['phot_status']}"
             worse.append(entry)
     coadds = []
     for c in store.coadds(night):
@@ -338,9 +343,10 @@ def compare(engine: Engine, night: str, before: dict) -> dict:
                      f"{q.get('exptime') or 0:.0f} -> {f.get('exptime') or 0:.0f} s{depth}"
                      + (f" [{c['finalstat']}]" if c["finalstat"] == "INCOMPLETE" else ""))
     for e in worse:
-        lines.append(f"worse after re-reduction: {e['file']}: {e['after']['reason'] or '?'}")
+        lines.append(f"worse after re-reduction: {e['file']}: {e['why']}")
     data = {"frames": frames, "coadds": coadds, "astrometry": ast, "photometry": phot,
-            "worse": [e["file"] for e in worse], "rescued": rescued}
+            "worse": [e["file"] for e in worse],
+            "worse_why": {e["file"]: e["why"] for e in worse}, "rescued": rescued}
     store.set_meta(f"finalize:{night}", data)
     data["lines"] = lines
     return data

@@ -1017,7 +1017,7 @@ def _problems(facts: dict) -> str:
     parts = []
     incomplete = [c for c in facts["coadds"] if c.get("finalstat") == "INCOMPLETE"]
     if (not bad and not suspect and not _other_events(facts) and not facts["duplicates"]
-            and not incomplete):
+            and not incomplete and not (facts.get("finalize") or {}).get("worse")):
         return "<p class='allgood'>✓ No rejected, quarantined or ignored frames and no errors.</p>"
     if incomplete:
         items = []
@@ -1029,6 +1029,11 @@ def _problems(facts: dict) -> str:
                          f"frames</span> — {_e(c.get('finalreason') or '')}</li>")
         parts.append("<h3>Final coadds with fewer frames than the quick-look ones</h3>"
                      "<ul class='problems'>" + "".join(items) + "</ul>")
+    worse = (facts.get("finalize") or {}).get("worse_why") or {}
+    if worse:
+        items = [f"<li><b>{_e(name)}</b> — {_e(why)}</li>" for name, why in worse.items()]
+        parts.append("<h3>Frames worse after finalize's re-reduction than in the quick-look "
+                     "pass</h3><ul class='problems'>" + "".join(items) + "</ul>")
     order = {s: i for i, s in enumerate(("quarantined", "held", "waiting", "rejected",
                                          "ignored"))}
     if bad:

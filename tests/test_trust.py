@@ -182,6 +182,7 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
     facts = json.loads((out / "report" / "2020-01-28" / "night.json").read_text())
     assert [c["finalstat"] for c in facts["coadds"]].count("INCOMPLETE") == 1
     assert facts["finalize"]["worse"] == [lost_row["raw_name"]]
+    assert "Frames worse after finalize's re-reduction" in html
 
 
 def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monkeypatch):
