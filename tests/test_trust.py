@@ -379,3 +379,23 @@ def test_the_engine_survives_a_full_state_store(night_copy, monkeypatch):
     released = [e for e in store.events(row["id"]) if e["message"] ==
                 "released after a transient fault"]
     assert released and engine.paused is None
+
+
+@pytest.mark.slow
+def test_the_issue_night_final_coadd_keeps_every_quicklook_frame(tmp_path):
+    """Issue 16's reproduction, unpatched: `photowatch simulate` at 512 px (binning 2), reduce
+    --catalog, finalize. Before the quick-look fallback the FINAL coadd held 1 of the 6
+    frames the quick-look one held ("matched 21 of 21 stars, need 22") and finalize said
+    "done", exit 0."""
+    sim = simulate_night(tmp_path / "sim", size=512, write_models=False,
+                         write_crmasks=False)
+    out = tmp_path / "out"
+    assert cli.main(["reduce", str(sim.raw_dir), "--out", str(out), "--catalog",
+                     str(sim.catalog_path)]) == 0
+    store = Store(out / "state.sqlite")
+    before = quicklook_members(store)
+    assert cli.main(["finalize", "--out", str(out)]) == 0
+    for c in store.coadds():
+        final = {m.split(":v")[0] for m in json.loads(c["members_json"])}
+        assert before[(c["target"], c["filter"])] <= final
+        assert fits.getheader(c["path"])["FINALSTAT"] == "COMPLETE"
