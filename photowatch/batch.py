@@ -49,8 +49,8 @@ class Summary:
     problems: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        order = ["reduced", "used", "rejected", "quarantined", "ignored", "waiting", "received",
-                 "processing"]
+        order = ["reduced", "used", "rejected", "quarantined", "held", "ignored", "waiting",
+                 "received", "processing"]
         parts = [f"{self.counts[s]} {s}" for s in order if self.counts.get(s)]
         lines = [f"photowatch: {sum(self.counts.values())} frames: {', '.join(parts) or 'none'}",
                  f"products: {self.out / 'reduced'}", f"coadds:   {self.out / 'coadds'}",

@@ -4,12 +4,16 @@
     photowatch watch [RAWDIR] --out OUT [--catalog FILE] [--instrument NAME]
     photowatch finalize --out OUT [--night YYYY-MM-DD]
     photowatch status --out OUT [--json]
+    photowatch requeue --out OUT [--state S] [--reason TEXT] [--night D] [FILE ...] [--dry-run]
     photowatch masters --out OUT [--json] | masters rebuild --out OUT [--night D]
     photowatch simulate OUT [--size N] [--filters F ...] [--seed S]
     photowatch replay RAWDIR WATCHDIR [--speed X] [--chunked]
     photowatch demo [--out DIR]
 
-Exit status: 0 done, 1 failed (the message says why), 2 bad usage or configuration.
+Exit status: 0 done, 1 failed (the message says why), 2 bad usage or configuration
+(checked before anything is written), 3 done with problems (frames quarantined,
+held, or rejected for a reason other than quality; incomplete final coadds),
+with a one-line summary.
 """
 
 from __future__ import annotations
@@ -17,7 +21,137 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import date
 from pathlib import Path
+
+#: exit statuses (README "Exit status", and ``--help``)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
+EXIT_HELP = """exit status:
+  0  all done
+  1  failed (the message says why); also: no photowatch store in --out
+  2  usage or configuration (unknown instrument, unreadable profile, missing catalogue,
+     output directory not writable, a bad --night): one line, nothing written
+  3  done with problems (frames quarantined, held, or rejected for a reason other than
+     quality; incomplete final coadds), with a one-line summary"""
+
+
+class UsageError(Exception):
+    """A bad argument or configuration found before any work: exit status 2."""
+
+
+class NoStore(Exception):
+    """The output directory holds no store: exit status 1, nothing created."""
+
+
+def _night(value: str | None) -> str | None:
+    """--night: a real calendar date YYYY-MM-DD (UsageError otherwise)."""
+    if value is None:
+        return None
+    try:
+        if len(value) != 10:
+            raise ValueError
+        date.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--night {value}: not a date (expected YYYY-MM-DD)") from None
+    return value
+
+
+def _existing_store(settings) -> Path:
+    """The output directory of a command that only reads or finishes a night (NoStore if none)."""
+    out = Path(settings.paths.output_dir)
+    if not (out / "state.sqlite").is_file():
+        raise NoStore(f"{out}: no state.sqlite (not a photowatch output directory); "
+                      "nothing done")
+    return out
+
+
+def _known_night(out: Path, night: str | None) -> None:
+    """A --night the store has (UsageError naming the nights it has)."""
+    if night is None:
+        return
+    from photowatch.store import Store
+
+    nights = Store(out / "state.sqlite", command="check").nights()
+    if night not in nights:
+        raise UsageError(f"--night {night}: no frames of that night in {out} "
+                         f"(nights: {', '.join(nights) or 'none'})")
+
+
+def _writable(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold the output (created if missing), or None.
+
+    A probe file is created and removed at once (``os.access`` alone says yes to
+    root on file systems that refuse writes, e.g. ``/proc``).
+    """
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is not a directory"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".photowatch-probe-"):
+            pass
+    except OSError as exc:
+        where = exc.filename or folder
+        return f"cannot write in {where}: {exc.strerror or exc}"
+    return None
+
+
+def preflight(settings, *, instrument: str | None = None, catalog: str | None = None,
+              write: bool = True) -> None:
+    """Check the configuration before anything is written (UsageError: exit status 2).
+
+    Unknown instrument (``--instrument`` or ``instrument.name``), an unreadable
+    profile (``instrument.profile_dir``), a missing or unreadable catalogue
+    (``--catalog`` or ``catalog.path``), an output directory that cannot be
+    written (``--out`` or ``paths.output_dir``).
+    """
+    from photowatch.errors import ConfigError
+    from photowatch.instruments import all_profiles, load_profile
+
+    profile_dir = settings.instrument.profile_dir or None
+    if profile_dir and not Path(profile_dir).is_dir():
+        raise UsageError(f"instrument.profile_dir: {profile_dir}: not a directory")
+    try:
+        all_profiles(profile_dir)  # every profile must load: auto-detection reads them all
+    except ConfigError as exc:
+        raise UsageError(f"instrument.profile_dir: {exc}") from None
+    name = instrument or settings.instrument.name
+    if name and name != "auto":
+        try:
+            load_profile(name, profile_dir)
+        except ConfigError as exc:
+            key = "--instrument" if instrument else "instrument.name"
+            raise UsageError(f"{key}: {str(exc).split(': ', 1)[-1]}") from None
+    path = catalog or settings.catalog.path
+    if path:
+        key = "--catalog" if catalog else "catalog.path"
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"{key}: {p}: no such file")
+        if not p.is_file():
+            raise UsageError(f"{key}: {p}: not a file")
+        try:
+            with open(p, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise UsageError(f"{key}: {p}: cannot read: {exc.strerror}") from None
+    if write:
+        why = _writable(Path(settings.paths.output_dir))
+        if why:
+            raise UsageError(f"--out {settings.paths.output_dir}: {why} (paths.output_dir)")
+
+
+def _with_problems(store_out: Path, night: str | None, text: str, extra=None) -> int:
+    """Exit 3 with a one-line summary when frames or coadds need a person, else 0."""
+    from photowatch.status import problem_summary
+    from photowatch.store import Store
+
+    line = problem_summary(Store(store_out / "state.sqlite", command="check"), night, extra)
+    if line:
+        print(f"photowatch: {line}{text}")
+        return EXIT_PROBLEMS
+    return EXIT_OK
 
 
 def _settings(args):
@@ -60,7 +194,8 @@ def _engine_opts(p):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="photowatch",
-        description="Real-time imaging reduction for telescopes (PhotoPipe's successor).")
+        description="Real-time imaging reduction for telescopes (PhotoPipe's successor).",
+        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     from photowatch import __version__
 
     parser.add_argument("--version", action="version", version=f"photowatch {__version__}")
@@ -69,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reduce", help="reduce every frame of a directory (batch) and return",
                        description="Run every frame in RAWDIR, in observation order "
                        "(calibrations first), through the engine the daemon uses; return "
-                       "when every frame is terminal.")
+                       "when every frame is terminal.", epilog=EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rawdir", metavar="RAWDIR")
     _common(p)
     _engine_opts(p)
@@ -82,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_opts(p)
 
     p = sub.add_parser("finalize", help="end of night: final masters, re-reductions, final "
-                       "coadds, catalogues, report")
+                       "coadds, catalogues, report", epilog=EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="End of night. Each FINAL coadd is compared with the "
+                       "quick-look one (frames, exposure, depth) and each frame's astrometric "
+                       "and photometric status before and after re-reduction; a frame lost "
+                       "on the way makes the coadd FINALSTAT='INCOMPLETE' and exit status 3.")
     _common(p)
     p.add_argument("--night", metavar="YYYY-MM-DD", help="night label (default: the most recent)")
     p.add_argument("--catalog", metavar="FILE", help="local reference catalogue")
@@ -92,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--night", metavar="YYYY-MM-DD")
+
+    p = sub.add_parser("requeue", help="put quarantined, rejected or held frames back to "
+                       "received (after fixing what was wrong)", epilog=EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Frames go back to 'received' with an event saying why; "
+                       "the content-hash duplicate rule does not block them; a frame never "
+                       "classified is read again from its raw file with the configuration "
+                       "as it is now. The next reduction replaces the earlier products "
+                       "atomically; a running daemon takes them up within a second.")
+    _common(p)
+    p.add_argument("files", nargs="*", metavar="FILE", help="raw files (path or name); "
+                   "default: every frame in the selected states")
+    p.add_argument("--state", action="append", choices=["quarantined", "rejected", "held"],
+                   help="only frames in this state (repeatable; default: all three)")
+    p.add_argument("--reason", metavar="TEXT", default="requeued by hand",
+                   help="why (recorded in the frame's events)")
+    p.add_argument("--night", metavar="YYYY-MM-DD")
+    p.add_argument("--instrument", metavar="NAME", help="instrument profile for frames read "
+                   "again (default: config)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be requeued")
 
     p = sub.add_parser("masters", help="list masters (versions, inputs, users); or rebuild them")
     p.add_argument("action", nargs="?", choices=["list", "rebuild"], default="list")
@@ -135,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"photowatch: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except NoStore as exc:
+        print(f"photowatch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("photowatch: interrupted", file=sys.stderr)
         return 130
@@ -148,15 +312,18 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_reduce(args) -> int:
     from photowatch.batch import reduce_directory
 
-    settings, workers = _setup(args, _settings(args), workers=args.workers)
+    settings = _settings(args)
     rawdir = Path(args.rawdir)
     if not rawdir.is_dir():
-        print(f"photowatch: {rawdir}: not a directory", file=sys.stderr)
-        return 2
+        raise UsageError(f"{rawdir}: not a directory")
+    preflight(settings, instrument=args.instrument, catalog=args.catalog)
+    settings, workers = _setup(args, settings, workers=args.workers)
     summary = reduce_directory(rawdir, settings, catalog=args.catalog,
                                instrument=args.instrument, workers=workers)
     print(summary.text())
-    return 0 if summary.ok else 1
+    if not summary.ok:
+        return EXIT_FAILED
+    return _with_problems(summary.out, None, f" (photowatch status --out {summary.out})")
 
 
 def cmd_watch(args) -> int:
@@ -164,10 +331,10 @@ def cmd_watch(args) -> int:
 
     settings = _settings(args)
     rawdir = args.rawdir or settings.paths.watch_dir
-    settings, workers = _setup(args, settings, workers=args.workers)
     if not Path(rawdir).is_dir():
-        print(f"photowatch: {rawdir}: not a directory (paths.watch_dir)", file=sys.stderr)
-        return 2
+        raise UsageError(f"{rawdir}: not a directory (paths.watch_dir)")
+    preflight(settings, instrument=args.instrument, catalog=args.catalog)
+    settings, workers = _setup(args, settings, workers=args.workers)
     return run_daemon(Path(rawdir), settings, catalog=args.catalog, instrument=args.instrument,
                       workers=workers)
 
@@ -175,22 +342,30 @@ def cmd_watch(args) -> int:
 def cmd_finalize(args) -> int:
     from photowatch.finalize import finalize
 
-    settings, workers = _setup(args, _settings(args), workers=args.workers)
-    result = finalize(settings, night=args.night, catalog=args.catalog, workers=workers)
+    settings = _settings(args)
+    night = _night(args.night)
+    out = _existing_store(settings)
+    _known_night(out, night)
+    preflight(settings, catalog=args.catalog)
+    settings, workers = _setup(args, settings, workers=args.workers)
+    result = finalize(settings, night=night, catalog=args.catalog, workers=workers)
     print(result.text())
-    return 0 if result.ok else 1
+    if not result.ok:
+        return EXIT_FAILED
+    if result.night is None:
+        return EXIT_OK
+    extra = [f"{len(result.incomplete)} incomplete final coadd(s)"] if result.incomplete else []
+    return _with_problems(out, result.night, f" (report: {result.report})", extra)
 
 
 def cmd_status(args) -> int:
     from photowatch.status import status
 
     settings = _settings(args)
-    out = Path(settings.paths.output_dir)
-    if not (out / "state.sqlite").exists():
-        print(f"photowatch: {out}: no state.sqlite (not a photowatch output directory)",
-              file=sys.stderr)
-        return 1
-    print(status(out, as_json=args.json, night=args.night))
+    night = _night(args.night)
+    out = _existing_store(settings)
+    _known_night(out, night)
+    print(status(out, as_json=args.json, night=night))
     return 0
 
 
@@ -198,18 +373,39 @@ def cmd_masters(args) -> int:
     from photowatch.status import masters_listing
 
     settings = _settings(args)
-    out = Path(settings.paths.output_dir)
+    night = _night(args.night)
+    out = _existing_store(settings)
+    _known_night(out, night)
     if args.action == "rebuild":
         from photowatch.finalize import rebuild_masters
 
+        preflight(settings)
         settings, workers = _setup(args, settings)
-        print(rebuild_masters(settings, night=args.night))
+        print(rebuild_masters(settings, night=night))
         return 0
-    if not (out / "state.sqlite").exists():
-        print(f"photowatch: {out}: no state.sqlite", file=sys.stderr)
-        return 1
-    print(masters_listing(out, as_json=args.json, night=args.night))
+    print(masters_listing(out, as_json=args.json, night=night))
     return 0
+
+
+def cmd_requeue(args) -> int:
+    from photowatch.logs import setup_logging
+    from photowatch.requeue import requeue
+    from photowatch.store import Store
+
+    settings = _settings(args)
+    night = _night(args.night)
+    out = _existing_store(settings)
+    _known_night(out, night)
+    preflight(settings, instrument=args.instrument, write=not args.dry_run)
+    setup_logging(settings.logging.level, settings.logging.format, settings.logging.file)
+    store = Store(out / "state.sqlite", command="requeue")
+    done = requeue(store, settings, reason=args.reason, states=args.state, night=night,
+                   files=args.files, instrument=args.instrument, dry_run=args.dry_run)
+    print(done.text(dry_run=args.dry_run))
+    if done.refused:
+        print(f"photowatch: done with problems: {len(done.refused)} frame(s) not requeued")
+        return EXIT_PROBLEMS
+    return EXIT_OK
 
 
 def cmd_simulate(args) -> int:
@@ -245,6 +441,7 @@ COMMANDS = {
     "watch": cmd_watch,
     "finalize": cmd_finalize,
     "status": cmd_status,
+    "requeue": cmd_requeue,
     "masters": cmd_masters,
     "simulate": cmd_simulate,
     "replay": cmd_replay,

@@ -230,9 +230,11 @@ class Daemon(Section):
     polling: bool = False
     poll_interval_s: PositiveFloat = 1.0
     settle_s: NonNegFloat = 2.0
-    incomplete_timeout_s: PositiveFloat = 600.0
+    incomplete_timeout_s: PositiveFloat = 300.0
     rescan_interval_s: PositiveFloat = 60.0
     max_tries: Annotated[int, Field(ge=1)] = 3
+    retry_backoff_s: PositiveFloat = 5.0
+    retry_backoff_max_s: PositiveFloat = 120.0
     report_interval_s: NonNegFloat = 60.0
     stop_timeout_s: PositiveFloat = 60.0
     patterns: list[str] = ["*.fits", "*.fit", "*.fts", "*.fits.fz", "*.fits.gz", "*.fit.gz",

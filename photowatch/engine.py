@@ -10,9 +10,17 @@ compare-and-set a ``received`` frame to ``processing`` and handle it:
   references) → product written atomically → ``reduced`` → coadd updated.
 
 Bad input and failures never stop the engine: each ends as one store event and
-one log line naming the file, the problem and what was done. An output that
-cannot be written (disk full, permissions) leaves the frame ``received``
-(nothing is marked done that is not) and pauses the engine.
+one log line naming the file, the problem and what was done
+(:func:`photowatch.errors.outcome` decides which). A transient fault (an output
+that cannot be written: disk full, read-only, permissions; a lock timeout)
+leaves the frame ``received`` (nothing is marked done that is not), does not
+count as a try, and pauses the engine with a growing backoff
+(``daemon.retry_backoff_s`` doubling up to ``daemon.retry_backoff_max_s``);
+work resumes by itself when the fault is gone. A deterministic
+:class:`~photowatch.errors.StageFailed` is retried until the frame has failed
+the same way ``daemon.max_tries`` times, then it is ``rejected`` with the reason
+and the number of tries. A frame its profile cannot interpret, or whose profile
+is missing, is ``held`` (see :mod:`photowatch.store`).
 """
 
 from __future__ import annotations
@@ -32,11 +40,10 @@ from photowatch.calib.skies import SkyBook
 from photowatch.classify import FrameInfo
 from photowatch.config import Settings
 from photowatch.errors import (
-    BadInput,
     FrameIgnored,
-    FrameRejected,
-    StageFailed,
-    WaitForMasters,
+    OutputError,
+    is_transient,
+    outcome,
 )
 from photowatch.fitsio import read_raw, remove_stale_temporaries
 from photowatch.instruments import Profile, load_profile
@@ -46,8 +53,10 @@ from photowatch.store import Store
 log = get_logger("photowatch.engine")
 
 
-class OutputError(RuntimeError):
-    """Products cannot be written (disk full, not writable): processing pauses."""
+__all__ = ["Engine", "OutputError", "default_workers", "limit_threads", "threads_per_worker"]
+
+#: prefix of the reason of a frame rejected after ``max_tries`` deterministic failures
+GAVE_UP = "failed the same way"
 
 
 def default_workers(settings: Settings) -> int:
@@ -118,7 +127,12 @@ class Engine:
         self._wake = threading.Condition()
         self._busy = 0
         self._busy_guard = threading.Lock()
+        self._inflight: set[int] = set()
         self.paused: str | None = None
+        #: seconds the workers wait before the next try while paused (doubles per failure)
+        self.backoff_s = settings.daemon.retry_backoff_s
+        #: monotonic time of the last try made while paused (the daemon's watchdog reads it)
+        self.last_retry = time.monotonic()
         self.progress: Callable[[dict], None] | None = None
         self.processed = 0
         self.last_progress = time.time()
@@ -190,9 +204,25 @@ class Engine:
                         action="taken up again after a crash")
         for sub in ("reduced", "coadds", "masters", "report", "state"):
             remove_stale_temporaries(self.out / sub)
+        self.retake_held()
         # a coadd addition cut short: the coadd file says whether the frame got in
         with self.store.transaction() as conn:
             conn.execute("UPDATE frames SET coadd='pending' WHERE coadd='adding'")
+
+    def retake_held(self) -> int:
+        """Held frames tried again with the configuration as it is now (requeue.retake_held)."""
+        from photowatch.requeue import retake_held
+
+        try:
+            n = retake_held(self.store, self.settings, self.instrument)
+        except Exception as exc:  # never stop a start for it: they stay held
+            log.warning("held_retake_failed", problem=str(exc), action="frames stay held")
+            return 0
+        if n:
+            log.info("held_frames_taken_up", count=n, action="the configuration interprets "
+                     "them now")
+            self.notify()
+        return n
 
     def shutdown(self) -> None:
         self.drain_background()
@@ -218,10 +248,21 @@ class Engine:
                     if self.paused:
                         if until_idle:
                             return
-                        stop.wait(5.0)
-                        self.paused = None
+                        with self._busy_guard:
+                            resume = self.paused and time.monotonic() >= self._resume_at
+                            if resume:  # one worker tries; the others wait for its verdict
+                                self._resume_at = time.monotonic() + self.backoff_s
+                                self._trying = True
+                        if not resume or not self._try_while_paused(rereduce, nights):
+                            stop.wait(min(0.5, self.backoff_s))
                         continue
-                    did = self.step(rereduce=rereduce, nights=nights)
+                    try:
+                        did = self.step(rereduce=rereduce, nights=nights)
+                    except Exception as exc:  # the store itself failed (disk full, locked)
+                        if not is_transient(exc):
+                            raise
+                        self._pause(f"state store: {type(exc).__name__}: {exc}")
+                        continue
                     if did:
                         idle_workers.discard(index)
                         continue
@@ -250,6 +291,58 @@ class Engine:
         if self.paused and until_idle:
             raise OutputError(self.paused)
 
+    _resume_at = 0.0
+    _trying = False
+    _pauses = 0  #: transient faults so far (a try that adds none got through)
+
+    def _pause(self, problem: str) -> None:
+        """Pause every worker (a transient fault), with the doubling backoff."""
+        wait = self.backoff_s
+        log.error("not_done", problem=problem, transient=True,
+                  action=f"processing paused, retried in {wait:.1f} s")
+        self.last_retry = time.monotonic()
+        with self._busy_guard:
+            self._resume_at = time.monotonic() + wait
+            self.backoff_s = min(wait * 2, self.settings.daemon.retry_backoff_max_s)
+            self._pauses += 1
+        self.paused = problem
+
+    def _release_orphans(self) -> None:
+        """Frames this process holds ``processing`` that no worker handles (their outcome
+        could not be recorded: the store was full) go back to ``received``."""
+        with self._busy_guard:
+            inflight = set(self._inflight)
+        rows = self.store.conn.execute(
+            "SELECT id FROM frames WHERE state='processing' AND owner=?",
+            (self.store.owner,)).fetchall()
+        for row in rows:
+            if row["id"] not in inflight:
+                self.store.transition(row["id"], ["processing"], "received", level="warning",
+                                      message="released after a transient fault",
+                                      action="retried", tries=0)
+
+    def _try_while_paused(self, rereduce, nights) -> bool:
+        """One try while paused; a success (or no work) resumes every worker."""
+        self.last_retry = time.monotonic()
+        paused_before = self.paused
+        pauses = self._pauses  # the pause stays on (the daemon's status, the watchdog) ...
+        try:
+            self._release_orphans()
+            did = self.step(rereduce=rereduce, nights=nights)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._pause(f"state store: {type(exc).__name__}: {exc}")
+            return False
+        finally:
+            self._trying = False
+        if self._pauses == pauses:  # ... until a try gets through
+            self.paused = None
+            self.backoff_s = self.settings.daemon.retry_backoff_s
+            log.info("resumed", problem=paused_before, action="processing resumed")
+            return did
+        return False
+
     def _idle(self) -> bool:
         with self._busy_guard:
             if self._busy:
@@ -267,11 +360,13 @@ class Engine:
             return False
         with self._busy_guard:
             self._busy += 1
+            self._inflight.add(row["id"])
         try:
             self.handle(row)
         finally:
             with self._busy_guard:
                 self._busy -= 1
+                self._inflight.discard(row["id"])
             self.processed += 1
             self.last_progress = time.time()
         return True
@@ -295,25 +390,37 @@ class Engine:
             else:
                 self._science(row, info, raw, header, profile, blog, rereduce=rereduce,
                               read_s=t_read)
-        except WaitForMasters as exc:
+        except Exception as exc:
+            self._outcome(row, exc, blog)
+
+    def _outcome(self, row, exc: BaseException, blog) -> None:
+        """Record what happened to a frame whose processing raised ``exc`` (errors.outcome)."""
+        fid = row["id"]
+        what = outcome(exc)
+        if what == "waiting":
             self.store.transition(fid, ["processing"], "waiting", reason=str(exc),
                                   message=str(exc), action="waits for masters")
             blog.info("waiting", problem=str(exc), action="waits for masters")
-        except BadInput as exc:
-            self._finish_bad(fid, "quarantined", str(exc), blog)
-        except FrameIgnored as exc:
-            self._finish_bad(fid, "ignored", str(exc), blog)
-        except FrameRejected as exc:
-            self._finish_bad(fid, "rejected", str(exc), blog)
-        except OutputError as exc:
-            self._retry_later(fid, str(exc), blog, pause=True)
-        except OSError as exc:
-            problem = f"cannot write products: {exc.strerror or exc} ({exc.filename or self.out})"
-            self._retry_later(fid, problem, blog, pause=True)
-        except StageFailed as exc:
+        elif what in ("quarantined", "ignored", "rejected"):
+            self._finish_bad(fid, what, str(exc), blog)
+        elif what == "held":
+            reason = str(exc)
+            self.store.transition(fid, ["processing"], "held", reason=reason, message=reason,
+                                  level="warning", error_class="held",
+                                  action="held until the configuration is fixed")
+            blog.warning("frame_held", problem=str(exc),
+                         action="held; a run with a fixed configuration takes it up")
+        elif what == "transient":
+            if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+                problem = (f"cannot write products: {exc.strerror or exc} "
+                           f"({exc.filename or self.out})")
+            else:
+                problem = str(exc)
+            self._retry_later(fid, problem, blog, pause=True, exc=exc)
+        elif what == "retry":
             self._retry_later(fid, str(exc), blog, pause=False)
-        except Exception as exc:  # a bug: record the traceback, keep running
-            tb = traceback.format_exc()
+        else:  # a bug: record the traceback, keep running
+            tb = "".join(traceback.format_exception(exc))
             tries = (self.store.frame(fid) or {"tries": 99})["tries"]
             final = tries >= self.settings.daemon.max_tries
             state = "quarantined" if final else "received"
@@ -321,19 +428,67 @@ class Engine:
             self.store.transition(fid, ["processing"], state, reason=reason if final else None,
                                   message=tb[-4000:], error_class="bug", level="error",
                                   action="quarantined" if final else "retried")
-            blog.error("internal_error", problem=reason, action=state, exc_info=True)
+            blog.error("internal_error", problem=reason, action=state,
+                       exc_info=(type(exc), exc, exc.__traceback__))
 
     def _finish_bad(self, fid: int, state: str, reason: str, blog) -> None:
         self.store.transition(fid, ["processing"], state, reason=reason, message=reason,
                               level="warning", action=state)
         blog.warning("frame_" + state, problem=reason, action=state)
 
-    def _retry_later(self, fid: int, problem: str, blog, pause: bool) -> None:
-        self.store.transition(fid, ["processing"], "received", message=problem, level="error",
-                              error_class="output" if pause else "stage", action="will retry")
-        blog.error("not_done", problem=problem, action="left received; will retry")
+    def _retry_later(self, fid: int, problem: str, blog, pause: bool,
+                     exc: BaseException | None = None) -> None:
+        """Leave a frame ``received`` for another try; or reject it after max_tries.
+
+        ``pause``: a transient fault (disk full, read-only output, a lock
+        timeout): the try is not counted, the engine pauses with a growing
+        backoff. Otherwise a deterministic failure: after failing the same way
+        ``daemon.max_tries`` times the frame is ``rejected`` with the reason and
+        the number of tries (it would loop forever otherwise).
+        """
         if pause:
+            with self.store.transaction() as conn:  # the try does not count
+                conn.execute("UPDATE frames SET tries=MAX(tries-1, 0) WHERE id=?", (fid,))
+            wait = self.backoff_s
+            # error_class says what failed: 'output' (products cannot be written) or
+            # 'transient' (a lock timeout...); the action says it is transient
+            cls = "output" if problem.startswith("cannot write") or "(fault injection)" in \
+                problem or isinstance(exc, OSError | OutputError) else "transient"
+            self.store.transition(fid, ["processing"], "received", message=problem,
+                                  level="error", error_class=cls,
+                                  action=f"transient: will retry in {wait:.1f} s")
+            blog.error("not_done", problem=problem, transient=True,
+                       action=f"left received; processing paused, retried in {wait:.1f} s")
+            self.last_retry = time.monotonic()
+            with self._busy_guard:
+                self._resume_at = time.monotonic() + wait
+                self.backoff_s = min(wait * 2, self.settings.daemon.retry_backoff_max_s)
+                self._pauses += 1
             self.paused = problem
+            return
+        row = self.store.frame(fid)
+        tries = row["tries"] if row is not None else 1
+        last = self.store.conn.execute(
+            "SELECT message FROM events WHERE frame_id=? AND error_class='stage' "
+            "ORDER BY id DESC LIMIT 1", (fid,)).fetchone()
+        if last is not None and last["message"] != problem and tries > 1:
+            tries = 1  # it failed differently before: count again from this failure
+            with self.store.transaction() as conn:
+                conn.execute("UPDATE frames SET tries=1 WHERE id=?", (fid,))
+        max_tries = self.settings.daemon.max_tries
+        if tries >= max_tries:
+            reason = f"{problem} ({GAVE_UP} {tries} times; not retried)"
+            self.store.transition(fid, ["processing"], "rejected", reason=reason,
+                                  message=problem, level="error", error_class="stage",
+                                  action=f"rejected after {tries} tries")
+            blog.error("frame_rejected", problem=problem, tries=tries,
+                       action=f"rejected after {tries} tries (deterministic failure)")
+            return
+        self.store.transition(fid, ["processing"], "received", message=problem, level="error",
+                              error_class="stage",
+                              action=f"will retry (try {tries} of {max_tries})")
+        blog.error("not_done", problem=problem, tries=tries,
+                   action=f"left received; try {tries} of {max_tries}")
 
     # ------------------------------------------------------------------ calibration
     def _calibration(self, row, info: FrameInfo, raw, profile: Profile, blog) -> None:

@@ -13,6 +13,19 @@ completes when run again; the store arbitrates with a daemon still running):
    zero point may have come late);
 6. final coadds with per-pixel outlier rejection, and their catalogues;
 7. the night report.
+
+finalize never makes a night quietly worse. Before anything is re-reduced it
+notes, per frame, the astrometric and photometric status and, per quick-look
+coadd, its members, exposure and depth. A frame that solved in the quick-look
+pass and fails in re-reduction starts again from its own quick-look solution
+(the product's WCS: same pixels, solved hours earlier) and keeps it when that
+solution still fits the stars (``science.astrometry``). A frame still lost
+leaves its FINAL coadd with ``FINALSTAT = 'INCOMPLETE'`` and the reason
+(``FINALRSN``); the report lists it in Problems and counts it in "Needs
+attention", and ``photowatch finalize`` exits with status 3. The comparison
+(FINAL against QUICKLOOK per coadd; each frame before and after) is printed,
+kept in the coadd row's ``stats_json`` and in the store's meta
+``finalize:<night>``, and shown in the report.
 """
 
 from __future__ import annotations
@@ -41,12 +54,15 @@ class FinalizeResult:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     report: str | None = None
+    #: FINAL coadds holding fewer frames than the quick-look ones: name -> reason
+    incomplete: dict[str, str] = field(default_factory=dict)
 
     def text(self) -> str:
         if self.night is None:
             return "photowatch finalize: nothing to finalize (no frames in the store)"
-        lines = [f"photowatch finalize {self.night}: {'done' if self.ok else 'INCOMPLETE'} in "
-                 f"{self.seconds:.1f} s"]
+        verdict = "INCOMPLETE" if not self.ok else (
+            "done with problems" if self.problems else "done")
+        lines = [f"photowatch finalize {self.night}: {verdict} in {self.seconds:.1f} s"]
         lines += [f"  {d}" for d in self.done]
         lines += [f"  problem: {p}" for p in self.problems]
         if self.report:
@@ -96,6 +112,8 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     # 1. whatever is still queued
     _drain(engine, night, rereduce=False)
     bar.update()
+    # what the night has before finalize touches it: frames' status, quick-look coadds
+    before = snapshot(engine, night)
 
     # 2. final masters and skies
     made = engine.book.final_masters(night, progress=lambda msg: bar.set_postfix_str(msg))
@@ -133,9 +151,15 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
         result.done.append(f"quality re-judged with the whole night: {changed} frame(s) changed")
     bar.update()
 
-    # 6. final coadds and catalogues
-    coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg))
+    # 6. final coadds and catalogues, compared with what the quick-look pass had
+    coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg),
+                          baseline=before["coadds"], incomplete=result.incomplete)
     result.done += coadds
+    _drop_snapshots(before)
+    comparison = compare(engine, night, before)
+    result.done += comparison["lines"]
+    for name, why in result.incomplete.items():
+        result.problems.append(f"{name}: INCOMPLETE: {why}")
     bar.update()
 
     # 7. the report
@@ -151,6 +175,192 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     if not_terminal:
         result.ok = False
         result.problems.append(f"{not_terminal} frame(s) not terminal (another process has them?)")
+
+
+# ---------------------------------------------------------------------------- before / after
+
+#: aperture radius (px) of the depth figure: 5 sigma of the noise in this aperture
+DEPTH_RADIUS_PX = 3.0
+
+
+def coadd_depth(path, magzp: float | None) -> float | None:
+    """5-sigma depth of a coadd (mag) in a 3-px-radius aperture, from its WHT plane.
+
+    SCI is a weighted mean, so a pixel's noise is 1/sqrt(WHT); the median over
+    the deep part (WHT at least half its maximum) is the coadd's noise. Without
+    a MAGZP the figure is relative (MAGZP taken as 0): still comparable between
+    the QUICKLOOK and FINAL coadds of one field.
+    """
+    from astropy.io import fits
+
+    try:
+        wht = np.asarray(fits.getdata(path, "WHT"), float)
+    except Exception:
+        return None
+    good = wht[np.isfinite(wht) & (wht > 0)]
+    if not good.size:
+        return None
+    deep = good[good >= 0.5 * good.max()]
+    sigma = float(np.median(1.0 / np.sqrt(deep)))
+    flux = 5.0 * sigma * np.sqrt(np.pi * DEPTH_RADIUS_PX ** 2)
+    return round((magzp or 0.0) - 2.5 * np.log10(flux), 3)
+
+
+def _frame_status(row) -> dict:
+    qc = json.loads(row["qc_json"] or "{}")
+    return {"file": row["raw_name"], "state": row["state"], "accepted": bool(row["accepted"]),
+            "aststat": qc.get("aststat"), "astmethod": qc.get("astmethod"),
+            "phot_status": qc.get("phot_status"), "zp": qc.get("zp"),
+            "version": row["product_version"], "reason": row["reason"]}
+
+
+def snapshot(engine: Engine, night: str) -> dict:
+    """The night before finalize re-reduces anything: frames' status, quick-look coadds.
+
+    Also hands the engine each frame's quick-look solution (its product's WCS)
+    for the re-reduction to start from if the new solve fails. A coadd already
+    FINAL (a second finalize) keeps the quick-look baseline its first run noted.
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    store = engine.store
+    frames = {}
+    solutions = {}
+    for row in store.frames("night=? AND kind='object' AND product IS NOT NULL", (night,)):
+        status = _frame_status(row)
+        frames[row["id"]] = status
+        if status["aststat"] in ("ok", "relative") and Path(row["product"]).exists():
+            try:
+                header = fits.getheader(row["product"], "SCI")
+                wcs = WCS(header)
+                if wcs.has_celestial:
+                    solutions[row["id"]] = (wcs, status["aststat"])
+            except Exception as exc:  # unreadable product: no fallback for it
+                log.warning("quicklook_solution_unreadable", file=row["raw_name"],
+                            problem=str(exc), action="no fallback if re-reduction fails")
+    engine.quicklook_solutions = solutions
+    coadds = {}
+    for c in store.coadds(night):
+        stats = json.loads(c["stats_json"] or "{}")
+        if c["stacktype"] == "FINAL":
+            if stats.get("quicklook"):
+                coadds[(c["target"], c["filter"])] = stats["quicklook"]
+            continue
+        members = json.loads(c["members_json"] or "[]")
+        path = Path(c["path"])
+        coadds[(c["target"], c["filter"])] = {
+            "ncombine": c["ncombine"], "exptime": c["exptime"],
+            "members": sorted(m.split(":v")[0] for m in members),
+            "depth_mag": coadd_depth(path, c["magzp"]) if path.exists() else None,
+            "snapshot": _snapshot_file(path)}
+    return {"frames": frames, "coadds": coadds}
+
+
+def _snapshot_path(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.quicklook-snapshot.fits")
+
+
+def _snapshot_file(path: Path) -> str | None:
+    """A hard link to the quick-look coadd as it is now (free: every coadd write is an
+    atomic rename, so the link keeps tonight's quick-look pixels while re-reduction
+    swaps frames in and out); a copy where links are not supported."""
+    import os
+
+    if not path.exists():
+        return None
+    snap = _snapshot_path(path)
+    try:
+        snap.unlink(missing_ok=True)
+        try:
+            os.link(path, snap)
+        except OSError:
+            _keep_copy(path, snap)
+    except OSError as exc:
+        log.warning("quicklook_snapshot_failed", coadd=path.name, problem=str(exc),
+                    action="no copy kept if the final coadd loses frames")
+        return None
+    return str(snap)
+
+
+def _drop_snapshots(before: dict) -> None:
+    for quick in before["coadds"].values():
+        if quick.get("snapshot"):
+            Path(quick["snapshot"]).unlink(missing_ok=True)
+
+
+def compare(engine: Engine, night: str, before: dict) -> dict:
+    """Each frame before and after re-reduction; each FINAL coadd against its quick-look.
+
+    Stored in the meta ``finalize:<night>`` (the report shows it); returns it
+    with ``lines`` for the command's output.
+    """
+    store = engine.store
+    frames = []
+    worse = []
+    for fid, old in before["frames"].items():
+        row = store.frame(fid)
+        if row is None:
+            continue
+        new = _frame_status(row)
+        entry = {"file": old["file"], "before": old, "after": new}
+        frames.append(entry)
+        solved = ("ok", "relative")
+        if old["accepted"] and old["aststat"] in solved and (
+                not new["accepted"] or new["aststat"] not in solved):
+            entry["why"] = new["reason"] or "astrometry lost"
+            worse.append(entry)
+        elif old["phot_status"] == "ok" and new["phot_status"] not in (None, "ok"):
+            entry["why"] = f"photometry {old['phot_status']} -> {new['phot_status']}"
+            worse.append(entry)
+    coadds = []
+    for c in store.coadds(night):
+        stats = json.loads(c["stats_json"] or "{}")
+        if c["stacktype"] != "FINAL":
+            continue
+        coadds.append({"target": c["target"], "filter": c["filter"],
+                       "quicklook": stats.get("quicklook"), "final": stats.get("final"),
+                       "finalstat": stats.get("finalstat"), "lost": stats.get("lost", [])})
+    ast = {"before": _tally(e["before"]["aststat"] for e in frames),
+           "after": _tally(e["after"]["aststat"] for e in frames)}
+    phot = {"before": _tally(e["before"]["phot_status"] for e in frames),
+            "after": _tally(e["after"]["phot_status"] for e in frames)}
+    rescued = sum(1 for e in frames if (e["after"]["astmethod"] or "").startswith("quicklook"))
+    lines = [f"astrometry before -> after: {_fmt_tally(ast['before'])} -> "
+             f"{_fmt_tally(ast['after'])}"
+             + (f" ({rescued} from their quick-look solution)" if rescued else ""),
+             f"photometry before -> after: {_fmt_tally(phot['before'])} -> "
+             f"{_fmt_tally(phot['after'])}"]
+    for c in coadds:
+        q, f = c["quicklook"] or {}, c["final"] or {}
+        if not q:
+            continue
+        depth = ""
+        if q.get("depth_mag") is not None and f.get("depth_mag") is not None:
+            depth = f", depth {q['depth_mag']:.2f} -> {f['depth_mag']:.2f} mag"
+        lines.append(f"coadd {c['target']} {c['filter']} QUICKLOOK -> FINAL: "
+                     f"{q.get('ncombine')} -> {f.get('ncombine')} frames, "
+                     f"{q.get('exptime') or 0:.0f} -> {f.get('exptime') or 0:.0f} s{depth}"
+                     + (f" [{c['finalstat']}]" if c["finalstat"] == "INCOMPLETE" else ""))
+    for e in worse:
+        lines.append(f"worse after re-reduction: {e['file']}: {e['why']}")
+    data = {"frames": frames, "coadds": coadds, "astrometry": ast, "photometry": phot,
+            "worse": [e["file"] for e in worse],
+            "worse_why": {e["file"]: e["why"] for e in worse}, "rescued": rescued}
+    store.set_meta(f"finalize:{night}", data)
+    data["lines"] = lines
+    return data
+
+
+def _tally(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[v or "none"] = out.get(v or "none", 0) + 1
+    return out
+
+
+def _fmt_tally(t: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(t.items())) or "none"
 
 
 def _write_bpms(engine: Engine, night: str) -> None:
@@ -208,8 +418,18 @@ def reassess(engine: Engine, night: str) -> int:
     return changed
 
 
-def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
-    """Final outlier-rejected coadd and catalogue of every (target, filter) of the night."""
+def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | None = None,
+                 incomplete: dict | None = None) -> list[str]:
+    """Final outlier-rejected coadd and catalogue of every (target, filter) of the night.
+
+    ``baseline``: (target, filter) -> the quick-look coadd (members, ncombine,
+    exptime, depth) from :func:`snapshot`. A FINAL coadd missing a frame the
+    quick-look one held gets ``FINALSTAT='INCOMPLETE'`` and ``FINALRSN`` (which
+    frames, why), is listed in ``incomplete``, and a copy of the quick-look coadd
+    is kept next to it (``*.quicklook.fits``): the better product is not lost.
+    """
+    baseline = baseline or {}
+    incomplete = incomplete if incomplete is not None else {}
     from photowatch.coadd import FinalMember, final_coadd
 
     store = engine.store
@@ -236,7 +456,26 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
         magzp = engine.coadds._magzp((night, target, filt))
         up_to_date = (row is not None and row["stacktype"] == "FINAL" and not row["outdated"]
                       and json.loads(row["members_json"] or "[]") == ids and path.exists())
+        quick = baseline.get((target, filt)) or {}
+        lost = _lost_frames(store, night, quick, {r["name"] for r, _ in members})
+        finalstat = "INCOMPLETE" if lost else "COMPLETE"
+        why = ""
+        if lost:
+            why = (f"{len(lost)} of {quick.get('ncombine')} quick-look frames lost: "
+                   + "; ".join(f"{f}: {r}" for f, r in lost.items()))
+            incomplete[path.name] = why
+            log.warning("final_coadd_incomplete", coadd=path.name, problem=why,
+                        action="FINALSTAT='INCOMPLETE'; quick-look coadd kept as "
+                        + path.with_suffix(".quicklook.fits").name)
+        if up_to_date and row is not None:
+            old = json.loads(row["stats_json"] or "{}").get("finalstat")
+            up_to_date = old == finalstat
         if not up_to_date:
+            snap = quick.get("snapshot")
+            if lost and snap and Path(snap).exists():
+                import os
+
+                os.replace(snap, path.with_suffix(".quicklook.fits"))
             grid = _covering_grid(engine, night, target, filt, row, members)
             if progress:
                 progress(f"coadd {target} {filt} ({len(specs)} frames)")
@@ -244,7 +483,10 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
                 final_coadd(specs, grid, path, clip_sigma=settings.clip_sigma,
                             chunk_rows=settings.chunk_rows, magzp=magzp,
                             header_extra={"TARGET": target, "FILTNAME": filt, "NIGHT": night,
-                                          "ABSCAL": magzp is not None},
+                                          "ABSCAL": magzp is not None,
+                                          "FINALSTAT": (finalstat, "COMPLETE, or INCOMPLETE: "
+                                                        "quick-look frames lost"),
+                                          "FINALRSN": (why or None, "frames lost, and why")},
                             step_px=settings.mapping_step_px,
                             interpolation=settings.interpolation,
                             amp_frac=settings.clip_amp_frac, grow_px=settings.clip_grow_px)
@@ -257,15 +499,56 @@ def final_coadds(engine: Engine, night: str, progress=None) -> list[str]:
 
                 png = path.with_suffix(".png")
                 save_png(fits.getdata(path, "SCI"), png, max_size=1024)
+            exptime = sum(m.exptime_s for m in specs)
+            baseline_stats = {k: v for k, v in quick.items() if k != "snapshot"}
+            stats = {"quicklook": baseline_stats or None, "finalstat": finalstat, "finalreason": why or None,
+                     "lost": sorted(lost),
+                     "final": {"ncombine": len(specs), "exptime": exptime,
+                               "members": sorted(r["name"] for r, _ in members),
+                               "depth_mag": coadd_depth(path, magzp)}}
             store.upsert_coadd(night=night, target=target, filter=filt, path=str(path),
                                stacktype="FINAL", ncombine=len(specs),
-                               exptime=sum(m.exptime_s for m in specs), magzp=magzp,
+                               exptime=exptime, magzp=magzp,
                                grid=grid.to_dict(), members=ids,
-                               quicklook=str(png) if png else None)
-            done.append(f"final coadd {path.name}: {len(specs)} frames")
+                               quicklook=str(png) if png else None, stats=stats)
+            done.append(f"final coadd {path.name}: {len(specs)} frames"
+                        + (" (INCOMPLETE)" if lost else ""))
         catalogs.setdefault(target, {})[filt] = (path, magzp, not up_to_date)
     done += _catalogues(engine, night, catalogs)
     return done
+
+
+def _lost_frames(store, night: str, quick: dict, final_names: set) -> dict[str, str]:
+    """Quick-look members missing from the FINAL coadd: raw file name -> why."""
+    lost = {}
+    for name in quick.get("members") or []:
+        if name in final_names:
+            continue
+        row = store.conn.execute("SELECT raw_name, state, reason, qc_json FROM frames WHERE "
+                                 "name=? AND night=?", (name, night)).fetchone()
+        if row is None:
+            lost[name] = "no longer in the store"
+            continue
+        qc = json.loads(row["qc_json"] or "{}")
+        if (row["state"] == "rejected" and qc.get("aststat") in ("ok", "relative")
+                and qc.get("flxscale")):
+            continue  # left out by the whole night's quality verdict: a choice, not a loss
+        why = row["reason"] or (qc.get("astreason") if qc.get("aststat") == "failed" else None)
+        lost[row["raw_name"]] = why or f"{row['state']}, not usable for the final coadd"
+    return lost
+
+
+def _keep_copy(src: Path, dst: Path) -> None:
+    """Copy a file atomically (the quick-look coadd a worse FINAL one replaces)."""
+    import shutil
+
+    from photowatch.fitsio import atomic_write
+
+    def write(fh):
+        with open(src, "rb") as inp:
+            shutil.copyfileobj(inp, fh, 1 << 22)
+
+    atomic_write(dst, write)
 
 
 def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, members):

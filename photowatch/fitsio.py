@@ -31,6 +31,12 @@ _CARD_RE = re.compile(rb"^([A-Z0-9_-]{1,8})\s*=\s*([^/]*)")
 #: environment hook for fault-injection tests: a glob of paths whose writes fail
 #: with "No space left on device" (simulates a full disk without root or tmpfs)
 FAULT_ENV = "PHOTOWATCH_FAULT_WRITE"
+#: environment hook: a file whose lines are ``GLOB [ERRNO]`` (``ENOSPC`` default,
+#: ``EROFS``, ``EACCES``...): while it exists, writes to matching paths fail so; delete
+#: it and the fault is gone (a disk that fills, then has space again, in a live daemon)
+FAULT_FILE_ENV = "PHOTOWATCH_FAULT_FILE"
+#: in-process faults (tests): (glob, errno) pairs, see :func:`inject_fault`
+_FAULTS: list[tuple[str, int]] = []
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, int]:
@@ -63,6 +69,40 @@ def _header_values(block_data: bytes) -> dict[str, str]:
     return values
 
 
+#: start of the reason :func:`not_fits_reason` gives (the watcher quarantines it at once)
+NOT_FITS = "not FITS"
+_SIMPLE = b"SIMPLE  =                    T"
+
+
+def not_fits_reason(path: str | os.PathLike) -> str | None:
+    """Why a file can never become FITS, or None (it is, or may still become, FITS).
+
+    Decided from the bytes already there: a FITS file's first card is
+    ``SIMPLE  =                    T``. A file shorter than that card whose
+    bytes agree with it so far may still be growing (None); one whose first
+    bytes differ never will be (a text file named ``.fits``, a JPEG, a
+    ``SIMPLE = F`` file). ``.gz`` files are checked after decompression.
+    """
+    path = Path(path)
+    try:
+        with _open_stream(path) as fh:
+            head = fh.read(80)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None  # a gzip stream still being written: the completeness check decides
+    if not head:
+        return None
+    if not _SIMPLE.startswith(head[: len(_SIMPLE)]) and not head.startswith(b"SIMPLE  ="):
+        shown = head[:20].decode("ascii", errors="replace").splitlines()[0] if \
+            head[:20].strip() else repr(head[:20])
+        return f"{NOT_FITS}: the first card is not SIMPLE = T (starts with {shown!r})"
+    if len(head) >= 30 and head.startswith(b"SIMPLE  ="):
+        value = head[9:80].split(b"/")[0].strip()
+        if value and value != b"T":
+            return (f"{NOT_FITS}: the first card is SIMPLE = {value.decode(errors='replace')}, "
+                    "not T")
+    return None
+
+
 def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
     """Why a file is not a complete FITS file, or None when it is.
 
@@ -78,6 +118,9 @@ def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
         return f"cannot stat: {exc.strerror}"
     if size == 0:
         return "empty file (0 bytes)"
+    not_fits = not_fits_reason(path)
+    if not_fits:
+        return not_fits
     gz = path.name.endswith(".gz")
     if not gz and size % BLOCK:
         return f"size {size} is not a multiple of 2880 bytes (truncated?)"
@@ -98,7 +141,7 @@ def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
                     if len(block) < BLOCK:
                         return f"HDU {nhdu}: partial 2880-byte block (truncated)"
                     if first and not block.startswith(b"SIMPLE  ="):
-                        return "not a FITS file (does not start with SIMPLE)"
+                        return f"{NOT_FITS}: the first card is not SIMPLE = T"
                     first = False
                     header += block
                     if any(header[i : i + 80].startswith(b"END     ") or
@@ -201,11 +244,45 @@ def read_header(path: str | os.PathLike):
         raise BadInput(f"unreadable FITS header: {exc}") from None
 
 
-def _fault_for(path: Path) -> None:
+@contextlib.contextmanager
+def inject_fault(pattern: str, err: int = errno.ENOSPC):
+    """Within the block, atomic writes to paths matching ``pattern`` fail with ``err``.
+
+    ``errno.ENOSPC`` simulates a full disk, ``errno.EROFS`` an output folder
+    that turned read-only; the write fails before anything is renamed into place.
+    """
+    item = (pattern, err)
+    _FAULTS.append(item)
+    try:
+        yield
+    finally:
+        _FAULTS.remove(item)
+
+
+def _faults() -> list[tuple[str, int]]:
+    faults = list(_FAULTS)
     pattern = os.environ.get(FAULT_ENV)
-    if pattern and fnmatch.fnmatch(str(path), pattern):
-        raise OSError(errno.ENOSPC, f"No space left on device (fault injection: {FAULT_ENV})",
-                      str(path))
+    if pattern:
+        faults.append((pattern, errno.ENOSPC))
+    fault_file = os.environ.get(FAULT_FILE_ENV)
+    if fault_file:
+        try:
+            text = Path(fault_file).read_text()
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            parts = line.split()
+            if parts:
+                code = getattr(errno, parts[1], errno.ENOSPC) if len(parts) > 1 else \
+                    errno.ENOSPC
+                faults.append((parts[0], code))
+    return faults
+
+
+def _fault_for(path: Path) -> None:
+    for pattern, code in _faults():
+        if fnmatch.fnmatch(str(path), pattern):
+            raise OSError(code, f"{os.strerror(code)} (fault injection)", str(path))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -236,13 +313,45 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        full = _disk_full(exc, path.parent)
+        if full is not None:
+            raise full from exc
         raise
     if fsync:
         _fsync_dir(path.parent)
     return path
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def _disk_full(exc: BaseException, folder: Path) -> OSError | None:
+    """A write that failed because the disk is full, as ``OSError(ENOSPC)``; else None.
+
+    Writers do not always say so: numpy's ``tofile`` raises ``OSError: N requested
+    and M written`` without an errno, and astropy then masks it with an
+    AttributeError from its own free-space check. A short write anywhere in the
+    exception's chain, or a folder with (almost) no free space left, is a full disk.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return None  # it says what it is (ENOSPC, EROFS...)
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    short = any(isinstance(e, OSError) and _SHORT_WRITE.search(str(e)) for e in chain)
+    try:
+        free = os.statvfs(folder)
+        nearly_full = free.f_bavail * free.f_frsize < (1 << 20)
+    except OSError:
+        nearly_full = False
+    if short or (nearly_full and isinstance(exc, Exception)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + (f" ({chain[-1]})" if short
+                                                                   else ""), str(folder))
+    return None
 
 
 def write_hdul(path: str | os.PathLike, hdul, fsync: bool = True) -> Path:

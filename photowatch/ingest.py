@@ -3,7 +3,9 @@
 Used by the watcher and by ``reduce``. A file is identified by its content
 hash: the same bytes under a second name are recorded as a duplicate, not
 reduced again. Bad input never raises: it becomes a ``quarantined`` or
-``ignored`` frame with the reason, and one log line that names the file.
+``ignored`` frame with the reason, and one log line that names the file; a
+header its profile cannot interpret makes a ``held`` frame (a person can fix
+the profile; :mod:`photowatch.requeue` takes held frames up again).
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from pathlib import Path
 
 from photowatch.classify import classify
 from photowatch.config import Settings
-from photowatch.errors import BadInput, ConfigError, FrameIgnored, FrameRejected
+from photowatch.errors import (
+    BadInput,
+    ConfigError,
+    FrameIgnored,
+    FrameRejected,
+    HeaderNotInterpretable,
+)
 from photowatch.fitsio import fits_incomplete_reason, read_header, sha256_file
 from photowatch.instruments import Profile, detect_profile, load_profile
 from photowatch.logs import get_logger
@@ -91,20 +99,41 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
     if row is not None:  # a duplicate: record the path, do not read again
         frame_id, _ = store.add_frame(path=spath, sha256=sha, size=size, mtime=st.st_mtime)
         return Ingested(frame_id, False, row["state"], row["reason"])
+    info, header, state, reason = interpret(path, settings, instrument)
+    return _record(store, spath, sha, size, st.st_mtime, arrived_at, info, header, state,
+                   reason)
+
+
+def interpret(path: Path, settings: Settings, instrument: str | None = None
+              ) -> tuple[dict | None, dict | None, str, str | None]:
+    """Header → (info summary, header summary, state, reason); never raises for bad input.
+
+    A header that cannot be read is ``quarantined``; one its profile cannot
+    interpret (no type, no time, a bad section; an unknown instrument with the
+    generic profile), or a profile that cannot be loaded, is ``held``: a
+    person can fix the configuration, and a later run takes it up.
+    """
     info = header = None
     state, reason = "received", None
     try:
         hdr = read_header(path)
-        header = header_summary(hdr)
+    except BadInput as exc:
+        return None, None, "quarantined", str(exc)
+    header = header_summary(hdr)
+    try:
         profile = choose_profile(hdr, settings, instrument)
         try:
             info = classify(hdr, path.name, profile, settings.site.longitude_deg,
                             settings.site.night_start_hour)
         except BadInput as exc:
             if profile.name == "generic" and hdr.get("INSTRUME") is not None:
-                raise BadInput(f"unknown instrument INSTRUME={hdr.get('INSTRUME')!r} (no "
-                               f"profile matches; generic profile: {exc})") from None
-            raise
+                raise HeaderNotInterpretable(
+                    f"unknown instrument INSTRUME={hdr.get('INSTRUME')!r} (no profile matches; "
+                    f"generic profile: {exc})") from None
+            raise HeaderNotInterpretable(f"profile {profile.name} cannot interpret the "
+                                         f"header: {exc}") from None
+    except HeaderNotInterpretable as exc:
+        state, reason = "held", str(exc)
     except BadInput as exc:
         state, reason = "quarantined", str(exc)
     except FrameIgnored as exc:
@@ -112,9 +141,8 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
     except FrameRejected as exc:
         state, reason = "rejected", str(exc)
     except ConfigError as exc:
-        state, reason = "quarantined", f"configuration: {exc}"
-    return _record(store, spath, sha, size, st.st_mtime, arrived_at,
-                   info.summary() if info else None, header, state, reason)
+        state, reason = "held", f"configuration: {exc}"
+    return (info.summary() if info else None), header, state, reason
 
 
 def _record(store, spath, sha, size, mtime, arrived_at, info, header, state, reason):
@@ -127,6 +155,8 @@ def _record(store, spath, sha, size, mtime, arrived_at, info, header, state, rea
                  filter=(info or {}).get("filter"), name=(info or {}).get("std_name"))
     else:
         action = {"quarantined": "quarantined", "ignored": "ignored, not reduced",
-                  "rejected": "rejected, not reduced"}[state]
+                  "rejected": "rejected, not reduced",
+                  "held": "held until the configuration is fixed (taken up by itself then)",
+                  }[state]
         log.warning("bad_input", file=name, problem=reason, action=action)
     return Ingested(frame_id, new, state, reason)

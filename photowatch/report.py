@@ -48,11 +48,11 @@ from photowatch.status import status_data
 from photowatch.store import TERMINAL
 
 #: order of states in tables (the flow of a frame)
-STATE_ORDER = ("received", "processing", "waiting", "used", "reduced", "rejected", "quarantined",
-               "ignored")
+STATE_ORDER = ("received", "processing", "waiting", "held", "used", "reduced", "rejected",
+               "quarantined", "ignored")
 KIND_ORDER = ("bias", "dark", "flat", "object")
 #: states listed under "Problems"
-PROBLEM_STATES = ("rejected", "quarantined", "ignored", "waiting")
+PROBLEM_STATES = ("rejected", "quarantined", "held", "ignored", "waiting")
 #: numbers of ``frames.qc_json`` copied into night.json
 QC_KEYS = ("exptime", "fwhm_arcsec", "ellipticity", "nsources", "sky_e", "sky_e_per_s",
            "skynoise_e", "ncr", "airmass", "aststat", "astrms_arcsec", "astnstar", "astreason",
@@ -278,8 +278,19 @@ def _coadds(store, night: str) -> list[dict]:
             "ncombine": c["ncombine"], "exptime": _num(c["exptime"]), "magzp": _num(c["magzp"]),
             "path": c["path"], "quicklook": c["quicklook"], "catalog": c["catalog"],
             "outdated": bool(c["outdated"]), "updated_at": c["updated_at"], "members": members,
+            **_final_comparison(c),
         })
     return items
+
+
+def _final_comparison(c) -> dict:
+    """A FINAL coadd against the quick-look one (finalize's stats): FINALSTAT, what was lost."""
+    stats = json.loads(c["stats_json"] or "{}")
+    if c["stacktype"] != "FINAL" or "finalstat" not in stats:
+        return {}
+    return {"finalstat": stats.get("finalstat"), "finalreason": stats.get("finalreason"),
+            "lost": stats.get("lost") or [], "quicklook_stack": stats.get("quicklook"),
+            "final_stack": stats.get("final")}
 
 
 def _errors(store, night: str, frames: list[dict], limit: int = 25) -> list[dict]:
@@ -362,6 +373,7 @@ def collect_facts(out: Path, store, night: str, settings, *, final: bool) -> dic
         "frames": frames, "masters": _masters(store, night, frames),
         "coadds": _coadds(store, night), "errors": _errors(store, night, frames),
         "duplicates": base.get("duplicates") or [],
+        "finalize": store.get_meta(f"finalize:{night}") if final else None,
         "processes": [{k: p[k] for k in ("command", "started_at", "status")}
                       for p in base.get("processes") or []],
         "versions": software_versions(),
@@ -765,7 +777,7 @@ tr.quarantined td:first-child {{ box-shadow: inset 3px 0 {WARN}; }}
 tr.ignored td {{ color: {MUTED}; font-style: italic; }}
 tr.waiting td, tr.received td, tr.processing td {{ background: rgba(130,189,255,.10); }}
 .st {{ font-weight: 600; }} .st.reduced, .st.used {{ color: {GOOD}; }}
-.st.rejected {{ color: {BAD}; }} .st.quarantined {{ color: {WARN}; }}
+.st.rejected {{ color: {BAD}; }} .st.quarantined, .st.held {{ color: {WARN}; }}
 .st.waiting, .st.received, .st.processing {{ color: {LINK}; }}
 .tag {{ font-size: 11px; color: {MUTED}; border: 1px solid {BORDER}; border-radius: 3px;
   padding: 0 4px; margin-left: 4px; white-space: nowrap; }}
@@ -876,7 +888,8 @@ def _cards(facts: dict) -> str:
     sci = [f for f in frames if f["type"] == "object"]
     reduced = [f for f in sci if f["state"] == "reduced"]
     not_stacked = [f for f in sci if f["state"] == "rejected"]
-    quarantined = [f for f in frames if f["state"] == "quarantined"]
+    quarantined = [f for f in frames if f["state"] in ("quarantined", "held")]
+    incomplete = [c for c in facts["coadds"] if c.get("finalstat") == "INCOMPLETE"]
     cal_used = sum(1 for f in frames if f["type"] in ("bias", "dark", "flat") and
                    f["state"] == "used")
     cal_rej = sum(1 for f in frames if f["type"] in ("bias", "dark", "flat") and
@@ -919,9 +932,10 @@ def _cards(facts: dict) -> str:
          f"{sum(c['exptime'] or 0 for c in facts['coadds']) / 60:.0f} min total")
     nerr = sum(1 for e in facts["errors"] if e["level"] == "error")
     nwarn = sum(1 for e in _other_events(facts) if e["level"] == "warning")
-    nbad = len(quarantined) + nerr
+    nbad = len(quarantined) + nerr + len(incomplete)
     card("Needs attention", f'<a href="#problems">{nbad}</a>' if nbad else "0",
-         f"{len(quarantined)} quarantined · {nerr} errors · {nwarn} other warnings",
+         f"{len(quarantined)} quarantined or held · {nerr} errors · {nwarn} other warnings"
+         + (f" · {len(incomplete)} incomplete final coadd(s)" if incomplete else ""),
          "bad" if nbad else ("warn" if nwarn else "good"))
     return '<div class="cards">' + "".join(cards) + "</div>"
 
@@ -1001,9 +1015,27 @@ def _problems(facts: dict) -> str:
     bad = [f for f in facts["frames"] if f["state"] in PROBLEM_STATES]
     suspect = [f for f in facts["frames"] if f["state"] == "reduced" and f.get("astsuspect")]
     parts = []
-    if not bad and not suspect and not _other_events(facts) and not facts["duplicates"]:
+    incomplete = [c for c in facts["coadds"] if c.get("finalstat") == "INCOMPLETE"]
+    if (not bad and not suspect and not _other_events(facts) and not facts["duplicates"]
+            and not incomplete and not (facts.get("finalize") or {}).get("worse")):
         return "<p class='allgood'>✓ No rejected, quarantined or ignored frames and no errors.</p>"
-    order = {s: i for i, s in enumerate(("quarantined", "waiting", "rejected", "ignored"))}
+    if incomplete:
+        items = []
+        for c in incomplete:
+            q, f = c.get("quicklook_stack") or {}, c.get("final_stack") or {}
+            items.append(f"<li><span class='st rejected'>INCOMPLETE</span> <b>coadd "
+                         f"{_e(c['target'])} {_e(c['filter'])}</b> <span class='muted'>"
+                         f"{q.get('ncombine', '?')} quick-look → {f.get('ncombine', '?')} final "
+                         f"frames</span> — {_e(c.get('finalreason') or '')}</li>")
+        parts.append("<h3>Final coadds with fewer frames than the quick-look ones</h3>"
+                     "<ul class='problems'>" + "".join(items) + "</ul>")
+    worse = (facts.get("finalize") or {}).get("worse_why") or {}
+    if worse:
+        items = [f"<li><b>{_e(name)}</b> — {_e(why)}</li>" for name, why in worse.items()]
+        parts.append("<h3>Frames worse after finalize's re-reduction than in the quick-look "
+                     "pass</h3><ul class='problems'>" + "".join(items) + "</ul>")
+    order = {s: i for i, s in enumerate(("quarantined", "held", "waiting", "rejected",
+                                         "ignored"))}
     if bad:
         items = []
         for f in sorted(bad, key=lambda f: (order.get(f["state"], 9), f["obs_time"] or "")):
@@ -1109,6 +1141,8 @@ def _coadd_section(facts: dict, images: list[dict], links: _Links) -> str:
     rows, thumbs = [], []
     for c, im in zip(facts["coadds"], images):
         tag = ("<span class='tag'>outdated</span>" if c["outdated"] else "")
+        if c.get("finalstat") == "INCOMPLETE":
+            tag += "<span class='tag'>INCOMPLETE</span>"
         rows.append(
             f"<tr><td>{_e(c['target'])}</td><td>{_e(c['filter'])}</td>"
             f"<td>{_e(c['stacktype'])}{tag}</td><td class='n'>{c['ncombine']}</td>"

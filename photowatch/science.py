@@ -99,8 +99,9 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         src = extract_sources(z, settings=s.stages.sources,
                               pixel_scale_arcsec=info.pixel_scale_arcsec)
     with timer("astrometry"):
-        frame, cat, wcs, ast_qc, reference, wcs0 = astrometry(engine, info, profile, z, header,
-                                                              src)
+        frame, cat, wcs, ast_qc, reference, wcs0 = astrometry(
+            engine, info, profile, z, header, src,
+            quicklook=getattr(engine, "quicklook_solutions", {}).get(row["id"]))
     with timer("zeropoint"):
         frame, cat, phot_qc = photometry(engine, info, profile, frame, cat, ast_qc, reference,
                                          wcs, wcs0)
@@ -182,8 +183,14 @@ def _reference_stars(engine, info: FrameInfo, profile: Profile, wcs0, shape):
     return cached, getattr(provider, "name", "catalogue")
 
 
-def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_header, src):
+def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_header, src,
+               quicklook=None):
     """Solve (absolute, else relative to the field's reference frame).
+
+    ``quicklook``: (WCS, status) of this frame's quick-look solution
+    (finalize's re-reduction). When the new solve fails, the frame starts
+    again from it (a warm start), and else keeps it if it still fits the
+    stars (:func:`quicklook_fallback`).
 
     Returns (frame, cat, wcs, qc, reference, initial wcs): the reference
     catalogue is None in relative mode.
@@ -216,7 +223,7 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
     field_key = (info.night, info.target, info.camera)
     neighbours = _nearby_solutions(engine, field_key, ra_c, dec_c, half_deg)
     previous = next((r.wcs for r in reversed(neighbours) if not r.suspect), None)
-    result = None
+    result = ref = None
     if not s.enabled:
         result = None
     elif relative:
@@ -237,6 +244,12 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
     else:
         result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=reference,
                                   settings=s, previous=previous)
+    if (quicklook is not None and s.enabled and (result is None or result.status == "failed")):
+        target_ref = reference if not relative else ref
+        rescued = quicklook_fallback(src.table, shape, quicklook, target_ref, s,
+                                     failed=result.reason if result is not None else "")
+        if rescued is not None:
+            result = rescued
     if result is None:
         from photowatch.stages.astrometry import AstrometryResult
 
@@ -270,6 +283,59 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
             + (f"; {result.reason}" if result.suspect else "")
     qc["astsuspect"] = bool(result.suspect)
     return frame, cat, wcs, qc, reference, wcs0
+
+
+def quicklook_fallback(sources, shape, quicklook, reference, settings, failed: str = ""):
+    """A frame whose re-reduction failed to solve, started from its own quick-look solution.
+
+    First a warm start from it (shift search and refit, the usual acceptance
+    checks); else the quick-look WCS itself, kept when it still fits: at least
+    ``min_matches`` stars within ``match_radius_arcsec`` and an rms within
+    ``max_rms_arcsec``. Returns the AstrometryResult (method ``quicklook-warm``
+    or ``quicklook-kept``), or None when the quick-look solution no longer fits.
+    """
+    from dataclasses import replace
+
+    from photowatch.stages.astrometry import AstrometryResult, solve_astrometry, wcs_geometry
+
+    wcs, status = quicklook
+    if reference is None or len(reference) == 0:
+        return None
+    note = f"re-solve failed ({failed})" if failed else "re-solve failed"
+    retry = solve_astrometry(sources, shape=shape, wcs_guess=wcs, reference=reference,
+                             settings=settings, previous=wcs)
+    if retry.status != "failed" and retry.wcs is not None:
+        return replace(retry, method="quicklook-warm",
+                       reason=f"started again from its quick-look solution: {note}")
+    # the quick-look WCS as it is: does it still put the reference stars on the sources?
+    x = np.asarray(sources["x"], float)
+    y = np.asarray(sources["y"], float)
+    if x.size == 0:
+        return None
+    rx, ry = wcs.all_world2pix(np.asarray(reference["ra"], float),
+                               np.asarray(reference["dec"], float), 0)
+    ny, nx = shape
+    on = np.isfinite(rx) & np.isfinite(ry) & (rx > -1) & (rx < nx) & (ry > -1) & (ry < ny)
+    if on.sum() < settings.min_matches:
+        return None
+    from scipy.spatial import cKDTree
+
+    scale, pa, flipped = wcs_geometry(wcs)
+    radius_px = settings.match_radius_arcsec / scale
+    dist, idx = cKDTree(np.column_stack([x, y])).query(np.column_stack([rx[on], ry[on]]),
+                                                        distance_upper_bound=radius_px)
+    hit = np.isfinite(dist)
+    n = int(hit.sum())
+    if n < settings.min_matches:
+        return None
+    rms = float(np.sqrt(np.mean(dist[hit] ** 2))) * scale
+    if not rms <= settings.max_rms_arcsec:
+        return None
+    return AstrometryResult(
+        wcs=wcs, status=status, method="quicklook-kept", rms_arcsec=rms, nstar=n,
+        offset_arcsec=0.0, rotation_deg=pa, scale_arcsec=scale, flipped=flipped,
+        sip_degree=int(getattr(wcs.sip, "a_order", 0) if wcs.sip is not None else 0),
+        reason=f"quick-look solution kept ({n} stars, rms {rms:.2f} arcsec): {note}")
 
 
 def _nearby_solutions(engine, field_key, ra: float, dec: float, radius_deg: float) -> list:

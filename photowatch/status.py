@@ -66,14 +66,18 @@ def status(out: Path, *, as_json: bool = False, night: str | None = None) -> str
     if as_json:
         return json.dumps(data, indent=1, default=str)
     lines = [f"photowatch output {data['out']}  (nights: {', '.join(data['nights']) or 'none'})"]
-    order = ["received", "processing", "waiting", "used", "reduced", "rejected", "quarantined",
-             "ignored"]
+    order = ["received", "processing", "waiting", "held", "used", "reduced", "rejected",
+             "quarantined", "ignored"]
     lines.append("frames: " + (", ".join(f"{data['counts'][s]} {s}" for s in order
                                          if data["counts"].get(s)) or "none"))
     waiting = [f for f in data["frames"] if f["state"] == "waiting"]
     if waiting:
         lines.append("waiting:")
         lines += [f"  {f['file']}: {f['reason']}" for f in waiting[:20]]
+    held = [f for f in data["frames"] if f["state"] == "held"]
+    if held:
+        lines.append("held (fix the configuration; the next run takes them up by itself):")
+        lines += [f"  {f['file']}: {f['reason']}" for f in held[:20]]
     stale = [f for f in data["frames"] if f["stale"]]
     if stale:
         lines.append(f"stale (to re-reduce with better masters): {len(stale)}")
@@ -102,6 +106,42 @@ def status(out: Path, *, as_json: bool = False, night: str | None = None) -> str
     if data["report"]:
         lines.append(f"report: {data['report']}")
     return "\n".join(lines)
+
+
+#: prefixes of a rejection reason that is a failure, not a judgement of the data
+FAILURE_REASONS = ("no usable master",)
+FAILURE_MARKS = ("failed the same way",)
+
+
+def problem_frames(store, night: str | None = None) -> dict[str, list]:
+    """Frames that need a person (exit status 3): quarantined, held, and rejected for a
+    reason other than quality (a deterministic failure given up, no usable master).
+
+    Frames rejected by a quality cut (a calibration's levels, a cloudy science
+    frame) are the data's verdict, not a problem of the run.
+    """
+    # frames never classified have no night: they belong to every night's account
+    where, args = ("(night=? OR night IS NULL)", (night,)) if night else ("1=1", ())
+    out: dict[str, list] = {"quarantined": [], "held": [], "rejected": []}
+    for row in store.frames(f"state IN ('quarantined', 'held', 'rejected') AND {where}", args):
+        reason = row["reason"] or ""
+        if row["state"] == "rejected" and not (reason.startswith(FAILURE_REASONS)
+                                               or any(m in reason for m in FAILURE_MARKS)):
+            continue
+        out[row["state"]].append(row)
+    return out
+
+
+def problem_summary(store, night: str | None = None, extra: list[str] | None = None
+                    ) -> str | None:
+    """The one-line summary of :func:`problem_frames` (and ``extra``), or None."""
+    probs = problem_frames(store, night)
+    parts = [f"{len(v)} {k}" + (" (failed, not by quality)" if k == "rejected" else "")
+             for k, v in probs.items() if v]
+    parts += extra or []
+    if not parts:
+        return None
+    return "done with problems: " + ", ".join(parts)
 
 
 def masters_listing(out: Path, *, as_json: bool = False, night: str | None = None) -> str:

@@ -12,7 +12,11 @@ Frame states::
     received ─► processing ─► used | reduced | rejected | quarantined | ignored
         ▲            │
         │            └─► waiting (object frame, no usable masters yet) ─► received
-        └── recovery (the process that took it died)
+        ├── recovery (the process that took it died)
+        ├── held (non-terminal: a header its profile cannot interpret, a missing
+        │   profile; a later run with a fixed configuration takes it up by itself)
+        └── requeue (``photowatch requeue``: quarantined, rejected or held frames
+            back, with an event saying why; the content hash does not block them)
 
 Calibration frames end ``used`` (accepted into a master) or ``rejected``;
 object frames end ``reduced`` (a product exists) or ``rejected``.
@@ -34,9 +38,11 @@ from pathlib import Path
 
 import sqlite_utils
 
-STATES = ("received", "waiting", "processing", "used", "reduced", "rejected", "quarantined",
-          "ignored")
+STATES = ("received", "waiting", "processing", "held", "used", "reduced", "rejected",
+          "quarantined", "ignored")
 TERMINAL = ("used", "reduced", "rejected", "quarantined", "ignored")
+#: states ``photowatch requeue`` takes back (``held`` is not terminal, but waits for a person)
+REQUEUABLE = ("quarantined", "rejected", "held", "ignored")
 #: order in which queued frames are taken: calibrations first, then objects
 KIND_PRIORITY = {"bias": 0, "dark": 1, "flat": 2, "object": 3}
 
@@ -452,7 +458,7 @@ class Store:
         from_states = tuple(from_states)
         now = utcnow()
         sets = {"state": to_state, "updated_at": now}
-        if to_state in TERMINAL or to_state == "waiting":
+        if to_state in TERMINAL or to_state in ("waiting", "held"):
             sets["finished_at"] = now
             sets["owner"] = None
         if to_state in TERMINAL:
@@ -566,6 +572,49 @@ class Store:
                             state_from="waiting", state_to="received",
                             message="masters may now exist")
             return len(rows)
+
+    def requeue(self, frame_id: int, reason: str, *, to_state: str = "received",
+                from_states: Iterable[str] = REQUEUABLE, **fields) -> bool:
+        """Put a quarantined, rejected or held frame back (``received`` by default).
+
+        Its tries are reset, its reason cleared; the frame keeps its row (and
+        its content hash), so the duplicate rule cannot block it; its product,
+        if any, is replaced atomically by the next reduction. An event
+        ``requeued`` records ``reason``. Returns False if the frame was not in
+        ``from_states``.
+        """
+        fields = {"reason": None, "tries": 0, "stale": 0, "stale_reason": None, **fields}
+        return self.transition(frame_id, from_states, to_state, event="requeued",
+                               message=reason, action=f"back to {to_state}", level="info",
+                               **fields)
+
+    def replace_identity(self, frame_id: int, *, sha256: str, size: int, mtime: float | None,
+                         info: dict | None, header: dict | None) -> str | None:
+        """Re-read a frame in place (requeue, held frames): new hash and classification.
+
+        Returns None, or why it could not (the new content is another frame's).
+        """
+        with self.transaction() as conn:
+            other = conn.execute("SELECT id, raw_name FROM frames WHERE sha256=? AND id!=?",
+                                 (sha256, frame_id)).fetchone()
+            if other is not None:
+                return f"same content as {other['raw_name']} (frame {other['id']})"
+            row = conn.execute("SELECT path, name FROM frames WHERE id=?",
+                               (frame_id,)).fetchone()
+            sets: dict = {"sha256": sha256, "size": size, "info_json": _json(info),
+                          "header_json": _json(header), "updated_at": utcnow()}
+            if info is not None:
+                sets.update({k: info.get(k) for k in ("instrument", "kind", "camera", "filter",
+                                                      "target", "binning", "readout", "night")})
+                sets["exptime"] = info.get("exptime_s")
+                sets["obs_time"] = info.get("obs_time")
+                if row["name"] is None:
+                    sets["name"] = self._unique_name(conn, info["std_name"])
+            assign = ", ".join(f"{k}=?" for k in sets)
+            conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
+            conn.execute("UPDATE files SET sha256=?, size=?, mtime=? WHERE frame_id=? AND path=?",
+                         (sha256, size, mtime, frame_id, row["path"]))
+            return None
 
     def reset_tries(self, frame_id: int) -> None:
         with self.transaction() as conn:

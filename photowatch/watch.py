@@ -18,7 +18,10 @@ polling observer, when its size and mtime have not changed for
 ``daemon.settle_s``. A ready file is ingested once
 :func:`~photowatch.fitsio.fits_incomplete_reason` finds it complete; a file
 that stays incomplete (unchanged) for ``daemon.incomplete_timeout_s`` is
-ingested anyway, and ingest quarantines it with the reason.
+ingested anyway, and ingest quarantines it with the reason. A file whose
+first card is not ``SIMPLE  =  T`` can never become FITS: it is ingested (and
+quarantined as "not FITS") at once, without waiting for the timeout; only a
+FITS file that is still growing waits.
 
 Nothing falls between the cracks: the observer starts before the startup
 scan; every ``daemon.rescan_interval_s`` (and after an observer overflow or
@@ -52,7 +55,7 @@ from photowatch.batch import find_raw_files
 from photowatch.config import Daemon as DaemonSettings
 from photowatch.config import Settings
 from photowatch.engine import Engine
-from photowatch.fitsio import fits_incomplete_reason
+from photowatch.fitsio import NOT_FITS, fits_incomplete_reason
 from photowatch.ingest import ingest_file
 from photowatch.logs import get_logger
 
@@ -159,11 +162,13 @@ class Watcher:
     def __init__(self, rawdir: str | os.PathLike, settings: DaemonSettings,
                  on_file: Callable[[Path, str], None], *,
                  known: Callable[[str, int, float], bool] | None = None,
-                 exclude: str | os.PathLike | None = None):
+                 exclude: str | os.PathLike | None = None,
+                 on_rescan: Callable[[], None] | None = None):
         self.rawdir = Path(rawdir).resolve()
         self.settings = settings
         self.on_file = on_file
         self.known = known or (lambda path, size, mtime: False)
+        self.on_rescan = on_rescan
         self.exclude = Path(exclude).resolve() if exclude else None
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: dict[Path, Pending] = {}
@@ -276,6 +281,12 @@ class Watcher:
                 if self.rescan_requested.is_set() or now >= next_rescan:
                     self.rescan_requested.clear()
                     self.scan(stop)
+                    if self.on_rescan is not None:
+                        try:  # held frames a fixed configuration can now read
+                            self.on_rescan()
+                        except Exception as exc:
+                            log.error("rescan_hook_failed", problem=str(exc),
+                                      action="retried at the next rescan")
                     next_rescan = time.monotonic() + self.settings.rescan_interval_s
                 if not stop.is_set():
                     self._check_observer()
@@ -356,6 +367,9 @@ class Watcher:
                                          f"{item.reason}")
                 continue
             reason = fits_incomplete_reason(path)
+            if reason is not None and reason.startswith(NOT_FITS):
+                self._take(item, why=reason, at_once=True)
+                continue
             if reason is None or timed_out:
                 self._take(item, why=reason and f"still incomplete after {quiet_s:.0f} s: "
                                                  f"{reason}")
@@ -365,11 +379,12 @@ class Watcher:
                           action="waits for the rest")
             item.incomplete, item.reason = (item.size, item.mtime), reason
 
-    def _take(self, item: Pending, why: str | None = None) -> None:
+    def _take(self, item: Pending, why: str | None = None, at_once: bool = False) -> None:
         self.pending.pop(item.path, None)
         if why:
-            log.warning("file_incomplete", file=item.path.name, problem=why,
-                        action="ingested anyway (quarantined)")
+            log.warning("file_not_fits" if at_once else "file_incomplete", file=item.path.name,
+                        problem=why, action="ingested at once (quarantined)" if at_once else
+                        "ingested anyway (quarantined)")
         try:
             self.on_file(item.path, iso_utc(item.arrived))
         except FileNotFoundError:
@@ -430,7 +445,7 @@ class Daemon:
         self.engine = Engine(settings, catalog_path=catalog, instrument=instrument,
                              command="watch", workers=workers)
         self.watcher = Watcher(rawdir, settings.daemon, self._ingest, known=self._known,
-                               exclude=self.engine.out)
+                               exclude=self.engine.out, on_rescan=self.engine.retake_held)
         self.stop_intake = threading.Event()
         self.stop_engine = threading.Event()
         self.stopping = threading.Event()
@@ -518,9 +533,10 @@ class Daemon:
 
     def _tick(self) -> None:
         paused = self.engine.paused
-        if paused and paused != self._paused:
+        if paused and not self._paused:
             log.error("output_blocked", problem=paused,
-                      action="processing paused, frames stay received; retried every 5 s")
+                      action="processing paused, frames stay received; retried with backoff "
+                      f"(next in {self.engine.backoff_s:.0f} s)")
         elif self._paused and not paused:
             log.info("output_unblocked", action="processing resumed")
         self._paused = paused
@@ -553,6 +569,15 @@ class Daemon:
         """
         if time.monotonic() - self.watcher.last_tick > limit_s:
             return f"the watcher thread has not looped for {limit_s:.0f} s"
+        if self.engine.paused:
+            # output blocked (disk full, read-only): a restart would not free the disk, so
+            # the daemon stays up and retries; it is alive while those tries keep coming
+            late = time.monotonic() - self.engine.last_retry
+            allowed = limit_s + self.engine.backoff_s + 5.0
+            if late > allowed:
+                return (f"paused ({self.engine.paused}) and no retry for {late:.0f} s "
+                        f"(limit {allowed:.0f} s)")
+            return None
         if not self.engine._busy:
             return None
         row = self.engine.store.conn.execute(
@@ -570,7 +595,8 @@ class Daemon:
         counts = self.engine.store.counts()
         bad = sum(counts.get(s, 0) for s in ("rejected", "quarantined", "ignored"))
         text = (f"{counts.get('received', 0)} queued, {counts.get('processing', 0)} processing, "
-                f"{counts.get('waiting', 0)} waiting for masters; {counts.get('reduced', 0)} "
+                f"{counts.get('waiting', 0)} waiting for masters, {counts.get('held', 0)} held; "
+                f"{counts.get('reduced', 0)} "
                 f"reduced, {counts.get('used', 0)} calibrations used, {bad} rejected or "
                 f"quarantined; {self.engine.processed} processed since start, "
                 f"{len(self.watcher.pending)} files settling")

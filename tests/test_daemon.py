@@ -40,6 +40,8 @@ incomplete_timeout_s = 3
 stop_timeout_s = {stop_timeout_s}
 workers = 2
 max_tries = {max_tries}
+retry_backoff_s = 0.5
+retry_backoff_max_s = 2.0
 
 [stages]
 quicklook_png = false
@@ -399,6 +401,47 @@ def test_output_not_writable_then_fixed(daemon, night):
     frames = check_products(d)
     assert any(f["state"] == "reduced" for f in frames)
     assert sum(f["state"] == "used" for f in frames) >= 3
+
+
+def test_disk_full_in_a_live_daemon_resumes_by_itself_and_takes_requeued_frames(
+        daemon, night, tmp_path):
+    """The disk fills during the night (fault file), then frees: no restart is needed; the
+    watchdog is fed while the paused engine keeps retrying; a requeued frame is taken up by
+    the running daemon."""
+    fault = tmp_path / "fault.txt"
+    fault.write_text("*/out/reduced/* ENOSPC\n")
+    d = daemon(env={"PHOTOWATCH_FAULT_FILE": str(fault)}, watchdog_s=4.0)
+    d.start()
+    everything = copy_in(raw_files(night), d.raw)
+    d.wait(lambda: d.query("SELECT COUNT(*) n FROM events WHERE error_class='output'")[0]["n"]
+           >= 2, "two tries on the full disk")
+    assert "No space left on device" in d.log.read_text()
+    pings = d.notes.has("WATCHDOG=1")
+    d.wait(lambda: d.notes.has("WATCHDOG=1") >= pings + 3, "watchdog pings while paused")
+    assert "daemon_hung" not in d.log.read_text()
+    assert not [f for f in d.frames() if f["kind"] == "object" and f["state"] == "reduced"]
+    fault.unlink()  # space is back
+    d.wait(lambda: d.quiescent(everything), "every frame terminal, without a restart")
+    frames = check_products(d)
+    reduced = [f for f in frames if f["state"] == "reduced"]
+    assert reduced
+    target = reduced[0]
+    # a frame put back by hand is taken up by the running daemon
+    conn = sqlite3.connect(d.out / "state.sqlite", timeout=60)
+    with conn:
+        conn.execute("UPDATE frames SET state='quarantined', reason='wrong verdict' WHERE id=?",
+                     (target["id"],))
+    conn.close()
+    done = subprocess.run([sys.executable, "-m", "photowatch", "requeue", "--out", str(d.out),
+                           "--config", str(d.config), "--state", "quarantined", "--reason",
+                           "verdict was wrong"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    d.wait(lambda: d.query("SELECT state, product_version v FROM frames WHERE id=?",
+                           (target["id"],))[0] == {"state": "reduced",
+                                                    "v": target["product_version"] + 1},
+           "the requeued frame reduced again by the running daemon", timeout=60)
+    assert d.runs == 1 and d.stop() == 0
+    check_products(d)
 
 
 # ============================================================================== signals

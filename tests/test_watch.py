@@ -266,3 +266,26 @@ def test_observer_overflow_triggers_a_rescan(watching, monkeypatch):
         "Inotify queue overflowed; filesystem events were lost")
     wait_for(lambda: rec.calls, what="the rescan after the overflow")
     assert rec.names() == ["lost.fits"]
+
+
+def test_a_file_that_can_never_be_fits_is_taken_at_once(watching):
+    """A 23-byte text file named .fits, a JPEG, SIMPLE = F: quarantined as "not FITS" at once
+    (not after the incomplete timeout); a FITS still growing keeps waiting."""
+    raw, rec, _ = watching(incomplete_timeout_s=60.0)
+    t0 = time.monotonic()
+    (raw / "text.fits").write_text("just 23 bytes of text\n")
+    (raw / "photo.fits").write_bytes(b"\xff\xd8\xff\xe0" + bytes(3000))
+    (raw / "false.fits").write_bytes(b"SIMPLE  =                    F" + b" " * 2849)
+    data = fits_bytes(8)
+    (raw / "growing.fits").write_bytes(data[:2880 + 100])
+    wait_for(lambda: len(rec.calls) >= 3, timeout=30, what="the files that are not FITS")
+    assert time.monotonic() - t0 < 30  # the 60 s timeout was not waited for
+    reasons = {path.name: reason for path, _, reason in rec.calls}
+    assert set(reasons) == {"text.fits", "photo.fits", "false.fits"}
+    assert all("not FITS" in r for r in reasons.values()), reasons
+    assert "starts with 'just 23 bytes of tex'" in reasons["text.fits"]
+    time.sleep(1.0)
+    assert "growing.fits" not in {p.name for p, _, _ in rec.calls}  # still waits
+    # the same verdict from the completeness check ingest uses
+    assert fits_incomplete_reason(raw / "text.fits").startswith("not FITS")
+    assert "truncated" in fits_incomplete_reason(raw / "growing.fits")
