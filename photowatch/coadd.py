@@ -639,8 +639,8 @@ class Member:
     skynoise: float  #: sky noise of the frame (electrons per pixel, frame units)
     exptime_s: float  #: exposure time (s)
     weight: float  #: 1 / (flxscale**2 * skynoise**2)
-    mjd_obs: float = math.nan  #: MJD at the start of the exposure (NaN: unknown)
-    saturate: float = math.nan  #: the frame's SATURATE (electrons, frame units; NaN: unknown)
+    mjd_obs: float | None = None  #: MJD at the start of the exposure (None: unknown)
+    saturate: float | None = None  #: the frame's SATURATE (electrons, frame units)
 
 
 #: keywords a coadd takes from its first member (SWarp copies them the same way)
@@ -649,11 +649,11 @@ IDENTITY_KEYS = ("TELESCOP", "INSTRUME", "FILTER", "OBJECT")
 
 def member_facts(header) -> dict:
     """``mjd_obs`` and ``saturate`` of a reduced frame's header, for :class:`Member`."""
-    facts = {"mjd_obs": math.nan, "saturate": math.nan}
+    facts = {"mjd_obs": None, "saturate": None}
     if header is None:
         return facts
     with contextlib.suppress(TypeError, ValueError):
-        facts["saturate"] = float(header["SATURATE"]) if "SATURATE" in header else math.nan
+        facts["saturate"] = float(header["SATURATE"]) if "SATURATE" in header else None
     if "MJD-OBS" in header:
         with contextlib.suppress(TypeError, ValueError):
             facts["mjd_obs"] = float(header["MJD-OBS"])
@@ -697,11 +697,11 @@ def coadd_keywords(members: Mapping[str, Member]) -> dict:
     if ms and denom > 0:
         keys["GAIN"] = (float(np.sum(w) ** 2 / denom),
                         "[electron/adu] effective gain of the weighted mean")
-    sat = np.array([m.saturate * m.flxscale for m in ms], dtype=float)
+    sat = np.array([m.saturate * m.flxscale for m in ms if m.saturate is not None], dtype=float)
     if np.isfinite(sat).any():
         keys["SATURATE"] = (round(float(np.nanmin(sat)), 1),
                             "[electron] lowest member saturation, reference units")
-    beg = np.array([m.mjd_obs for m in ms], dtype=float)
+    beg = np.array([math.nan if m.mjd_obs is None else m.mjd_obs for m in ms], dtype=float)
     end = beg + np.array([m.exptime_s for m in ms], dtype=float) / 86400.0
     if np.isfinite(beg).any():
         t0, t1 = float(np.nanmin(beg)), float(np.nanmax(end))
@@ -979,7 +979,7 @@ class Accumulator:
         for row in table:
             acc._members[str(row["member"]).strip()] = Member(
                 float(row["flxscale"]), float(row["skynoise"]), float(row["exptime"]),
-                float(row["weight"]), *(float(row[c]) if c in table.colnames else math.nan
+                float(row["weight"]), *(_known(row[c]) if c in table.colnames else None
                                         for c in ("mjdobs", "saturate")))
         return acc
 
@@ -997,10 +997,21 @@ def members_table(members: Mapping[str, Member]) -> Table:
             "skynoise": np.array([members[i].skynoise for i in ids], dtype=float),
             "exptime": np.array([members[i].exptime_s for i in ids], dtype=float),
             "weight": np.array([members[i].weight for i in ids], dtype=float),
-            "mjdobs": np.array([members[i].mjd_obs for i in ids], dtype=float),
-            "saturate": np.array([members[i].saturate for i in ids], dtype=float),
+            "mjdobs": np.array([_nan(members[i].mjd_obs) for i in ids], dtype=float),
+            "saturate": np.array([_nan(members[i].saturate) for i in ids], dtype=float),
         },
     )
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _known(value) -> float | None:
+    if value is np.ma.masked:  # astropy masks a table's NaN on reading
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _fits_array(a: np.ndarray, dtype) -> np.ndarray:

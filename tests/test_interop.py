@@ -144,10 +144,10 @@ def test_the_keyword_table_in_docs_is_current():
 def test_gain_and_saturation_in_electrons(night):
     """GAIN = 1 with SCI in electrons; SATURATE is the lowest SCI value a saturated raw
     pixel took, to within a few per cent (no unsaturated star looks saturated)."""
+    import json
+
     from photowatch.classify import FrameInfo
     from photowatch.stages.prepare import trim_slices
-
-    import json
 
     sim, _, good, _, _ = night
     lowest = []
