@@ -366,11 +366,18 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
         from photowatch.stages.zeropoint import relative_stars
 
         usable = cat[relative_stars(cat)]
-        if ref is None and ast_qc.get("aststat") != "failed" and len(usable) >= s.quality.min_stars:
+        calibrated = engine.refs.get(info.night, target, info.filter, "zpref") is not None
+        if ref is None and ast_qc.get("aststat") != "failed" and not calibrated \
+                and len(usable) >= s.quality.min_stars:
             table = usable["ra", "dec", "flux", "fluxerr"]
             table.meta.update({"frame": info.std_name, "exptime": t, "ra0": ra0, "dec0": dec0})
             ref = engine.refs.add_field(info.night, target, info.filter, "fluxref", table)
-        if ref is not None and ref.meta.get("frame") == info.std_name:
+        if calibrated and ast_qc.get("aststat") != "failed":
+            # the coadd of this target and filter is on a zero point: a frame scaled to
+            # another reference would mix calibrated and uncalibrated photometry in it
+            qc.update(phot_status="failed", phot_reason="no zero point, and the coadd of "
+                      "this target and filter is calibrated")
+        elif ref is not None and ref.meta.get("frame") == info.std_name:
             qc.update(phot_status="reference", flxscale=1.0, zp_n=len(ref))
         elif ref is not None and ast_qc.get("aststat") != "failed":
             fs = relative_flux_scale(cat, ref, settings=zs, min_stars=s.quality.min_stars)

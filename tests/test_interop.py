@@ -358,3 +358,41 @@ def test_swarp_stack_aligns_with_the_coadd(night, tmp_path):
     dx, dy = b[i[ok], 0] - a[ok, 0], b[i[ok], 1] - a[ok, 1]
     assert abs(np.median(dx)) <= 0.05 and abs(np.median(dy)) <= 0.05, (np.median(dx),
                                                                         np.median(dy))
+
+
+def test_a_frame_without_a_zero_point_stays_out_of_a_calibrated_coadd(tmp_path, monkeypatch):
+    """Issue 17 item 5: the catalogue is unavailable for one frame of a calibrated night. It
+    is registered relatively, gets no zero point, its mag is NaN, and it is not stacked: a
+    coadd on a zero point never takes a frame scaled to another reference."""
+    import photowatch.science as science
+
+    sim = simulate_night(tmp_path / "sim", size=512, binning=4, filters=("SDSS-R",), seed=53,
+                         n_bias=3, n_dark=0, n_flat=4, n_science=4)
+    objects = sim.objects(good_only=True)
+    victim = objects[-1].raw_name
+    real = science._reference_stars
+
+    def flaky(engine, info, *args, **kwargs):
+        if info.raw_name == victim:
+            raise OSError("catalogue server down")
+        return real(engine, info, *args, **kwargs)
+
+    monkeypatch.setattr(science, "_reference_stars", flaky)
+    out = tmp_path / "out"
+    settings = Settings().with_overrides(paths={"output_dir": str(out)})
+    summary = reduce_directory(sim.raw_dir, settings, catalog=str(sim.catalog_path),
+                               progress=False)
+    assert summary.ok, summary.problems
+    store = Store(out / "state.sqlite")
+    rows = {r["raw_name"]: r for r in store.frames("kind='object'")}
+    row = rows[victim]
+    with fits.open(row["product"]) as h:
+        assert h["SCI"].header["ABSCAL"] is False and "MAGZP" not in h["SCI"].header
+        assert "FLXSCALE" not in h["SCI"].header
+        cat = Table.read(h["CAT"], mask_invalid=False)
+    assert np.all(np.isnan(cat["mag"])) and np.isfinite(cat["mag_inst"]).any()
+    (coadd,) = store.coadds()
+    assert coadd["magzp"] is not None
+    members = " ".join(__import__("json").loads(coadd["members_json"]))
+    assert row["name"] not in members
+    assert all(rows[f.raw_name]["name"] in members for f in objects[:-1])
