@@ -696,11 +696,11 @@ def coadd_keywords(members: Mapping[str, Member]) -> dict:
     denom = float(np.sum(w * w * f))
     if ms and denom > 0:
         keys["GAIN"] = (float(np.sum(w) ** 2 / denom),
-                        "[electron/adu] effective gain of the weighted mean")
+                        "[electron/adu] effective gain of the mean")
     sat = np.array([m.saturate * m.flxscale for m in ms if m.saturate is not None], dtype=float)
     if np.isfinite(sat).any():
         keys["SATURATE"] = (round(float(np.nanmin(sat)), 1),
-                            "[electron] lowest member saturation, reference units")
+                            "[electron] min of member SATURATE x FLXSCALE")
     beg = np.array([math.nan if m.mjd_obs is None else m.mjd_obs for m in ms], dtype=float)
     end = beg + np.array([m.exptime_s for m in ms], dtype=float) / 86400.0
     if np.isfinite(beg).any():
