@@ -30,7 +30,7 @@ import numpy as np
 from photowatch import __version__
 from photowatch.fitsio import write_hdul
 from photowatch.frame import Frame
-from photowatch.schema import annotate, catalog_hdu, comment_for
+from photowatch.schema import annotate, catalog_hdu, comment_for, fit_comment
 
 #: raw keywords that no longer describe the reduced image
 RAW_ONLY_KEYS = ("DATASEC", "BIASSEC", "TRIMSEC", "CCDSEC", "DETSEC", "BSCALE", "BZERO",
@@ -108,6 +108,7 @@ def set_key(header, key: str, value, comment: str = "") -> None:
         value = value.item()
     if isinstance(value, str) and len(value) > 1000:
         value = value[:997] + "..."
+    comment = fit_comment(value, comment)
     # longer strings than a card holds go on CONTINUE cards (the FITS long-string
     # convention, read by astropy, DS9 and CFITSIO): a reason is never cut mid-sentence
     with warnings.catch_warnings():

@@ -154,6 +154,24 @@ def comment_for(key: str) -> str:
     return kw.card_comment if kw else ""
 
 
+def fit_comment(value, comment: str) -> str:
+    """``comment`` cut to what fits on the card beside ``value`` (astropy would cut it too,
+    with a warning each time the card is written; a long string's CONTINUE cards keep it)."""
+    if not comment:
+        return comment
+    if isinstance(value, str):
+        quoted = len(value.replace("'", "''")) + 2
+        if quoted > 68:
+            return comment
+        width = max(20, quoted, 10)
+    elif isinstance(value, bool | np.bool_):
+        width = 20
+    else:
+        width = max(20, len(str(value)))
+    room = 80 - 10 - width - 3
+    return comment if len(comment) <= room else comment[:max(room, 0)].rstrip()
+
+
 def annotate(header) -> None:
     """Give every card of :data:`KEYWORDS` with an empty comment the table's comment."""
     import warnings
@@ -162,7 +180,8 @@ def annotate(header) -> None:
         warnings.simplefilter("ignore")  # a long value leaves room for part of the comment
         for card in header.cards:
             if not card.comment and card.keyword in KEYWORDS:
-                header.comments[card.keyword] = comment_for(card.keyword)
+                header.comments[card.keyword] = fit_comment(card.value,
+                                                            comment_for(card.keyword))
 
 
 def keywords_markdown() -> str:
@@ -277,7 +296,7 @@ def catalog_hdu(table, name: str = "CAT"):
         if unit:
             hdu.header[f"TUNIT{i}"] = unit
         if desc:
-            hdu.header[f"TCOMM{i}"] = (desc, "description of column " + str(i))
+            hdu.header[f"TCOMM{i}"] = (desc, fit_comment(desc, f"description of column {i}"))
             hdu.header.comments[f"TTYPE{i}"] = desc[:45]
         hdu.header.comments[f"TFORM{i}"] = "data format of column " + str(i)
         if unit:
