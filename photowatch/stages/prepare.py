@@ -221,9 +221,14 @@ def prepare(raw: np.ndarray, header, info: FrameInfo, *, bias: MasterImage | Non
     hdr["GAIN"] = (1.0, "[electron/adu] data in electrons")
     hdr["RDNOISE"] = (info.read_noise_e, "[electron] read noise")
     hdr["SATURRAW"] = (info.saturation_adu, "[adu] raw saturation level")
-    # the most bias and dark any good pixel had removed (hot pixels are BAD)
+    # the most bias and dark any good pixel can have had removed (hot pixels are BAD);
+    # maxima of each master (a bound, without a frame-sized temporary)
     good = (mask & np.uint16(Mask.BAD | Mask.NODATA)) == 0
-    top = float(np.max(np.where(good, el.data - data, -np.inf))) if good.any() else 0.0
+    top = 0.0
+    if bias is not None:
+        top += float(np.max(bias.data, where=good, initial=0.0))
+    if dark is not None and info.exptime_s > 0:
+        top += info.exptime_s * float(np.max(dark.data, where=good, initial=0.0))
     hdr["SATURATE"] = (round((info.saturation_adu - el.overscan_adu) * info.gain - top, 1),
                        "[electron] data above this may be saturated")
     hdr["SATFRAC"] = (round(el.saturated_fraction, 6), "fraction of saturated pixels")
