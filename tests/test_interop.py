@@ -396,3 +396,36 @@ def test_a_frame_without_a_zero_point_stays_out_of_a_calibrated_coadd(tmp_path, 
     members = " ".join(__import__("json").loads(coadd["members_json"]))
     assert row["name"] not in members
     assert all(rows[f.raw_name]["name"] in members for f in objects[:-1])
+
+
+def test_a_sip_order_without_terms_is_written_as_plain_tan():
+    """astropy writes A_ORDER = 2 and no terms for a SIP whose terms are all zero; the
+    product says TAN instead, and keeps real SIP terms."""
+    from astropy.wcs import Sip
+
+    from photowatch.frame import Frame
+    from photowatch.products import sci_header
+    from photowatch.stages.astrometry import wcs_cards
+
+    def header_for(a):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+        w.wcs.crval, w.wcs.crpix = [150.0, 2.0], [50.5, 50.5]
+        w.wcs.cd = [[-1e-4, 0], [0, 1e-4]]
+        w.sip = Sip(a, np.zeros((3, 3)), None, None, w.wcs.crpix)
+        frame = Frame(sci=np.zeros((100, 100), np.float32), var=np.ones((100, 100), np.float32),
+                      mask=np.zeros((100, 100), np.uint16), header=fits.Header())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sci_header(frame, wcs_cards(w))
+
+    plain = header_for(np.zeros((3, 3)))
+    assert plain["CTYPE1"] == "RA---TAN" and "A_ORDER" not in plain
+    a = np.zeros((3, 3))
+    a[2, 0] = 1e-6
+    sip = header_for(a)
+    assert sip["CTYPE1"] == "RA---TAN-SIP" and sip["A_2_0"] == pytest.approx(1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for hdr in (plain, sip):
+            assert WCS(hdr).has_celestial
