@@ -22,13 +22,16 @@ Conventions
 
 Coadd file (``coadd_<TARGET>_<FILTER>.fits``)::
 
-    PRIMARY   no data; STACKTYP, NCOMBINE, MAGZP, EXPTIME (+ header_extra)
+    PRIMARY   no data; the keywords SWarp writes (:func:`coadd_keywords`: EXPTIME
+              total, NCOMBINE, DATE-OBS/DATE-BEG/DATE-END, MJD-OBS/MJD-MID/MJD-END,
+              effective GAIN, SATURATE), TELESCOP/INSTRUME/FILTER/OBJECT of the
+              first member, STACKTYP, MAGZP (+ header_extra); all also in SCI
     SCI       float32, weighted mean (reference electrons per grid pixel);
               NaN where no frame contributes (WHT = 0); the grid WCS
     WHT       float32, sum of the weights of the frames used at each pixel
     EXP       float32, exposure map (s): sum of the exposure times used
     NCOV      int16, number of frames used at each pixel
-    MEMBERS   table: member, flxscale, skynoise, exptime, weight
+    MEMBERS   table: member, flxscale, skynoise, exptime, weight, mjdobs, saturate
 
 NCOV is an addition to the product contract (SCI, WHT, EXP): the per-pixel
 frame count is part of the accumulator's state, and the file is that state.
@@ -37,6 +40,7 @@ frame count is part of the accumulator's state, and the file is that state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -101,7 +105,18 @@ class CoaddGrid:
         hdr["NAXIS"] = 2
         hdr["NAXIS1"] = int(self.shape[1])
         hdr["NAXIS2"] = int(self.shape[0])
-        hdr.extend(self.wcs.to_header(relax=False).cards)
+        wcs_hdr = self.wcs.to_header(relax=False)
+        # no time reference (astropy writes MJDREF = 0, a date in 1858); the CD form, as
+        # SWarp and SCAMP write it
+        for key in ("MJDREF", "MJDREFI", "MJDREFF", "DATEREF", "PC1_1", "PC1_2", "PC2_1",
+                    "PC2_2", "CDELT1", "CDELT2"):
+            wcs_hdr.remove(key, ignore_missing=True)
+        cd = np.asarray(self.wcs.pixel_scale_matrix)
+        for i in range(2):
+            for j in range(2):
+                wcs_hdr.insert("CUNIT1", (f"CD{i + 1}_{j + 1}", float(cd[i, j]),
+                                          "[deg/pix] linear transformation matrix"))
+        hdr.extend(wcs_hdr.cards)
         return hdr
 
     @classmethod
@@ -624,6 +639,83 @@ class Member:
     skynoise: float  #: sky noise of the frame (electrons per pixel, frame units)
     exptime_s: float  #: exposure time (s)
     weight: float  #: 1 / (flxscale**2 * skynoise**2)
+    mjd_obs: float | None = None  #: MJD at the start of the exposure (None: unknown)
+    saturate: float | None = None  #: the frame's SATURATE (electrons, frame units)
+
+
+#: keywords a coadd takes from its first member (SWarp copies them the same way)
+IDENTITY_KEYS = ("TELESCOP", "INSTRUME", "FILTER", "OBJECT")
+
+
+def member_facts(header) -> dict:
+    """``mjd_obs`` and ``saturate`` of a reduced frame's header, for :class:`Member`."""
+    facts = {"mjd_obs": None, "saturate": None}
+    if header is None:
+        return facts
+    with contextlib.suppress(TypeError, ValueError):
+        facts["saturate"] = float(header["SATURATE"]) if "SATURATE" in header else None
+    if "MJD-OBS" in header:
+        with contextlib.suppress(TypeError, ValueError):
+            facts["mjd_obs"] = float(header["MJD-OBS"])
+    elif "DATE-OBS" in header:
+        from astropy.time import Time
+
+        with contextlib.suppress(TypeError, ValueError):
+            facts["mjd_obs"] = float(Time(str(header["DATE-OBS"]).strip(), scale="utc").mjd)
+    return facts
+
+
+def identity(header) -> dict:
+    """The :data:`IDENTITY_KEYS` a header has (FILTER from FILTNAME when it has none)."""
+    out = {k: header[k] for k in IDENTITY_KEYS if header is not None and k in header
+           and isinstance(header[k], str) and header[k].strip()}
+    if header is not None and "FILTER" not in out and "FILTNAME" in header:
+        out["FILTER"] = header["FILTNAME"]
+    return out
+
+
+def coadd_keywords(members: Mapping[str, Member]) -> dict:
+    """The keywords SWarp writes, for a coadd of ``members`` (a weighted mean in the units
+    of the photometric reference; see the module docstring).
+
+    ``EXPTIME`` (total), ``NCOMBINE``; the span of the observations (``DATE-OBS`` =
+    ``DATE-BEG``, ``DATE-END``, ``MJD-OBS`` = ``MJD-BEG``, ``MJD-MID``, ``MJD-END``); ``GAIN``, the
+    effective gain of the weighted mean ``(sum w)**2 / sum(w**2 FLXSCALE)`` (a source of
+    S reference electrons has variance S / GAIN); ``SATURATE``, the lowest member
+    saturation level in reference units ``min(FLXSCALE * SATURATE)``.
+    """
+    from astropy.time import Time
+
+    ms = list(members.values())
+    keys: dict = {
+        "NCOMBINE": (len(ms), "number of frames combined"),
+        "EXPTIME": (float(sum(m.exptime_s for m in ms)), "[s] total exposure time of the members"),
+    }
+    w = np.array([m.weight for m in ms], dtype=float)
+    f = np.array([m.flxscale for m in ms], dtype=float)
+    denom = float(np.sum(w * w * f))
+    if ms and denom > 0:
+        keys["GAIN"] = (float(np.sum(w) ** 2 / denom),
+                        "[electron/adu] effective gain of the mean")
+    sat = np.array([m.saturate * m.flxscale for m in ms if m.saturate is not None], dtype=float)
+    if np.isfinite(sat).any():
+        keys["SATURATE"] = (round(float(np.nanmin(sat)), 1),
+                            "[electron] min of member SATURATE x FLXSCALE")
+    beg = np.array([math.nan if m.mjd_obs is None else m.mjd_obs for m in ms], dtype=float)
+    end = beg + np.array([m.exptime_s for m in ms], dtype=float) / 86400.0
+    if np.isfinite(beg).any():
+        t0, t1 = float(np.nanmin(beg)), float(np.nanmax(end))
+        iso = [Time(t, format="mjd", scale="utc").isot for t in (t0, t1)]
+        keys.update({
+            "DATE-OBS": (iso[0], "UTC start of the first exposure"),
+            "DATE-BEG": (iso[0], "UTC start of the first exposure"),
+            "DATE-END": (iso[1], "UTC end of the last exposure"),
+            "MJD-OBS": (round(t0, 8), "[d] MJD at start of the first exposure"),
+            "MJD-BEG": (round(t0, 8), "[d] MJD at start of the first exposure"),
+            "MJD-MID": (round((t0 + t1) / 2, 8), "[d] MJD halfway between start and end"),
+            "MJD-END": (round(t1, 8), "[d] MJD at end of the last exposure"),
+        })
+    return keys
 
 
 def member_weight(flxscale: float, skynoise: float) -> float:
@@ -661,6 +753,8 @@ class Accumulator:
         self.exp = np.zeros(shape, dtype=np.float64)
         self.ncov = np.zeros(shape, dtype=np.int32)
         self._members: dict[str, Member] = {}
+        #: TELESCOP, INSTRUME, FILTER, OBJECT of the first member (written in the header)
+        self.identity: dict[str, str] = {}
         #: the written planes (big-endian float32/int16), kept up to date in the bounding
         #: box of each change, so a frame costs O(its footprint), not O(grid), to publish
         self._images: tuple | None = None
@@ -737,7 +831,7 @@ class Accumulator:
                 ncov[sl] = np.minimum(self.ncov[sl], top)
 
     def add(self, member_id: str, resampled: Resampled, *, flxscale: float, skynoise: float,
-            exptime_s: float) -> Member:
+            exptime_s: float, header=None) -> Member:
         """Add one resampled frame.
 
         Parameters
@@ -752,6 +846,9 @@ class Accumulator:
             The frame's sky noise (electrons per pixel, before flxscale).
         exptime_s : float
             Exposure time (s).
+        header : astropy.io.fits.Header, optional
+            The frame's header: its start time, saturation level and (first member)
+            telescope, instrument, filter and object go into the coadd's header.
 
         Returns
         -------
@@ -768,9 +865,11 @@ class Accumulator:
                              f"(remove it first to replace it)")
         _check_scalars(member_id, flxscale, skynoise, exptime_s)
         member = Member(float(flxscale), float(skynoise), float(exptime_s),
-                        member_weight(flxscale, skynoise))
+                        member_weight(flxscale, skynoise), **member_facts(header))
         self._apply(resampled, member, +1)
         self._members[member_id] = member
+        if not self.identity and header is not None:
+            self.identity = identity(header)
         return member
 
     def remove(self, member_id: str, resampled: Resampled) -> Member:
@@ -840,7 +939,8 @@ class Accumulator:
         sci, wht, exp, ncov = self.images(byteorder=">")
         return write_coadd(path, self.grid, sci=sci, wht=wht, exp=exp, ncov=ncov,
                            members=self._members, stacktype="QUICKLOOK", magzp=magzp,
-                           header_extra=header_extra, fsync=fsync)
+                           header_extra={**self.identity, **(header_extra or {})},
+                           fsync=fsync)
 
     @classmethod
     def load(cls, path: str | Path) -> Accumulator:
@@ -867,7 +967,10 @@ class Accumulator:
                 exp = np.asarray(hdul["EXP"].data, dtype=np.float64)
                 ncov = np.asarray(hdul["NCOV"].data, dtype=np.int32)
                 table = Table.read(hdul["MEMBERS"])
+                primary = hdul[0].header
+                ident = {k: primary[k] for k in IDENTITY_KEYS if k in primary}
         acc = cls(grid)
+        acc.identity = ident
         has = (ncov > 0) & (wht > 0)
         acc.sum_w = np.where(has, wht, 0.0)
         acc.sum_wd = np.where(has, np.nan_to_num(sci) * wht, 0.0)
@@ -876,12 +979,14 @@ class Accumulator:
         for row in table:
             acc._members[str(row["member"]).strip()] = Member(
                 float(row["flxscale"]), float(row["skynoise"]), float(row["exptime"]),
-                float(row["weight"]))
+                float(row["weight"]), *(_known(row[c]) if c in table.colnames else None
+                                        for c in ("mjdobs", "saturate")))
         return acc
 
 
 def members_table(members: Mapping[str, Member]) -> Table:
-    """The MEMBERS table: member, flxscale, skynoise, exptime (s), weight."""
+    """The MEMBERS table: member, flxscale, skynoise, exptime (s), weight, mjdobs (d),
+    saturate (electrons, frame units)."""
     from astropy.table import Table
 
     ids = list(members)
@@ -892,8 +997,21 @@ def members_table(members: Mapping[str, Member]) -> Table:
             "skynoise": np.array([members[i].skynoise for i in ids], dtype=float),
             "exptime": np.array([members[i].exptime_s for i in ids], dtype=float),
             "weight": np.array([members[i].weight for i in ids], dtype=float),
+            "mjdobs": np.array([_nan(members[i].mjd_obs) for i in ids], dtype=float),
+            "saturate": np.array([_nan(members[i].saturate) for i in ids], dtype=float),
         },
     )
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _known(value) -> float | None:
+    if value is np.ma.masked:  # astropy masks a table's NaN on reading
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _fits_array(a: np.ndarray, dtype) -> np.ndarray:
@@ -916,10 +1034,8 @@ def write_coadd(path: str | Path, grid: CoaddGrid, *, sci: np.ndarray, wht: np.n
 
     keys = {
         "STACKTYP": (stacktype, "QUICKLOOK (running) or FINAL (outlier-rejected)"),
-        "NCOMBINE": (len(members), "number of frames combined"),
+        **coadd_keywords(members),
         "MAGZP": (None if magzp is None else float(magzp), "mag = MAGZP - 2.5 log10(SCI)"),
-        "EXPTIME": (float(sum(m.exptime_s for m in members.values())),
-                    "[s] total exposure time of the members"),
         "BUNIT": ("electron", "reference electrons per pixel"),
         "PWVERS": (__version__, "photowatch version"),
     }
@@ -943,17 +1059,23 @@ def write_coadd(path: str | Path, grid: CoaddGrid, *, sci: np.ndarray, wht: np.n
         fits.PrimaryHDU(header=primary),
         image(_fits_array(sci, np.float32), "SCI", sci_keys),
         image(_fits_array(wht, np.float32), "WHT",
-              [("BUNIT", ("1/electron**2", "sum of 1/(FLXSCALE*SKYNOISE)**2"))]),
+              [("BUNIT", ("electron-2", "sum of 1/(FLXSCALE*SKYNOISE)**2"))]),
         image(_fits_array(exp, np.float32), "EXP", [("BUNIT", ("s", "exposure map"))]),
         image(_fits_array(ncov, np.int16), "NCOV", [("BUNIT", ("", "frames per pixel"))]),
     ]
     table = fits.table_to_hdu(members_table(members))
     table.name = "MEMBERS"
     for i, name in enumerate(table.columns.names, start=1):
-        unit = {"skynoise": "electron", "exptime": "s", "weight": "electron-2"}.get(name)
+        # electrons as FITS counts (GAIN = 1): astropy reads these without a warning
+        unit = {"skynoise": "ct", "exptime": "s", "weight": "ct-2", "mjdobs": "d",
+                "saturate": "ct"}.get(name)
         if unit:
-            table.header[f"TUNIT{i}"] = unit
+            table.header[f"TUNIT{i}"] = (unit, f"unit of column {i}")
     hdus.append(table)
+    from photowatch.schema import annotate
+
+    for hdu in hdus:
+        annotate(hdu.header)
     return write_hdul(path, fits.HDUList(hdus), fsync=fsync)
 
 
@@ -1168,6 +1290,7 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
     exp_out = np.zeros(grid.shape, dtype=np.float32)
     ncov_out = np.zeros(grid.shape, dtype=np.int16)
     used: dict[str, Member] = {}
+    ident: dict = {}
 
     with contextlib.ExitStack() as stack:
         opened: list[_OpenMember] = []
@@ -1186,6 +1309,8 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
             om = _OpenMember(spec=spec, sci=hdul["SCI"].section, err=hdul["ERR"].section,
                              mask=hdul["MASK"].section, shape=shape,
                              mapping=_Mapping(wcs, grid, bbox, step_px))
+            om.member = dataclasses.replace(om.member, **member_facts(hdr))
+            ident = ident or identity(hdr)
             opened.append(om)
             used[spec.member_id] = om.member
         if not opened:
@@ -1232,7 +1357,7 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
             list(pool.map(combine, range(0, c1 - c0, height)))
     return write_coadd(out_path, grid, sci=sci_out, wht=wht_out, exp=exp_out, ncov=ncov_out,
                        members=used, stacktype="FINAL", magzp=magzp,
-                       header_extra=header_extra, fsync=fsync)
+                       header_extra={**ident, **(header_extra or {})}, fsync=fsync)
 
 
 def _combine_block(b0: int, *, height: int, halo: int, vals, var, good, weights, exps, rows,

@@ -171,7 +171,8 @@ class CoaddBook:
             for other in [m for m in acc.members if m.startswith(row["name"] + ":v")]:
                 log.warning("coadd_stale_member", file=row["raw_name"], member=other,
                             action="left in the quick-look; the final coadd is rebuilt")
-            acc.add(mid, res, flxscale=flx, skynoise=skynoise, exptime_s=info.exptime_s)
+            acc.add(mid, res, flxscale=flx, skynoise=skynoise, exptime_s=info.exptime_s,
+                    header=frame.header)
             self._write(key, acc, grid=grid, frame_updates={row["id"]: {"coadd": "added"}})
         return True
 

@@ -19,8 +19,11 @@ Noise model of a coadd pixel (reference electrons):
   ``NOISECOR`` (rms of 4x4 block sums over 4 times the pixel rms), because
   resampling moves noise between neighbouring pixels.
 
-Conventions: ``x, y`` 0-based grid pixels; ``ra, dec`` degrees (ICRS);
-fluxes in reference electrons; ``fwhm`` in pixels.
+Conventions: the catalogue has the columns of every photowatch catalogue
+(:data:`photowatch.schema.COLUMNS`). In memory ``x, y`` are 0-based grid pixels;
+the file (:func:`write_catalog`) has them 1-based, as FITS, SExtractor and DS9
+count. ``ra, dec`` degrees (ICRS); fluxes in reference electrons; ``fwhm`` in
+pixels; ``mag`` NaN without a zero point, ``mag_inst`` always.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 
 from photowatch.fitsio import write_hdul
 from photowatch.frame import Frame, Mask
+from photowatch.schema import COLUMNS
 
 #: flag bit added to the :class:`photowatch.sources.SourceFlag` bits: the source's
 #: centre has less than half the coadd's typical weight (fewer frames, or worse ones)
@@ -42,9 +46,8 @@ LOWWEIGHT = 256
 #: flag bit: the source's centre has less exposure than its surroundings (its core was
 #: masked, e.g. saturated, in some frames): its coadd flux is not trustworthy
 PARTIAL = 512
-#: columns of a coadd catalogue, in order
-CATALOG_COLUMNS = ("ra", "dec", "mag", "magerr", "flux", "fluxerr", "fwhm", "flags", "x", "y",
-                   "snr", "ellipticity", "stellar")
+#: columns of a coadd catalogue, in order: those of every photowatch catalogue
+CATALOG_COLUMNS = tuple(COLUMNS)
 _BLOCK = 4
 
 
@@ -133,7 +136,7 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
         (calibrated), ``flux, fluxerr`` (aperture-corrected, reference
         electrons), ``fwhm`` (px), ``flags`` (:class:`photowatch.sources.SourceFlag`
         bits plus :data:`LOWWEIGHT` and :data:`PARTIAL`), ``x, y`` (0-based grid pixels), ``snr``,
-        ``ellipticity``, ``stellar``. ``meta``: MAGZP, APRAD, APCOR, APCORERR,
+        ``ellipticity``, ``stellar``, ``mag_inst`` ... (the frames' schema). ``meta``: MAGZP, APRAD, APCOR, APCORERR,
         APCORN, FWHMPIX, FWHM (arcsec), NSOURCES, SKYNOISE (pixel rms at the
         median weight), NOISECOR, GAINEFF, STACKTYP, NCOMBINE, COADD.
 
@@ -212,22 +215,22 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
             around = ndimage.maximum_filter(exp, size=9)
             short = core[iy, ix] < 0.9 * around[iy, ix]
             flags = flags | np.where(short, PARTIAL, 0).astype(np.int16)
-    table = Table()
+    # the frames' catalogue schema (photowatch.schema.COLUMNS), in the coadd's units
+    table = src.copy()
     table["ra"] = np.asarray(ra, dtype=float)
     table["dec"] = np.asarray(dec, dtype=float)
+    table["fluxerr"] = fluxerr
+    table["fluxerr_aper"] = np.asarray(src["fluxerr_aper"], dtype=float) * noise_cor
     table["mag"] = mag
     table["magerr"] = magerr
-    table["flux"] = flux
-    table["fluxerr"] = fluxerr
-    table["fwhm"] = np.asarray(src["fwhm"], dtype=np.float32)
-    table["flags"] = flags
-    table["x"] = np.asarray(src["x"], dtype=float)
-    table["y"] = np.asarray(src["y"], dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["mag_inst"] = np.where(good_flux, -2.5 * np.log10(np.where(good_flux, flux, 1)),
+                                     np.nan)
     table["snr"] = np.asarray(snr, dtype=np.float32)
-    table["ellipticity"] = np.asarray(src["ellipticity"], dtype=np.float32)
-    table["stellar"] = np.asarray(src["stellar"], dtype=bool)
+    table["flags"] = flags
+    table = table[[c for c in CATALOG_COLUMNS if c in table.colnames]]
     for name, unit in (("ra", "deg"), ("dec", "deg"), ("mag", "mag"), ("magerr", "mag"),
-                       ("fwhm", "pix"), ("x", "pix"), ("y", "pix")):
+                       ("mag_inst", "mag"), ("fwhm", "pix"), ("x", "pix"), ("y", "pix")):
         table[name].unit = unit
     meta = {k: v for k, v in sources.meta.items()}
     med_noise = s / math.sqrt(float(np.median(wht[valid])))
@@ -235,6 +238,8 @@ def coadd_catalog(coadd_path: str | Path, *, magzp: float | None = None,
                  "STACKTYP": primary.get("STACKTYP", header.get("STACKTYP", "")),
                  "NCOMBINE": primary.get("NCOMBINE", header.get("NCOMBINE", 0)),
                  "COADD": path.name})
+    if "ABSCAL" in primary:
+        meta["ABSCAL"] = bool(primary["ABSCAL"])
     if np.isfinite(zp):
         meta["MAGZP"] = zp
     table.meta.update(meta)
@@ -246,20 +251,25 @@ def _scale_arcsec(wcs) -> float:
 
 
 def write_catalog(table, path: str | Path, *, fsync: bool = True) -> Path:
-    """Write a catalogue atomically: primary header (the table's meta) + ``CAT`` table."""
+    """Write a catalogue atomically: primary header (the table's meta) + ``CAT`` table in
+    the schema of :mod:`photowatch.schema` (x, y 1-based); a DS9 region file beside it
+    (``.reg``; sky circles when the coadd is absolutely calibrated)."""
     from astropy.io import fits
 
-    from photowatch.products import set_key
+    from photowatch.products import set_key, write_regions
+    from photowatch.schema import annotate, catalog_hdu
 
     primary = fits.Header()
     for key, value in table.meta.items():
         if isinstance(value, bool | int | float | str | np.generic) and len(key) <= 8:
             set_key(primary, key, value)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # non-FITS units such as "electron"
-        cat = fits.table_to_hdu(table)
-    cat.name = "CAT"
-    return write_hdul(path, fits.HDUList([fits.PrimaryHDU(header=primary), cat]), fsync=fsync)
+    annotate(primary)
+    cat = catalog_hdu(table, "CAT")
+    path = write_hdul(path, fits.HDUList([fits.PrimaryHDU(header=primary), cat]), fsync=fsync)
+    name = path.name[:-len(".cat.fits")] if path.name.endswith(".cat.fits") else path.stem
+    write_regions(path.with_name(name + ".reg"), table,
+                  trusted=bool(table.meta.get("ABSCAL", "MAGZP" in table.meta)))
+    return path
 
 
 def band_key(filter_name: str) -> str:

@@ -26,7 +26,13 @@ from photowatch.classify import FrameInfo
 from photowatch.frame import Frame
 from photowatch.instruments import Profile
 from photowatch.pipeline import back, front, pattern_for_sky, profile_header_items
-from photowatch.products import primary_header, sci_header, set_key, write_product
+from photowatch.products import (
+    primary_header,
+    sci_header,
+    set_key,
+    write_product,
+    write_regions,
+)
 from photowatch.quality import assess
 
 
@@ -267,7 +273,8 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
             (ra_s, dec_s, result))
     frame = apply_astrometry(frame, result, reference_name=refname or "none")
     wcs = result.wcs if result.status in ("ok", "relative") else None
-    cat = radec_for(src.table, wcs if wcs is not None else wcs0)
+    # no solution: ra/dec NaN, never positions from the header pointing
+    cat = radec_for(src.table, wcs)
     qc.update({
         "aststat": result.status,
         "astmethod": result.method,
@@ -425,11 +432,18 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
         from photowatch.stages.zeropoint import relative_stars
 
         usable = cat[relative_stars(cat)]
-        if ref is None and ast_qc.get("aststat") != "failed" and len(usable) >= s.quality.min_stars:
+        calibrated = engine.refs.get(info.night, target, info.filter, "zpref") is not None
+        if ref is None and ast_qc.get("aststat") != "failed" and not calibrated \
+                and len(usable) >= s.quality.min_stars:
             table = usable["ra", "dec", "flux", "fluxerr"]
             table.meta.update({"frame": info.std_name, "exptime": t, "ra0": ra0, "dec0": dec0})
             ref = engine.refs.add_field(info.night, target, info.filter, "fluxref", table)
-        if ref is not None and ref.meta.get("frame") == info.std_name:
+        if calibrated and ast_qc.get("aststat") != "failed":
+            # the coadd of this target and filter is on a zero point: a frame scaled to
+            # another reference would mix calibrated and uncalibrated photometry in it
+            qc.update(phot_status="failed", phot_reason="no zero point, and the coadd of "
+                      "this target and filter is calibrated")
+        elif ref is not None and ref.meta.get("frame") == info.std_name:
             qc.update(phot_status="reference", flxscale=1.0, zp_n=len(ref))
         elif ref is not None and ast_qc.get("aststat") != "failed":
             fs = relative_flux_scale(cat, ref, settings=zs, min_stars=s.quality.min_stars)
@@ -447,8 +461,20 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
             set_key(hdr, "FLXREF", (ref.meta.get("frame", ""), "photometric reference frame"))
         set_key(hdr, "ZPSTAT", (qc.get("phot_status"), "relative flux scale (no MAGZP)"))
         set_key(hdr, "ABSCAL", (False, "not absolutely calibrated (no catalogue)"))
-        set_key(hdr, "MAGSYS", ("instrumental", "CAT mag = -2.5 log10(counts)"))
+    # CAT mag is calibrated or NaN, never instrumental: mag_inst is always beside it
+    cat["mag_inst"] = _instrumental(cat)
+    if not (qc.get("abscal") and qc.get("phot_status") == "ok"):
+        cat["mag"] = np.full(len(cat), np.nan)
+        set_key(hdr, "MAGSYS", ("none", "CAT mag NaN: no zero point; see mag_inst"))
+    else:
+        set_key(hdr, "MAGSYS", ("calibrated", f"CAT mag = MAGZP - 2.5 log10(flux), {band}"))
     return frame.replace(header=hdr), cat, qc
+
+
+def _instrumental(cat) -> np.ndarray:
+    flux = np.asarray(cat["flux"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1)), np.nan)
 
 
 def night_fwhm(engine, info: FrameInfo, frame_id: int, min_frames: int = 3) -> float | None:
@@ -491,12 +517,14 @@ def write_outputs(engine, row, info: FrameInfo, raw_header, result: ScienceResul
     from astropy.wcs import WCS  # noqa: F401  (the header carries the WCS already)
 
     wcs_header = _wcs_header(frame.header)
-    extra = {k: frame.header[k] for k in frame.header if k in _PRODUCT_KEYS}
+    extra = {k: (frame.header[k], frame.header.comments[k]) for k in frame.header
+             if k in _PRODUCT_KEYS}
     prim = primary_header(raw_header, {**extra, **profile_header_items(info, engine.profile(
         info.instrument))})
     shdr = sci_header(frame, wcs_header, extra)
     write_product(path, frame, primary=prim, sci_hdr=shdr, cat=result.cat)
-    paths = {"product": str(path)}
+    paths = {"product": str(path), "regions": str(write_regions(
+        path.with_suffix(".reg"), result.cat, trusted=frame.header.get("ASTSTAT") == "ok"))}
     s = engine.settings.stages
     if s.quicklook_png:
         from photowatch.quicklook import save_png

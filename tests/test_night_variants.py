@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 from astropy.wcs import WCS
 from shared_data import wcs_grid_rms_px
 
@@ -109,11 +110,18 @@ def test_without_a_catalogue_nothing_is_invented_and_the_coadd_is_built(flipped)
     reduced = [r for r in rows if r["raw_name"] in good]
     assert sum(r["state"] == "reduced" for r in reduced) >= len(good) - 1
     for r in reduced:
-        h = read_product(r["product"]).header
+        prod = read_product(r["product"])
+        h = prod.header
         assert h["ABSCAL"] is False and "MAGZP" not in h
         assert h["ASTSTAT"] in ("relative", "failed")
+        # no zero point: mag is NaN, never instrumental; mag_inst is beside it
+        assert h["MAGSYS"] == "none"
+        assert np.all(np.isnan(np.ma.filled(prod.cat["mag"], np.nan)))
+        assert np.isfinite(np.ma.filled(prod.cat["mag_inst"], np.nan)).sum() > 10
     (coadd,) = store.coadds()
     assert coadd["stacktype"] == "FINAL" and coadd["magzp"] is None
     with fits.open(coadd["path"]) as h:
         assert h["SCI"].header["ABSCAL"] is False and "MAGZP" not in h["SCI"].header
         assert h["SCI"].header["NCOMBINE"] >= len(good) - 1
+    cat = Table.read(coadd["catalog"], hdu="CAT", mask_invalid=False)
+    assert np.all(np.isnan(cat["mag"])) and np.isfinite(cat["mag_inst"]).sum() > 10

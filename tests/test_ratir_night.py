@@ -97,8 +97,8 @@ def test_relative_registration_better_than_a_tenth_of_a_pixel(ratir):
                 continue
             b = read_product(r["product"])
             cb = b.cat[(b.cat["flags"] == 0) & (b.cat["snr"] > 20)]
-            ra, dec = WCS(b.header).all_pix2world(cb["x"], cb["y"], 0)
-            x, y = wa.all_world2pix(ra, dec, 0)
+            ra, dec = WCS(b.header).all_pix2world(cb["x"], cb["y"], 1)  # CAT x, y: 1-based
+            x, y = wa.all_world2pix(ra, dec, 1)
             ia, ib = match_sky(ca["ra"], ca["dec"], ra, dec, 1.0)
             assert ia.size >= 4
             dx, dy = x[ib] - ca["x"][ia], y[ib] - ca["y"][ia]

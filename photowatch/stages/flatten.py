@@ -35,5 +35,12 @@ def flatten(frame: Frame, *, flat: MasterImage, settings: Flatten) -> Frame:
     hdr = frame.header.copy()
     hdr["MFLAT"] = (flat.label, "master flat used")
     hdr["MFLATV"] = (flat.version, "master flat version")
+    if "SATURATE" in hdr:  # the lowest saturation level: where the flat is highest
+        usable = (frame.mask & np.uint16(Mask.BAD | Mask.NODATA)) == 0
+        usable &= ~low
+        highest = float(np.max(f, where=usable, initial=0.0))
+        if highest > 0:
+            hdr["SATURATE"] = (round(float(hdr["SATURATE"]) / highest, 1),
+                               hdr.comments["SATURATE"])
     return frame.replace(sci=sci.astype(np.float32, copy=False),
                          var=var.astype(np.float32, copy=False), mask=mask, header=hdr)

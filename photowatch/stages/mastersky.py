@@ -154,5 +154,5 @@ def apply_master_sky(frame: Frame, *, sky: MasterImage, level: float) -> Frame:
     hdr = frame.header.copy()
     hdr["MSKY"] = (sky.label, "master sky used")
     hdr["MSKYV"] = (sky.version, "frames in the master sky")
-    hdr["SKYPRE"] = (round(level, 3), "[e-] sky level removed with the master sky")
+    hdr["SKYPRE"] = (round(level, 3), "[electron] sky level removed with the master sky")
     return frame.replace(sci=sci.astype(np.float32), var=var.astype(np.float32), header=hdr)

@@ -200,7 +200,8 @@ def prepare(raw: np.ndarray, header, info: FrameInfo, *, bias: MasterImage | Non
     -------
     Frame
         ``sci`` electrons above bias and dark; ``var`` e-²; ``mask`` with BAD,
-        SATURATED, NODATA; a header with the masters used
+        SATURATED, NODATA; a header with the masters used, ``GAIN = 1`` and
+        ``SATURATE`` in electrons (raw values in ``GAINRAW``, ``SATURRAW``)
     """
     el = to_electrons(raw, info, calibration=calibration, settings=settings)
     data, var = subtract_masters(el, info, bias=bias, dark=dark)
@@ -213,9 +214,23 @@ def prepare(raw: np.ndarray, header, info: FrameInfo, *, bias: MasterImage | Non
         mask = mask | (bpm.astype(bool) * np.uint16(Mask.BAD))
     hdr = header.copy()
     hdr["OVERSCAN"] = (round(el.overscan_adu, 3), "[adu] median overscan level subtracted")
-    hdr["GAIN"] = (info.gain, "[e-/adu] gain applied")
-    hdr["RDNOISE"] = (info.read_noise_e, "[e-] read noise")
-    hdr["SATURATE"] = (info.saturation_adu, "[adu] raw saturation level")
+    # the data are in electrons now: GAIN = 1 and SATURATE in electrons (the lowest level at
+    # which a pixel may have saturated, after overscan, bias and dark), so SExtractor, SWarp
+    # and SCAMP weight and flag right; the raw values stay as GAINRAW and SATURRAW
+    hdr["GAINRAW"] = (info.gain, "[electron/adu] detector gain applied")
+    hdr["GAIN"] = (1.0, "[electron/adu] data in electrons")
+    hdr["RDNOISE"] = (info.read_noise_e, "[electron] read noise")
+    hdr["SATURRAW"] = (info.saturation_adu, "[adu] raw saturation level")
+    # the most bias and dark any good pixel can have had removed (hot pixels are BAD);
+    # maxima of each master (a bound, without a frame-sized temporary)
+    good = (mask & np.uint16(Mask.BAD | Mask.NODATA)) == 0
+    top = 0.0
+    if bias is not None:
+        top += float(np.max(bias.data, where=good, initial=0.0))
+    if dark is not None and info.exptime_s > 0:
+        top += info.exptime_s * float(np.max(dark.data, where=good, initial=0.0))
+    hdr["SATURATE"] = (round((info.saturation_adu - el.overscan_adu) * info.gain - top, 1),
+                       "[electron] data above this may be saturated")
     hdr["SATFRAC"] = (round(el.saturated_fraction, 6), "fraction of saturated pixels")
     for m, key in ((bias, "MBIAS"), (dark, "MDARK")):
         if m is not None:

@@ -174,7 +174,11 @@ def subtract_sky(frame: Frame, *, settings: SkySub, sources: np.ndarray | None =
     result = SkyResult(level_e=level, noise_e=noise, method=settings.method,
                        masked_fraction=float(masked.mean()))
     hdr = frame.header.copy()
-    hdr["SKYLEVEL"] = (round(level, 3), "[e-] median sky level subtracted")
-    hdr["SKYNOISE"] = (round(noise, 4), "[e-] robust rms of sky pixels")
+    hdr["SKYLEVEL"] = (round(level, 3), "[electron] median sky level subtracted")
+    hdr["SKYNOISE"] = (round(noise, 4), "[electron] robust rms of sky pixels")
     hdr["SKYSUB"] = (settings.method, "background method")
+    if "SATURATE" in hdr:  # in the units of the sky-subtracted data, where the sky is highest
+        highest = float(np.max(back[::8, ::8])) + float(frame.header.get("SKYPRE", 0.0))
+        hdr["SATURATE"] = (round(float(hdr["SATURATE"]) - max(level, highest), 1),
+                           hdr.comments["SATURATE"])
     return frame.replace(sci=sci, header=hdr), result

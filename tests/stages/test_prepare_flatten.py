@@ -89,7 +89,11 @@ def test_prepare_masks_and_header(info_factory):
     assert p.mask[10, 10] & Mask.SATURATED and p.mask[5, 30] & Mask.BAD
     assert not p.mask[40, 40]
     assert p.sci.dtype == np.float32 and p.var.dtype == np.float32
-    assert p.header["GAIN"] == GAIN and p.header["OBJECT"] == "T"
+    assert p.header["GAIN"] == 1.0 and p.header["OBJECT"] == "T"  # the data are electrons
+    assert p.header["GAINRAW"] == GAIN and p.header["SATURRAW"] == info.saturation_adu
+    # SATURATE: the raw saturation level in the units of the data (no bias or dark here)
+    expected = (info.saturation_adu - p.header["OVERSCAN"]) * GAIN
+    assert p.header["SATURATE"] == pytest.approx(expected, abs=0.5)
 
 
 def test_flatten_low_flat_masked(info_factory):
