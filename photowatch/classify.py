@@ -596,6 +596,29 @@ def _section(header, key: str, fallback: str, what: str, profile: Profile | None
     return parse_section(fallback) if fallback else None
 
 
+def _pixel_scale(header, profile: Profile, det, bx: int, notes: _Notes) -> float:
+    """Arcsec per binned pixel: from the header's keywords, else the profile's detector."""
+    for spec in profile.keys.pixel_scale:
+        if "/" in spec:
+            a, b = (_number(header, k) for k in spec.split("/", 1))
+            if spec.startswith("XPIXSZ") and a and b:  # um, mm
+                value = 206.264806 * a / b
+            elif spec.startswith("CD") and a is not None and b is not None and (a or b):
+                value = 3600.0 * math.hypot(a, b)
+            else:
+                continue
+        else:
+            value = _number(header, spec)
+            if value is not None and spec.startswith("CDELT"):
+                value = abs(value) * 3600.0
+        if value and 0.01 < abs(value) < 100:
+            return abs(value)
+    if profile.infer and profile.keys.pixel_scale:
+        notes.add(profile.keys.pixel_scale[0], None, f"no pixel scale: {det.pixel_scale:g} "
+                  "arcsec per unbinned pixel assumed (astrometry may fail)")
+    return det.pixel_scale * bx
+
+
 def _pointing(header, profile: Profile, notes: _Notes) -> tuple[float | None, float | None]:
     rkey, ra = _first(header, profile.keys.ra)
     dkey, dec = _first(header, profile.keys.dec)
@@ -720,7 +743,7 @@ def classify(
         gain=gain,
         read_noise_e=read_noise,
         saturation_adu=saturation,
-        pixel_scale_arcsec=det.pixel_scale * bx,
+        pixel_scale_arcsec=_pixel_scale(header, profile, det, bx, notes),
         datasec=sections["datasec"],
         biassec=sections["biassec"],
         trimsec=sections["trimsec"],

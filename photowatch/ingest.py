@@ -113,8 +113,36 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
         state, reason = "rejected", str(exc)
     except ConfigError as exc:
         state, reason = "quarantined", f"configuration: {exc}"
-    return _record(store, spath, sha, size, st.st_mtime, arrived_at,
-                   info.summary() if info else None, header, state, reason)
+    result = _record(store, spath, sha, size, st.st_mtime, arrived_at,
+                     info.summary() if info else None, header, state, reason)
+    if info is not None and info.assumptions:
+        report_assumptions(store, info, result.frame_id)
+    return result
+
+
+def report_assumptions(store: Store, info, frame_id: int | None = None) -> int:
+    """One warning per keyword and night for what the profile assumed (store event + log).
+
+    The first frame of a night that needs an assumption about a keyword says so,
+    naming the keyword, its value and the assumption; later frames with the
+    same keyword that night are silent (their FrameInfo still lists it).
+    Returns the number of new warnings.
+    """
+    n = 0
+    for keyword, value, assumption in info.assumptions:
+        key = f"assumption|{info.instrument}|{info.night}|{keyword}"
+        if store.get_meta(key) is not None:
+            continue
+        store.set_meta(key, {"value": value, "assumption": assumption, "file": info.raw_name})
+        message = f"{keyword}={value!r}: {assumption}" if value else f"{keyword}: {assumption}"
+        store.event("header_assumption", frame_id=frame_id, file=info.raw_name,
+                    level="warning", message=message,
+                    action=f"assumed for night {info.night}")
+        log.warning("header_assumption", file=info.raw_name, night=info.night,
+                    keyword=keyword, value=value, assumption=assumption,
+                    action="assumed for every frame of the night that needs it")
+        n += 1
+    return n
 
 
 def _record(store, spath, sha, size, mtime, arrived_at, info, header, state, reason):

@@ -69,6 +69,9 @@ class Keys(_Model):
     binning: list[str] = ["CCDSUM", "BINNING"]
     readout: list[str] = []
     airmass: list[str] = ["AIRMASS"]
+    #: keywords of the pixel scale (arcsec per binned pixel) preferred over the detector's
+    #: ``pixel_scale``; "XPIXSZ/FOCALLEN" = pixel size (um) over focal length (mm)
+    pixel_scale: list[str] = []
     datasec: str = "DATASEC"
     biassec: str = "BIASSEC"
     trimsec: str = "TRIMSEC"

@@ -35,5 +35,7 @@ def flatten(frame: Frame, *, flat: MasterImage, settings: Flatten) -> Frame:
     hdr = frame.header.copy()
     hdr["MFLAT"] = (flat.label, "master flat used")
     hdr["MFLATV"] = (flat.version, "master flat version")
+    if flat.night:
+        hdr["MFLATN"] = (flat.night, "night of the master flat")
     return frame.replace(sci=sci.astype(np.float32, copy=False),
                          var=var.astype(np.float32, copy=False), mask=mask, header=hdr)

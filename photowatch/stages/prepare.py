@@ -215,10 +215,14 @@ def prepare(raw: np.ndarray, header, info: FrameInfo, *, bias: MasterImage | Non
     hdr["OVERSCAN"] = (round(el.overscan_adu, 3), "[adu] median overscan level subtracted")
     hdr["GAIN"] = (info.gain, "[e-/adu] gain applied")
     hdr["RDNOISE"] = (info.read_noise_e, "[e-] read noise")
+    hdr["GAINSRC"] = (info.gain_source, "gain from: header, profile or measured")
+    hdr["RDNSRC"] = (info.read_noise_source, "read noise from: header, profile or measured")
     hdr["SATURATE"] = (info.saturation_adu, "[adu] raw saturation level")
     hdr["SATFRAC"] = (round(el.saturated_fraction, 6), "fraction of saturated pixels")
     for m, key in ((bias, "MBIAS"), (dark, "MDARK")):
         if m is not None:
             hdr[key] = (m.label, f"master {m.kind} used")
             hdr[key + "V"] = (m.version, f"master {m.kind} version")
+            if m.night:
+                hdr[key + "N"] = (m.night, f"night of the master {m.kind}")
     return Frame(sci=data, var=var, mask=mask, header=hdr, info=info)
