@@ -353,6 +353,9 @@ def read_header(path: str | os.PathLike):
                 for hdu in hdul[1:]:
                     if _is_2d(hdu.header):
                         return _merged(hdu.header, primary)
+                for hdu in hdul[1:]:  # no 2-D image: the first image extension's header
+                    if hdu.is_image:
+                        return _merged(hdu.header, primary)
                 return primary.copy()
     except BadInput:
         raise

@@ -1,0 +1,173 @@
+"""The generic profile on real headers of 16 instrument groups (shared/data/headers).
+
+Every frame classifies with the right type, filter and exposure; the assumptions it
+makes name their keyword; ``photowatch inspect`` runs on every folder, and the profile
+it writes classifies the folder's frames the same way without a single assumption.
+The corpus is read in place (never written); tests skip where it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from photowatch.classify import classify
+from photowatch.cli import main
+from photowatch.config import Settings
+from photowatch.errors import FrameIgnored
+from photowatch.inspect import inspect_dir, read_any_header, write_profile
+from photowatch.instruments import load_profile, load_profile_file
+
+CORPUS = Path(os.environ.get("PHOTOWATCH_HEADER_CORPUS", "/work/shared/data/headers"))
+if not CORPUS.is_dir():
+    CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "headers"
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="header corpus not present")
+FOLDERS = sorted(p.name for p in CORPUS.iterdir() if p.is_dir()) if CORPUS.is_dir() else []
+
+U = "unknown"
+#: file → (type, filter, exposure s); "ignored" for guide/trailed/experimental frames
+EXPECTED = {
+    "APT_ZWO_ASI294MCPro.hdr": ("object", U, 240.0),
+    "DWARFII.hdr": ("object", U, 15.0),
+    "NINA_ZWO_ASI294MCPro.hdr": ("object", U, 30.0),
+    "SGP_ZWO_ASI294MCPro.hdr": ("object", "HaOIII", 30.0),
+    "Seestar_S50_stack.hdr": ("object", "IRCUT", 10.0),
+    "SharpCap_ZWO_ASI290MMMini.hdr": ("object", U, 2.0),
+    "fitsheader-megaprime.hdr": ("object", "i.MP9702", 615.037),
+    "fitsheader-decam-0160496.hdr": ("bias", None, 0.0),
+    "fitsheader-decam-raw_dec050441_25.hdr": ("object", "g", 30.0),
+    "fitsheader-decam.hdr": ("object", "z", 200.0),
+    "celestron_nightscape_10100_astro_fx_v106.fit": ("object", U, 60.0),
+    "aspen_trimmed.fit": ("flat", "R", 1.0),
+    "biastest1.fit": ("bias", None, 0.0),
+    "darktest1.fit": ("dark", None, 30.0),
+    "flattest.fit": ("bias", None, 0.0),  # IMAGETYP='BIAS', 0 s: the file name lies
+    "maximdl_5_21_header.fit": ("object", "R", 90.0),
+    "maximdl_5_23_header.fit": ("object", "B", 90.0),
+    "maximdl_6_16_header.fit": ("object", "B", 90.0),
+    "maximdl_6_18_header.fit": ("object", "r", 90.0),
+    "sip-wcs.fit": ("object", "B", 120.0),
+    "uint16.fit": ("object", "R", 90.0),
+    "M51.hdr": ("object", U, 600.0),
+    "coj1m011-fl08-20151216-0048-x00.fits.fz": ("ignored", None, None),
+    "coj1m011-fl08-20151216-0049-b00.fits.fz": ("bias", None, 0.0),
+    "coj1m011-fl08-20151216-0083-d00.fits.fz": ("dark", None, 900.0),
+    "cpt1m012-fl10-20151216-0044-f00.fits.fz": ("flat", "Y", 2.212),
+    "cpt1m012-fl10-20151216-0073-e00.fits.fz": ("object", "ip", 15.0),
+    "cpt1m012-fl10-20151216-0075-s00.fits.fz": ("object", "I", 60.0),
+    "coj1m011-kb05-20150219-0125-e90.fits.fz": ("object", "V", 10.0),
+    "sqa0m801-kb35-20151216-0966-g00.fits": ("ignored", None, None),
+    "tfn0m414-kb29-20151216-0380-t00.fits.fz": ("ignored", None, None),
+    "WMD-ea03-20190709-00000685-E00.hdr": ("object", "w", 3.0),
+    "a8280271.fits": ("object", "48", 150.04),
+    "neon-on-dome-10-sec-high-res-though-scope.fit": ("object", U, 10.0),
+    "sbig-snap_example_M42.hdr": ("object", "Astrodon Tru-balance E-series NIR blocked L", 1.0),
+    "fitsheader-sdss-fpC-006377-g4-0399.hdr": ("object", "g", 53.907456),
+    "fitsheader-hsc-HSCA04090107.hdr": ("object", "HSC-r", 150.0),
+    "fitsheader-hsc.hdr": ("object", "HSC-i", 30.0),
+    "fitsheader-suprimecam-CORR40535770.hdr": ("object", "r", 200.0),
+    "MaximDL_iTelescope_T33_Apogee_calibrated.hdr": ("object", "SII", 300.0),
+}
+
+
+def corpus_files() -> list[Path]:
+    return sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix not in (".yaml",
+                                                                                   ".md"))
+
+
+@needs_corpus
+def test_every_corpus_frame_classifies_right():
+    generic = load_profile("generic")
+    files = corpus_files()
+    assert {f.name for f in files} == set(EXPECTED), "corpus changed: update the table"
+    for path in files:
+        kind, filt, exptime = EXPECTED[path.name]
+        header = read_any_header(path)
+        if kind == "ignored":
+            with pytest.raises(FrameIgnored):
+                classify(header, path.name, generic)
+            continue
+        info = classify(header, path.name, generic)
+        assert (info.kind, info.filter) == (kind, filt), path.name
+        assert info.exptime_s == pytest.approx(exptime), path.name
+        for keyword, _value, assumption in info.assumptions:
+            assert keyword and assumption, (path.name, keyword)
+
+
+@needs_corpus
+def test_corpus_oddities_read_right():
+    def info(folder, name):
+        path = CORPUS / folder / name
+        return classify(read_any_header(path), name, load_profile("generic"))
+
+    lco = info("LCO_1m_Sinistro", "coj1m011-fl08-20151216-0049-b00.fits.fz")
+    assert lco.gain == pytest.approx(2.0175) and lco.gain_source == "header"  # string list
+    assert lco.binning == "2x2" and lco.datasec is None  # 4k unbinned DATASEC fits nothing
+    assert {a[0] for a in lco.assumptions} >= {"DATASEC", "BIASSEC"}
+    saao = info("SAAO_1.0m_STE3", "a8280271.fits")  # blanks inside the brackets
+    assert saao.trimsec == (0, 520, 16, 528) and saao.biassec == (0, 520, 3, 13)
+    assert saao.ra_deg == pytest.approx(331.0333, abs=1e-3)  # ' 22:04:08'
+    assert saao.obs_time.isoformat().startswith("2013-07-13T00:57:33")  # date + UT
+    sdss = info("SDSS_2.5m_imaging", "fitsheader-sdss-fpC-006377-g4-0399.hdr")
+    assert sdss.obs_time.isoformat().startswith("2006-09-20T06:00:49")  # TAI - 33 s
+    kpno = info("KPNO_legacy_1987_IRAF", "M51.hdr")
+    assert kpno.obs_time.isoformat().startswith("1987-04-05T09:27:27")  # dd/mm/yy
+    dwarf = info("Amateur_CMOS_ZWO_etc", "DWARFII.hdr")
+    assert dwarf.binning == "2x2" and dwarf.ra_deg is None and dwarf.gain_source == "measure"
+    assert ("GAIN", "110") in {a[:2] for a in dwarf.assumptions}
+    apt = info("Amateur_CMOS_ZWO_etc", "APT_ZWO_ASI294MCPro.hdr")
+    assert apt.gain == pytest.approx(1.00224, abs=1e-4)  # EGAIN, not the GAIN=120 setting
+    hsc = info("Subaru_HSC", "fitsheader-hsc-HSCA04090107.hdr")
+    assert 3.1 < hsc.gain < 3.5 and hsc.gain_source == "header"  # GAIN=0.0 → T_GAIN1..4
+    mega = info("CFHT_MegaPrime", "fitsheader-megaprime.hdr")
+    assert mega.biassec is None and mega.datasec == (0, 4612, 32, 2080)
+    decam = info("CTIO_4m_DECam", "fitsheader-decam.hdr")
+    assert decam.gain == pytest.approx((4.59347726229 + 4.4014084507) / 2)
+    maxim = info("Feder_Observatory_MaxImDL", "maximdl_5_21_header.fit")
+    assert maxim.ra_deg == pytest.approx(135.5917, abs=1e-3)  # OBJCTRA '09 02 22'
+
+
+@needs_corpus
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_inspect_writes_a_profile_that_needs_no_assumptions(folder, tmp_path, capsys):
+    rawdir = CORPUS / folder
+    assert main(["inspect", str(rawdir), "--json", "--write-profile",
+                 str(tmp_path / "mine.toml")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == sum(1 for f in corpus_files() if f.parent.name == folder)
+    profile = load_profile_file(tmp_path / "mine.toml")
+    assert profile.name != "generic"
+    again = inspect_dir(rawdir, Settings(), profile=profile)
+    for before, after in zip(rows, again):
+        assert after.state == before["state"], after.file
+        if after.state != "ok":
+            continue
+        assert after.assumptions == [], (after.file, after.assumptions)
+        for key in ("kind", "filter", "exptime_s", "binning", "obs_time"):
+            assert after.info[key] == before["info"][key], (after.file, key)
+
+
+def test_inspect_profile_states_a_missing_filter_and_gain(tmp_path):
+    h = fits.Header()
+    h["INSTRUME"] = "NoName CCD"
+    h["DATE-OBS"] = "2024-05-01T03:00:00"
+    h["EXPTIME"] = 30.0
+    h["IMAGETYP"] = "LIGHT"
+    h["GAIN"] = 120
+    fits.PrimaryHDU(header=h).writeto(tmp_path / "a.fits")
+    h["EXPTIME"] = 0.0
+    h["IMAGETYP"] = "DARK"
+    h["OBJECT"] = "bias"
+    fits.PrimaryHDU(header=h).writeto(tmp_path / "b.fits")
+    rows = inspect_dir(tmp_path, Settings())
+    assert [r.info["kind"] for r in rows] == ["object", "bias"]
+    assert "zero-second" in rows[1].info["type_reason"]
+    path = write_profile(rows, tmp_path / "p.toml")
+    text = path.read_text()
+    assert "measure_gain = true" in text and 'filter_default = "unknown"' in text
+    again = inspect_dir(tmp_path, Settings(), profile=load_profile_file(path))
+    assert all(r.assumptions == [] for r in again)
