@@ -51,14 +51,24 @@ def _sexa(text: str) -> str:
     return str(text).replace(":", " ")
 
 
-def restyle(raw_dir: Path, out_dir: Path, style: str) -> list[Path]:
-    """Write every raw file of ``raw_dir`` in ``style`` into ``out_dir``; returns the paths."""
+def restyle(raw_dir: Path, out_dir: Path, style: str, calib_days_earlier: float = 0.0
+            ) -> list[Path]:
+    """Write every raw file of ``raw_dir`` in ``style`` into ``out_dir``; returns the paths.
+
+    ``calib_days_earlier`` moves the biases, darks and flats that many days back (a
+    night of science frames whose calibrations were taken on an earlier night).
+    """
+    from datetime import datetime, timedelta
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in sorted(raw_dir.glob("lmi.*.fits")):
         with fits.open(path) as hdul:
             data = hdul[0].data.astype(np.float32)
-            hdr = hdul[0].header
+            hdr = hdul[0].header.copy()
+            if calib_days_earlier and _kind(hdr) in ("bias", "dark", "flat"):
+                t = datetime.fromisoformat(hdr["DATE-OBS"]) - timedelta(days=calib_days_earlier)
+                hdr["DATE-OBS"] = t.isoformat(timespec="milliseconds")
             written.append(_write(style, path, out_dir, data, hdr))
     return written
 
