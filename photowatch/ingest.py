@@ -117,6 +117,13 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
                      info.summary() if info else None, header, state, reason)
     if info is not None and info.assumptions:
         report_assumptions(store, info, result.frame_id)
+    if (info is not None and info.kind in ("bias", "flat") and result.new
+            and "measure" in (info.gain_source, info.read_noise_source)):
+        # frames waiting for the night's gain measurement may have what they need now
+        from photowatch.calib.masters import GAIN_WAIT
+
+        store.wake_waiting("night=? AND camera=? AND reason LIKE ?",
+                           (info.night, info.camera, GAIN_WAIT + "%"))
     return result
 
 

@@ -48,6 +48,8 @@ from photowatch.logs import get_logger
 from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons
 
 KINDS = ("bias", "dark", "flat")
+#: reason of frames waiting (``watch``) for their night's gain and read noise to be measured
+GAIN_WAIT = "gain and read noise not measured yet"
 log = get_logger("photowatch.calib")
 
 
@@ -277,7 +279,23 @@ class MasterBook:
             return info
         found = self.measurement(info)
         if found is None:
-            return info
+            why = (self.store.get_meta(self._ptc_key(info, info.night)) or {}).get("why", "")
+            if self.store.command == "watch":  # the daemon waits for the night's calibrations
+                raise WaitForMasters(f"{GAIN_WAIT}: {why}")
+            key = f"assumption|{info.instrument}|{info.night}|gain-unmeasured"
+            if self.store.get_meta(key) is None:
+                self.store.set_meta(key, {"why": why})
+                msg = (f"gain and read noise could not be measured ({why}) and no other night "
+                       f"has them: {info.gain:g} e-/ADU and {info.read_noise_e:g} e- assumed")
+                self.store.event("header_assumption", file=info.raw_name, level="warning",
+                                 message=msg, action=f"assumed for night {info.night}")
+                log.warning("gain_assumed", file=info.raw_name, night=info.night, problem=msg)
+            changes = {}
+            if info.gain_source == "measure":
+                changes["gain_source"] = "assumed"
+            if info.read_noise_source == "measure":
+                changes["read_noise_source"] = "assumed"
+            return replace(info, **changes)
         night, m = found
         src = "measured" if night == info.night else f"measured {night}"
         changes = {}
