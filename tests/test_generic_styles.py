@@ -121,3 +121,41 @@ def test_science_night_uses_masters_of_ten_nights_earlier(night):
         assert hdr["GAINSRC"] == f"measured {cal_night}"
     report = json.loads((out / "report" / science_night / "night.json").read_text())
     assert cal_night in json.dumps(report["masters"])
+
+
+def test_science_only_night_uses_the_calibration_library(night):
+    """Masters (and the gain measured with them) come from a library folder of another OUT."""
+    import shutil
+
+    from astropy.io import fits
+
+    sim, root, _ = night
+    earlier = root / "out_earlier"
+    if not (earlier / "state.sqlite").exists():
+        pytest.skip("needs test_science_night_uses_masters_of_ten_nights_earlier first")
+    library = root / "library"
+    library.mkdir()
+    for path in (earlier / "masters").rglob("*.fits"):
+        if "versions" not in path.parts:
+            shutil.copy(path, library / path.name)
+    raw = root / "raw_science_only"
+    raw.mkdir()
+    for path in sorted((root / "raw_earlier").iterdir()):
+        hdr = fits.getheader(path)
+        if hdr["OBSTYPE"] == "OBJECT" and "flat" not in hdr["OBJECT"]:
+            shutil.copy(path, raw / path.name)
+    out = root / "out_library"
+    settings = Settings().with_overrides(paths={"output_dir": str(out),
+                                                "calibration_library": str(library)})
+    summary = reduce_directory(raw, settings, catalog=str(sim.catalog_path), progress=False)
+    assert summary.ok
+    store = Store(out / "state.sqlite")
+    rows = store.frames("kind='object'")
+    assert len(rows) == len(sim.objects()) and all(r["state"] == "reduced" for r in rows), \
+        [r["reason"] for r in rows]
+    cal_night = json.loads(rows[0]["masters_json"])["bias"]["night"]
+    assert cal_night != rows[0]["night"]
+    hdr = read_product(rows[0]["product"]).header
+    assert hdr["GAINSRC"] == f"measured {cal_night}" and hdr["MBIASN"] == cal_night
+    info = json.loads(rows[0]["info_json"])
+    assert info["gain"] == pytest.approx(GAIN, rel=0.05)

@@ -177,6 +177,7 @@ class MasterBook:
         #: accumulators in memory, by state file: (mtime, RunningMean, meta)
         self._states = _LRU(8)
         self._library: list[Candidate] | None = None
+        self._recorded: set = set()
 
     # ------------------------------------------------------------------ locking
     def lock(self, name: str, night: str):
@@ -298,6 +299,10 @@ class MasterBook:
             return replace(info, **changes)
         night, m = found
         src = "measured" if night == info.night else f"measured {night}"
+        memo = (self._ptc_key(info, info.night), night)
+        if night != info.night and memo not in self._recorded:
+            self._recorded.add(memo)  # the store's frame rows say what is used, once
+            self._record_measured(info)
         changes = {}
         if info.gain_source == "measure":
             changes.update(gain=float(m["gain"]), gain_source=src)
@@ -335,6 +340,24 @@ class MasterBook:
         if others:
             _, night, value = min(others)
             return night, value
+        return self._measurement_of_master(info)
+
+    def _measurement_of_master(self, info: FrameInfo) -> tuple[str, dict] | None:
+        """The measured gain a master of another output directory (the calibration library)
+        was made with (RAWGAIN/RAWRDN when GAINSRC says measured)."""
+        from astropy.io import fits
+
+        for kind in ("bias", "flat"):
+            cand = self.select(kind, info)
+            if cand is None or cand.master_id is not None:
+                continue
+            try:
+                hdr = fits.getheader(cand.path)
+            except OSError:
+                continue
+            if str(hdr.get("GAINSRC", "")).startswith("measured") and hdr.get("RAWGAIN"):
+                return cand.night, {"gain": float(hdr["RAWGAIN"]),
+                                    "read_noise_e": float(hdr.get("RAWRDN", info.read_noise_e))}
         return None
 
     def _n_calib(self, info: FrameInfo) -> int:
