@@ -280,6 +280,75 @@ def assemble_amplifiers(datas, layout) -> np.ndarray:
     return out
 
 
+#: per-amplifier keywords of a single-HDU multi-amplifier frame: (data, overscan) prefixes
+_INLINE_AMP_KEYS = (("DATASEC", "BIASSEC"), ("DSEC", "BSEC"))
+
+
+def _inline_amps(header) -> list[dict] | None:
+    """The amplifiers of a single image read out by several amplifiers (DECam DATASECA/B,
+    BIASSECA/B, GAINA/B; MegaPrime DSECA/B, BSECA/B), when each has a data section, an
+    overscan section and a usable gain; else None."""
+    from photowatch.classify import _lenient_section
+
+    ny, nx = int(header.get("NAXIS2", 0) or 0), int(header.get("NAXIS1", 0) or 0)
+    for dkey, bkey in _INLINE_AMP_KEYS:
+        amps = []
+        for s in "ABCDEFGH":
+            if header.get(dkey + s) is None:
+                continue
+            try:
+                dsec = _lenient_section(header.get(dkey + s))
+                bsec = _lenient_section(header.get(bkey + s))
+            except ValueError:
+                return None
+            gain = _amp_number(header, header, ("GAIN" + s,))
+            if dsec is None or bsec is None or gain is None or not 0.05 <= gain <= 30:
+                return None
+            if max(dsec[1], bsec[1]) > ny or max(dsec[3], bsec[3]) > nx:
+                return None
+            amps.append({"dsec": dsec, "bsec": bsec, "gain": gain,
+                         "rn": _amp_number(header, header, ("RDNOISE" + s,)),
+                         "sat": _amp_number(header, header, ("SATURAT" + s, "SATURATE"))})
+        if len(amps) >= 2:
+            return amps
+    return None
+
+
+def _inline_box(amps) -> tuple[int, int, int, int]:
+    return (min(a["dsec"][0] for a in amps), max(a["dsec"][1] for a in amps),
+            min(a["dsec"][2] for a in amps), max(a["dsec"][3] for a in amps))
+
+
+def _inline_header(header, amps):
+    """The header of a multi-amplifier image once each amplifier is in electrons."""
+    header = header.copy()
+    y0, y1, x0, x1 = _inline_box(amps)
+    header["NAXIS1"], header["NAXIS2"] = x1 - x0, y1 - y0
+    for key in ("DATASEC", "BIASSEC", "TRIMSEC", "EGAIN"):
+        header.remove(key, ignore_missing=True)
+    header["GAIN"] = (1.0, "[e-/adu] amplifiers' overscan and gains applied")
+    if all(a["rn"] for a in amps):
+        header["RDNOISE"] = (float(np.mean([a["rn"] for a in amps])), "[e-] amplifiers' mean")
+    if all(a["sat"] for a in amps):
+        header["SATURATE"] = (float(min(a["sat"] * a["gain"] for a in amps)),
+                              "[e-] lowest amplifier saturation")
+    header["PWNAMPS"] = (len(amps), "amplifiers: overscan and gain applied per amplifier")
+    return header
+
+
+def _inline_assemble(data: np.ndarray, amps) -> np.ndarray:
+    y0, y1, x0, x1 = _inline_box(amps)
+    out = np.full((y1 - y0, x1 - x0), np.nan, np.float32)
+    for a in amps:
+        d, b = a["dsec"], a["bsec"]
+        part = data[d[0]:d[1], d[2]:d[3]].astype(np.float32)
+        strip = data[d[0]:d[1], b[2]:b[3]]
+        if strip.size:
+            part = part - np.median(strip, axis=1)[:, None].astype(np.float32)
+        out[d[0] - y0:d[1] - y0, d[2] - x0:d[3] - x0] = part * np.float32(a["gain"])
+    return out
+
+
 def _amp_hdus(hdul) -> list:
     """The per-amplifier image HDUs of a multi-extension frame (each with a DETSEC), or []."""
     images = [h for h in hdul[1:] if h.is_image and _is_2d(h.header)]
@@ -327,6 +396,9 @@ def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
                         header = hdu.header.copy()
                         if hdu is not hdul[0]:
                             header = _merged(header, hdul[0].header)
+                        inline = _inline_amps(header)
+                        if inline:
+                            return _inline_assemble(data, inline), _inline_header(header, inline)
                         return data, header
     except BadInput:
         raise
@@ -345,14 +417,17 @@ def read_header(path: str | os.PathLike):
             with fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True) as hdul:
                 primary = hdul[0].header
                 if _is_2d(primary):
-                    return primary.copy()
+                    inline = _inline_amps(primary)
+                    return _inline_header(primary, inline) if inline else primary.copy()
                 amps = _amp_hdus(hdul)
                 if amps:
                     headers = [h.header for h in amps]
                     return _assembled_header(headers, primary, _amp_layout(headers, primary))
                 for hdu in hdul[1:]:
                     if _is_2d(hdu.header):
-                        return _merged(hdu.header, primary)
+                        header = _merged(hdu.header, primary)
+                        inline = _inline_amps(header)
+                        return _inline_header(header, inline) if inline else header
                 for hdu in hdul[1:]:  # no 2-D image: the first image extension's header
                     if hdu.is_image:
                         return _merged(hdu.header, primary)

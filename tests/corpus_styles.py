@@ -20,6 +20,8 @@ profile but ``generic`` matches.
   flats typed OBJECT with OBJECT='sky flat', no GAIN, and a DATASEC in an unknown form
   ('1:N, 1:N' without brackets) in unbinned coordinates of a sub-frame readout
   (CCDSEC gives the offset).
+- ``decam``  one HDU read by two amplifiers of different gains (DATASECA/B, BIASSECA/B,
+  GAINA/GAINB, RDNOISEA/B as DECam): each amplifier's overscan and gain applied first.
 - ``mef``    one HDU per amplifier (two halves), each with DATASEC/BIASSEC/DETSEC and its
   own GAIN, assembled by DETSEC.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-STYLES = ("maxim", "lco", "saao", "issue", "mef")
+STYLES = ("maxim", "lco", "saao", "issue", "mef", "decam")
 
 
 def _kind(hdr) -> str:
@@ -184,5 +186,32 @@ def _write(style: str, path: Path, out_dir: Path, data, hdr) -> Path:
             hdus.append(fits.ImageHDU(amp.astype(np.uint16), ah))
         out = out_dir / path.name
         fits.HDUList(hdus).writeto(out, overwrite=True)
+        return out
+    if style == "decam":
+        new["INSTRUME"] = "DECamLike"
+        new["OBSTYPE"] = {"bias": "zero", "dark": "dark", "flat": "dome flat",
+                          "object": "object"}.get(kind, "focus")
+        new["OBJECT"] = hdr.get("OBJNAME", "")
+        if filt:
+            new["FILTER"] = f"{short} DECam SDSS c0002 6415.0 1480.0"
+        new["CCDBIN1"], new["CCDBIN2"] = b, b
+        new["RA"], new["DEC"] = hdr["RA"], hdr["DEC"]
+        new["PIXSCALE"] = 0.12 * b
+        g0 = float(hdr["GAIN"])
+        half = n // 2
+        os_row = np.median(data[:, n + 2:], axis=1)[:, None]
+        out_data = data.copy()
+        for s, (x0, x1), g in (("A", (0, half), g0 * 1.10), ("B", (half, n), g0 * 0.92)):
+            out_data[:, x0:x1] = (data[:, x0:x1] - os_row) * (g0 / g) + os_row
+            new[f"DATASEC{s}"] = f"[{x0 + 1}:{x1},1:{ny}]"
+            o = n + (0 if s == "A" else 16)
+            new[f"BIASSEC{s}"] = f"[{o + 1}:{o + 16},1:{ny}]"
+            new[f"GAIN{s}"] = g
+            new[f"RDNOISE{s}"] = float(hdr["RDNOISE"])
+            new[f"SATURAT{s}"] = float(hdr["SATURATE"]) * g0 / g
+        new["DATASEC"] = f"[1:{n},1:{ny}]"
+        out = out_dir / path.name
+        fits.PrimaryHDU(np.clip(np.rint(out_data), 0, 65535).astype(np.uint16),
+                        new).writeto(out, overwrite=True)
         return out
     raise ValueError(f"unknown style {style!r}")
