@@ -651,12 +651,15 @@ def classify(
     profile: Profile,
     longitude_deg: float | None = None,
     night_start_hour: float = 12.0,
+    file_time: datetime | None = None,
 ) -> FrameInfo:
     """Describe a raw frame.
 
     With an ``infer`` profile (generic) nothing in the header makes a frame
     unusable except an unreadable date: missing or unusable values get an
-    assumption, listed in ``FrameInfo.assumptions`` as (keyword, value, assumption).
+    assumption, listed in ``FrameInfo.assumptions`` as (keyword, value, assumption);
+    a header without a readable date takes ``file_time`` (the file's modification
+    time, UTC) when it is given.
 
     Raises
     ------
@@ -670,7 +673,15 @@ def classify(
     notes = _Notes()
     ekey, exptime, exptime_s = _exptime(header, profile)
     kind, type_reason = _decide_kind(header, filename, profile, exptime_s, notes)
-    obs_time = parse_time(header, profile, notes)
+    try:
+        obs_time = parse_time(header, profile, notes)
+    except BadInput as exc:
+        if not (profile.infer and file_time is not None):
+            raise
+        key, value = _first(header, profile.keys.date_obs)
+        notes.add(key or "/".join(profile.keys.date_obs[:2]), value,
+                  f"{exc}: the file's modification time assumed")
+        obs_time = file_time.astimezone(UTC)
     camera = _camera(header, filename, profile)
     det = profile.detector_for(camera)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from photowatch.classify import classify
@@ -99,7 +100,8 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
         profile = choose_profile(hdr, settings, instrument)
         try:
             info = classify(hdr, path.name, profile, settings.site.longitude_deg,
-                            settings.site.night_start_hour)
+                            settings.site.night_start_hour,
+                            file_time=datetime.fromtimestamp(st.st_mtime, UTC))
         except BadInput as exc:
             if profile.name == "generic" and hdr.get("INSTRUME") is not None:
                 raise BadInput(f"unknown instrument INSTRUME={hdr.get('INSTRUME')!r} (no "

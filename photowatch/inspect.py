@@ -14,6 +14,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from photowatch.classify import _first, classify, safe_name
@@ -71,7 +72,8 @@ def inspect_dir(rawdir: str | Path, settings, instrument: str | None = None,
             row.type_keyword, value = _first(header, prof.types.keywords)
             row.type_value = None if value is None else str(value).strip()
             info = classify(header, path.name, prof, settings.site.longitude_deg,
-                            settings.site.night_start_hour)
+                            settings.site.night_start_hour,
+                            file_time=datetime.fromtimestamp(path.stat().st_mtime, UTC))
             row.info = info.summary()
             row.assumptions = [list(a) for a in info.assumptions]
         except FrameIgnored as exc:

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from astropy.io import fits
 
@@ -171,3 +172,40 @@ def test_inspect_profile_states_a_missing_filter_and_gain(tmp_path):
     assert "measure_gain = true" in text and 'filter_default = "unknown"' in text
     again = inspect_dir(tmp_path, Settings(), profile=load_profile_file(path))
     assert all(r.assumptions == [] for r in again)
+
+
+def test_generic_quarantines_nothing_it_can_read(tmp_path):
+    """Only pixels that cannot be read quarantine a frame: a header without a date, type,
+    exposure, filter or gain is classified with assumptions, each warned once per night."""
+    from datetime import UTC, datetime
+
+    from photowatch.ingest import ingest_file
+    from photowatch.store import Store
+
+    store = Store(tmp_path / "s.sqlite")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(3):
+        h = fits.Header()
+        h["INSTRUME"] = "Mystery"
+        h["DATE-OBS"] = "the first night"
+        h["OBJECT"] = "M 42"
+        fits.PrimaryHDU(np.full((8, 8), i, np.uint16), h).writeto(raw / f"m{i}.fits")
+    (raw / "broken.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    settings = Settings()
+    for path in sorted(raw.iterdir()):
+        ingest_file(store, path, settings)
+    rows = {r["raw_name"]: r for r in store.frames()}
+    assert rows["broken.fits"]["state"] == "quarantined"
+    for i in range(3):
+        row = rows[f"m{i}.fits"]
+        assert row["state"] == "received", row["reason"]
+        info = json.loads(row["info_json"])
+        assert info["kind"] == "object" and info["filter"] == "unknown"
+        assert info["exptime_s"] == 1.0 and info["gain_source"] == "measure"
+        mtime = datetime.fromtimestamp((raw / f"m{i}.fits").stat().st_mtime, UTC)
+        assert abs((datetime.fromisoformat(info["obs_time"]) - mtime).total_seconds()) < 1
+    warned = [e["message"] for e in store.events(level="problems", limit=100)
+              if e["event"] == "header_assumption"]
+    assert len(warned) == len({w.split(":")[0].split("=")[0] for w in warned}) >= 5, warned
+    assert any(w.startswith("DATE-OBS='the first night'") for w in warned), warned
