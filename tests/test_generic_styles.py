@@ -72,6 +72,14 @@ def test_style_reduces_like_lmi(night, style):
         row = store.frames("kind='object'")[0]
         hdr = read_product(row["product"]).header
         assert hdr["GAINSRC"] == "measured"
+    if style in ("saao", "lco"):  # header gain and read noise, compared with measured ones
+        compared = [json.loads(v) for _, v in store.conn.execute(
+            "SELECT key, value FROM meta WHERE key LIKE 'ptc-compared|%'")]
+        assert len(compared) == 1, compared
+        c = compared[0]
+        assert c["measured_gain"] == pytest.approx(c["header_gain"], rel=0.05)
+        assert c["measured_read_noise_e"] == pytest.approx(READ_NOISE_E, rel=0.05)
+        assert [e for e in store.events(limit=500) if e["event"] == "detector_compared"]
     if style == "issue":  # biases typed DARK, flats typed OBJECT: decided and recorded
         kinds = {r["kind"] for r in store.frames()}
         assert kinds == {"bias", "flat", "object"}

@@ -277,6 +277,8 @@ class MasterBook:
         two biases and a pair of flats uses the nearest other night's measurement.
         """
         if "measure" not in (info.gain_source, info.read_noise_source):
+            if info.gain_source == "header" and self._infers(info.instrument):
+                self._compare_once(info)
             return info
         found = self.measurement(info)
         if found is None:
@@ -309,6 +311,41 @@ class MasterBook:
         if info.read_noise_source == "measure":
             changes.update(read_noise_e=float(m["read_noise_e"]), read_noise_source=src)
         return replace(info, **changes)
+
+    def _infers(self, instrument: str) -> bool:
+        try:
+            return bool(self.profile_for(instrument).infer)
+        except Exception:
+            return False
+
+    def _compare_once(self, info: FrameInfo) -> None:
+        """Measure the night's gain and read noise once and compare them with the header's
+        (one event; a warning when they differ by more than 10 %)."""
+        key = self._ptc_key(info, info.night).replace("ptc|", "ptc-compared|", 1)
+        if self.store.get_meta(key) is not None:
+            return
+        self.store.set_meta(key, {"started": True})
+        m = self.store.get_meta(self._ptc_key(info, info.night))
+        if m is None:
+            with self.lock(f"ptc-{info.camera}-{info.binning}", info.night):
+                m = self.store.get_meta(self._ptc_key(info, info.night)) or \
+                    self._measure(info, self._ptc_key(info, info.night))
+        if not m.get("gain"):
+            return
+        dg = m["gain"] / info.gain - 1.0
+        dr = m["read_noise_e"] / info.read_noise_e - 1.0 if info.read_noise_e else 0.0
+        msg = (f"header gain {info.gain:.3f} e-/ADU, measured {m['gain']:.3f} ({dg:+.1%}); "
+               f"read noise {info.read_noise_e:.2f} e- ({info.read_noise_source}), measured "
+               f"{m['read_noise_e']:.2f} ({dr:+.1%})")
+        self.store.set_meta(key, {"header_gain": info.gain, "measured_gain": m["gain"],
+                                  "header_read_noise_e": info.read_noise_e,
+                                  "measured_read_noise_e": m["read_noise_e"]})
+        bad = abs(dg) > 0.10 or abs(dr) > 0.10
+        self.store.event("detector_compared", file=info.raw_name,
+                         level="warning" if bad else "info", message=msg,
+                         action="header values kept" + ("; check the header" if bad else ""))
+        (log.warning if bad else log.info)("detector_compared", night=info.night,
+                                           camera=info.camera, message=msg)
 
     def _ptc_key(self, info: FrameInfo, night: str) -> str:
         return f"ptc|{info.instrument}|{info.camera}|{info.binning}|{info.readout}|{night}"
