@@ -405,7 +405,7 @@ class MasterBook:
 
     def _measure(self, info: FrameInfo, key: str) -> dict:
         from photowatch.calib.ptc import photon_transfer
-        from photowatch.stages.prepare import overscan_rows, trim_slices
+        from photowatch.stages.prepare import trim_slices
 
         rows = self.store.frames(
             "instrument=? AND camera=? AND binning=? AND readout=? AND night=? AND "
@@ -413,19 +413,16 @@ class MasterBook:
             (info.instrument, info.camera, info.binning, info.readout, info.night))
         biases, flats = [], []
         for row in rows:
-            if (row["kind"] == "bias" and len(biases) >= 8) or (
-                    row["kind"] == "flat" and len(flats) >= 12):
+            if (row["kind"] == "bias" and len(biases) >= 6) or (
+                    row["kind"] == "flat" and len(flats) >= 10):
                 continue
             finfo = FrameInfo.from_summary(json.loads(row["info_json"]))
             try:
                 raw, _ = read_raw(row["path"])
             except Exception:
                 continue
-            levels, _ = overscan_rows(raw, finfo)
             ys, xs = trim_slices(finfo, raw.shape)
-            data = raw[ys, xs]
-            if levels is not None:
-                data = data - levels[ys][:, None]
+            data = raw[ys, xs]  # no overscan taken off: its estimate's noise is not read noise
             if row["kind"] == "bias":
                 biases.append(data.astype(np.float32))
             else:
