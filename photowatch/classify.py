@@ -557,8 +557,8 @@ def _unbinned_to_binned(sec: Section, binning: str, offset: tuple[int, int]) -> 
     bx, by = (int(v) for v in binning.split("x"))
     y0, y1, x0, x1 = sec
     ox, oy = offset
-    return ((y0 - oy) // by, -(-(y1 - oy) // by) if (y1 - oy) % by else (y1 - oy) // by,
-            (x0 - ox) // bx, (x1 - ox) // bx)
+    # ends exclusive, floored: a binned pixel only partly inside the section is left out
+    return ((y0 - oy) // by, (y1 - oy) // by, (x0 - ox) // bx, (x1 - ox) // bx)
 
 
 def _section(header, key: str, fallback: str, what: str, profile: Profile | None = None,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photowatch.classify import classify
+from photowatch.classify import classify, parse_section
 from photowatch.cli import main
 from photowatch.config import Settings
 from photowatch.errors import FrameIgnored
@@ -209,3 +209,33 @@ def test_generic_quarantines_nothing_it_can_read(tmp_path):
               if e["event"] == "header_assumption"]
     assert len(warned) == len({w.split(":")[0].split("=")[0] for w in warned}) >= 5, warned
     assert any(w.startswith("DATE-OBS='the first night'") for w in warned), warned
+
+
+@pytest.mark.parametrize("text, binning, ccdsec, expect, note", [
+    ("[  17: 528,   1: 520]", "1x1", None, (0, 520, 16, 528), None),  # blanks (SAAO)
+    ("[528:17,520:1]", "1x1", None, (0, 520, 16, 528), None),  # reversed ranges
+    ("17:528,1:520", "1x1", None, (0, 520, 16, 528), None),  # no brackets
+    ("[1:2048,1:2048]", "4x4", None, (0, 512, 0, 512), "converted"),  # unbinned full chip
+    ("[201:2248,121:2168]", "4x4", "[201:2248,121:2168]", (0, 512, 0, 512), "converted"),
+    ("[1:4094,1:4096]", "1x1", None, None, "does not fit"),  # LCO Sinistro
+    ("UNKNOWN", "1x1", None, None, "placeholder"),
+    ("[0:0,0:0]", "1x1", None, None, "placeholder"),
+    ("[1:0,1:0]", "1x1", None, None, "placeholder"),
+    ("garbage", "1x1", None, None, "not a FITS section"),
+])
+def test_section_variants(text, binning, ccdsec, expect, note):
+    h = fits.Header()
+    h["IMAGETYP"] = "LIGHT"
+    h["DATE-OBS"] = "2024-01-01T00:00:00"
+    h["EXPTIME"] = 5.0
+    h["NAXIS1"], h["NAXIS2"] = 544, 520
+    h["CCDSUM"] = binning.replace("x", " ")
+    if ccdsec:
+        h["CCDSEC"] = ccdsec
+    h["DATASEC"] = text
+    info = classify(h, "x.fits", load_profile("generic"))
+    assert info.datasec == expect
+    notes = [a[2] for a in info.assumptions if a[0] == "DATASEC"]
+    assert (not notes) if note is None else (note in notes[0]), notes
+    with pytest.raises(ValueError):  # the strict parser of named profiles is unchanged
+        parse_section("[528:17,520:1]")
