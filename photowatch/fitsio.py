@@ -47,8 +47,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, int
     return h.hexdigest(), size
 
 
+def _is_gzip(path: Path) -> bool:
+    """gzip by its magic bytes (gzip files named .fits exist), not by the name."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return path.name.endswith(".gz")
+
+
 def _open_stream(path: Path):
-    if path.name.endswith(".gz"):
+    if _is_gzip(path):
         return gzip.open(path, "rb")
     return open(path, "rb")
 
@@ -78,7 +87,7 @@ def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
         return f"cannot stat: {exc.strerror}"
     if size == 0:
         return "empty file (0 bytes)"
-    gz = path.name.endswith(".gz")
+    gz = _is_gzip(path)
     if not gz and size % BLOCK:
         return f"size {size} is not a multiple of 2880 bytes (truncated?)"
     try:

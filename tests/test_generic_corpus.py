@@ -239,3 +239,22 @@ def test_section_variants(text, binning, ccdsec, expect, note):
     assert (not notes) if note is None else (note in notes[0]), notes
     with pytest.raises(ValueError):  # the strict parser of named profiles is unchanged
         parse_section("[528:17,520:1]")
+
+
+@needs_corpus
+def test_compressed_pixels_are_read(tmp_path):
+    """fpack float32 with an empty primary and a (1, ny, nx) array; gzip named .fits."""
+    import gzip
+
+    from photowatch.fitsio import fits_incomplete_reason, read_header, read_raw
+
+    path = CORPUS / "LCO_1m_Sinistro" / "coj1m011-fl08-20151216-0049-b00.fits.fz"
+    data, header = read_raw(path)
+    assert data.shape == (1024, 1040) and data.dtype == np.float32
+    assert header["OBSTYPE"] == "BIAS" and read_header(path)["OBSTYPE"] == "BIAS"
+    assert np.isfinite(data).all() and 100 < np.median(data) < 5000
+    plain = CORPUS / "Feder_Observatory_MaxImDL" / "uint16.fit"
+    named = tmp_path / "gzipped.fits"
+    named.write_bytes(gzip.compress(plain.read_bytes()))
+    assert fits_incomplete_reason(named) is None
+    assert np.array_equal(read_raw(named)[0], read_raw(plain)[0])
