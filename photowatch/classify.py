@@ -225,8 +225,17 @@ def _exptime(header, profile: Profile) -> tuple[str | None, object, float | None
 
 
 def _decide_kind(header, filename: str, profile: Profile, exptime_s: float | None,
-                 notes: _Notes) -> tuple[str, str]:
-    """(kind, reason); FrameIgnored for other types, BadInput if none can be decided."""
+                 notes: _Notes, level_adu: float | None = None) -> tuple[str, str]:
+    """(kind, reason); FrameIgnored for other types, BadInput if none can be decided.
+
+    ``level_adu`` (the frame's median raw level, when the caller read it) weighs a type
+    decided from a name: a "flat" whose level is under 5 % of saturation is an object.
+    """
+    saturation = _number(header, "SATURATE") or 65535.0
+
+    def dim(kind_now: str) -> bool:
+        return kind_now == "flat" and level_adu is not None and level_adu < 0.05 * saturation
+
     key, value = _first(header, profile.types.keywords)
     kind = reason = None
     if value is not None:
@@ -248,6 +257,9 @@ def _decide_kind(header, filename: str, profile: Profile, exptime_s: float | Non
             kind, why = "bias", "a zero-second exposure"
         elif hint and profile.infer:
             kind, why = hint, f"named {objname or Path(filename).name!r}"
+            if dim(kind):
+                kind, why = "object", f"{why}, but its level ({level_adu:.0f} ADU) is too low " \
+                                      "for a flat"
         else:
             kind = profile.types.default or "object"
             why = f"an exposure of {exptime_s:g} s" if exptime_s else "the profile's default"
@@ -270,9 +282,14 @@ def _decide_kind(header, filename: str, profile: Profile, exptime_s: float | Non
         _, objname = _first(header, profile.keys.target or ["OBJECT"])
         hint = _name_hint(objname)
         if kind == "object" and hint == "flat":
-            if exptime_s is not None and exptime_s <= 120:
+            if dim("flat"):
+                reason = f"{reason}; OBJECT={objname!r} names a flat, but its level " \
+                         f"({level_adu:.0f} ADU) is too low for a flat: kept as object"
+            elif exptime_s is not None and exptime_s <= 120:
                 kind, reason = "flat", f"{reason}, but OBJECT={objname!r} names a flat " \
-                                       f"(exposure {exptime_s:g} s)"
+                                       f"(exposure {exptime_s:g} s" + (
+                                           f", level {level_adu:.0f} ADU)" if level_adu
+                                           is not None else ")")
             else:
                 reason = f"{reason}; OBJECT={objname!r} names a flat, but the exposure " \
                          f"({exptime_s} s) is a science exposure: kept as object"
@@ -280,6 +297,13 @@ def _decide_kind(header, filename: str, profile: Profile, exptime_s: float | Non
             reason = f"{reason}; OBJECT={objname!r} names a {hint} but the exposure is " \
                      f"{exptime_s} s: kept as {kind}"
     return kind, reason
+
+
+def weighs_level(info: FrameInfo) -> bool:
+    """Whether a frame's type came from a name, so its pixel level should be weighed
+    (``classify(..., level_adu=...)``)."""
+    return "names a flat" in info.type_reason or (
+        info.kind == "flat" and ": named " in info.type_reason)
 
 
 def frame_kind(header, filename: str, profile: Profile) -> str:
@@ -652,6 +676,7 @@ def classify(
     longitude_deg: float | None = None,
     night_start_hour: float = 12.0,
     file_time: datetime | None = None,
+    level_adu: float | None = None,
 ) -> FrameInfo:
     """Describe a raw frame.
 
@@ -672,7 +697,7 @@ def classify(
     """
     notes = _Notes()
     ekey, exptime, exptime_s = _exptime(header, profile)
-    kind, type_reason = _decide_kind(header, filename, profile, exptime_s, notes)
+    kind, type_reason = _decide_kind(header, filename, profile, exptime_s, notes, level_adu)
     try:
         obs_time = parse_time(header, profile, notes)
     except BadInput as exc:

@@ -416,6 +416,17 @@ def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
     raise BadInput("no 2-D image data in any HDU")
 
 
+def raw_level(path: str | os.PathLike) -> float | None:
+    """Median raw level (ADU) of a frame, on a subsample; None when it cannot be read."""
+    try:
+        data, _ = read_raw(path)
+    except BadInput:
+        return None
+    sub = data[:: max(1, data.shape[0] // 256), :: max(1, data.shape[1] // 256)]
+    sub = sub[np.isfinite(sub)]
+    return float(np.median(sub)) if sub.size else None
+
+
 def read_header(path: str | os.PathLike):
     """The header of the raw image (as :func:`read_raw`), without reading data."""
     from astropy.io import fits

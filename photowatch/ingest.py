@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from photowatch.classify import classify
+from photowatch.classify import classify, weighs_level
 from photowatch.config import Settings
 from photowatch.errors import BadInput, ConfigError, FrameIgnored, FrameRejected
-from photowatch.fitsio import fits_incomplete_reason, read_header, sha256_file
+from photowatch.fitsio import fits_incomplete_reason, raw_level, read_header, sha256_file
 from photowatch.instruments import Profile, detect_profile, load_profile
 from photowatch.logs import get_logger
 from photowatch.store import Store
@@ -99,9 +99,13 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
         header = header_summary(hdr)
         profile = choose_profile(hdr, settings, instrument)
         try:
+            when = datetime.fromtimestamp(st.st_mtime, UTC)
             info = classify(hdr, path.name, profile, settings.site.longitude_deg,
-                            settings.site.night_start_hour,
-                            file_time=datetime.fromtimestamp(st.st_mtime, UTC))
+                            settings.site.night_start_hour, file_time=when)
+            if weighs_level(info):  # a type from a name: weighed against the pixel level
+                info = classify(hdr, path.name, profile, settings.site.longitude_deg,
+                                settings.site.night_start_hour, file_time=when,
+                                level_adu=raw_level(path))
         except BadInput as exc:
             if profile.name == "generic" and hdr.get("INSTRUME") is not None:
                 raise BadInput(f"unknown instrument INSTRUME={hdr.get('INSTRUME')!r} (no "

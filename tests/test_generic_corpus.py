@@ -258,3 +258,22 @@ def test_compressed_pixels_are_read(tmp_path):
     named.write_bytes(gzip.compress(plain.read_bytes()))
     assert fits_incomplete_reason(named) is None
     assert np.array_equal(read_raw(named)[0], read_raw(plain)[0])
+
+
+@pytest.mark.parametrize("level, kind", [(30000, "flat"), (900, "object")])
+def test_object_named_like_a_flat_is_weighed_against_its_level(tmp_path, level, kind):
+    from photowatch.ingest import ingest_file
+    from photowatch.store import Store
+
+    h = fits.Header()
+    h["OBSTYPE"] = "OBJECT"
+    h["OBJECT"] = "sky flat"
+    h["DATE-OBS"] = "2024-01-01T01:00:00"
+    h["EXPTIME"] = 3.0
+    h["SATURATE"] = 65000
+    fits.PrimaryHDU(np.full((64, 64), level, np.uint16), h).writeto(tmp_path / "f.fits")
+    store = Store(tmp_path / "s.sqlite")
+    ingest_file(store, tmp_path / "f.fits", Settings())
+    info = json.loads(store.frames()[0]["info_json"])
+    assert info["kind"] == kind
+    assert f"{level} ADU" in info["type_reason"]
