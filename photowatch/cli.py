@@ -9,6 +9,7 @@
     photowatch simulate OUT [--size N] [--filters F ...] [--seed S]
     photowatch replay RAWDIR WATCHDIR [--speed X] [--chunked]
     photowatch demo [--out DIR]
+    photowatch inspect RAWDIR [--json] [--write-profile FILE.toml] [--instrument NAME]
 
 Exit status: 0 done, 1 failed (the message says why), 2 bad usage or configuration
 (checked before anything is written), 3 done with problems (frames quarantined,
@@ -281,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunked", action="store_true", help="write each file in chunks, as a camera")
     p.add_argument("--config", metavar="FILE")
 
+    p = sub.add_parser("inspect", help="how each frame of a directory would be classified, "
+                       "with every assumption; optionally write a profile that states them")
+    p.add_argument("rawdir", metavar="RAWDIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--write-profile", metavar="FILE.toml", help="write a profile for these "
+                   "frames (put it in [instrument] profile_dir)")
+    p.add_argument("--instrument", metavar="NAME", help="profile to classify with (default: "
+                   "auto-detected, else generic)")
+    p.add_argument("--config", metavar="FILE")
+
     p = sub.add_parser("demo", help="simulate a small night and reduce + finalize it")
     p.add_argument("--out", metavar="DIR", default="photowatch-demo",
                    help="folder for the demo (default ./photowatch-demo)")
@@ -430,6 +441,27 @@ def cmd_replay(args) -> int:
                   chunked=args.chunked)
 
 
+def cmd_inspect(args) -> int:
+    import json
+
+    from photowatch.inspect import inspect_dir, table, write_profile
+
+    settings = _settings(args)
+    rawdir = Path(args.rawdir)
+    if not rawdir.is_dir():
+        print(f"photowatch: {rawdir}: not a directory", file=sys.stderr)
+        return 2
+    rows = inspect_dir(rawdir, settings, args.instrument)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
+    else:
+        print(table(rows))
+    if args.write_profile:
+        path = write_profile([r for r in rows if r.state == "ok"], args.write_profile)
+        print(f"profile written: {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from photowatch.demo import run_demo
 
@@ -443,6 +475,7 @@ COMMANDS = {
     "status": cmd_status,
     "requeue": cmd_requeue,
     "masters": cmd_masters,
+    "inspect": cmd_inspect,
     "simulate": cmd_simulate,
     "replay": cmd_replay,
     "demo": cmd_demo,

@@ -381,6 +381,7 @@ class Engine:
             blog.info("retry", tries=row["tries"])
         try:
             info = FrameInfo.from_summary(json.loads(row["info_json"]))
+            info = self.book.detector_numbers(info)  # measured gain/read noise (generic)
             profile = self.profile(info.instrument)
             t_read = time.perf_counter()
             raw, header = read_raw(row["path"])

@@ -53,8 +53,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, int
     return h.hexdigest(), size
 
 
+def _is_gzip(path: Path) -> bool:
+    """gzip by its magic bytes (gzip files named .fits exist), not by the name."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return path.name.endswith(".gz")
+
+
 def _open_stream(path: Path):
-    if path.name.endswith(".gz"):
+    if _is_gzip(path):
         return gzip.open(path, "rb")
     return open(path, "rb")
 
@@ -121,7 +130,7 @@ def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
     not_fits = not_fits_reason(path)
     if not_fits:
         return not_fits
-    gz = path.name.endswith(".gz")
+    gz = _is_gzip(path)
     if not gz and size % BLOCK:
         return f"size {size} is not a multiple of 2880 bytes (truncated?)"
     try:
@@ -175,12 +184,240 @@ def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
         return f"unreadable: {exc}"
 
 
+_SKIP_CARDS = ("SIMPLE", "EXTEND", "NEXTEND", "", "COMMENT", "HISTORY")
+#: per-amplifier keywords that do not describe an assembled frame
+_AMP_CARDS = ("DATASEC", "BIASSEC", "TRIMSEC", "DETSEC", "CCDSEC", "XTENSION", "PCOUNT",
+              "GCOUNT", "EXTNAME", "EXTVER", "INHERIT", "BZERO", "BSCALE")
+
+
+def _is_2d(header) -> bool:
+    """An image whose axes beyond the first two are of length 1 ((1, ny, nx) included)."""
+    naxis = int(header.get("ZNAXIS", header.get("NAXIS", 0)) or 0)
+    if naxis < 2:
+        return False
+    pre = "ZNAXIS" if "ZNAXIS" in header else "NAXIS"
+    return all(int(header.get(f"{pre}{i}", 1)) == 1 for i in range(3, naxis + 1)) and all(
+        int(header.get(f"{pre}{i}", 0)) > 1 for i in (1, 2))
+
+
+def _merged(header, primary):
+    header = header.copy()
+    for card in primary.cards:
+        if card.keyword not in header and card.keyword not in _SKIP_CARDS:
+            header.append(card)
+    for key in ("XTENSION", "PCOUNT", "GCOUNT", "EXTNAME"):
+        header.remove(key, ignore_missing=True)
+    return header
+
+
+def _section_of(text, what: str):
+    from photowatch.classify import _lenient_section
+
+    m = None
+    with contextlib.suppress(ValueError):
+        m = _lenient_section(text)
+    if m is None:
+        raise BadInput(f"amplifier {what} {text!r} is not a usable section")
+    return m
+
+
+def _reversed(text) -> tuple[bool, bool]:
+    """Whether a section's x / y ranges run backwards (a flipped amplifier)."""
+    nums = [int(n) for n in re.findall(r"\d+", str(text))]
+    return (len(nums) == 4 and nums[0] > nums[1]), (len(nums) == 4 and nums[2] > nums[3])
+
+
+def _amp_number(header, primary, keys) -> float | None:
+    for key in keys:
+        for hdr in (header, primary):
+            value = hdr.get(key)
+            try:
+                out = float(value)
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(out) and out > 0:
+                return out
+    return None
+
+
+def _amp_layout(headers, primary) -> dict:
+    """Where each amplifier goes in the assembled frame (binned pixels), from DETSEC/DATASEC."""
+    amps = []
+    for hdr in headers:
+        shape = (int(hdr.get("ZNAXIS2", hdr.get("NAXIS2"))), int(hdr.get("ZNAXIS1",
+                                                                        hdr.get("NAXIS1"))))
+        dsec = _section_of(hdr.get("DATASEC") or f"[1:{shape[1]},1:{shape[0]}]", "DATASEC")
+        det = _section_of(hdr.get("DETSEC"), "DETSEC")
+        bsec = None
+        if hdr.get("BIASSEC"):
+            try:
+                bsec = _section_of(hdr.get("BIASSEC"), "BIASSEC")
+            except BadInput:
+                bsec = None
+        flipx, flipy = _reversed(hdr.get("DETSEC"))
+        dflipx, dflipy = _reversed(hdr.get("DATASEC") or "")
+        gain = _amp_number(hdr, primary, ("GAIN", "EGAIN"))
+        if gain is not None and not 0.05 <= gain <= 30:
+            gain = None
+        amps.append({"dsec": dsec, "det": det, "bsec": bsec, "flipx": flipx != dflipx,
+                     "flipy": flipy != dflipy, "gain": gain,
+                     "rn": _amp_number(hdr, primary, ("RDNOISE", "READNOIS")),
+                     "sat": _amp_number(hdr, primary, ("SATURATE",))})
+    bx = max(1, round((amps[0]["det"][3] - amps[0]["det"][2]) /
+                      (amps[0]["dsec"][3] - amps[0]["dsec"][2])))
+    by = max(1, round((amps[0]["det"][1] - amps[0]["det"][0]) /
+                      (amps[0]["dsec"][1] - amps[0]["dsec"][0])))
+    y0 = min(a["det"][0] for a in amps)
+    x0 = min(a["det"][2] for a in amps)
+    for a in amps:
+        d = a["det"]
+        a["out"] = ((d[0] - y0) // by, (d[0] - y0) // by + a["dsec"][1] - a["dsec"][0],
+                    (d[2] - x0) // bx, (d[2] - x0) // bx + a["dsec"][3] - a["dsec"][2])
+    ny = max(a["out"][1] for a in amps)
+    nx = max(a["out"][3] for a in amps)
+    return {"amps": amps, "shape": (ny, nx), "binning": (bx, by)}
+
+
+def _assembled_header(headers, primary, layout):
+    """The header of an assembled multi-amplifier frame (in electrons when every gain is known)."""
+    header = _merged(headers[0], primary)
+    for key in _AMP_CARDS:
+        header.remove(key, ignore_missing=True)
+    ny, nx = layout["shape"]
+    header["NAXIS"] = 2
+    header["NAXIS1"] = nx
+    header["NAXIS2"] = ny
+    for key in ("ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZNAXIS3", "NAXIS3"):
+        header.remove(key, ignore_missing=True)
+    amps = layout["amps"]
+    header["PWNAMPS"] = (len(amps), "amplifiers assembled by DETSEC/DATASEC")
+    if all(a["gain"] for a in amps):
+        header["GAIN"] = (1.0, "[e-/adu] amplifiers' gains applied at assembly")
+        header.remove("EGAIN", ignore_missing=True)
+        if all(a["rn"] for a in amps):
+            header["RDNOISE"] = (float(np.mean([a["rn"] for a in amps])),
+                                 "[e-] mean of the amplifiers")
+        if all(a["sat"] for a in amps):
+            header["SATURATE"] = (float(min(a["sat"] * a["gain"] for a in amps)),
+                                  "[e-] lowest amplifier saturation")
+    else:
+        header.remove("GAIN", ignore_missing=True)
+    bx, by = layout["binning"]
+    if "CCDSUM" not in header:
+        header["CCDSUM"] = f"{bx} {by}"
+    return header
+
+
+def assemble_amplifiers(datas, layout) -> np.ndarray:
+    """One frame from per-amplifier arrays: overscan (per-row median) and gain per amplifier,
+    then each data section placed at its DETSEC (flipped where DETSEC runs backwards)."""
+    out = np.full(layout["shape"], np.nan, np.float32)
+    for data, a in zip(datas, layout["amps"]):
+        data = np.asarray(data, np.float32)
+        y0, y1, x0, x1 = a["dsec"]
+        part = data[y0:y1, x0:x1]
+        if a["bsec"] is not None:
+            b = a["bsec"]
+            strip = data[y0:y1, b[2]:b[3]]
+            if strip.size:
+                part = part - np.median(strip, axis=1)[:, None]
+        if a["gain"]:
+            part = part * np.float32(a["gain"])
+        if a["flipx"]:
+            part = part[:, ::-1]
+        if a["flipy"]:
+            part = part[::-1, :]
+        o = a["out"]
+        out[o[0]:o[1], o[2]:o[3]] = part
+    return out
+
+
+#: per-amplifier keywords of a single-HDU multi-amplifier frame: (data, overscan) prefixes
+_INLINE_AMP_KEYS = (("DATASEC", "BIASSEC"), ("DSEC", "BSEC"))
+
+
+def _inline_amps(header) -> list[dict] | None:
+    """The amplifiers of a single image read out by several amplifiers (DECam DATASECA/B,
+    BIASSECA/B, GAINA/B; MegaPrime DSECA/B, BSECA/B), when each has a data section, an
+    overscan section and a usable gain; else None."""
+    from photowatch.classify import _lenient_section
+
+    ny, nx = int(header.get("NAXIS2", 0) or 0), int(header.get("NAXIS1", 0) or 0)
+    for dkey, bkey in _INLINE_AMP_KEYS:
+        amps = []
+        for s in "ABCDEFGH":
+            if header.get(dkey + s) is None:
+                continue
+            try:
+                dsec = _lenient_section(header.get(dkey + s))
+                bsec = _lenient_section(header.get(bkey + s))
+            except ValueError:
+                return None
+            gain = _amp_number(header, header, ("GAIN" + s,))
+            if dsec is None or bsec is None or gain is None or not 0.05 <= gain <= 30:
+                return None
+            if max(dsec[1], bsec[1]) > ny or max(dsec[3], bsec[3]) > nx:
+                return None
+            amps.append({"dsec": dsec, "bsec": bsec, "gain": gain,
+                         "rn": _amp_number(header, header, ("RDNOISE" + s,)),
+                         "sat": _amp_number(header, header, ("SATURAT" + s, "SATURATE"))})
+        if len(amps) >= 2:
+            return amps
+    return None
+
+
+def _inline_box(amps) -> tuple[int, int, int, int]:
+    return (min(a["dsec"][0] for a in amps), max(a["dsec"][1] for a in amps),
+            min(a["dsec"][2] for a in amps), max(a["dsec"][3] for a in amps))
+
+
+def _inline_header(header, amps):
+    """The header of a multi-amplifier image once each amplifier is in electrons."""
+    header = header.copy()
+    y0, y1, x0, x1 = _inline_box(amps)
+    header["NAXIS1"], header["NAXIS2"] = x1 - x0, y1 - y0
+    for key in ("DATASEC", "BIASSEC", "TRIMSEC", "EGAIN"):
+        header.remove(key, ignore_missing=True)
+    header["GAIN"] = (1.0, "[e-/adu] amplifiers' overscan and gains applied")
+    if all(a["rn"] for a in amps):
+        header["RDNOISE"] = (float(np.mean([a["rn"] for a in amps])), "[e-] amplifiers' mean")
+    if all(a["sat"] for a in amps):
+        header["SATURATE"] = (float(min(a["sat"] * a["gain"] for a in amps)),
+                              "[e-] lowest amplifier saturation")
+    header["PWNAMPS"] = (len(amps), "amplifiers: overscan and gain applied per amplifier")
+    return header
+
+
+def _inline_assemble(data: np.ndarray, amps) -> np.ndarray:
+    y0, y1, x0, x1 = _inline_box(amps)
+    out = np.full((y1 - y0, x1 - x0), np.nan, np.float32)
+    for a in amps:
+        d, b = a["dsec"], a["bsec"]
+        part = data[d[0]:d[1], d[2]:d[3]].astype(np.float32)
+        strip = data[d[0]:d[1], b[2]:b[3]]
+        if strip.size:
+            part = part - np.median(strip, axis=1)[:, None].astype(np.float32)
+        out[d[0] - y0:d[1] - y0, d[2] - x0:d[3] - x0] = part * np.float32(a["gain"])
+    return out
+
+
+def _amp_hdus(hdul) -> list:
+    """The per-amplifier image HDUs of a multi-extension frame (each with a DETSEC), or []."""
+    images = [h for h in hdul[1:] if h.is_image and _is_2d(h.header)]
+    if len(images) > 1 and all(h.header.get("DETSEC") for h in images):
+        return images
+    return []
+
+
 def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
     """Read a raw frame read-only: (2-D data as float32 ADU, merged header).
 
     The image is the first HDU with 2-D data (a tile-compressed .fz image
-    included); the header is that HDU's header with the primary header's
-    cards it lacks.
+    included, degenerate (1, ny, nx) arrays squeezed); the header is that HDU's
+    header with the primary header's cards it lacks. A multi-extension frame
+    with one HDU per amplifier (each with DETSEC) is assembled into one frame:
+    each amplifier's overscan and gain are applied first, so the assembled
+    frame is in electrons with GAIN = 1 (when every amplifier has a gain).
 
     Raises
     ------
@@ -197,26 +434,40 @@ def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(path, mode="readonly", memmap=False) as hdul:
+                amps = _amp_hdus(hdul)
+                if amps:
+                    headers = [h.header for h in amps]
+                    layout = _amp_layout(headers, hdul[0].header)
+                    data = assemble_amplifiers([h.data for h in amps], layout)
+                    return data, _assembled_header(headers, hdul[0].header, layout)
                 for hdu in hdul:
-                    if hdu.is_image and hdu.header.get("NAXIS", 0) == 2 and hdu.data is not None:
-                        data = np.asarray(hdu.data, dtype=np.float32)
+                    if hdu.is_image and _is_2d(hdu.header) and hdu.data is not None:
+                        arr = np.asarray(hdu.data)
+                        arr = arr.reshape(arr.shape[-2:])
+                        data = np.asarray(arr, dtype=np.float32)
                         header = hdu.header.copy()
                         if hdu is not hdul[0]:
-                            for card in hdul[0].header.cards:
-                                if card.keyword not in header and card.keyword not in (
-                                    "SIMPLE", "EXTEND", "NEXTEND", "", "COMMENT", "HISTORY"
-                                ):
-                                    header.append(card)
-                            header.remove("XTENSION", ignore_missing=True)
-                            header.remove("PCOUNT", ignore_missing=True)
-                            header.remove("GCOUNT", ignore_missing=True)
-                            header.remove("EXTNAME", ignore_missing=True)
+                            header = _merged(header, hdul[0].header)
+                        inline = _inline_amps(header)
+                        if inline:
+                            return _inline_assemble(data, inline), _inline_header(header, inline)
                         return data, header
     except BadInput:
         raise
     except Exception as exc:
         raise BadInput(f"unreadable FITS: {exc}") from None
     raise BadInput("no 2-D image data in any HDU")
+
+
+def raw_level(path: str | os.PathLike) -> float | None:
+    """Median raw level (ADU) of a frame, on a subsample; None when it cannot be read."""
+    try:
+        data, _ = read_raw(path)
+    except BadInput:
+        return None
+    sub = data[:: max(1, data.shape[0] // 256), :: max(1, data.shape[1] // 256)]
+    sub = sub[np.isfinite(sub)]
+    return float(np.median(sub)) if sub.size else None
 
 
 def read_header(path: str | os.PathLike):
@@ -228,18 +479,24 @@ def read_header(path: str | os.PathLike):
             warnings.simplefilter("ignore")
             with fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True) as hdul:
                 primary = hdul[0].header
-                if primary.get("NAXIS", 0) >= 2:
-                    return primary.copy()
+                if _is_2d(primary):
+                    inline = _inline_amps(primary)
+                    return _inline_header(primary, inline) if inline else primary.copy()
+                amps = _amp_hdus(hdul)
+                if amps:
+                    headers = [h.header for h in amps]
+                    return _assembled_header(headers, primary, _amp_layout(headers, primary))
                 for hdu in hdul[1:]:
-                    if hdu.header.get("NAXIS", 0) == 2 or hdu.header.get("ZNAXIS", 0) == 2:
-                        header = hdu.header.copy()
-                        for card in primary.cards:
-                            if card.keyword not in header and card.keyword not in (
-                                "SIMPLE", "EXTEND", "NEXTEND", "", "COMMENT", "HISTORY"
-                            ):
-                                header.append(card)
-                        return header
+                    if _is_2d(hdu.header):
+                        header = _merged(hdu.header, primary)
+                        inline = _inline_amps(header)
+                        return _inline_header(header, inline) if inline else header
+                for hdu in hdul[1:]:  # no 2-D image: the first image extension's header
+                    if hdu.is_image:
+                        return _merged(hdu.header, primary)
                 return primary.copy()
+    except BadInput:
+        raise
     except Exception as exc:
         raise BadInput(f"unreadable FITS header: {exc}") from None
 

@@ -79,3 +79,4 @@ class MasterImage:
     version: int = 0
     master_id: int | None = None
     provisional: bool = False
+    night: str = ""  #: the night the master was taken (products say which nights' masters)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from photowatch.classify import classify
+from photowatch.classify import FrameInfo, classify, weighs_level
 from photowatch.config import Settings
 from photowatch.errors import (
     BadInput,
@@ -23,7 +24,7 @@ from photowatch.errors import (
     FrameRejected,
     HeaderNotInterpretable,
 )
-from photowatch.fitsio import fits_incomplete_reason, read_header, sha256_file
+from photowatch.fitsio import fits_incomplete_reason, raw_level, read_header, sha256_file
 from photowatch.instruments import Profile, detect_profile, load_profile
 from photowatch.logs import get_logger
 from photowatch.store import Store
@@ -99,14 +100,24 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
     if row is not None:  # a duplicate: record the path, do not read again
         frame_id, _ = store.add_frame(path=spath, sha256=sha, size=size, mtime=st.st_mtime)
         return Ingested(frame_id, False, row["state"], row["reason"])
-    info, header, state, reason = interpret(path, settings, instrument)
-    return _record(store, spath, sha, size, st.st_mtime, arrived_at, info, header, state,
-                   reason)
+    info, header, state, reason = interpret_info(path, settings, instrument)
+    result = _record(store, spath, sha, size, st.st_mtime, arrived_at,
+                     info.summary() if info else None, header, state, reason)
+    if info is not None and info.assumptions:
+        report_assumptions(store, info, result.frame_id)
+    if (info is not None and info.kind in ("bias", "flat") and result.new
+            and "measure" in (info.gain_source, info.read_noise_source)):
+        # frames waiting for the night's gain measurement may have what they need now
+        from photowatch.calib.masters import GAIN_WAIT
+
+        store.wake_waiting("night=? AND camera=? AND reason LIKE ?",
+                           (info.night, info.camera, GAIN_WAIT + "%"))
+    return result
 
 
-def interpret(path: Path, settings: Settings, instrument: str | None = None
-              ) -> tuple[dict | None, dict | None, str, str | None]:
-    """Header → (info summary, header summary, state, reason); never raises for bad input.
+def interpret_info(path: Path, settings: Settings, instrument: str | None = None
+                   ) -> tuple[FrameInfo | None, dict | None, str, str | None]:
+    """Header → (FrameInfo, header summary, state, reason); never raises for bad input.
 
     A header that cannot be read is ``quarantined``; one its profile cannot
     interpret (no type, no time, a bad section; an unknown instrument with the
@@ -123,8 +134,13 @@ def interpret(path: Path, settings: Settings, instrument: str | None = None
     try:
         profile = choose_profile(hdr, settings, instrument)
         try:
+            when = datetime.fromtimestamp(path.stat().st_mtime, UTC)
             info = classify(hdr, path.name, profile, settings.site.longitude_deg,
-                            settings.site.night_start_hour)
+                            settings.site.night_start_hour, file_time=when)
+            if weighs_level(info):  # a type from a name: weighed against the pixel level
+                info = classify(hdr, path.name, profile, settings.site.longitude_deg,
+                                settings.site.night_start_hour, file_time=when,
+                                level_adu=raw_level(path))
         except BadInput as exc:
             if profile.name == "generic" and hdr.get("INSTRUME") is not None:
                 raise HeaderNotInterpretable(
@@ -142,7 +158,39 @@ def interpret(path: Path, settings: Settings, instrument: str | None = None
         state, reason = "rejected", str(exc)
     except ConfigError as exc:
         state, reason = "held", f"configuration: {exc}"
+    return info, header, state, reason
+
+
+def interpret(path: Path, settings: Settings, instrument: str | None = None
+              ) -> tuple[dict | None, dict | None, str, str | None]:
+    """Header → (info summary, header summary, state, reason); see :func:`interpret_info`."""
+    info, header, state, reason = interpret_info(path, settings, instrument)
     return (info.summary() if info else None), header, state, reason
+
+
+def report_assumptions(store: Store, info, frame_id: int | None = None) -> int:
+    """One warning per keyword and night for what the profile assumed (store event + log).
+
+    The first frame of a night that needs an assumption about a keyword says so,
+    naming the keyword, its value and the assumption; later frames with the
+    same keyword that night are silent (their FrameInfo still lists it).
+    Returns the number of new warnings.
+    """
+    n = 0
+    for keyword, value, assumption in info.assumptions:
+        key = f"assumption|{info.instrument}|{info.night}|{keyword}"
+        if store.get_meta(key) is not None:
+            continue
+        store.set_meta(key, {"value": value, "assumption": assumption, "file": info.raw_name})
+        message = f"{keyword}={value!r}: {assumption}" if value else f"{keyword}: {assumption}"
+        store.event("header_assumption", frame_id=frame_id, file=info.raw_name,
+                    level="warning", message=message,
+                    action=f"assumed for night {info.night}")
+        log.warning("header_assumption", file=info.raw_name, night=info.night,
+                    keyword=keyword, value=value, assumption=assumption,
+                    action="assumed for every frame of the night that needs it")
+        n += 1
+    return n
 
 
 def _record(store, spath, sha, size, mtime, arrived_at, info, header, state, reason):

@@ -26,7 +26,8 @@ import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,8 @@ from photowatch.logs import get_logger
 from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons
 
 KINDS = ("bias", "dark", "flat")
+#: reason of frames waiting (``watch``) for their night's gain and read noise to be measured
+GAIN_WAIT = "gain and read noise not measured yet"
 log = get_logger("photowatch.calib")
 
 
@@ -174,6 +177,7 @@ class MasterBook:
         #: accumulators in memory, by state file: (mtime, RunningMean, meta)
         self._states = _LRU(8)
         self._library: list[Candidate] | None = None
+        self._recorded: set = set()
 
     # ------------------------------------------------------------------ locking
     def lock(self, name: str, night: str):
@@ -230,7 +234,7 @@ class MasterBook:
             img = read_master(cand.path)
             return MasterImage(kind=cand.kind, data=img.data, var=img.var,
                                label=Path(cand.path).name, version=cand.version,
-                               master_id=cand.master_id,
+                               master_id=cand.master_id, night=cand.night,
                                provisional=cand.provisional(self.cal.min_inputs))
         with self._images_guard:
             return self._images.get_or(cand.path, make)
@@ -260,6 +264,207 @@ class MasterBook:
                flat.label if flat else None, flat.version if flat else None)
         return self._bpms.get_or(key, lambda: bad_pixel_mask(dark=dark, flat=flat,
                                                              settings=self.cal))
+
+    # ------------------------------------------------------------------ gain, read noise
+    def detector_numbers(self, info: FrameInfo) -> FrameInfo:
+        """``info`` with gain and read noise measured from the night's biases and flats
+        when the profile could not take them from the header (``gain_source`` "measure").
+
+        The first frame of a (night, camera, binning, readout) that needs them measures
+        them (photon transfer, :mod:`photowatch.calib.ptc`), records the result in the
+        store (meta ``ptc|...`` and an event) and updates the group's frame rows, so
+        masters, products and re-reductions all use the measured values. A night without
+        two biases and a pair of flats uses the nearest other night's measurement.
+        """
+        if "measure" not in (info.gain_source, info.read_noise_source):
+            if info.gain_source == "header" and self._infers(info.instrument):
+                self._compare_once(info)
+            return info
+        found = self.measurement(info)
+        if found is None:
+            why = (self.store.get_meta(self._ptc_key(info, info.night)) or {}).get("why", "")
+            if self.store.command == "watch":  # the daemon waits for the night's calibrations
+                raise WaitForMasters(f"{GAIN_WAIT}: {why}")
+            key = f"assumption|{info.instrument}|{info.night}|gain-unmeasured"
+            if self.store.get_meta(key) is None:
+                self.store.set_meta(key, {"why": why})
+                msg = (f"gain and read noise could not be measured ({why}) and no other night "
+                       f"has them: {info.gain:g} e-/ADU and {info.read_noise_e:g} e- assumed")
+                self.store.event("header_assumption", file=info.raw_name, level="warning",
+                                 message=msg, action=f"assumed for night {info.night}")
+                log.warning("gain_assumed", file=info.raw_name, night=info.night, problem=msg)
+            changes = {}
+            if info.gain_source == "measure":
+                changes["gain_source"] = "assumed"
+            if info.read_noise_source == "measure":
+                changes["read_noise_source"] = "assumed"
+            return replace(info, **changes)
+        night, m = found
+        src = "measured" if night == info.night else f"measured {night}"
+        memo = (self._ptc_key(info, info.night), night)
+        if night != info.night and memo not in self._recorded:
+            self._recorded.add(memo)  # the store's frame rows say what is used, once
+            self._record_measured(info)
+        changes = {}
+        if info.gain_source == "measure":
+            changes.update(gain=float(m["gain"]), gain_source=src)
+        if info.read_noise_source == "measure":
+            changes.update(read_noise_e=float(m["read_noise_e"]), read_noise_source=src)
+        return replace(info, **changes)
+
+    def _infers(self, instrument: str) -> bool:
+        try:
+            return bool(self.profile_for(instrument).infer)
+        except Exception:
+            return False
+
+    def _compare_once(self, info: FrameInfo) -> None:
+        """Measure the night's gain and read noise once and compare them with the header's
+        (one event; a warning when they differ by more than 10 %)."""
+        key = self._ptc_key(info, info.night).replace("ptc|", "ptc-compared|", 1)
+        if self.store.get_meta(key) is not None:
+            return
+        self.store.set_meta(key, {"started": True})
+        m = self.store.get_meta(self._ptc_key(info, info.night))
+        if m is None:
+            with self.lock(f"ptc-{info.camera}-{info.binning}", info.night):
+                m = self.store.get_meta(self._ptc_key(info, info.night)) or \
+                    self._measure(info, self._ptc_key(info, info.night))
+        if not m.get("gain"):
+            return
+        dg = m["gain"] / info.gain - 1.0
+        dr = m["read_noise_e"] / info.read_noise_e - 1.0 if info.read_noise_e else 0.0
+        msg = (f"header gain {info.gain:.3f} e-/ADU, measured {m['gain']:.3f} ({dg:+.1%}); "
+               f"read noise {info.read_noise_e:.2f} e- ({info.read_noise_source}), measured "
+               f"{m['read_noise_e']:.2f} ({dr:+.1%})")
+        self.store.set_meta(key, {"header_gain": info.gain, "measured_gain": m["gain"],
+                                  "header_read_noise_e": info.read_noise_e,
+                                  "measured_read_noise_e": m["read_noise_e"]})
+        bad = abs(dg) > 0.10 or abs(dr) > 0.10
+        self.store.event("detector_compared", file=info.raw_name,
+                         level="warning" if bad else "info", message=msg,
+                         action="header values kept" + ("; check the header" if bad else ""))
+        (log.warning if bad else log.info)("detector_compared", night=info.night,
+                                           camera=info.camera, message=msg)
+
+    def _ptc_key(self, info: FrameInfo, night: str) -> str:
+        return f"ptc|{info.instrument}|{info.camera}|{info.binning}|{info.readout}|{night}"
+
+    def measurement(self, info: FrameInfo) -> tuple[str, dict] | None:
+        """(night, {gain, read_noise_e, ...}) for a frame's group, measured if need be."""
+        key = self._ptc_key(info, info.night)
+        m = self.store.get_meta(key)
+        if m is not None and not m.get("gain") and m.get("nframes") != self._n_calib(info):
+            m = None  # calibration frames arrived since the last try
+        if m is None:
+            with self.lock(f"ptc-{info.camera}-{info.binning}", info.night):
+                m = self.store.get_meta(key)
+                if m is None:
+                    m = self._measure(info, key)
+        if m and m.get("gain"):
+            return info.night, m
+        prefix = self._ptc_key(info, "")
+        rows = self.store.conn.execute("SELECT key, value FROM meta WHERE key LIKE ?",
+                                       (prefix + "%",)).fetchall()
+        others = []
+        for row in rows:
+            value = json.loads(row[1])
+            night = row[0][len(prefix):]
+            if value and value.get("gain") and night != info.night:
+                age = abs((datetime.fromisoformat(night) -
+                           datetime.fromisoformat(info.night)).days)
+                others.append((age, night, value))
+        if others:
+            _, night, value = min(others)
+            return night, value
+        return self._measurement_of_master(info)
+
+    def _measurement_of_master(self, info: FrameInfo) -> tuple[str, dict] | None:
+        """The measured gain a master of another output directory (the calibration library)
+        was made with (RAWGAIN/RAWRDN when GAINSRC says measured)."""
+        from astropy.io import fits
+
+        for kind in ("bias", "flat"):
+            cand = self.select(kind, info)
+            if cand is None or cand.master_id is not None:
+                continue
+            try:
+                hdr = fits.getheader(cand.path)
+            except OSError:
+                continue
+            if str(hdr.get("GAINSRC", "")).startswith("measured") and hdr.get("RAWGAIN"):
+                return cand.night, {"gain": float(hdr["RAWGAIN"]),
+                                    "read_noise_e": float(hdr.get("RAWRDN", info.read_noise_e))}
+        return None
+
+    def _n_calib(self, info: FrameInfo) -> int:
+        return self.store.conn.execute(
+            "SELECT COUNT(*) FROM frames WHERE instrument=? AND camera=? AND binning=? AND "
+            "readout=? AND night=? AND kind IN ('bias','flat')",
+            (info.instrument, info.camera, info.binning, info.readout, info.night)).fetchone()[0]
+
+    def _measure(self, info: FrameInfo, key: str) -> dict:
+        from photowatch.calib.ptc import photon_transfer
+        from photowatch.stages.prepare import trim_slices
+
+        rows = self.store.frames(
+            "instrument=? AND camera=? AND binning=? AND readout=? AND night=? AND "
+            "kind IN ('bias','flat') AND state NOT IN ('quarantined','ignored')",
+            (info.instrument, info.camera, info.binning, info.readout, info.night))
+        biases, flats = [], []
+        for row in rows:
+            if (row["kind"] == "bias" and len(biases) >= 6) or (
+                    row["kind"] == "flat" and len(flats) >= 10):
+                continue
+            finfo = FrameInfo.from_summary(json.loads(row["info_json"]))
+            try:
+                raw, _ = read_raw(row["path"])
+            except Exception:
+                continue
+            ys, xs = trim_slices(finfo, raw.shape)
+            data = raw[ys, xs]  # no overscan taken off: its estimate's noise is not read noise
+            if row["kind"] == "bias":
+                biases.append(data.astype(np.float32))
+            else:
+                flats.append((finfo.filter or "", finfo.saturation_adu, data))
+        result = None
+        if len(biases) >= 2 and flats:
+            bias_level = float(np.median(np.mean(np.stack(biases), axis=0)))
+            usable = []
+            for filt, sat, data in flats:
+                level = float(np.median(data)) - bias_level
+                if 0 < float(np.median(data)) < 0.7 * sat and level > 0:
+                    usable.append((filt, level, data))
+            result = photon_transfer(biases, usable)
+        value = result.summary() if result else {
+            "gain": None, "why": f"{len(biases)} biases and {len(flats)} flats: need two "
+                                "biases and two flats of one filter at similar levels"}
+        value["night"] = info.night
+        value["nframes"] = self._n_calib(info)
+        self.store.set_meta(key, value)
+        what = (f"gain {value['gain']:.3f} e-/ADU, read noise {value['read_noise_e']:.2f} e- "
+                f"from {value['n_bias_pairs']} bias pairs and {value['n_flat_pairs']} flat "
+                "pairs" if result else f"gain and read noise not measured: {value['why']}")
+        self.store.event("detector_measured", file=info.raw_name,
+                         level="info" if result else "warning", message=what,
+                         action=f"camera {info.camera} {info.binning}, night {info.night}")
+        log.info("detector_measured", night=info.night, camera=info.camera,
+                 binning=info.binning, **{k: v for k, v in value.items() if k not in ("gains", "night")})
+        if result:
+            self._record_measured(info)
+        return value
+
+    def _record_measured(self, info: FrameInfo) -> None:
+        """Put the measured numbers into the info of the group's frame rows."""
+        rows = self.store.frames("instrument=? AND camera=? AND binning=? AND readout=? AND "
+                                 "night=? AND info_json IS NOT NULL",
+                                 (info.instrument, info.camera, info.binning, info.readout,
+                                  info.night))
+        for row in rows:
+            finfo = FrameInfo.from_summary(json.loads(row["info_json"]))
+            new = self.detector_numbers(finfo)
+            if new is not finfo:
+                self.store.update_frame(row["id"], info_json=new.summary())
 
     # ------------------------------------------------------------------ preparing
     def calibration_data(self, kind: str, el: Electrons, info: FrameInfo,
@@ -338,17 +543,18 @@ class MasterBook:
 
     def _publish(self, key: MasterKey, version: int, data, var, count, inputs: list[int],
                  final: bool, method: str, obs_time: str | None,
-                 frame_updates: dict | None = None, stats: dict | None = None) -> Candidate:
+                 frame_updates: dict | None = None, stats: dict | None = None,
+                 info: FrameInfo | None = None) -> Candidate:
         # choosing a name and recording it happen under one lock per name family, so two keys
         # of one kind and camera (another binning or readout) never both take the plain name
         names_lock = self.lock(f"names-{key.kind}-{key.camera}-{safe_name(key.filter or '_')}-"
                                f"{safe_name(key.target or '_')}", key.night)
         with names_lock:
             return self._publish_locked(key, version, data, var, count, inputs, final, method,
-                                        obs_time, frame_updates, stats)
+                                        obs_time, frame_updates, stats, info)
 
     def _publish_locked(self, key, version, data, var, count, inputs, final, method, obs_time,
-                        frame_updates, stats) -> Candidate:
+                        frame_updates, stats, info=None) -> Candidate:
         current, versioned = self._master_paths(key, version)
         ninputs = len(inputs)
         provisional = (not final) and ninputs < self.cal.min_inputs
@@ -360,6 +566,9 @@ class MasterBook:
                   "NCOMBINE": ninputs, "PROVISNL": provisional, "FINAL": final,
                   "METHOD": method, "PWVERS": __version__,
                   "BUNIT": {"bias": "electron", "dark": "electron/s"}.get(key.kind, "1")}
+        if info is not None:  # the detector numbers the inputs were prepared with
+            header.update({"RAWGAIN": info.gain, "GAINSRC": info.gain_source,
+                           "RAWRDN": info.read_noise_e, "RDNSRC": info.read_noise_source})
         for i, fid in enumerate(inputs[:999], 1):
             header[f"IMCMB{i:03d}"] = names.get(fid, str(fid))
         write_master(versioned, data, var, count, header)
@@ -397,6 +606,7 @@ class MasterBook:
 
         Raises WaitForMasters when a dark or flat has no bias (or dark) to be corrected with.
         """
+        info = self.detector_numbers(info)
         kind = info.kind
         deps = self.dependencies(kind, info, profile)
         el = to_electrons(raw, info, calibration=self.cal, settings=self.settings.stages.prepare)
@@ -436,7 +646,7 @@ class MasterBook:
                 frame_updates={frame_id: {"state": "used", "reason": None,
                                           "qc_json": levels or None,
                                           "masters_json": used_masters, "product": None}},
-                stats={"level": float(np.median(mean)), "deps": used_masters})
+                stats={"level": float(np.median(mean)), "deps": used_masters}, info=info)
         log.info("master_updated", file=info.raw_name, master=Path(cand.path).name,
                  version=version, ninputs=cand.ninputs, provisional=cand.provisional(
                      self.cal.min_inputs))
@@ -509,7 +719,8 @@ class MasterBook:
             with self.lock(key.slug(long=True), key.night):
                 for fid in inputs:
                     frow = frames[fid]
-                    info = FrameInfo.from_summary(json.loads(frow["info_json"]))
+                    info = self.detector_numbers(
+                        FrameInfo.from_summary(json.loads(frow["info_json"])))
                     profile = self.profile_for(info.instrument)
                     deps = self.dependencies(key.kind, info, profile)
                     deps_used = {k: {"path": Path(c.path).name, "version": c.version}
@@ -542,7 +753,7 @@ class MasterBook:
                     key, self._next_version(key), data, var, count, inputs, final=True,
                     method=f"{self.cal.final_clip_sigma:g}-sigma clipped median",
                     obs_time=max(times) if times else None,
-                    stats={"level": float(np.median(data)), "deps": deps_used})
+                    stats={"level": float(np.median(data)), "deps": deps_used}, info=info)
         finally:
             shutil.rmtree(scratch_dir, ignore_errors=True)
         log.info("master_final", master=Path(cand.path).name, ninputs=len(inputs))

@@ -39,6 +39,10 @@ class FrameTypes(_Model):
                        "flatfield", "twflat", "sky_flat", "dome_flat"]
     object: list[str] = ["object", "science", "standard", "light", "science crowded"]
     ignore: list[str] = ["focus", "test", "acquisition", "acq", "pointing", "guide", "junk"]
+    #: kind of a frame with no type keyword ("" = not classifiable: BadInput unless ``infer``)
+    default: Literal["", "bias", "dark", "flat", "object"] = ""
+    #: a zero-second exposure is a bias whatever its type says
+    zero_exposure_bias: bool = False
 
 
 class Keys(_Model):
@@ -47,6 +51,9 @@ class Keys(_Model):
     filter: list[str] = ["FILTER"]
     #: values meaning "no filter in this wheel" (skipped when combining wheels)
     filter_open: list[str] = ["OPEN", "CLEAR", "EMPTY", "NONE", "BLANK"]
+    #: the filter of flats and objects whose header names none ("" = None, or with
+    #: ``infer`` "unknown" and a warning)
+    filter_default: str = ""
     exptime: list[str] = ["EXPTIME", "EXPOSURE", "ITIME"]
     date_obs: list[str] = ["DATE-OBS", "DATE"]
     #: time of day, used when the date keyword holds only a date
@@ -62,9 +69,15 @@ class Keys(_Model):
     binning: list[str] = ["CCDSUM", "BINNING"]
     readout: list[str] = []
     airmass: list[str] = ["AIRMASS"]
+    #: keywords of the pixel scale (arcsec per binned pixel) preferred over the detector's
+    #: ``pixel_scale``; "XPIXSZ/FOCALLEN" = pixel size (um) over focal length (mm)
+    pixel_scale: list[str] = []
     datasec: str = "DATASEC"
     biassec: str = "BIASSEC"
     trimsec: str = "TRIMSEC"
+    #: sections are in unbinned detector pixels (converted by the binning and the
+    #: sub-frame offset without a warning)
+    sections_unbinned: bool = False
 
 
 class Detector(_Model):
@@ -72,10 +85,14 @@ class Detector(_Model):
 
     gain: Annotated[float, Field(gt=0)] = 1.0  #: e-/ADU
     gain_keyword: str = ""  #: header keyword preferred over ``gain`` when present
+    #: (``infer`` profiles) gain keywords tried in order; "A+B" is the mean of per-amplifier
+    #: keywords, a string list such as '[2.01, 1.99]' its mean
+    gain_keywords: list[str] = []
     #: keyword whose value divides the gain and saturation (RATIR's SOFTGAIN)
     divisor_keyword: str = ""
     read_noise: Annotated[float, Field(ge=0)] = 5.0  #: electrons
     read_noise_keyword: str = ""
+    read_noise_keywords: list[str] = []  #: (``infer`` profiles) as ``gain_keywords``
     saturation: Annotated[float, Field(gt=0)] = 65535.0  #: ADU, before the divisor
     saturation_offset: float = 0.0  #: added after the divisor (RATIR: 65536/SOFTGAIN - 1)
     saturation_keyword: str = ""
@@ -90,6 +107,10 @@ class Detector(_Model):
     flip: bool = False
     #: optical centre (1-based unbinned pixel); empty = image centre
     optical_center: list[float] = []
+    #: gain / read noise measured from the night's biases and flats (photon transfer)
+    #: instead of taken from the profile or header
+    measure_gain: bool = False
+    measure_read_noise: bool = False
 
 
 class Wcs(_Model):
@@ -122,6 +143,9 @@ class Profile(_Model):
     #: filter → reference catalogue band
     bands: dict[str, str] = {}
     wcs: Wcs = Wcs()
+    #: read what the header offers in any common spelling and state every assumption (one
+    #: warning per keyword and night) instead of refusing the frame: the generic profile
+    infer: bool = False
 
     def detector_for(self, camera: str) -> Detector:
         """The detector numbers of ``camera`` (the defaults with its overrides)."""

@@ -42,5 +42,7 @@ def flatten(frame: Frame, *, flat: MasterImage, settings: Flatten) -> Frame:
         if highest > 0:
             hdr["SATURATE"] = (round(float(hdr["SATURATE"]) / highest, 1),
                                hdr.comments["SATURATE"])
+    if flat.night:
+        hdr["MFLATN"] = (flat.night, "night of the master flat")
     return frame.replace(sci=sci.astype(np.float32, copy=False),
                          var=var.astype(np.float32, copy=False), mask=mask, header=hdr)

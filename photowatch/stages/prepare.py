@@ -231,9 +231,13 @@ def prepare(raw: np.ndarray, header, info: FrameInfo, *, bias: MasterImage | Non
         top += info.exptime_s * float(np.max(dark.data, where=good, initial=0.0))
     hdr["SATURATE"] = (round((info.saturation_adu - el.overscan_adu) * info.gain - top, 1),
                        "[electron] data above this may be saturated")
+    hdr["GAINSRC"] = (info.gain_source, "gain from: header, profile or measured")
+    hdr["RDNSRC"] = (info.read_noise_source, "read noise from: header, profile or measured")
     hdr["SATFRAC"] = (round(el.saturated_fraction, 6), "fraction of saturated pixels")
     for m, key in ((bias, "MBIAS"), (dark, "MDARK")):
         if m is not None:
             hdr[key] = (m.label, f"master {m.kind} used")
             hdr[key + "V"] = (m.version, f"master {m.kind} version")
+            if m.night:
+                hdr[key + "N"] = (m.night, f"night of the master {m.kind}")
     return Frame(sci=data, var=var, mask=mask, header=hdr, info=info)
