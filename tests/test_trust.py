@@ -203,6 +203,9 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
         wcs = WCS(h["SCI"].header)
         shape = h["SCI"].data.shape
         sources = Table(h["CAT"].data)
+    from photowatch.schema import XY_ORIGIN  # files are 1-based (FITS), the code 0-based
+    sources["x"] = sources["x"] - XY_ORIGIN
+    sources["y"] = sources["y"] - XY_ORIGIN
     kept = science.quicklook_fallback(sources, shape, (wcs, "ok"), reference, settings,
                                       failed="injected")
     assert kept is not None and kept.method == "quicklook-kept" and kept.status == "ok"
