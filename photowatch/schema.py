@@ -132,6 +132,8 @@ KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
     Keyword("MASKB16", "MASK bit 16", "", "MASK"),
     # coadds (SWarp's keywords where SWarp has one)
     Keyword("STACKTYP", "QUICKLOOK (running) or FINAL (outlier-rejected)", "", "coadd, coadd cat"),
+    Keyword("FINALSTAT", "COMPLETE, or INCOMPLETE: quick-look frames lost", "", _C),
+    Keyword("FINALRSN", "frames lost in the FINAL coadd, and why", "", _C),
     Keyword("NCOMBINE", "number of frames combined", "", "coadd, coadd cat"),
     Keyword("EXPTIME", "total exposure time of the members", "s", _C),
     Keyword("DATE-OBS", "UTC start of the first exposure", "", _C),

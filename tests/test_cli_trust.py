@@ -36,13 +36,19 @@ def newcam_frame(path: Path, **cards) -> Path:
     return path
 
 
-def newcam_profile(folder: Path) -> Path:
-    """The fix: a profile for NEWCAM that knows its frame-type keyword."""
+def newcam_profile(folder: Path, type_keyword: str = "FRAMETYP") -> Path:
+    """A profile for NEWCAM that reads its frame type from ``type_keyword`` and infers
+    nothing (``infer = false``). With the default it is the fix; with another keyword it
+    is the mistake a person makes writing a profile: frames it cannot type are held."""
+    import re
+
     folder.mkdir(parents=True, exist_ok=True)
     text = available_profiles()["generic"].read_text()
     text = text.replace('name = "generic"', 'name = "newcam"')
     text = text.replace("detect_values = []", 'detect_values = ["NEWCAM"]')
-    text = text.replace("[keys]", '[types]\nkeywords = ["FRAMETYP"]\n\n[keys]', 1)
+    text = text.replace("infer = true", "infer = false")
+    text, n = re.subn(r"(\[types\]\s*\nkeywords = )\[[^\]]*\]", rf'\1["{type_keyword}"]', text)
+    assert n == 1, "generic.toml's [types] keywords not found"
     (folder / "newcam.toml").write_text(text)
     return folder
 
@@ -133,17 +139,22 @@ def test_help_documents_exit_statuses(capsys):
 def test_a_header_the_profile_cannot_read_is_held_then_taken_up_by_itself(raw, tmp_path,
                                                                           capsys):
     out = tmp_path / "out"
-    code, stdout, _ = run(["reduce", raw, "--out", out], capsys)
+    mistaken = newcam_profile(tmp_path / "mistaken", type_keyword="IMAGETYP")
+    config = tmp_path / "mistaken.toml"
+    config.write_text(f'[instrument]\nprofile_dir = "{mistaken}"\n')
+    code, stdout, _ = run(["reduce", raw, "--out", out, "--config", config], capsys)
     assert code == 3 and "done with problems: 1 held" in stdout
     store = Store(out / "state.sqlite")
     (row,) = store.frames()
-    assert row["state"] == "held" and "NEWCAM" in row["reason"] and row["info_json"] is None
+    assert row["state"] == "held" and row["info_json"] is None
+    assert "profile newcam" in row["reason"] and "IMAGETYP" in row["reason"]
     status = run(["status", "--out", out], capsys)[1]
     assert "held (fix the configuration" in status and "newcam.0001.fits" in status
     entry = json.loads(run(["status", "--out", out, "--json"], capsys)[1])["frames"][0]
     assert entry["state"] == "held"
     # the same configuration: still held, no new problem
-    engine = Engine(Settings().with_overrides(paths={"output_dir": str(out)}))
+    engine = Engine(Settings().with_overrides(paths={"output_dir": str(out)},
+                                              instrument={"profile_dir": str(mistaken)}))
     engine.startup()
     assert store.frame(row["id"])["state"] == "held"
     engine.shutdown()
