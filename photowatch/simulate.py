@@ -226,6 +226,11 @@ class SimNight:
     def true_flat(self, filter: str) -> np.ndarray:
         return self._image(f"flat_{filter}.fits")
 
+    def cr_charge(self, frame: SimFrame) -> np.ndarray | None:
+        """Cosmic-ray charge of an object frame in background sigmas (``write_crcharge``)."""
+        path = self.truth_dir / f"crcharge_{frame.path.stem}.fits"
+        return self._image(path.name) if path.exists() else None
+
     def true_sky_pattern(self, filter: str) -> np.ndarray:
         return self._image(f"skypattern_{filter}.fits")
 
@@ -787,6 +792,7 @@ def simulate_night(
     catalog: bool = True,
     write_models: bool = True,
     write_crmasks: bool = True,
+    write_crcharge: bool = False,
     cloud_frame: bool = False,
     defocus_frame: bool = False,
     nosolve_frame: bool = False,
@@ -841,6 +847,10 @@ def simulate_night(
     write_models, write_crmasks
         Write ``truth/model_<raw>.fits`` / ``truth/crmask_<raw>.fits`` per object frame
         (turn off for 4k benchmarks; the SimFrame paths are then None).
+    write_crcharge
+        Also write ``truth/crcharge_<raw>.fits`` per object frame: every cosmic-ray pixel's
+        charge in units of the background sigma of the truth mask (float32, 0 elsewhere),
+        for scores that need the faint pixels of the hits too.
     overwrite
         Replace ``lmi.*.fits`` files already in ``out/raw`` (else FileExistsError).
     callback
@@ -872,7 +882,7 @@ def simulate_night(
     for path in existing:
         path.unlink()
     if existing and truth_dir.is_dir():  # the old night's truth goes with its frames
-        for pattern in ("crmask_lmi.*.fits", "model_lmi.*.fits", "flat_*.fits",
+        for pattern in ("crmask_lmi.*.fits", "crcharge_lmi.*.fits", "model_lmi.*.fits", "flat_*.fits",
                         "skypattern_*.fits"):
             for path in truth_dir.glob(pattern):
                 path.unlink()
@@ -1038,6 +1048,7 @@ def simulate_night(
                 dark=dark, row_adu=row_adu, bias_adu=bias_adu, cr_rate=cr_rate,
                 trail_px=trail_px, truth_dir=truth_dir,
                 write_crmasks=kind == "object" and write_crmasks,
+                write_crcharge=kind == "object" and write_crcharge,
                 write_models=kind == "object" and write_models, wcs_cls=WCS)
         _write_fits(path, raw, hdr)
         frames.append(frame)
@@ -1071,7 +1082,7 @@ _PARAM_NAMES = (
     "size", "binning", "filters", "seed", "n_bias", "n_dark", "dark_exptime_s", "n_flat",
     "n_science", "exptime_s", "target", "ra_deg", "dec_deg", "dither_arcsec",
     "pointing_error_arcsec", "rotation_deg", "flip", "fwhm_arcsec", "star_density", "catalog",
-    "write_models", "write_crmasks", "cloud_frame", "defocus_frame", "nosolve_frame", "ignored_frame",
+    "write_models", "write_crmasks", "write_crcharge", "cloud_frame", "defocus_frame", "nosolve_frame", "ignored_frame",
     "satellite_flat", "night_date", "start_time", "readout_s", "science_order", "bad_flats",
     "transparency_range", "sky_variation", "sip_distortion", "cr_rate", "n_bright",
     "faint_mag", "catalog_mag_limit", "trail_px",
@@ -1110,7 +1121,7 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                   dither_arcsec, pointing_error_arcsec, rotation_deg, flip, sip, fwhm_range,
                   stars, transparency_range, sky_rate, sky_variation, flat, pattern, dark,
                   row_adu, bias_adu, cr_rate, trail_px, truth_dir, write_crmasks, write_models,
-                  wcs_cls):
+                  wcs_cls, write_crcharge=False):
     """A science (or focus) frame: stars through the true WCS, sky, dark, CRs, bleeding."""
     from astropy.io import fits
 
@@ -1186,9 +1197,13 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                       binning=binning, n=n, airmass_value=x_am)
     thdr = fits.Header(whdr)
     thdr["ORIGFILE"] = frame.raw_name
+    sigma = np.sqrt(background.ravel()[idx] + dark.ravel()[idx] * exptime
+                    + READ_NOISE_E ** 2)
+    if write_crcharge:
+        charge = np.zeros((n, n), np.float32)
+        charge.ravel()[idx] = val / sigma
+        _write_fits(truth_dir / f"crcharge_{frame.path.stem}.fits", charge, thdr)
     if write_crmasks:
-        sigma = np.sqrt(background.ravel()[idx] + dark.ravel()[idx] * exptime
-                        + READ_NOISE_E ** 2)
         crmask = np.zeros((n, n), np.uint8)
         crmask.ravel()[idx[val > CR_SIGMA * sigma]] = 1
         frame.crmask_path = truth_dir / f"crmask_{frame.path.stem}.fits"
