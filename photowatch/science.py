@@ -145,6 +145,9 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
     set_key(hdr, "ELLIP", (_round(src.ellipticity, 4), "median stellar ellipticity 1-b/a"))
     set_key(hdr, "NSOURCES", (len(cat), "sources in CAT"))
     set_key(hdr, "APCOR", (_round(src.aperture_correction, 5), "aperture correction (flux/aper)"))
+    set_key(hdr, "APCORERR", (_round(src.aperture_correction_err, 5),
+                              "aperture correction standard error"))
+    set_key(hdr, "APCORN", (src.n_apcor, "stars of the aperture correction"))
     set_key(hdr, "PWVERS", (__version__, "photowatch version"))
     set_key(hdr, "PROVISNL", (provisional, "reduced with a provisional master"))
     set_key(hdr, "QCSTATUS", ("accepted" if verdict.accepted else "rejected",
@@ -360,7 +363,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
 
         usable = cat[relative_stars(cat)]
         if ref is None and ast_qc.get("aststat") != "failed" and len(usable) >= s.quality.min_stars:
-            table = usable["ra", "dec", "flux", "fluxerr"]
+            table = usable["ra", "dec", "flux", "fluxerr", "flux_aper", "fluxerr_aper"]
             table.meta.update({"frame": info.std_name, "exptime": t, "ra0": ra0, "dec0": dec0})
             ref = engine.refs.add_field(info.night, target, info.filter, "fluxref", table)
         if ref is not None and ref.meta.get("frame") == info.std_name:
@@ -370,6 +373,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
             qc.update(phot_status=fs.status, phot_reason=fs.reason, zp_n=fs.n)
             if fs.status == "ok":
                 qc["flxscale"] = fs.scale
+                qc["flxscale_err"] = fs.err
         else:
             qc.update(phot_status="failed", phot_reason=(
                 "astrometry failed" if ast_qc.get("aststat") == "failed" else
@@ -378,6 +382,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
             t_ref = float(ref.meta.get("exptime", t)) if ref is not None else t
             qc["transparency_mag"] = 2.5 * math.log10((1.0 / qc["flxscale"]) * (t_ref / t))
             set_key(hdr, "FLXSCALE", (qc["flxscale"], "multiply SCI by this to reach FLXREF"))
+            set_key(hdr, "FLXSCERR", (qc.get("flxscale_err", 0.0), "FLXSCALE standard error"))
             set_key(hdr, "FLXREF", (ref.meta.get("frame", ""), "photometric reference frame"))
         set_key(hdr, "ZPSTAT", (qc.get("phot_status"), "relative flux scale (no MAGZP)"))
         set_key(hdr, "ABSCAL", (False, "not absolutely calibrated (no catalogue)"))
