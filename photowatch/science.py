@@ -98,6 +98,8 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
     with timer("sources"):
         src = extract_sources(z, settings=s.stages.sources,
                               pixel_scale_arcsec=info.pixel_scale_arcsec)
+        own_apcor = (src.aperture_correction, src.aperture_correction_err, src.n_apcor)
+        src = night_aperture_correction(engine, info, row["id"], src)
     with timer("astrometry"):
         frame, cat, wcs, ast_qc, reference, wcs0 = astrometry(engine, info, profile, z, header,
                                                               src)
@@ -112,6 +114,10 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         "target": info.target,
         "exptime": info.exptime_s,
         "fwhm_arcsec": _finite(src.fwhm_arcsec),
+        "apcor_own": _finite(own_apcor[0]), "apcor_own_err": _finite(own_apcor[1]),
+        "apcor_own_n": own_apcor[2], "apcor": _finite(src.aperture_correction),
+        "apcor_err": _finite(src.aperture_correction_err), "apcor_n": src.n_apcor,
+        "apcor_src": src.meta.get("APCORSRC"),
         "ellipticity": _finite(src.ellipticity),
         "nsources": len(cat),
         "sky_e": _finite(sky_e),
@@ -388,6 +394,29 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
         set_key(hdr, "ABSCAL", (False, "not absolutely calibrated (no catalogue)"))
         set_key(hdr, "MAGSYS", ("instrumental", "CAT mag = -2.5 log10(counts)"))
     return frame.replace(header=hdr), cat, qc
+
+
+def night_aperture_correction(engine, info: FrameInfo, frame_id: int, src):
+    """A frame whose own aperture correction is not a precise growth curve borrows from
+    the night: the weighted mean of its own and the night's other frames' own estimates
+    at similar seeing, same camera and filter (:func:`photowatch.sources.pool_aperture_correction`)."""
+    from photowatch.sources import pool_aperture_correction
+
+    if src.meta.get("APCORSRC") == "growth" or not np.isfinite(src.fwhm_arcsec):
+        return src
+    rows = engine.store.conn.execute(
+        "SELECT json_extract(qc_json, '$.apcor_own'), json_extract(qc_json, '$.apcor_own_err'),"
+        " json_extract(qc_json, '$.fwhm_arcsec') FROM frames WHERE night=? AND filter=? AND "
+        "camera=? AND kind='object' AND id != ? AND qc_json IS NOT NULL",
+        (info.night, info.filter, info.camera, frame_id)).fetchall()
+    pooled = pool_aperture_correction(
+        (src.aperture_correction, src.aperture_correction_err, src.fwhm_arcsec),
+        [tuple(r) for r in rows])
+    if pooled is None:
+        return src
+    apcor, err, nframes = pooled
+    return src.with_aperture_correction(apcor, err, src.n_apcor,
+                                        f"night:{nframes}")
 
 
 def night_fwhm(engine, info: FrameInfo, frame_id: int, min_frames: int = 3) -> float | None:
