@@ -42,8 +42,9 @@ frame, 2x slower). On 2x2 300 s nights with truth masters
 (``tests/stages/test_cosmics_defects.py``; far = bit-4 pixels farther than
 1 px from any CR charge above 1 sigma): 512 px 98.5 % / 3.3 % far (seed 21),
 93.4 % / 10.7 % (seed 11, few hits), 1024 px 98.3 % / 3.8 %, 2048 px 96.4 % /
-3.5 %. The 4k benchmark frame: 97.8 % (was 97.7 %), and 41 % of bit-4 pixels
-more than 1 px from a 5-sigma truth pixel before, see benchmarks/README.md.
+3.5 %. The 4k benchmark frame: 97.9 % (was 97.7 %), 9.2 % of bit-4 pixels more
+than 1 px from a 5-sigma truth pixel (was 41 %), 7.6 s (was 7.1 s, loaded
+machine); see benchmarks/README.md.
 The table below predates this.
 
 Why these defaults (measured with ``benchmarks/bench_cosmics.py``)
