@@ -115,7 +115,7 @@ class Cosmics(Section):
     psffwhm: PositiveFloat = 2.5
     psfsize: Annotated[int, Field(ge=3)] = 7
     #: flag neighbours of flagged pixels this many sigma above their 5x5 surroundings (0: off)
-    grow_sigma: NonNegFloat = 2.5
+    grow_sigma: NonNegFloat = 2.0
     grow_passes: Annotated[int, Field(ge=0, le=5)] = 3
     grow_px: Annotated[int, Field(ge=0, le=3)] = 0
     #: where L.A.Cosmic runs: the whole frame, two row bands in two threads, or only
@@ -123,8 +123,11 @@ class Cosmics(Section):
     tiles: Literal["full", "halves", "candidates"] = "candidates"
     #: second pass for faint events: pixels this many sigma above their eight neighbours'
     #: mean, by more than sharp_ratio of their value (0: off)
-    sharp_sigma: NonNegFloat = 4.0
+    sharp_sigma: NonNegFloat = 3.0
     sharp_ratio: Annotated[float, Field(gt=0, le=1)] = 0.6
+    #: keep a flagged event only if the quadratic sum of its pixels' sigmas above their 5x5
+    #: surroundings (background noise) reaches this; drops single noise peaks (0: off)
+    min_peak_sigma: NonNegFloat = 5.2
 
 
 class Sources(Section):

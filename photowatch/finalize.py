@@ -145,6 +145,10 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
         result.problems.append(f"{left} stale frame(s) could not be re-reduced")
     bar.update()
 
+    from photowatch.calib.defects import mark_night_defects
+
+    result.done += mark_night_defects(engine, night)  # COSMIC in most frames: defects
+
     # 5. quality with the whole night known
     changed = reassess(engine, night)
     if changed:

@@ -98,6 +98,7 @@ KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
     Keyword("APCOR", "aperture correction (flux/aper)", "", "frame, CAT, coadd cat"),
     Keyword("APCORERR", "aperture correction uncertainty", "", "frame, CAT, coadd cat"),
     Keyword("APCORN", "stars in the aperture correction", "", "frame, CAT, coadd cat"),
+    Keyword("APCORSRC", "aperture correction from: growth, model or night:N", "", "CAT, coadd cat"),
     Keyword("XYORIGIN", "x, y of the first pixel centre (FITS: 1)", "pix", "CAT, coadd cat"),
     # astrometry
     Keyword("ASTRMS", "astrometric rms", "arcsec", _F),
@@ -119,6 +120,7 @@ KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
     Keyword("ABSCAL", "absolutely calibrated photometry", "", "frame, coadd, CAT"),
     Keyword("MAGSYS", "CAT mag: calibrated, or NaN (see mag_inst)", "", "frame, CAT"),
     Keyword("FLXSCALE", "multiply SCI by this to reach FLXREF", "", _F),
+    Keyword("FLXSCERR", "FLXSCALE standard error", "", _F),
     Keyword("FLXREF", "photometric reference (zero point or frame)", "", _F),
     # quality
     Keyword("QCSTATUS", "frame quality: accepted or rejected", "", _F),

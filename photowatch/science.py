@@ -104,6 +104,8 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
     with timer("sources"):
         src = extract_sources(z, settings=s.stages.sources,
                               pixel_scale_arcsec=info.pixel_scale_arcsec)
+        own_apcor = (src.aperture_correction, src.aperture_correction_err, src.n_apcor)
+        src = night_aperture_correction(engine, info, row["id"], src)
     with timer("astrometry"):
         frame, cat, wcs, ast_qc, reference, wcs0 = astrometry(
             engine, info, profile, z, header, src,
@@ -119,6 +121,10 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         "target": info.target,
         "exptime": info.exptime_s,
         "fwhm_arcsec": _finite(src.fwhm_arcsec),
+        "apcor_own": _finite(own_apcor[0]), "apcor_own_err": _finite(own_apcor[1]),
+        "apcor_own_n": own_apcor[2], "apcor": _finite(src.aperture_correction),
+        "apcor_err": _finite(src.aperture_correction_err), "apcor_n": src.n_apcor,
+        "apcor_src": src.meta.get("APCORSRC"),
         "ellipticity": _finite(src.ellipticity),
         "nsources": len(cat),
         "sky_e": _finite(sky_e),
@@ -152,6 +158,9 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
     set_key(hdr, "ELLIP", (_round(src.ellipticity, 4), "median stellar ellipticity 1-b/a"))
     set_key(hdr, "NSOURCES", (len(cat), "sources in CAT"))
     set_key(hdr, "APCOR", (_round(src.aperture_correction, 5), "aperture correction (flux/aper)"))
+    set_key(hdr, "APCORERR", (_round(src.aperture_correction_err, 5),
+                              "aperture correction standard error"))
+    set_key(hdr, "APCORN", (src.n_apcor, "stars of the aperture correction"))
     set_key(hdr, "PWVERS", (__version__, "photowatch version"))
     set_key(hdr, "PROVISNL", (provisional, "reduced with a provisional master"))
     set_key(hdr, "QCSTATUS", ("accepted" if verdict.accepted else "rejected",
@@ -435,7 +444,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
         calibrated = engine.refs.get(info.night, target, info.filter, "zpref") is not None
         if ref is None and ast_qc.get("aststat") != "failed" and not calibrated \
                 and len(usable) >= s.quality.min_stars:
-            table = usable["ra", "dec", "flux", "fluxerr"]
+            table = usable["ra", "dec", "flux", "fluxerr", "flux_aper", "fluxerr_aper"]
             table.meta.update({"frame": info.std_name, "exptime": t, "ra0": ra0, "dec0": dec0})
             ref = engine.refs.add_field(info.night, target, info.filter, "fluxref", table)
         if calibrated and ast_qc.get("aststat") != "failed":
@@ -450,6 +459,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
             qc.update(phot_status=fs.status, phot_reason=fs.reason, zp_n=fs.n)
             if fs.status == "ok":
                 qc["flxscale"] = fs.scale
+                qc["flxscale_err"] = fs.err
         else:
             qc.update(phot_status="failed", phot_reason=(
                 "astrometry failed" if ast_qc.get("aststat") == "failed" else
@@ -458,6 +468,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
             t_ref = float(ref.meta.get("exptime", t)) if ref is not None else t
             qc["transparency_mag"] = 2.5 * math.log10((1.0 / qc["flxscale"]) * (t_ref / t))
             set_key(hdr, "FLXSCALE", (qc["flxscale"], "multiply SCI by this to reach FLXREF"))
+            set_key(hdr, "FLXSCERR", (qc.get("flxscale_err", 0.0), "FLXSCALE standard error"))
             set_key(hdr, "FLXREF", (ref.meta.get("frame", ""), "photometric reference frame"))
         set_key(hdr, "ZPSTAT", (qc.get("phot_status"), "relative flux scale (no MAGZP)"))
         set_key(hdr, "ABSCAL", (False, "not absolutely calibrated (no catalogue)"))
@@ -475,6 +486,29 @@ def _instrumental(cat) -> np.ndarray:
     flux = np.asarray(cat["flux"], float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1)), np.nan)
+
+
+def night_aperture_correction(engine, info: FrameInfo, frame_id: int, src):
+    """A frame whose own aperture correction is not a precise growth curve borrows from
+    the night: the weighted mean of its own and the night's other frames' own estimates
+    at similar seeing, same camera and filter (:func:`photowatch.sources.pool_aperture_correction`)."""
+    from photowatch.sources import pool_aperture_correction
+
+    if src.meta.get("APCORSRC") == "growth" or not np.isfinite(src.fwhm_arcsec):
+        return src
+    rows = engine.store.conn.execute(
+        "SELECT json_extract(qc_json, '$.apcor_own'), json_extract(qc_json, '$.apcor_own_err'),"
+        " json_extract(qc_json, '$.fwhm_arcsec') FROM frames WHERE night=? AND filter=? AND "
+        "camera=? AND kind='object' AND id != ? AND qc_json IS NOT NULL",
+        (info.night, info.filter, info.camera, frame_id)).fetchall()
+    pooled = pool_aperture_correction(
+        (src.aperture_correction, src.aperture_correction_err, src.fwhm_arcsec),
+        [tuple(r) for r in rows])
+    if pooled is None:
+        return src
+    apcor, err, nframes = pooled
+    return src.with_aperture_correction(apcor, err, src.n_apcor,
+                                        f"night:{nframes}")
 
 
 def night_fwhm(engine, info: FrameInfo, frame_id: int, min_frames: int = 3) -> float | None:

@@ -139,6 +139,7 @@ class SimFrame:
     dither_arcsec: tuple[float, float] | None = None  #: true centre - target, (east, north)
     n_cosmics: int | None = None  #: cosmic-ray events deposited
     flat_level_adu: float | None = None  #: intended raw median of a flat (ADU)
+    psf_beta: float | None = None  #: Moffat beta when drawn per frame (``psf_beta_range``)
 
     @property
     def raw_name(self) -> str:
@@ -225,6 +226,11 @@ class SimNight:
 
     def true_flat(self, filter: str) -> np.ndarray:
         return self._image(f"flat_{filter}.fits")
+
+    def cr_charge(self, frame: SimFrame) -> np.ndarray | None:
+        """Cosmic-ray charge of an object frame in background sigmas (``write_crcharge``)."""
+        path = self.truth_dir / f"crcharge_{frame.path.stem}.fits"
+        return self._image(path.name) if path.exists() else None
 
     def true_sky_pattern(self, filter: str) -> np.ndarray:
         return self._image(f"skypattern_{filter}.fits")
@@ -488,6 +494,23 @@ def render_stars(shape: tuple[int, int], psf: _Psf, x: np.ndarray, y: np.ndarray
         st = psf.stamp(fx, fy)
         st *= f / float(st.sum())
         img[ya:yb, xa:xb] += st[ya - y0:yb - y0, xa - x0:xb - x0]
+    return img
+
+
+def _render_varying(shape, fwhm_px: float, beta: float, variation: float, x, y, flux,
+                    zones: int = 6) -> np.ndarray:
+    """Stars whose FWHM grows as ``1 + variation (r / r_corner)**2`` from the centre,
+    rendered in ``zones`` rings of (r / r_corner)**2, each with its own PSF (at its mid)."""
+    ny, nx = shape
+    rc2 = ((nx - 1) / 2) ** 2 + ((ny - 1) / 2) ** 2
+    q = ((np.asarray(x) - (nx - 1) / 2) ** 2 + (np.asarray(y) - (ny - 1) / 2) ** 2) / rc2
+    zone = np.clip((q * zones).astype(int), 0, zones - 1)
+    img = np.zeros(shape, np.float32)
+    for k in np.unique(zone).tolist():
+        sel = zone == k
+        psf = _Psf(fwhm_px * (1.0 + variation * (k + 0.5) / zones), beta=beta)
+        render_stars(shape, psf, np.asarray(x)[sel], np.asarray(y)[sel],
+                     np.asarray(flux)[sel], out=img)
     return img
 
 
@@ -787,6 +810,7 @@ def simulate_night(
     catalog: bool = True,
     write_models: bool = True,
     write_crmasks: bool = True,
+    write_crcharge: bool = False,
     cloud_frame: bool = False,
     defocus_frame: bool = False,
     nosolve_frame: bool = False,
@@ -805,6 +829,10 @@ def simulate_night(
     faint_mag: float = FAINT_MAG_DEFAULT,
     catalog_mag_limit: float = 21.0,
     trail_px: float = 40.0,
+    psf_variation: float = 0.0,
+    psf_beta_range: tuple[float, float] | None = None,
+    cloud_variation_mag: float = 0.0,
+    cloud_period_s: tuple[float, float] = (120.0, 600.0),
     overwrite: bool = False,
     callback: Callable[[SimFrame], None] | None = None,
 ) -> SimNight:
@@ -841,6 +869,24 @@ def simulate_night(
     write_models, write_crmasks
         Write ``truth/model_<raw>.fits`` / ``truth/crmask_<raw>.fits`` per object frame
         (turn off for 4k benchmarks; the SimFrame paths are then None).
+    psf_variation
+        The PSF varies over the field: a star's FWHM is the frame's times
+        ``1 + psf_variation * (r / r_corner)**2`` (r from the frame centre), as the
+        off-axis blur of real optics. 0 (default): one PSF per frame.
+    psf_beta_range
+        Draw each object frame's Moffat ``beta`` uniformly from this range (real frames'
+        wings change from frame to frame, and with them the aperture correction); None
+        (default): beta 3 on every frame.
+    cloud_variation_mag
+        Thin clouds that vary within minutes: each object frame's transparency is further
+        dimmed by ``cloud_variation_mag * (0.5 + 0.5 sin(2 pi t / P + phi))`` mag, P drawn
+        from ``cloud_period_s`` for the night (t: the frame's mid time). 0 (default): none.
+        Few-star fields and short exposures come from ``star_density``, ``faint_mag``
+        and ``exptime_s``.
+    write_crcharge
+        Also write ``truth/crcharge_<raw>.fits`` per object frame: every cosmic-ray pixel's
+        charge in units of the background sigma of the truth mask (float32, 0 elsewhere),
+        for scores that need the faint pixels of the hits too.
     overwrite
         Replace ``lmi.*.fits`` files already in ``out/raw`` (else FileExistsError).
     callback
@@ -872,7 +918,7 @@ def simulate_night(
     for path in existing:
         path.unlink()
     if existing and truth_dir.is_dir():  # the old night's truth goes with its frames
-        for pattern in ("crmask_lmi.*.fits", "model_lmi.*.fits", "flat_*.fits",
+        for pattern in ("crmask_lmi.*.fits", "crcharge_lmi.*.fits", "model_lmi.*.fits", "flat_*.fits",
                         "skypattern_*.fits"):
             for path in truth_dir.glob(pattern):
                 path.unlink()
@@ -990,6 +1036,12 @@ def simulate_night(
         entry["obs_time"] = t
         t += timedelta(seconds=entry["exptime"] + readout_s + float(rng_time.uniform(0, 2)))
 
+    clouds = None
+    if cloud_variation_mag > 0:
+        rng_cloud = _rng(seed, 1_000_008)
+        clouds = (float(cloud_variation_mag), float(rng_cloud.uniform(*cloud_period_s)),
+                  float(rng_cloud.uniform(0, 2 * np.pi)), plan[0]["obs_time"])
+
     # --- frames --------------------------------------------------------------------------------
     frames: list[SimFrame] = []
     for index, entry in enumerate(plan):
@@ -1036,8 +1088,10 @@ def simulate_night(
                 transparency_range=transparency_range, sky_rate=sky_rates[band],
                 sky_variation=sky_variation, flat=flats[filt], pattern=patterns[filt],
                 dark=dark, row_adu=row_adu, bias_adu=bias_adu, cr_rate=cr_rate,
-                trail_px=trail_px, truth_dir=truth_dir,
+                trail_px=trail_px, truth_dir=truth_dir, psf_variation=psf_variation,
+                psf_beta_range=psf_beta_range, clouds=clouds, seed=seed,
                 write_crmasks=kind == "object" and write_crmasks,
+                write_crcharge=kind == "object" and write_crcharge,
                 write_models=kind == "object" and write_models, wcs_cls=WCS)
         _write_fits(path, raw, hdr)
         frames.append(frame)
@@ -1071,10 +1125,11 @@ _PARAM_NAMES = (
     "size", "binning", "filters", "seed", "n_bias", "n_dark", "dark_exptime_s", "n_flat",
     "n_science", "exptime_s", "target", "ra_deg", "dec_deg", "dither_arcsec",
     "pointing_error_arcsec", "rotation_deg", "flip", "fwhm_arcsec", "star_density", "catalog",
-    "write_models", "write_crmasks", "cloud_frame", "defocus_frame", "nosolve_frame", "ignored_frame",
+    "write_models", "write_crmasks", "write_crcharge", "cloud_frame", "defocus_frame", "nosolve_frame", "ignored_frame",
     "satellite_flat", "night_date", "start_time", "readout_s", "science_order", "bad_flats",
     "transparency_range", "sky_variation", "sip_distortion", "cr_rate", "n_bright",
-    "faint_mag", "catalog_mag_limit", "trail_px",
+    "faint_mag", "catalog_mag_limit", "trail_px", "psf_variation", "psf_beta_range",
+    "cloud_variation_mag", "cloud_period_s",
 )
 
 
@@ -1110,7 +1165,8 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                   dither_arcsec, pointing_error_arcsec, rotation_deg, flip, sip, fwhm_range,
                   stars, transparency_range, sky_rate, sky_variation, flat, pattern, dark,
                   row_adu, bias_adu, cr_rate, trail_px, truth_dir, write_crmasks, write_models,
-                  wcs_cls):
+                  wcs_cls, write_crcharge=False, psf_variation=0.0, psf_beta_range=None,
+                  clouds=None, seed=0):
     """A science (or focus) frame: stars through the true WCS, sky, dark, CRs, bleeding."""
     from astropy.io import fits
 
@@ -1133,6 +1189,13 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
         transparency = 0.25
     if expect == "focus":
         fwhm *= 3.0
+    extra = _rng(seed, int(frame.index), 7_000_000) if psf_beta_range else None
+    beta = float(extra.uniform(*psf_beta_range)) if psf_beta_range else MOFFAT_BETA
+    if clouds is not None:
+        amp, period, phase, t0 = clouds
+        t = (mid - t0).total_seconds()
+        transparency *= 10 ** (-0.4 * amp * (0.5 + 0.5 * math.sin(2 * math.pi * t / period
+                                                                   + phase)))
     x_am = airmass(mid, ra_c, dec_c)
     k_ext = EXTINCTION[band]
     zp = ZP1[band] + 2.5 * math.log10(exptime * transparency) - k_ext * (x_am - 1.0)
@@ -1141,7 +1204,8 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
     whdr = wcs_header(n, scale, rotation_deg, flip, ra_c, dec_c, sip)
     wcs = wcs_cls(whdr)
     trail = trail_px if expect == "nosolve" else 0.0
-    psf = _Psf(fwhm / scale, trail_px=trail, trail_angle_deg=float(rng.uniform(-20, 20)))
+    psf = _Psf(fwhm / scale, beta=beta, trail_px=trail,
+               trail_angle_deg=float(rng.uniform(-20, 20)))
     half = (n * scale / 2 * math.sqrt(2) + psf.radius * scale + 5) / 3600.0
     e, nn = _sky_offset_arcsec(stars["ra"], stars["dec"], ra_c, dec_c)
     sel = np.flatnonzero((np.abs(e) < half * 3600) & (np.abs(nn) < half * 3600))
@@ -1150,7 +1214,10 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
     ok = (x > -r - 1) & (x < n + r) & (y > -r - 1) & (y < n + r)
     mags = stars[band][sel][ok]
     flux = 10 ** (-0.4 * (mags - zp))
-    model = render_stars((n, n), psf, x[ok], y[ok], flux)
+    if psf_variation:
+        model = _render_varying((n, n), fwhm / scale, beta, psf_variation, x[ok], y[ok], flux)
+    else:
+        model = render_stars((n, n), psf, x[ok], y[ok], flux)
 
     background = pattern + np.float32(1.0)
     background *= np.float32(sky_e)
@@ -1171,6 +1238,8 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
     frame.zp_true = zp
     frame.transparency = transparency
     frame.fwhm_arcsec = fwhm
+    if psf_beta_range:
+        frame.psf_beta = beta
     frame.sky_e_per_px = sky_e
     frame.pointing_offset_arcsec = (float(pe), float(pn))
     frame.airmass = x_am
@@ -1186,9 +1255,13 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                       binning=binning, n=n, airmass_value=x_am)
     thdr = fits.Header(whdr)
     thdr["ORIGFILE"] = frame.raw_name
+    sigma = np.sqrt(background.ravel()[idx] + dark.ravel()[idx] * exptime
+                    + READ_NOISE_E ** 2)
+    if write_crcharge:
+        charge = np.zeros((n, n), np.float32)
+        charge.ravel()[idx] = val / sigma
+        _write_fits(truth_dir / f"crcharge_{frame.path.stem}.fits", charge, thdr)
     if write_crmasks:
-        sigma = np.sqrt(background.ravel()[idx] + dark.ravel()[idx] * exptime
-                        + READ_NOISE_E ** 2)
         crmask = np.zeros((n, n), np.uint8)
         crmask.ravel()[idx[val > CR_SIGMA * sigma]] = 1
         frame.crmask_path = truth_dir / f"crmask_{frame.path.stem}.fits"

@@ -384,3 +384,32 @@ def test_catalogue(sim_small):
     pull = (cat["r"] - true["r"]) / cat["r_err"]
     assert np.std(pull) == pytest.approx(1.0, abs=0.1)
     assert np.all((true["g"] - true["r"] >= 0.2) & (true["g"] - true["r"] <= 1.2))
+
+
+def test_options_for_what_real_frames_have(tmp_path):
+    """Issue 17: PSFs varying over the field and from frame to frame, and thin clouds
+    varying within minutes; the defaults leave a night unchanged."""
+    from photowatch.simulate import simulate_night
+
+    kw = dict(size=256, binning=4, filters=("SDSS-R",), seed=3, n_bias=1, n_dark=0, n_flat=1,
+              n_science=4, exptime_s=20.0, bad_flats=False, catalog=False, write_crmasks=False,
+              star_density=20000.0)
+    base = simulate_night(tmp_path / "base", **kw)
+    night = simulate_night(tmp_path / "real", psf_variation=0.5, psf_beta_range=(2.2, 4.5),
+                           cloud_variation_mag=0.3, cloud_period_s=(100.0, 150.0), **kw)
+    # the draws of the defaults are untouched: same pointings, seeing, base transparency
+    for a, b in zip(base.objects(), night.objects()):
+        assert a.ra_deg == b.ra_deg and a.fwhm_arcsec == b.fwhm_arcsec
+        assert b.transparency <= a.transparency
+        assert a.psf_beta is None and 2.2 <= b.psf_beta <= 4.5
+    dims = [2.5 * np.log10(a.transparency / b.transparency)
+            for a, b in zip(base.objects(), night.objects())]
+    assert max(dims) - min(dims) > 0.05  # minutes apart, clouds of a 100-150 s period
+    betas = [f.psf_beta for f in night.objects()]
+    assert max(betas) - min(betas) > 0.1
+    # a corner star is broader than a central one
+    from photowatch.simulate import _render_varying
+
+    img = _render_varying((201, 201), 3.0, 3.0, 0.5, np.array([100.0, 5.0]),
+                          np.array([100.0, 5.0]), np.array([1e4, 1e4]))
+    assert img[100, 100] > 1.3 * img[5, 5]

@@ -179,3 +179,26 @@ def test_hot_pixels_alone_give_no_fwhm():
     assert len(out) >= 25
     assert np.all(out.table["flags"] & SourceFlag.SHARP)
     assert out.n_stellar == 0 and np.isnan(out.fwhm_arcsec) and "FWHM" not in out.table.meta
+
+
+@pytest.mark.parametrize("fwhm_px", [1.5, 1.8, 2.2, 2.6, 3.2, 4.0])
+def test_fwhm_of_undersampled_moffat_stars_within_two_percent(fwhm_px):
+    """The simulator's pixel-integrated Moffat (beta 3) stars, FWHM 1.5-4 px: the frame's
+    FWHM comes from pixel-integrated profile fits, so stars whose peak falls between
+    pixels do not read high (the half-maximum area read 4-8 % high; issue 17)."""
+    from photowatch.simulate import _Psf, render_stars
+
+    for seed in (1, 2):
+        rng = np.random.default_rng([seed, int(fwhm_px * 10)])
+        n = 384
+        x = rng.uniform(15, n - 15, 50)
+        y = rng.uniform(15, n - 15, 50)
+        flux = 10 ** rng.uniform(3.5, 5.5, 50)
+        img = render_stars((n, n), _Psf(fwhm_px), x, y, flux)
+        sky = 1000.0
+        sci = (rng.poisson(img + sky) - sky).astype(np.float32)
+        frame = Frame(sci, (img + sky).astype(np.float32), np.zeros((n, n), np.uint16),
+                      fits.Header())
+        out = extract_sources(frame, settings=Sources(), pixel_scale_arcsec=0.5)
+        assert out.n_stellar >= 10
+        assert out.fwhm_px == pytest.approx(fwhm_px, rel=0.02), (seed, out.fwhm_px)

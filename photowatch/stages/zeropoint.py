@@ -222,7 +222,12 @@ def relative_flux_scale(cat, reference, *, settings: ZeroPoint, min_stars: int
                         ) -> FluxScaleResult:
     """Flux scale to the night's reference frame of a field and filter, from common stars.
 
-    ``reference`` has ``ra, dec, flux`` (the reference frame's sources).
+    ``reference`` has ``ra, dec, flux`` (the reference frame's sources). When both
+    tables have ``flux_aper`` (the flux in the aperture of radius ``aperture_fwhm``
+    times each frame's FWHM), the scale compares those: the same apertures on both
+    sides, so each frame's aperture correction (a few stars' growth curve, uncertain
+    by several per cent on real frames) cancels instead of entering the scale. The
+    result's ``err`` is the scale's standard error.
     """
     idx = relative_stars(cat)
     if idx.size == 0:
@@ -230,12 +235,15 @@ def relative_flux_scale(cat, reference, *, settings: ZeroPoint, min_stars: int
     a, b = match_sky(np.asarray(cat["ra"])[idx], np.asarray(cat["dec"])[idx],
                      reference["ra"], reference["dec"], settings.match_radius_arcsec)
     a = idx[a]
-    f = np.asarray(cat["flux"], float)[a]
-    fe = np.asarray(cat["fluxerr"], float)[a]
-    fr = np.asarray(reference["flux"], float)[b]
+    col = "flux_aper" if "flux_aper" in cat.colnames and "flux_aper" in reference.colnames \
+        else "flux"
+    ecol = "fluxerr_aper" if col == "flux_aper" else "fluxerr"
+    f = np.asarray(cat[col], float)[a]
+    fe = np.asarray(cat[ecol], float)[a]
+    fr = np.asarray(reference[col], float)[b]
     ok = np.isfinite(fr) & (fr > 0) & (f > 0)
-    if "fluxerr" in reference.colnames:
-        fre = np.asarray(reference["fluxerr"], float)[b]
+    if ecol in reference.colnames:
+        fre = np.asarray(reference[ecol], float)[b]
     else:
         fre = np.zeros_like(fr)
     ok &= np.isfinite(fre)

@@ -214,3 +214,25 @@ def test_real_ratir_masters(tmp_path):
     # raw files are never modified
     for p in files:
         assert (local / p.name).read_bytes() == p.read_bytes()
+
+
+def test_persistent_defects_are_pixels_flagged_in_most_frames():
+    from photowatch.calib.defects import persistent_defects
+
+    rng = np.random.default_rng(3)
+    masks = []
+    for _ in range(6):
+        m = np.zeros((64, 64), np.uint16)
+        m.ravel()[rng.choice(64 * 64, 40, replace=False)] |= 4  # transient hits
+        m[10, 20] |= 4  # a defect, every frame
+        m[30, 5] = 1  # a known bad pixel: not a cosmic ray
+        masks.append(m)
+    masks[0][40, 40] |= 4
+    masks[1][40, 40] |= 4  # twice in six: a coincidence, not a defect
+    for m in masks[:4]:
+        m[50, 50] |= 4  # four of six: most frames
+    found = persistent_defects(masks)
+    assert found[10, 20] and found[50, 50]
+    assert not found[40, 40] and not found[30, 5]
+    assert found.sum() == 2
+    assert persistent_defects(masks[:2]) is None  # too few frames to say

@@ -1,0 +1,40 @@
+"""Cosmic-ray masks against defects (issue 17): completeness and the fraction of bit-4
+pixels farther than one pixel from a true cosmic ray, on 2x2 300 s nights with a bad
+column and hot pixels, reduced with truth masters (tests/stages/test_cosmics_defects.py).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_cosmics_defects.py            # 512, 1024, 2048 px
+    .venv/bin/python benchmarks/bench_cosmics_defects.py 4096:31    # size:seed ...
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "tests" / "stages"), str(HERE.parent / "tests")]
+
+from test_cosmics_defects import night_scores  # noqa: E402
+
+from photowatch.simulate import simulate_night  # noqa: E402
+
+
+def main(argv: list[str]) -> None:
+    runs = [tuple(int(v) for v in a.split(":")) for a in argv] or \
+        [(512, 11), (512, 21), (1024, 12), (1024, 22), (2048, 13)]
+    print(f"{'size':>5s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} {'every frame':>11s}")
+    for size, seed in runs:
+        with tempfile.TemporaryDirectory() as d:
+            night = simulate_night(d, size=size, binning=2, filters=("SDSS-R",), seed=seed,
+                                   n_bias=1, n_dark=0, n_flat=3, n_science=5, exptime_s=300.0,
+                                   bad_flats=False, catalog=False, write_crcharge=True)
+            s = night_scores(night)
+        print(f"{size:5d} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
+              f"{s['far']:6.1%} {s['every_frame']:11d}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
