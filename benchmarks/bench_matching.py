@@ -259,6 +259,9 @@ def run_random(trials, settings, n=1024):
                                settings=settings)
         times.append(time.perf_counter() - t0)
         false += res.ok
+        if res.ok:
+            print(f"    false solution: trial {t}, {nstars} stars, {res.method}, "
+                  f"{res.nstar} matched, rms {res.rms_arcsec:.3f}\"", flush=True)
     print(f"{'random lists (8-60 stars)':28s} false solutions {false}/{trials} "
           f"({100 * false / trials:.2f} %)  median {np.median(times) * 1e3:6.1f} ms", flush=True)
 

@@ -322,8 +322,8 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
                     radius: float, search_area: float, min_matches: int, k: int = 5,
                     tolerance: float = 0.012, max_hypotheses: int = 20000,
                     extent: tuple[float, float] | None = None,
-                    tight_radius: float | None = None, candidates: int = 25
-                    ) -> tuple[PatternMatch | None, str]:
+                    tight_radius: float | None = None, candidates: int = 25,
+                    false_alarm: float = 1e-3) -> tuple[PatternMatch | None, str]:
     """Find the similarity (any rotation, either parity) mapping image stars on reference stars.
 
     Parameters
@@ -356,6 +356,8 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
         Radius (arcsec) of the final count, after the best ``candidates``
         hypotheses are refitted on the stars they matched within ``radius``
         (default ``radius / 2``).
+    false_alarm : float
+        Chance of accepting a random list (split it over repeated calls).
 
     Every hypothesis is counted within ``radius``; the best ``candidates`` are
     refitted (a least-squares similarity on their matched pairs) and counted
@@ -447,7 +449,8 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
         inside = (np.abs(back.real) <= hx) & (np.abs(back.imag) <= hy)
         area = 4 * hx * hy * abs(ah) ** 2
         on_img = int(((np.abs(zall.real) <= hx) & (np.abs(zall.imag) <= hy)).sum())
-        expected, needed = chance_needed(on_img, int(inside.sum()), area, rt, nh)
+        expected, needed = chance_needed(on_img, int(inside.sum()), area, rt, nh,
+                                         false_alarm=false_alarm)
         needed = max(min_matches, needed)
         rms = float(np.sqrt(np.mean(d**2))) if len(d) else float("nan")
         cand = PatternMatch(Similarity(ah, bh, fh), int(len(ii)), float(expected), int(needed),

@@ -82,6 +82,8 @@ _BAD_FOR_FIT = int(SourceFlag.SATURATED | SourceFlag.BLENDED | SourceFlag.CENTRO
 _BAD_FOR_PATTERN = int(SourceFlag.CENTROID | SourceFlag.BADFLUX | SourceFlag.SHARP)
 #: fewest clean (fit-quality) stars for a pattern of clean stars only
 _MIN_CLEAN_PATTERN = 8
+#: chance that a random star list passes the pattern stage (shared by its passes)
+_FALSE_ALARM = 1e-3
 #: centroid uncertainty floor (pixels): pixelisation and PSF asymmetries of bright stars
 _CENTROID_FLOOR_PX = 0.02
 
@@ -407,19 +409,29 @@ def _accept(prob: _Problem, ref: Refined, settings: Astrometry) -> str:
     if not (ref.rms_arcsec <= settings.max_rms_arcsec):
         return (f"rms {ref.rms_arcsec:.3f} arcsec of {n} matched stars exceeds "
                 f"{settings.max_rms_arcsec} arcsec")
-    density = len(prob.ref_ra) / (math.pi * prob.search_radius**2)
+    # chance: the fitted image stars against the reference stars around the solved field,
+    # within the radius the fit's precision allows (a deep catalogue has a star within the
+    # matching radius of many image stars; it rarely has one within 3 rms)
+    sol = ref.solution
+    ra_c, dec_c = sol.pix2world([prob.shape[1] / 2.0 - 0.5], [prob.shape[0] / 2.0 - 0.5])
+    xi, eta = project(prob.ref_ra, prob.ref_dec, float(ra_c[0]), float(dec_c[0]))
+    near = int((np.hypot(xi, eta) * ARCSEC_PER_DEG <= prob.field_radius).sum())
+    r_acc = min(settings.match_radius_arcsec, max(3.0 * ref.rms_arcsec, 0.25))
+    n_acc = int((np.hypot(*ref.residuals.T) <= r_acc).sum())
     nimg = int(prob.fit_ok.sum())
-    expected = nimg * density * math.pi * settings.match_radius_arcsec**2
-    needed = poisson_needed(expected, 10)
-    if n < needed:
-        return f"{n} matched stars is no more than chance ({expected:.1f} expected, need {needed})"
+    expected, needed = chance_needed(nimg, near, math.pi * prob.field_radius**2, r_acc, 10,
+                                     fixed=0)
+    if n_acc < needed:
+        return (f"{n_acc} stars matched within {r_acc:.2f} arcsec is no more than chance "
+                f"({expected:.1f} expected, need {needed})")
     scale, _, _ = wcs_geometry(ref.solution.to_wcs())
     if abs(scale / prob.scale - 1) > settings.scale_tolerance * 1.5 + 0.01:
         return f"fitted scale {scale:.4f} arcsec/px is off the expected {prob.scale:.4f}"
     return ""
 
 
-def _pattern_lists(prob: _Problem, ref_std: np.ndarray, ratio: float, n_img: int, mode: str):
+def _pattern_lists(prob: _Problem, ref_std: np.ndarray, ratio: float, n_img: int, mode: str,
+                   ref_factor: float = 1.0):
     """Image and reference star lists for one pattern pass, and the verification list.
 
     The image list holds well-measured stars (no saturated or blended ones unless the
@@ -427,7 +439,9 @@ def _pattern_lists(prob: _Problem, ref_std: np.ndarray, ratio: float, n_img: int
     (``mode='bright'``) or the brightest of each cell of a grid over the frame
     (``mode='grid'``). The reference list covers the search area to the same depth: its
     brightest stars are skipped as many as the image's saturated stars account for, and
-    it holds ``ratio`` (search area / image area) times as many stars. The verification
+    it holds ``ratio`` (search area / image area) times ``ref_factor`` as many stars
+    (``ref_factor`` > 1: a deeper reference for few-star frames whose brightest stars the
+    catalogue orders differently). The verification
     list is the reference down to 1.5 times the depth the image list reaches.
     """
     ny, nx = prob.shape
@@ -450,7 +464,7 @@ def _pattern_lists(prob: _Problem, ref_std: np.ndarray, ratio: float, n_img: int
     if len(sel) == 0:
         return sel, np.zeros((0, 2)), np.zeros((0, 2))
     depth = int(sel.max()) + 1  # rank (in brightness) the image selection reaches
-    n_deep = int(min(nref, skip + max(len(sel), round(1.5 * depth * ratio))))
+    n_deep = int(min(nref, skip + max(len(sel), round(1.5 * depth * ratio * ref_factor))))
     if mode == "grid":
         pool = ref_std[skip:n_deep]
         cell = math.sqrt(nx * ny / max(len(sel), 1)) * prob.scale
@@ -459,7 +473,7 @@ def _pattern_lists(prob: _Problem, ref_std: np.ndarray, ratio: float, n_img: int
         order = spread_order(pool, ncells)
         ref_sel = pool[order[:int(min(len(pool), max(len(sel), round(len(sel) * ratio))))]]
     else:
-        n_ref = int(min(nref - skip, max(len(sel), round(len(sel) * ratio))))
+        n_ref = int(min(nref - skip, max(len(sel), round(len(sel) * ratio * ref_factor))))
         ref_sel = ref_std[skip:skip + n_ref]
     return sel, ref_sel, ref_std[:n_deep]
 
@@ -482,11 +496,17 @@ def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]
     tight = max(settings.match_radius_arcsec, 0.003 * prob.field_radius)
     reasons = []
     tried = set()
-    for mode, factor, k in (("bright", 1, 5), ("grid", 1, 5), ("bright", 2, 6), ("grid", 2, 6)):
+    passes = (("bright", 1, 5, 1.0), ("grid", 1, 5, 1.0), ("bright", 2, 6, 1.0),
+              ("grid", 2, 6, 1.0), ("bright", 1, 8, 2.0))
+    for mode, factor, k, ref_factor in passes:
         n_img = settings.max_stars * factor
         # match the surface densities of the two lists
         n_img = int(min(n_img, len(prob.x), max(10, round(nref / ratio))))
-        sel, ref_sel, verify = _pattern_lists(prob, ref_std, ratio, n_img, mode)
+        if mode == "grid" and int(prob.fit_ok.sum()) < 2 * n_img:
+            continue  # few stars: the grid would pick about the brightest again
+        if ref_factor > 1 and n_img > 30:
+            continue  # the deeper reference is for few-star frames (its cost grows fast)
+        sel, ref_sel, verify = _pattern_lists(prob, ref_std, ratio, n_img, mode, ref_factor)
         if len(sel) < 3 or len(ref_sel) < 3:
             return None, f"too few stars for a pattern ({len(prob.x)} image, {nref} reference)"
         key = (tuple(sel), len(ref_sel), k)
@@ -499,7 +519,8 @@ def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]
             scale_tolerance=settings.scale_tolerance,
             max_offset=settings.max_pointing_error_arcsec * 1.2 + 0.05 * prob.field_radius,
             radius=radius, search_area=search_area, min_matches=settings.min_matches, k=k,
-            extent=(nx / 2.0, ny / 2.0), tight_radius=tight)
+            extent=(nx / 2.0, ny / 2.0), tight_radius=tight,
+            false_alarm=_FALSE_ALARM / len(passes))
         if match is None:
             reasons.append(why)
             continue
