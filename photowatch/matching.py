@@ -11,13 +11,19 @@ The pieces :mod:`photowatch.stages.astrometry` assembles:
   with close invariants and a size ratio within the pixel-scale tolerance are
   paired; each pair is a hypothesis (a similarity with or without
   reflection). Every hypothesis is verified by counting the image stars it
-  lands within a radius of a reference star, and the best one must beat
-  chance by a Poisson test that accounts for the number of hypotheses tried.
-  (The idea of astroalign's triangle invariants, with astrometry.net's habit
-  of verifying every hypothesis against the whole star list.)
-- :func:`shift_search`: the warm start. With the previous solution of the
-  same field the reference stars are predicted in pixels and only a shift is
-  searched (a histogram of all image-reference position differences).
+  lands within a radius of a reference star; the best few are refitted on
+  their pairs and counted again in a tight radius, and must beat chance
+  (:func:`chance_needed`: the reference stars in the hypothesis' footprint,
+  the radius and the number of hypotheses tried, a Poisson test). (The idea
+  of astroalign's triangle invariants, with astrometry.net's habit of
+  verifying every hypothesis against the whole star list.)
+- :func:`spread_order`: the brightest star of each cell of a grid first, so a
+  pattern covers the whole frame.
+- :func:`shift_search` and :func:`fit_affine`: the warm start. With the
+  previous solution of the same field the reference stars are predicted in
+  pixels and a shift is searched (a histogram of all image-reference position
+  differences); the pairs at that shift get an affine fit whose matches and
+  rms are checked before anything is refined.
 - :func:`refine`: iterative nearest-neighbour matching with a shrinking
   radius and weighted least squares with sigma clipping: a linear (TAN) fit
   first, then a polynomial of the SIP degree, returned as a
