@@ -508,7 +508,9 @@ def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]
             continue  # the deeper reference is for few-star frames (its cost grows fast)
         sel, ref_sel, verify = _pattern_lists(prob, ref_std, ratio, n_img, mode, ref_factor)
         if len(sel) < 3 or len(ref_sel) < 3:
-            return None, f"too few stars for a pattern ({len(prob.x)} image, {nref} reference)"
+            reasons.append(f"too few stars for a pattern ({len(prob.x)} image, "
+                           f"{nref} reference)")
+            continue
         key = (tuple(sel), len(ref_sel), k)
         if key in tried:  # a sparse field: the grid pass picks the same stars
             continue
