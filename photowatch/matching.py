@@ -697,6 +697,10 @@ def fit_tan_sip(x, y, ra, dec, *, crpix: tuple[float, float], crval: tuple[float
         r = np.hypot(resid[:, 0], resid[:, 1])
         chi = r * np.sqrt(w / np.median(w[keep]))
         sigma = max(np.median(chi[keep]) / 1.1774, 1e-4)
+        if weights is not None:
+            # a few pairs fitted by nearly as many terms leave residuals far below their
+            # errors: clip against the stated errors then, not the overfitted scatter
+            sigma = max(sigma, float(np.sqrt(1.0 / np.median(w[keep]))))
         new_keep = chi <= clip_sigma * sigma
         if new_keep.sum() < len(terms) + 2 or np.array_equal(new_keep, keep):
             break
