@@ -86,6 +86,10 @@ _MIN_CLEAN_PATTERN = 8
 _FALSE_ALARM = 1e-3
 #: centroid uncertainty floor (pixels): pixelisation and PSF asymmetries of bright stars
 _CENTROID_FLOOR_PX = 0.02
+#: sources at least this elongated (1 - b/a; sources.py's limit for stars) are not fitted:
+#: the centroid of a trail is uncertain along it (a trailed frame gave 0.4" rms and a WCS
+#: 0.7 px off)
+_MAX_FIT_ELLIPTICITY = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -360,6 +364,8 @@ def _setup(sources, shape, wcs_guess, reference, settings: Astrometry) -> _Probl
         else np.zeros(len(sources), dtype=np.int64)
     flux = _column(sources, "flux", np.ones(len(sources)))
     good = np.isfinite(x) & np.isfinite(y) & ((flags & _BAD_FOR_PATTERN) == 0)
+    ell = _column(sources, "ellipticity")
+    trailed = np.zeros(len(sources), bool) if ell is None else ell >= _MAX_FIT_ELLIPTICITY
     order = np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
     order = order[good[order]]
     scale, _, _ = wcs_geometry(wcs_guess)
@@ -382,7 +388,8 @@ def _setup(sources, shape, wcs_guess, reference, settings: Astrometry) -> _Probl
         ref_sigma = _position_sigma_px(reference) * scale
     crpix = tuple(float(c) for c in wcs_guess.wcs.crpix)
     return _Problem(
-        x=x[order], y=y[order], src_index=order, fit_ok=(flags[order] & _BAD_FOR_FIT) == 0,
+        x=x[order], y=y[order], src_index=order,
+        fit_ok=((flags[order] & _BAD_FOR_FIT) == 0) & ~trailed[order],
         saturated=(flags[order] & int(SourceFlag.SATURATED)) != 0,
         sigma_arcsec=sigma_px[order] * scale, ref_ra=ref_ra[rank], ref_dec=ref_dec[rank],
         ref_index=rank, ref_sigma_arcsec=ref_sigma[rank], centre=centre, scale=scale,
