@@ -18,8 +18,12 @@ Matching (see :mod:`photowatch.matching`), in order:
 
 1. **warm** (``previous`` given, the last solution of the same field): the
    reference stars are predicted in pixels with ``previous``, a shift is
-   searched, stars are paired by nearest neighbours and fitted. Near-instant.
-2. **pattern**: triangle hashing of the brightest stars, robust to a pointing
+   searched (its peak must beat chance), the bright pairs at that shift get an
+   affine fit whose matches, match fraction, rms and geometry are checked, and
+   only then are all stars paired and fitted; otherwise the pattern runs.
+2. **pattern**: triangle hashing of well-measured stars (no saturated, blended
+   or trailed ones): the brightest, then the brightest per cell of a grid over
+   the frame, against the catalogue to the same depth; robust to a pointing
    error up to ``max_pointing_error_arcsec``, any rotation, either parity and
    a pixel scale known to ``scale_tolerance``.
 3. **solve-field** (astrometry.net, when ``settings.solve_field`` and the
