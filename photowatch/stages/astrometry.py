@@ -345,6 +345,7 @@ class _Problem:
     src_index: np.ndarray  #: their rows in the source table
     fit_ok: np.ndarray  #: bool, centroid good enough to fit
     saturated: np.ndarray  #: bool, flagged saturated
+    relative: bool  #: the reference is another frame's unsaturated sources
     sigma_arcsec: np.ndarray
     ref_ra: np.ndarray  #: reference stars in the search cone, bright first
     ref_dec: np.ndarray
@@ -395,6 +396,7 @@ def _setup(sources, shape, wcs_guess, reference, settings: Astrometry) -> _Probl
         x=x[order], y=y[order], src_index=order,
         fit_ok=((flags[order] & _BAD_FOR_FIT) == 0) & ~trailed[order],
         saturated=(flags[order] & int(SourceFlag.SATURATED)) != 0,
+        relative=bool(reference.meta.get("relative")),
         sigma_arcsec=sigma_px[order] * scale, ref_ra=ref_ra[rank], ref_dec=ref_dec[rank],
         ref_index=rank, ref_sigma_arcsec=ref_sigma[rank], centre=centre, scale=scale,
         search_radius=search, field_radius=field_radius, shape=(ny, nx), crpix=crpix)
@@ -461,7 +463,9 @@ def _pattern_lists(prob: _Problem, ref_std: np.ndarray, ratio: float, n_img: int
         cand = np.arange(len(prob.x))
         nsat = 0
     else:
-        nsat = int(prob.saturated.sum())
+        # a catalogue holds the stars the image saturates; a relative reference (another
+        # frame's well-measured sources) does not
+        nsat = 0 if prob.relative else int(prob.saturated.sum())
     nref = len(ref_std)
     skip = int(round(nsat * ratio))
     if nref - skip < max(3, n_img):
@@ -579,7 +583,7 @@ def _warm(prob: _Problem, previous, settings: Astrometry) -> tuple[Refined | Non
     idx_on = np.flatnonzero(on)  # bright first, like the reference
     ratio_on = (nx + 2 * max_shift) * (ny + 2 * max_shift) / (nx * ny)
     depth = int(sel.max()) + 1
-    nsat = int(prob.saturated[:depth].sum())
+    nsat = 0 if prob.relative else int(prob.saturated[:depth].sum())
     n_ref = int(min(len(idx_on), round((depth + nsat) * ratio_on * 1.5)))
     ref_idx = idx_on[:n_ref]
     ref_pix = np.column_stack([rx[ref_idx], ry[ref_idx]])
