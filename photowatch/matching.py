@@ -11,13 +11,19 @@ The pieces :mod:`photowatch.stages.astrometry` assembles:
   with close invariants and a size ratio within the pixel-scale tolerance are
   paired; each pair is a hypothesis (a similarity with or without
   reflection). Every hypothesis is verified by counting the image stars it
-  lands within a radius of a reference star, and the best one must beat
-  chance by a Poisson test that accounts for the number of hypotheses tried.
-  (The idea of astroalign's triangle invariants, with astrometry.net's habit
-  of verifying every hypothesis against the whole star list.)
-- :func:`shift_search`: the warm start. With the previous solution of the
-  same field the reference stars are predicted in pixels and only a shift is
-  searched (a histogram of all image-reference position differences).
+  lands within a radius of a reference star; the best few are refitted on
+  their pairs and counted again in a tight radius, and must beat chance
+  (:func:`chance_needed`: the reference stars in the hypothesis' footprint,
+  the radius and the number of hypotheses tried, a Poisson test). (The idea
+  of astroalign's triangle invariants, with astrometry.net's habit of
+  verifying every hypothesis against the whole star list.)
+- :func:`spread_order`: the brightest star of each cell of a grid first, so a
+  pattern covers the whole frame.
+- :func:`shift_search` and :func:`fit_affine`: the warm start. With the
+  previous solution of the same field the reference stars are predicted in
+  pixels and a shift is searched (a histogram of all image-reference position
+  differences); the pairs at that shift get an affine fit whose matches and
+  rms are checked before anything is refined.
 - :func:`refine`: iterative nearest-neighbour matching with a shrinking
   radius and weighted least squares with sigma clipping: a linear (TAN) fit
   first, then a polynomial of the SIP degree, returned as a
@@ -82,13 +88,14 @@ def deproject(xi, eta, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]
 # one-to-one nearest-neighbour matching
 
 
-def match_nearest(a: np.ndarray, b: np.ndarray, radius: float
+def match_nearest(a: np.ndarray, b: np.ndarray, radius: float, *, tree=None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-to-one pairs of points of ``a`` and ``b`` (n x 2) closer than ``radius``.
 
     Each point of ``a`` takes its nearest point of ``b``; when several take the
     same point of ``b`` only the closest keeps it. Returns indices into ``a``,
-    into ``b`` and the distances.
+    into ``b`` and the distances. ``tree`` may be a ``cKDTree`` of ``b`` (all
+    finite) built once for repeated calls.
     """
     from scipy.spatial import cKDTree
 
@@ -96,10 +103,15 @@ def match_nearest(a: np.ndarray, b: np.ndarray, radius: float
     if len(a) == 0 or len(b) == 0:
         return empty
     good_a = np.flatnonzero(np.isfinite(a).all(axis=1))
-    good_b = np.flatnonzero(np.isfinite(b).all(axis=1))
-    if good_a.size == 0 or good_b.size == 0:
+    if tree is None:
+        good_b = np.flatnonzero(np.isfinite(b).all(axis=1))
+        if good_b.size == 0:
+            return empty
+        tree = cKDTree(b[good_b])
+    else:
+        good_b = np.arange(len(b))
+    if good_a.size == 0:
         return empty
-    tree = cKDTree(b[good_b])
     dist, j = tree.query(a[good_a], k=1, distance_upper_bound=radius)
     ok = np.isfinite(dist)
     ia, jb, dist = good_a[ok], good_b[j[ok]], dist[ok]
@@ -215,10 +227,13 @@ class PatternMatch:
     """The best verified hypothesis of :func:`find_similarity`."""
 
     transform: Similarity
-    nmatch: int  #: image stars within the verification radius of a reference star
+    nmatch: int  #: image stars within the (tight) verification radius of a reference star
     expected: float  #: chance matches expected per hypothesis
     needed: int  #: matches needed to beat chance over all hypotheses
     nhypotheses: int
+    radius: float = float("nan")  #: the radius ``nmatch`` was counted in (reference units)
+    rms: float = float("nan")  #: rms of the matched pairs about the refitted transform
+    noverlap: int = 0  #: verification stars inside the image footprint
 
 
 def _fit_similarities(z: np.ndarray, w: np.ndarray, flip: np.ndarray):
@@ -250,11 +265,71 @@ def poisson_needed(expected: float, ntrials: int, false_alarm: float = 1e-3) -> 
     return k
 
 
+def chance_needed(nstars: int, noverlap: int, area: float, radius: float, ntrials: int, *,
+                  fixed: int = 3, false_alarm: float = 1e-3) -> tuple[float, int]:
+    """Matches a hypothesis needs to beat chance, from the actual numbers.
+
+    ``nstars`` image stars are checked against ``noverlap`` reference stars
+    that lie in the overlap (area ``area``) of the image footprint with the
+    reference; a star matches by chance when it lands within ``radius`` of
+    one of them (probability ``noverlap * pi radius**2 / area``). ``fixed``
+    stars match by construction (a triangle's vertices), and ``ntrials``
+    hypotheses were tried (:func:`poisson_needed`). Returns the expected
+    chance count and the matches needed (``fixed`` plus the Poisson count):
+    a complete match passes whenever the overlap is not crowded at the
+    radius; random lists do not.
+    """
+    p = min(1.0, max(noverlap, 0) * math.pi * radius**2 / max(area, 1e-12))
+    expected = max(nstars - fixed, 0) * p
+    return expected, fixed + poisson_needed(expected, ntrials, false_alarm)
+
+
+def spread_order(xy: np.ndarray, ncells: int, lo=None, hi=None) -> np.ndarray:
+    """Order points (given bright first) so that they spread over the field.
+
+    The box ``lo``..``hi`` (default: the points' bounding box) is cut into
+    about ``ncells`` square-ish cells; the brightest point of every cell comes
+    first (in brightness order), then the second of every cell, and so on.
+    The first ``ncells`` of the result are a grid selection: the brightest
+    star per cell, so a frame whose bright stars crowd one corner still gives
+    a pattern over the whole frame.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    n = len(xy)
+    if n == 0:
+        return np.zeros(0, dtype=np.intp)
+    lo = xy.min(axis=0) if lo is None else np.asarray(lo, dtype=np.float64)
+    hi = xy.max(axis=0) if hi is None else np.asarray(hi, dtype=np.float64)
+    span = np.maximum(hi - lo, 1e-9)
+    g = max(int(math.ceil(math.sqrt(max(ncells, 1)))), 1)
+    aspect = span[0] / span[1]
+    gx = max(int(round(g * math.sqrt(aspect))), 1)
+    gy = max(int(round(g / math.sqrt(aspect))), 1)
+    ix = np.clip(((xy[:, 0] - lo[0]) / span[0] * gx).astype(np.intp), 0, gx - 1)
+    iy = np.clip(((xy[:, 1] - lo[1]) / span[1] * gy).astype(np.intp), 0, gy - 1)
+    cell = iy * gx + ix
+    # rank of each point within its cell, in the given (brightness) order
+    order = np.argsort(cell, kind="stable")
+    sorted_cells = cell[order]
+    start = np.r_[0, np.flatnonzero(np.diff(sorted_cells)) + 1]
+    counts = np.diff(np.r_[start, n])
+    rank = np.empty(n, dtype=np.intp)
+    rank[order] = np.arange(n) - np.repeat(start, counts)
+    return np.lexsort((np.arange(n), rank))
+
+
+def _refit_similarity(zimg: np.ndarray, wref: np.ndarray, flip: bool) -> tuple[complex, complex]:
+    a, b = _fit_similarities(zimg[None, :], wref[None, :], np.array([flip]))
+    return complex(a[0]), complex(b[0])
+
+
 def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.ndarray,
                     scale: float, scale_tolerance: float, max_offset: float,
                     radius: float, search_area: float, min_matches: int, k: int = 5,
-                    tolerance: float = 0.012, max_hypotheses: int = 20000
-                    ) -> tuple[PatternMatch | None, str]:
+                    tolerance: float = 0.012, max_hypotheses: int = 20000,
+                    extent: tuple[float, float] | None = None,
+                    tight_radius: float | None = None, candidates: int = 25,
+                    false_alarm: float = 1e-3) -> tuple[PatternMatch | None, str]:
     """Find the similarity (any rotation, either parity) mapping image stars on reference stars.
 
     Parameters
@@ -275,9 +350,26 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
     radius : float
         Verification radius (arcsec).
     search_area : float
-        Area (arcsec²) over which ``verify_xy`` was selected, for the chance rate.
+        Area (arcsec²) over which ``verify_xy`` was selected (kept for callers;
+        the chance rate now comes from the verification stars that fall in the
+        image footprint under each hypothesis).
     min_matches : int
         Fewest matches accepted.
+    extent : (float, float), optional
+        Half-width and half-height of the image (pixels, about its centre);
+        default the extent of ``img_xy``.
+    tight_radius : float, optional
+        Radius (arcsec) of the final count, after the best ``candidates``
+        hypotheses are refitted on the stars they matched within ``radius``
+        (default ``radius / 2``).
+    false_alarm : float
+        Chance of accepting a random list (split it over repeated calls).
+
+    Every hypothesis is counted within ``radius``; the best ``candidates`` are
+    refitted (a least-squares similarity on their matched pairs) and counted
+    again within ``tight_radius``. The chance threshold
+    (:func:`chance_needed`) uses the image stars, the verification stars in
+    the hypothesis' footprint, ``tight_radius`` and the number of hypotheses.
 
     Returns
     -------
@@ -327,20 +419,61 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
     flat = np.column_stack([pred.real.ravel(), pred.imag.ravel()])
     dist, _ = tree.query(flat, k=1, distance_upper_bound=radius)
     counts = np.isfinite(dist).reshape(nh, len(zall)).sum(axis=1)
-    best = int(np.argmax(counts))
-    # a hypothesis puts its own triangle's three stars on reference stars by construction:
-    # only the other stars can match by chance
-    density = len(verify_xy) / max(search_area, 1e-9)
-    expected = max(len(img_xy) - 3, 0) * density * math.pi * radius**2
-    needed = max(min_matches, 3 + poisson_needed(expected, nh))
-    match = PatternMatch(Similarity(complex(a[best]), complex(b[best]), bool(flip[best])),
-                         int(counts[best]), float(expected), int(needed), nh)
-    log.debug("pattern: %d hypotheses, best %d of %d (chance %.2f, need %d)", nh,
-              counts[best], len(zall), expected, needed)
-    if counts[best] < needed:
-        return None, (f"no pattern match: best hypothesis matched {counts[best]} of "
-                      f"{len(img_xy)} stars, need {needed} ({nh} hypotheses)")
-    return match, ""
+
+    # the best few: refit on their pairs, count again in the tight radius, and judge each
+    # against the chance of its own overlap
+    rt = radius / 2.0 if tight_radius is None else float(tight_radius)
+    if extent is None:
+        hx, hy = (float(v) for v in np.abs(img_xy).max(axis=0))
+    else:
+        hx, hy = (float(v) for v in extent)
+    vz = verify_xy[:, 0] + 1j * verify_xy[:, 1]
+    best = None
+    for h in np.argsort(-counts, kind="stable")[:max(int(candidates), 1)]:
+        if counts[h] < 3:
+            break
+        ah, bh, fh = complex(a[h]), complex(b[h]), bool(flip[h])
+        ii = np.zeros(0, dtype=np.intp)
+        r_use = radius
+        for r_use in (radius, rt, rt):
+            pz = ah * (np.conj(zall) if fh else zall) + bh
+            ii, jj, _ = match_nearest(np.column_stack([pz.real, pz.imag]), verify_xy, r_use,
+                                      tree=tree)
+            if len(ii) < 3:
+                break
+            ah, bh = _refit_similarity(zall[ii], vz[jj], fh)
+        if len(ii) < 3:
+            continue
+        pz = ah * (np.conj(zall) if fh else zall) + bh
+        ii, jj, d = match_nearest(np.column_stack([pz.real, pz.imag]), verify_xy, rt, tree=tree)
+        if abs(abs(ah) / scale - 1) > slack:
+            continue
+        # verification stars in the footprint under this hypothesis
+        back = (vz - bh) / ah
+        if fh:
+            back = np.conj(back)
+        inside = (np.abs(back.real) <= hx) & (np.abs(back.imag) <= hy)
+        area = 4 * hx * hy * abs(ah) ** 2
+        on_img = int(((np.abs(zall.real) <= hx) & (np.abs(zall.imag) <= hy)).sum())
+        expected, needed = chance_needed(on_img, int(inside.sum()), area, rt, nh,
+                                         false_alarm=false_alarm)
+        needed = max(min_matches, needed)
+        rms = float(np.sqrt(np.mean(d**2))) if len(d) else float("nan")
+        cand = PatternMatch(Similarity(ah, bh, fh), int(len(ii)), float(expected), int(needed),
+                            nh, rt, rms, int(inside.sum()))
+        if best is None or (cand.nmatch - cand.needed, cand.nmatch) > (
+                best.nmatch - best.needed, best.nmatch):
+            best = cand
+    if best is None:
+        return None, (f"no pattern match: best hypothesis matched {counts.max()} of "
+                      f"{len(img_xy)} stars within {radius:.1f} ({nh} hypotheses)")
+    log.debug("pattern: %d hypotheses, best %d of %d within %.2f (chance %.2f, need %d)", nh,
+              best.nmatch, len(zall), rt, best.expected, best.needed)
+    if best.nmatch < best.needed:
+        return None, (f"no pattern match: best hypothesis matched {best.nmatch} of "
+                      f"{len(img_xy)} stars, need {best.needed} ({best.noverlap} reference stars "
+                      f"in its footprint, radius {rt:.2f}, {nh} hypotheses)")
+    return best, ""
 
 
 # ---------------------------------------------------------------------------
@@ -373,6 +506,35 @@ def shift_search(img_xy: np.ndarray, ref_xy: np.ndarray, *, max_shift: float,
     shift = np.median(d[near], axis=0)
     votes = int((np.abs(d - shift) <= bin_size).all(axis=1).sum())
     return shift, votes
+
+
+def fit_affine(src: np.ndarray, dst: np.ndarray, *, clip_sigma: float = 3.0,
+               iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares affine map ``dst ~ M @ src + t`` with sigma clipping.
+
+    Returns the (2, 3) matrix ``[M | t]`` and a bool array of the pairs kept.
+    Fewer than three pairs give the pure shift of their mean offset.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    keep = np.ones(len(src), dtype=bool)
+    if len(src) < 3:
+        t = (dst - src).mean(axis=0) if len(src) else np.zeros(2)
+        return np.array([[1.0, 0.0, t[0]], [0.0, 1.0, t[1]]]), keep
+    centre = src.mean(axis=0)
+    design = np.column_stack([src - centre, np.ones(len(src))])
+    coef = None
+    for _ in range(iterations + 1):
+        coef = np.linalg.lstsq(design[keep], dst[keep], rcond=None)[0]  # (3, 2)
+        r = np.hypot(*(dst - design @ coef).T)
+        sigma = max(float(np.median(r[keep])) / 1.1774, 1e-6)
+        new_keep = r <= clip_sigma * sigma
+        if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    m = coef[:2].T
+    t = coef[2] - m @ centre
+    return np.column_stack([m, t]), keep
 
 
 # ---------------------------------------------------------------------------
@@ -535,6 +697,10 @@ def fit_tan_sip(x, y, ra, dec, *, crpix: tuple[float, float], crval: tuple[float
         r = np.hypot(resid[:, 0], resid[:, 1])
         chi = r * np.sqrt(w / np.median(w[keep]))
         sigma = max(np.median(chi[keep]) / 1.1774, 1e-4)
+        if weights is not None:
+            # a few pairs fitted by nearly as many terms leave residuals far below their
+            # errors: clip against the stated errors then, not the overfitted scatter
+            sigma = max(sigma, float(np.sqrt(1.0 / np.median(w[keep]))))
         new_keep = chi <= clip_sigma * sigma
         if new_keep.sum() < len(terms) + 2 or np.array_equal(new_keep, keep):
             break

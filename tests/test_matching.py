@@ -9,14 +9,17 @@ import pytest
 
 from photowatch.matching import (
     Similarity,
+    chance_needed,
     deproject,
     find_similarity,
+    fit_affine,
     fit_tan_sip,
     match_nearest,
     poisson_needed,
     project,
     refine,
     shift_search,
+    spread_order,
     triangles,
 )
 
@@ -207,3 +210,60 @@ def test_refine_rejects_outliers_and_lowers_degree_for_few_stars():
     assert out.degree == 1  # 22 pairs constrain a linear fit only (5 pairs per term)
     assert not set(out.img_index.tolist()) & {0, 1, 2}
     assert len(out.img_index) == 22
+
+
+def test_chance_threshold_passes_complete_sparse_matches_and_grows_with_crowding():
+    # a 512 px frame at 0.24"/px (123" square), 2" radius, the verification list about
+    # 1.5 times the image's depth, a few hundred hypotheses: complete matches pass
+    area = (512 * 0.24) ** 2
+    for n in (8, 12, 20, 50):
+        expected, needed = chance_needed(n, int(1.5 * n), area, 2.0, 300)
+        assert needed <= n, (n, expected, needed)
+        assert expected < 0.1 * n
+    # the old threshold's situation: the whole deep catalogue (550 stars in 217,000
+    # arcsec2 -> 37 in the frame) within 6": 21 of 21 stars "need 22", as reported
+    assert chance_needed(21, 37, area, 6.0, 400)[1] == 22
+    # more stars in the overlap, a larger radius or more trials need more matches
+    base = chance_needed(20, 30, area, 2.0, 100)[1]
+    assert chance_needed(20, 120, area, 2.0, 100)[1] > base
+    assert chance_needed(20, 30, area, 4.0, 100)[1] > base
+    assert chance_needed(20, 30, area, 2.0, 10**6)[1] > base
+    # random lists: the chance count rarely reaches the threshold
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(2000):
+        ref = rng.uniform(0, 123, (30, 2))
+        img = rng.uniform(0, 123, (20, 2))
+        hits += len(match_nearest(img, ref, 2.0)[0]) >= chance_needed(20, 30, area, 2.0, 1,
+                                                                      fixed=0)[1]
+    assert hits <= 4  # 1e-3 false-alarm rate: about 2 in 2000
+
+
+def test_spread_order_puts_the_brightest_of_every_cell_first():
+    rng = np.random.default_rng(8)
+    crowd = rng.uniform(0, 200, (200, 2))  # the bright stars crowd one corner
+    spread = rng.uniform(0, 1000, (60, 2))
+    xy = np.vstack([crowd, spread])  # bright first
+    order = spread_order(xy, 16, lo=(0, 0), hi=(1000, 1000))
+    assert sorted(order.tolist()) == list(range(len(xy)))
+    first = xy[order[:16]]
+    cells = {(int(x // 250), int(y // 250)) for x, y in first}
+    assert len(cells) == 16  # one star in each of the 4 x 4 cells
+    # within a cell the brightest comes first
+    cell_of = (xy[:, 0] // 250).astype(int) * 4 + (xy[:, 1] // 250).astype(int)
+    for c in range(16):
+        members = np.flatnonzero(cell_of == c)
+        if len(members):
+            assert members.min() in order[:16]
+
+
+def test_fit_affine_recovers_a_map_despite_outliers():
+    rng = np.random.default_rng(9)
+    src = rng.uniform(0, 4000, (300, 2))
+    m = np.array([[1.0002, -0.0011], [0.0012, 0.9997]])
+    t = np.array([37.5, -120.25])
+    dst = src @ m.T + t + rng.normal(0, 0.05, src.shape)
+    dst[:30] += rng.uniform(-20, 20, (30, 2))  # wrong pairs
+    aff, keep = fit_affine(src, dst)
+    assert np.allclose(aff[:, :2], m, atol=2e-5) and np.allclose(aff[:, 2], t, atol=0.05)
+    assert keep[30:].mean() > 0.98 and keep[:30].mean() < 0.2

@@ -18,8 +18,12 @@ Matching (see :mod:`photowatch.matching`), in order:
 
 1. **warm** (``previous`` given, the last solution of the same field): the
    reference stars are predicted in pixels with ``previous``, a shift is
-   searched, stars are paired by nearest neighbours and fitted. Near-instant.
-2. **pattern**: triangle hashing of the brightest stars, robust to a pointing
+   searched (its peak must beat chance), the bright pairs at that shift get an
+   affine fit whose matches, match fraction, rms and geometry are checked, and
+   only then are all stars paired and fitted; otherwise the pattern runs.
+2. **pattern**: triangle hashing of well-measured stars (no saturated, blended
+   or trailed ones): the brightest, then the brightest per cell of a grid over
+   the frame, against the catalogue to the same depth; robust to a pointing
    error up to ``max_pointing_error_arcsec``, any rotation, either parity and
    a pixel scale known to ``scale_tolerance``.
 3. **solve-field** (astrometry.net, when ``settings.solve_field`` and the
@@ -56,12 +60,16 @@ from photowatch.instruments import Profile
 from photowatch.matching import (
     ARCSEC_PER_DEG,
     Refined,
+    chance_needed,
     deproject,
     find_similarity,
+    fit_affine,
+    match_nearest,
     poisson_needed,
     project,
     refine,
     shift_search,
+    spread_order,
 )
 from photowatch.sources import SourceFlag
 
@@ -72,10 +80,20 @@ log = logging.getLogger(__name__)
 #: half the stars have one somewhere in their photometric aperture.
 _BAD_FOR_FIT = int(SourceFlag.SATURATED | SourceFlag.BLENDED | SourceFlag.CENTROID
                    | SourceFlag.BADFLUX | SourceFlag.SHARP)
-#: hot pixels (SHARP) would match each other at zero shift between frames of one camera
+#: hot pixels (SHARP) would match each other at zero shift between frames of one camera;
+#: saturated and blended stars stay out of the pattern too (their brightness order and
+#: centroids are unreliable) unless a frame has too few other stars
 _BAD_FOR_PATTERN = int(SourceFlag.CENTROID | SourceFlag.BADFLUX | SourceFlag.SHARP)
+#: fewest clean (fit-quality) stars for a pattern of clean stars only
+_MIN_CLEAN_PATTERN = 8
+#: chance that a random star list passes the pattern stage (shared by its passes)
+_FALSE_ALARM = 1e-3
 #: centroid uncertainty floor (pixels): pixelisation and PSF asymmetries of bright stars
 _CENTROID_FLOOR_PX = 0.02
+#: sources at least this elongated (1 - b/a; sources.py's limit for stars) are not fitted:
+#: the centroid of a trail is uncertain along it (a trailed frame gave 0.4" rms and a WCS
+#: 0.7 px off)
+_MAX_FIT_ELLIPTICITY = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -326,6 +344,8 @@ class _Problem:
     y: np.ndarray
     src_index: np.ndarray  #: their rows in the source table
     fit_ok: np.ndarray  #: bool, centroid good enough to fit
+    saturated: np.ndarray  #: bool, flagged saturated
+    relative: bool  #: the reference is another frame's unsaturated sources
     sigma_arcsec: np.ndarray
     ref_ra: np.ndarray  #: reference stars in the search cone, bright first
     ref_dec: np.ndarray
@@ -349,6 +369,8 @@ def _setup(sources, shape, wcs_guess, reference, settings: Astrometry) -> _Probl
         else np.zeros(len(sources), dtype=np.int64)
     flux = _column(sources, "flux", np.ones(len(sources)))
     good = np.isfinite(x) & np.isfinite(y) & ((flags & _BAD_FOR_PATTERN) == 0)
+    ell = _column(sources, "ellipticity")
+    trailed = np.zeros(len(sources), bool) if ell is None else ell >= _MAX_FIT_ELLIPTICITY
     order = np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
     order = order[good[order]]
     scale, _, _ = wcs_geometry(wcs_guess)
@@ -371,7 +393,10 @@ def _setup(sources, shape, wcs_guess, reference, settings: Astrometry) -> _Probl
         ref_sigma = _position_sigma_px(reference) * scale
     crpix = tuple(float(c) for c in wcs_guess.wcs.crpix)
     return _Problem(
-        x=x[order], y=y[order], src_index=order, fit_ok=(flags[order] & _BAD_FOR_FIT) == 0,
+        x=x[order], y=y[order], src_index=order,
+        fit_ok=((flags[order] & _BAD_FOR_FIT) == 0) & ~trailed[order],
+        saturated=(flags[order] & int(SourceFlag.SATURATED)) != 0,
+        relative=bool(reference.meta.get("relative")),
         sigma_arcsec=sigma_px[order] * scale, ref_ra=ref_ra[rank], ref_dec=ref_dec[rank],
         ref_index=rank, ref_sigma_arcsec=ref_sigma[rank], centre=centre, scale=scale,
         search_radius=search, field_radius=field_radius, shape=(ny, nx), crpix=crpix)
@@ -397,16 +422,75 @@ def _accept(prob: _Problem, ref: Refined, settings: Astrometry) -> str:
     if not (ref.rms_arcsec <= settings.max_rms_arcsec):
         return (f"rms {ref.rms_arcsec:.3f} arcsec of {n} matched stars exceeds "
                 f"{settings.max_rms_arcsec} arcsec")
-    density = len(prob.ref_ra) / (math.pi * prob.search_radius**2)
+    # chance: the fitted image stars against the reference stars around the solved field,
+    # within the radius the fit's precision allows (a deep catalogue has a star within the
+    # matching radius of many image stars; it rarely has one within 3 rms)
+    sol = ref.solution
+    ra_c, dec_c = sol.pix2world([prob.shape[1] / 2.0 - 0.5], [prob.shape[0] / 2.0 - 0.5])
+    xi, eta = project(prob.ref_ra, prob.ref_dec, float(ra_c[0]), float(dec_c[0]))
+    near = int((np.hypot(xi, eta) * ARCSEC_PER_DEG <= prob.field_radius).sum())
+    r_acc = min(settings.match_radius_arcsec, max(3.0 * ref.rms_arcsec, 0.25))
+    n_acc = int((np.hypot(*ref.residuals.T) <= r_acc).sum())
     nimg = int(prob.fit_ok.sum())
-    expected = nimg * density * math.pi * settings.match_radius_arcsec**2
-    needed = poisson_needed(expected, 10)
-    if n < needed:
-        return f"{n} matched stars is no more than chance ({expected:.1f} expected, need {needed})"
+    expected, needed = chance_needed(nimg, near, math.pi * prob.field_radius**2, r_acc, 10,
+                                     fixed=0)
+    if n_acc < needed:
+        return (f"{n_acc} stars matched within {r_acc:.2f} arcsec is no more than chance "
+                f"({expected:.1f} expected, need {needed})")
     scale, _, _ = wcs_geometry(ref.solution.to_wcs())
     if abs(scale / prob.scale - 1) > settings.scale_tolerance * 1.5 + 0.01:
         return f"fitted scale {scale:.4f} arcsec/px is off the expected {prob.scale:.4f}"
     return ""
+
+
+def _pattern_lists(prob: _Problem, ref_std: np.ndarray, ratio: float, n_img: int, mode: str,
+                   ref_factor: float = 1.0):
+    """Image and reference star lists for one pattern pass, and the verification list.
+
+    The image list holds well-measured stars (no saturated or blended ones unless the
+    frame has fewer than :data:`_MIN_CLEAN_PATTERN` others): the brightest ``n_img``
+    (``mode='bright'``) or the brightest of each cell of a grid over the frame
+    (``mode='grid'``). The reference list covers the search area to the same depth: its
+    brightest stars are skipped as many as the image's saturated stars account for, and
+    it holds ``ratio`` (search area / image area) times ``ref_factor`` as many stars
+    (``ref_factor`` > 1: a deeper reference for few-star frames whose brightest stars the
+    catalogue orders differently). The verification
+    list is the reference down to 1.5 times the depth the image list reaches.
+    """
+    ny, nx = prob.shape
+    cand = np.flatnonzero(prob.fit_ok)
+    if len(cand) < _MIN_CLEAN_PATTERN:
+        cand = np.arange(len(prob.x))
+        nsat = 0
+    else:
+        # a catalogue holds the stars the image saturates; a relative reference (another
+        # frame's well-measured sources) does not
+        nsat = 0 if prob.relative else int(prob.saturated.sum())
+    nref = len(ref_std)
+    skip = int(round(nsat * ratio))
+    if nref - skip < max(3, n_img):
+        skip = max(0, nref - max(3, int(round(n_img * ratio))))
+    if mode == "grid":
+        order = spread_order(np.column_stack([prob.x[cand], prob.y[cand]]), n_img,
+                             lo=(-0.5, -0.5), hi=(nx - 0.5, ny - 0.5))
+        sel = cand[order[:n_img]]
+    else:
+        sel = cand[:n_img]
+    if len(sel) == 0:
+        return sel, np.zeros((0, 2)), np.zeros((0, 2))
+    depth = int(sel.max()) + 1  # rank (in brightness) the image selection reaches
+    n_deep = int(min(nref, skip + max(len(sel), round(1.5 * depth * ratio * ref_factor))))
+    if mode == "grid":
+        pool = ref_std[skip:n_deep]
+        cell = math.sqrt(nx * ny / max(len(sel), 1)) * prob.scale
+        span = np.ptp(pool, axis=0) if len(pool) else np.zeros(2)
+        ncells = max(int(round(float(span[0] * span[1]) / cell**2)), len(sel))
+        order = spread_order(pool, ncells)
+        ref_sel = pool[order[:int(min(len(pool), max(len(sel), round(len(sel) * ratio))))]]
+    else:
+        n_ref = int(min(nref - skip, max(len(sel), round(len(sel) * ratio * ref_factor))))
+        ref_sel = ref_std[skip:skip + n_ref]
+    return sel, ref_sel, ref_std[:n_deep]
 
 
 def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]:
@@ -424,21 +508,36 @@ def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]
         search_area = min(search_area, max(float(span[0] * span[1]), image_area))
     ratio = search_area / image_area
     radius = max(3 * settings.match_radius_arcsec, 0.01 * prob.field_radius)
+    tight = max(settings.match_radius_arcsec, 0.003 * prob.field_radius)
     reasons = []
-    for factor, k in ((1, 5), (2, 6)):
+    tried = set()
+    passes = (("bright", 1, 5, 1.0), ("grid", 1, 5, 1.0), ("bright", 2, 6, 1.0),
+              ("grid", 2, 6, 1.0), ("bright", 1, 8, 2.0))
+    for mode, factor, k, ref_factor in passes:
         n_img = settings.max_stars * factor
         # match the surface densities of the two lists
         n_img = int(min(n_img, len(prob.x), max(10, round(nref / ratio))))
-        n_ref = int(min(nref, max(n_img, round(n_img * ratio))))
-        if n_img < 3 or n_ref < 3:
-            return None, f"too few stars for a pattern ({len(prob.x)} image, {nref} reference)"
-        img = np.column_stack([prob.x[:n_img] - cx, prob.y[:n_img] - cy])
-        verify = ref_std[: min(nref, 2 * n_ref)]
+        if mode == "grid" and int(prob.fit_ok.sum()) < 2 * n_img:
+            continue  # few stars: the grid would pick about the brightest again
+        if ref_factor > 1 and n_img > 30:
+            continue  # the deeper reference is for few-star frames (its cost grows fast)
+        sel, ref_sel, verify = _pattern_lists(prob, ref_std, ratio, n_img, mode, ref_factor)
+        if len(sel) < 3 or len(ref_sel) < 3:
+            reasons.append(f"too few stars for a pattern ({len(prob.x)} image, "
+                           f"{nref} reference)")
+            continue
+        key = (tuple(sel), len(ref_sel), k)
+        if key in tried:  # a sparse field: the grid pass picks the same stars
+            continue
+        tried.add(key)
+        img = np.column_stack([prob.x[sel] - cx, prob.y[sel] - cy])
         match, why = find_similarity(
-            img, ref_std[:n_ref], verify_xy=verify, scale=prob.scale,
+            img, ref_sel, verify_xy=verify, scale=prob.scale,
             scale_tolerance=settings.scale_tolerance,
             max_offset=settings.max_pointing_error_arcsec * 1.2 + 0.05 * prob.field_radius,
-            radius=radius, search_area=search_area, min_matches=settings.min_matches, k=k)
+            radius=radius, search_area=search_area, min_matches=settings.min_matches, k=k,
+            extent=(nx / 2.0, ny / 2.0), tight_radius=tight,
+            false_alarm=_FALSE_ALARM / len(passes))
         if match is None:
             reasons.append(why)
             continue
@@ -448,7 +547,8 @@ def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]
             w = sim.apply(np.column_stack([x - cx, y - cy])) / ARCSEC_PER_DEG
             return deproject(w[:, 0], w[:, 1], *prob.centre)
 
-        ref = _refine(prob, predict, settings, radius)
+        start = min(radius, max(tight, 3 * match.rms))
+        ref = _refine(prob, predict, settings, start)
         why = _accept(prob, ref, settings)
         if not why:
             return ref, ""
@@ -457,27 +557,91 @@ def _pattern(prob: _Problem, settings: Astrometry) -> tuple[Refined | None, str]
 
 
 def _warm(prob: _Problem, previous, settings: Astrometry) -> tuple[Refined | None, str]:
+    """Warm start from the field's previous solution, verified before it is trusted.
+
+    The previous solution predicts where the reference stars fall; the shift of this
+    frame (dither and pointing error, which scatter from frame to frame) is found by a
+    coarse search, a histogram of the offsets of the brightest well-measured image stars
+    from the reference stars to the same depth, whose peak must beat chance. The pairs at
+    that shift then get an affine fit; the warm start goes on only if the match fraction
+    of those bright stars, their number against chance and their rms pass. Only then is
+    the full list refined, from a radius the affine rms allows, and checked like any
+    other solution. Any failure returns None and a reason: the cold path then runs.
+    """
     ny, nx = prob.shape
-    max_shift = settings.max_pointing_error_arcsec / prob.scale
-    n_ref = min(len(prob.ref_ra), 4 * settings.max_stars)
-    rx, ry = previous.all_world2pix(prob.ref_ra[:n_ref], prob.ref_dec[:n_ref], 0)
-    margin = max_shift
-    on = (np.isfinite(rx) & np.isfinite(ry) & (rx > -margin) & (rx < nx + margin)
-          & (ry > -margin) & (ry < ny + margin))
-    ref_pix = np.column_stack([rx[on], ry[on]])
-    n_img = min(len(prob.x), 2 * settings.max_stars)
-    img = np.column_stack([prob.x[:n_img], prob.y[:n_img]])
-    bin_px = max(2.0 * settings.match_radius_arcsec / prob.scale, 2.0)
+    scale = prob.scale
+    max_shift = settings.max_pointing_error_arcsec / scale
+    cand = np.flatnonzero(prob.fit_ok)
+    n_img = int(min(len(cand), 2 * settings.max_stars))
+    if n_img < 3:
+        return None, f"warm start: {n_img} well-measured stars"
+    sel = cand[:n_img]
+    img = np.column_stack([prob.x[sel], prob.y[sel]])
+    rx, ry = previous.all_world2pix(prob.ref_ra, prob.ref_dec, 0)
+    on = (np.isfinite(rx) & np.isfinite(ry) & (rx > -max_shift) & (rx < nx + max_shift)
+          & (ry > -max_shift) & (ry < ny + max_shift))
+    idx_on = np.flatnonzero(on)  # bright first, like the reference
+    ratio_on = (nx + 2 * max_shift) * (ny + 2 * max_shift) / (nx * ny)
+    depth = int(sel.max()) + 1
+    nsat = 0 if prob.relative else int(prob.saturated[:depth].sum())
+    n_ref = int(min(len(idx_on), round((depth + nsat) * ratio_on * 1.5)))
+    ref_idx = idx_on[:n_ref]
+    ref_pix = np.column_stack([rx[ref_idx], ry[ref_idx]])
+    bin_px = max(settings.match_radius_arcsec / scale, 2.0)
     shift, votes = shift_search(img, ref_pix, max_shift=max_shift, bin_size=bin_px)
-    if votes < settings.min_matches:
-        return None, f"warm start: no common shift ({votes} votes)"
+    # chance: every image-reference pair within max_shift is one offset; the peak collects
+    # those within a bin, out of (2 max_shift / bin)^2 places it could have been
+    cells = (2 * max_shift / bin_px) ** 2
+    expected = len(img) * len(ref_pix) * (2 * bin_px) ** 2 / (ratio_on * nx * ny)
+    needed = max(settings.min_matches, poisson_needed(expected, int(cells)))
+    if votes < needed:
+        return None, (f"warm start: no common shift ({votes} pairs at the best shift, "
+                      f"need {needed})")
+    # pairs at that shift, an affine fit, and the checks
+    radius_px = bin_px
+    ii = jj = np.zeros(0, dtype=np.intp)
+    aff = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]])
+    for r_px in (radius_px, radius_px, 0.5 * radius_px):
+        moved = img @ aff[:, :2].T + aff[:, 2]
+        ii, jj, _ = match_nearest(moved, ref_pix, r_px)
+        if len(ii) < 3:
+            break
+        aff, _ = fit_affine(img[ii], ref_pix[jj])
+    if len(ii) < 3:
+        return None, f"warm start: {len(ii)} stars paired at the best shift"
+    moved = img @ aff[:, :2].T + aff[:, 2]
+    ii, jj, d = match_nearest(moved, ref_pix, 0.5 * radius_px)
+    rms = float(np.sqrt(np.mean(d**2))) * scale if len(d) else float("nan")
+    inside = (moved[:, 0] > -0.5) & (moved[:, 0] < nx - 0.5) & (moved[:, 1] > -0.5) & (
+        moved[:, 1] < ny - 0.5)
+    on_frame = (ref_pix[:, 0] > -0.5) & (ref_pix[:, 0] < nx - 0.5) & (ref_pix[:, 1] > -0.5) & (
+        ref_pix[:, 1] < ny - 0.5)
+    exp_t, need_t = chance_needed(int(inside.sum()), int(on_frame.sum()), nx * ny * 1.0,
+                                  0.5 * radius_px, int(cells), fixed=0)
+    need_t = max(need_t, settings.min_matches)
+    frac = len(ii) / max(min(int(inside.sum()), int(on_frame.sum())), 1)
+    lin = aff[:, :2] - np.eye(2)
+    corner = float(np.abs(lin).max()) * 0.5 * math.hypot(nx, ny) * scale
+    problems = []
+    if len(ii) < need_t:
+        problems.append(f"{len(ii)} bright stars matched, need {need_t} ({exp_t:.1f} by chance)")
+    if frac < 0.3:
+        problems.append(f"only {100 * frac:.0f} % of the bright stars matched")
+    if not rms <= settings.max_rms_arcsec * 2:
+        problems.append(f"bright-star rms {rms:.2f} arcsec")
+    if corner > max(settings.neighbour_tolerance_arcsec, 2 * settings.match_radius_arcsec):
+        problems.append(f"the frame is rotated or scaled by {corner:.1f} arcsec at the corner "
+                        "from the previous solution")
+    if problems:
+        return None, "warm start: " + ", ".join(problems)
 
     def predict(x, y):
-        return previous.all_pix2world(x + shift[0], y + shift[1], 0)
+        xy = np.column_stack([np.asarray(x, float), np.asarray(y, float)]) @ aff[:, :2].T
+        return previous.all_pix2world(xy[:, 0] + aff[0, 2], xy[:, 1] + aff[1, 2], 0)
 
     crpix = tuple(float(c) for c in previous.wcs.crpix)
-    ref = _refine(prob, predict, settings, max(3 * settings.match_radius_arcsec,
-                                               2 * bin_px * prob.scale), crpix=crpix)
+    start = max(settings.match_radius_arcsec, min(3 * rms + 0.5, radius_px * scale))
+    ref = _refine(prob, predict, settings, start, crpix=crpix)
     why = _accept(prob, ref, settings)
     return (ref, "") if not why else (None, f"warm start: {why}")
 
