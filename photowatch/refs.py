@@ -29,7 +29,7 @@ class FieldRefs:
     def __init__(self, out: str | Path):
         self.root = Path(out) / "state" / "refs"
         self._cache: dict[Path, object] = {}
-        self._guard = threading.Lock()
+        self._guard = threading.RLock()  # near() inside claim_field reads under it
 
     def _path(self, night: str, target: str, filt: str | None, kind: str) -> Path:
         name = f"{kind}_{safe_name(target)}" + (f"_{safe_name(filt)}" if filt else "")
@@ -84,6 +84,21 @@ class FieldRefs:
             if d <= best_d:
                 best, best_d = table, d
         return best
+
+    def claim_field(self, night: str, target: str, filt: str | None, kind: str, table,
+                    ra: float, dec: float, radius_deg: float):
+        """Make ``table`` the reference of a new field unless another worker made one near
+        (ra, dec) meanwhile; returns ``(reference in force, True if it is ``table``)``.
+
+        Two workers that reach a field's first frames at the same time would otherwise
+        each found a field: frames registered to one and flux-scaled against the other
+        then share no stars (their relative frames differ by the header pointing errors).
+        """
+        with self._guard:
+            existing = self.near(night, target, filt, kind, ra, dec, radius_deg)
+            if existing is not None:
+                return existing, False
+            return self.add_field(night, target, filt, kind, table), True
 
     def add_field(self, night: str, target: str, filt: str | None, kind: str, table):
         """Add the reference of a new field (meta ``ra0``/``dec0`` give its centre)."""

@@ -249,9 +249,10 @@ def astrometry(engine, info: FrameInfo, profile: Profile, frame: Frame, raw_head
             table = relative_reference(src.table, wcs0)
             if len(table) >= s.min_matches:
                 table.meta.update({"frame": info.std_name, "ra0": ra_c, "dec0": dec_c})
-                ref = engine.refs.add_field(info.night, info.target or "", None, "astrom",
-                                            table)
-                result = _reference_result(wcs0, len(table))
+                ref, founded = engine.refs.claim_field(info.night, info.target or "", None,
+                                                       "astrom", table, ra_c, dec_c, half_deg)
+                if founded:
+                    result = _reference_result(wcs0, len(table))
         if result is None and ref is not None:
             result = solve_astrometry(src.table, shape=shape, wcs_guess=wcs0, reference=ref,
                                       settings=s, previous=previous)
@@ -446,7 +447,8 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
                 and len(usable) >= s.quality.min_stars:
             table = usable["ra", "dec", "flux", "fluxerr", "flux_aper", "fluxerr_aper"]
             table.meta.update({"frame": info.std_name, "exptime": t, "ra0": ra0, "dec0": dec0})
-            ref = engine.refs.add_field(info.night, target, info.filter, "fluxref", table)
+            ref, _ = engine.refs.claim_field(info.night, target, info.filter, "fluxref", table,
+                                             ra0, dec0, half)
         if calibrated and ast_qc.get("aststat") != "failed":
             # the coadd of this target and filter is on a zero point: a frame scaled to
             # another reference would mix calibrated and uncalibrated photometry in it
