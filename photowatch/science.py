@@ -84,6 +84,7 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
             sky = engine.skies.add_and_get(row["name"], info, pattern,
                                            (info.ra_deg or math.nan, info.dec_deg or math.nan))
         if sky is not None:
+            engine.skies.save_used(row["name"], info, sky)
             key = engine.skies.key(info)
             engine.book.mark_stale(Candidate(
                 kind="sky", camera=key.camera, filter=key.filter, binning=key.binning,
@@ -118,6 +119,7 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         "sky_e": _finite(sky_e),
         "sky_e_per_s": _finite(sky_e / info.exptime_s) if info.exptime_s else None,
         "skynoise_e": _finite(b.sky.noise_e),
+        "sky_pre_e": _finite(pattern.level) if sky is not None and pattern is not None else None,
         "ncr": b.cosmics.npix,
         "airmass": info.airmass,
         **ast_qc,

@@ -65,6 +65,46 @@ class SkyBook:
             return acc.master(exclude=member, pattern=pattern,
                               label=f"{key.slug()} (n={len(acc.members) - 1})")
 
+    def _used_path(self, key: MasterKey, member: str) -> Path:
+        return self.book.root / key.night / ".state" / "skyused" / key.slug(long=True) / \
+            f"{member}.npy"
+
+    def save_used(self, member: str, info: FrameInfo, sky: MasterImage) -> None:
+        """Keep the block means of the sky a frame was reduced with (64 kB at 4k).
+
+        finalize compares them with the final sky to decide whether the frame
+        needs re-reducing (:mod:`photowatch.calib.drift`)."""
+        from photowatch.calib.drift import block_mean
+
+        path = self._used_path(self.key(info), member)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, block_mean(sky.data))
+        tmp.replace(path)
+
+    def used_blocks(self, member: str, info: FrameInfo) -> np.ndarray | None:
+        """The block means saved by :meth:`save_used`, or None."""
+        path = self._used_path(self.key(info), member)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def final_blocks(self, info: FrameInfo) -> np.ndarray | None:
+        """Block means of the sky of all the night's frames of ``info``'s key, or None."""
+        from photowatch.calib.drift import block_mean
+
+        path = self._path(self.key(info))
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
+        if acc.n_dithered(self.settings.min_dither_arcsec) < self.settings.min_frames:
+            return None  # not usable: re-reduction would not use a master sky either
+        master = acc.master()
+        return None if master is None else block_mean(master.data)
+
     def members(self, info: FrameInfo) -> list[str]:
         key = self.key(info)
         with self.book.lock(key.slug(long=True), key.night):
