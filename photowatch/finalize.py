@@ -210,7 +210,7 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     store = engine.store
     blocks: dict[str, np.ndarray | None] = {}
     pairs: dict[tuple, float] = {}
-    skies: dict[str, np.ndarray | None] = {}
+    skies: dict[str, tuple | None] = {}
 
     def master_blocks(path: str) -> np.ndarray | None:
         if path not in blocks:
@@ -265,15 +265,15 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
                 np.isinf(c) for c in changes.values()):
             skey = engine.skies.key(info).text
             if skey not in skies:
-                skies[skey] = engine.skies.final_blocks(info)
+                skies[skey] = engine.skies.final_sky(info)
             final_sky = skies[skey]
-            if final_sky is None:
-                if used.get("sky"):
+            if final_sky is None or not engine.skies.usable_for(final_sky[0], row["name"]):
+                if used.get("sky"):  # re-reduction would go without: a change
                     changes["sky"] = float("inf")
             else:
                 ub = engine.skies.used_blocks(row["name"], info) if used.get("sky") else None
                 changes["sky"] = float("inf") if used.get("sky") and ub is None else \
-                    pair_change("sky", ub, final_sky)
+                    pair_change("sky", ub, final_sky[1])
                 finals["sky"] = engine.skies.key(info).slug()
         level = qc.get("sky_pre_e")
         if level is None:

@@ -91,8 +91,9 @@ class SkyBook:
         except (OSError, ValueError):
             return None
 
-    def final_blocks(self, info: FrameInfo) -> np.ndarray | None:
-        """Block means of the sky of all the night's frames of ``info``'s key, or None."""
+    def final_sky(self, info: FrameInfo) -> tuple[SkyAccumulator, np.ndarray] | None:
+        """The night's sky accumulator of ``info``'s key and the block means of its master
+        sky (all members), or None when there is none."""
         from photowatch.calib.drift import block_mean
 
         path = self._path(self.key(info))
@@ -100,10 +101,13 @@ class SkyBook:
             return None
         with np.load(path, allow_pickle=False) as z:
             acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
-        if acc.n_dithered(self.settings.min_dither_arcsec) < self.settings.min_frames:
-            return None  # not usable: re-reduction would not use a master sky either
         master = acc.master()
-        return None if master is None else block_mean(master.data)
+        return None if master is None else (acc, block_mean(master.data))
+
+    def usable_for(self, acc: SkyAccumulator, member: str) -> bool:
+        """Whether re-reducing ``member`` would use a master sky (leave-one-out rule)."""
+        return acc.n_dithered(self.settings.min_dither_arcsec, exclude=member) >= \
+            self.settings.min_frames
 
     def members(self, info: FrameInfo) -> list[str]:
         key = self.key(info)
