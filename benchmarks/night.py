@@ -90,6 +90,7 @@ class Sampler(threading.Thread):
         self.backlog: list[tuple[float, int]] = []
         self.coadd_at: dict[str, float] = {}
         self.cpu_rss: tuple[float, float] = (float("nan"), float("nan"))
+        self.rss_now: list[tuple[float, float]] = []  #: (time, VmRSS MB)
 
     def run(self):
         while not self.stop.wait(0.25):
@@ -102,6 +103,12 @@ class Sampler(threading.Thread):
                                    "WHERE f.coadd='added'"):
                 self.coadd_at.setdefault(r["path"], ts(r["updated_at"]))
             self.cpu_rss = proc_stats(self.pid)
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.rss_now.append((time.time(), int(line.split()[1]) / 1024.0))
+            except OSError:
+                pass
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
@@ -211,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "('used','rejected','quarantined','ignored')"))
                  == len(calibrations), args.timeout, "the calibrations", proc)
         print(f"{len(calibrations)} calibration frames done before the night", flush=True)
+        night_start = time.time()
         for raw in order:
             path, when = raw.path, raw.obs_time
             if str((watch / path.name).resolve()) not in science:
@@ -295,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
                           if k not in ("rss", "peak_rss"))
               + f" (mapped, not resident); frames in flight and the rest "
               f"{rss - start_mb - held:.0f}; peak {rss:.0f}")
+    calib_peak = max((r for t, r in sampler.rss_now if t < night_start), default=float("nan"))
+    night_peak = max((r for t, r in sampler.rss_now if t >= night_start), default=float("nan"))
+    print(f"highest RSS seen (0.25 s samples): calibrations {calib_peak:.0f} MB, "
+          f"science night {night_peak:.0f} MB")
     print(f"kept up: {'yes' if kept_up else 'NO'} (max backlog {backlog}; median latency first "
           f"third {early:.1f} s, last third {late:.1f} s)")
     if args.markdown:

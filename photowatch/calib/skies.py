@@ -59,6 +59,9 @@ class SkyBook:
             acc = self._load(key)
             if acc.add(member, pattern, pointing):
                 save_npz(self._path(key), fsync=False, **acc.state())
+            # not kept between frames: the state file (written above) is the accumulator,
+            # and two 4k filters' sums held for the night cost 320 MB (issue 23)
+            self._cache.pop(key.text, None)
             usable = acc.n_dithered(self.settings.min_dither_arcsec, exclude=member)
             if usable < self.settings.min_frames:
                 return None
