@@ -596,6 +596,10 @@ class Engine:
         out = {"masters": mb([x for m in masters for x in (m.data, m.var)]),
                "bpm": mb(self.book._bpms.values()),
                "master_sky_sums": mb([x for a in skies for x in (a.sum, a.sumvar, a.count)]),
+               "master_states": mb([x for _, acc, _ in list(self.book._states.values())
+                                    if acc is not None
+                                    for x in (acc.sum, acc.sumvar, acc.count,
+                                              *(y for f in acc.pending for y in f))]),
                "coadds_in_memory": mb(p for p in planes if not isinstance(p, np.memmap)),
                "coadds_mapped": mb(p for p in planes if isinstance(p, np.memmap))}
         out.update(_rss_mb())
