@@ -10,7 +10,8 @@ camera does. Reports:
 - per science frame, the latency from the file's arrival (its rename, or its last chunk)
   to its reduced product and to its updated quick-look coadd: p50, p95, max;
 - the seconds per stage of the chain (medians over the science frames, from the store);
-- the daemon's CPU use and peak memory;
+- the daemon's CPU use and peak memory, by component (from the store's meta
+  ``memory:watch``, written by the daemon after each frame);
 - whether it kept up (the backlog of frames not yet done stays bounded, and the last
   frames wait no longer than the first);
 - the budget: a full frame (read, every stage, product write, coadd update) against
@@ -89,6 +90,7 @@ class Sampler(threading.Thread):
         self.backlog: list[tuple[float, int]] = []
         self.coadd_at: dict[str, float] = {}
         self.cpu_rss: tuple[float, float] = (float("nan"), float("nan"))
+        self.rss_now: list[tuple[float, float]] = []  #: (time, VmRSS MB)
 
     def run(self):
         while not self.stop.wait(0.25):
@@ -101,6 +103,12 @@ class Sampler(threading.Thread):
                                    "WHERE f.coadd='added'"):
                 self.coadd_at.setdefault(r["path"], ts(r["updated_at"]))
             self.cpu_rss = proc_stats(self.pid)
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.rss_now.append((time.time(), int(line.split()[1]) / 1024.0))
+            except OSError:
+                pass
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
@@ -210,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "('used','rejected','quarantined','ignored')"))
                  == len(calibrations), args.timeout, "the calibrations", proc)
         print(f"{len(calibrations)} calibration frames done before the night", flush=True)
+        night_start = time.time()
         for raw in order:
             path, when = raw.path, raw.obs_time
             if str((watch / path.name).resolve()) not in science:
@@ -282,6 +291,22 @@ def main(argv: list[str] | None = None) -> int:
           f"({threads} thread(s)); ratio {full / cr_alone:.2f}")
     print(f"daemon CPU {cpu:.0f} s over {wall:.0f} s ({cpu / wall / os.cpu_count():.0%} of the "
           f"cores); peak RSS {rss:.0f} MB")
+    memory = {r["key"]: json.loads(r["value"]) for r in rows(
+        db, "SELECT key, value FROM meta WHERE key IN ('memory:watch', 'memory_start:watch')")}
+    parts = memory.get("memory:watch")
+    if parts:
+        start_mb = (memory.get("memory_start:watch") or {}).get("rss", float("nan"))
+        held = sum(v for k, v in parts.items()
+                   if k not in ("rss", "peak_rss", "coadds_mapped"))
+        print(f"peak RSS by component (MB): start (imports, profile) {start_mb:.0f}; "
+              + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()
+                          if k not in ("rss", "peak_rss"))
+              + f" (mapped, not resident); frames in flight and the rest "
+              f"{rss - start_mb - held:.0f}; peak {rss:.0f}")
+    calib_peak = max((r for t, r in sampler.rss_now if t < night_start), default=float("nan"))
+    night_peak = max((r for t, r in sampler.rss_now if t >= night_start), default=float("nan"))
+    print(f"highest RSS seen (0.25 s samples): calibrations {calib_peak:.0f} MB, "
+          f"science night {night_peak:.0f} MB")
     print(f"kept up: {'yes' if kept_up else 'NO'} (max backlog {backlog}; median latency first "
           f"third {early:.1f} s, last third {late:.1f} s)")
     if args.markdown:

@@ -742,22 +742,60 @@ class Accumulator:
     frame touches only its bounding box, so the cost of frame k does not
     depend on k; :meth:`write` costs one pass over the grid.
 
-    Memory: 28 bytes per grid pixel (a 4600 x 4600 grid: 590 MB).
+    Memory: 28 bytes per grid pixel (a 4600 x 4600 grid: 590 MB), plus 14 for the
+    written planes. With ``backing`` (a folder) every plane is a memory map of an
+    unlinked file there, and each strip of rows is dropped from the process's
+    resident set once updated (:meth:`release`): the page cache keeps the pixels
+    and the kernel may write them out, so a daemon holding several 4k coadds stays
+    small (issue 23).
     """
 
-    def __init__(self, grid: CoaddGrid):
+    def __init__(self, grid: CoaddGrid, backing: str | Path | None = None):
         self.grid = grid
+        self.backing = Path(backing) if backing is not None else None
         shape = tuple(grid.shape)
-        self.sum_wd = np.zeros(shape, dtype=np.float64)
-        self.sum_w = np.zeros(shape, dtype=np.float64)
-        self.exp = np.zeros(shape, dtype=np.float64)
-        self.ncov = np.zeros(shape, dtype=np.int32)
+        self.sum_wd = self._plane(shape, np.float64)
+        self.sum_w = self._plane(shape, np.float64)
+        self.exp = self._plane(shape, np.float64)
+        self.ncov = self._plane(shape, np.int32)
         self._members: dict[str, Member] = {}
         #: TELESCOP, INSTRUME, FILTER, OBJECT of the first member (written in the header)
         self.identity: dict[str, str] = {}
         #: the written planes (big-endian float32/int16), kept up to date in the bounding
         #: box of each change, so a frame costs O(its footprint), not O(grid), to publish
         self._images: tuple | None = None
+
+    def _plane(self, shape: tuple, dtype) -> np.ndarray:
+        """A zeroed plane: in memory, or a memory map of an unlinked file in ``backing``."""
+        if self.backing is None:
+            return np.zeros(shape, dtype=dtype)
+        import tempfile
+
+        self.backing.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.backing, prefix=".acc-", suffix=".bin",
+                                         delete=True) as fh:
+            fh.truncate(max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize))
+            return np.memmap(fh.name, dtype=dtype, mode="r+", shape=shape)
+
+    def release(self, y0: int = 0, y1: int | None = None) -> None:
+        """Drop rows ``[y0, y1)`` of memory-mapped planes from the resident set (no-op
+        in memory). Their pixels stay in the page cache (or go to the file)."""
+        if self.backing is None:
+            return
+        import mmap
+
+        page = mmap.PAGESIZE
+        planes = [self.sum_wd, self.sum_w, self.exp, self.ncov, *(self._images or ())]
+        for plane in planes:
+            mm = getattr(plane, "_mmap", None)
+            if mm is None:
+                continue
+            row = plane.strides[0]
+            stop = plane.shape[0] if y1 is None else y1
+            start = (y0 * row) // page * page
+            end = min(len(mm), stop * row)
+            if end > start:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     # ----------------------------------------------------------------- state
     @property
@@ -781,11 +819,12 @@ class Accumulator:
         ny, nx = self.grid.shape
         for name in ("sum_wd", "sum_w", "exp", "ncov"):
             old = getattr(self, name)
-            new = np.zeros(tuple(grid.shape), dtype=old.dtype)
+            new = self._plane(tuple(grid.shape), old.dtype)
             new[dy:dy + ny, dx:dx + nx] = old
             setattr(self, name, new)
         self.grid = grid
         self._images = None
+        self.release()
 
     def _apply(self, res: Resampled, member: Member, sign: int) -> None:
         y0, y1, x0, x1 = res.bbox
@@ -813,8 +852,9 @@ class Accumulator:
                 if empty.any():
                     for plane in (self.sum_wd, self.sum_w, self.exp, self.ncov):
                         plane[sl][empty] = 0
-        if self._images is not None:
-            self._fill_images(self._images, y0, y1, x0, x1)
+            if self._images is not None:
+                self._fill_images(self._images, y0 + r0, y0 + r1, x0, x1)
+            self.release(y0 + r0, y0 + r1)
 
     def _fill_images(self, images, y0: int, y1: int, x0: int, x1: int) -> None:
         sci, wht, exp, ncov = images
@@ -901,9 +941,16 @@ class Accumulator:
         f4 = np.dtype(np.float32).newbyteorder(byteorder)
         i2 = np.dtype(np.int16).newbyteorder(byteorder)
         shape = tuple(self.grid.shape)
-        images = (np.empty(shape, f4), np.empty(shape, f4), np.empty(shape, f4),
-                  np.empty(shape, i2))
-        self._fill_images(images, 0, shape[0], 0, shape[1])
+        if byteorder == ">" and self.backing is not None:
+            images = (self._plane(shape, f4), self._plane(shape, f4), self._plane(shape, f4),
+                      self._plane(shape, i2))
+        else:
+            images = (np.empty(shape, f4), np.empty(shape, f4), np.empty(shape, f4),
+                      np.empty(shape, i2))
+        for r0 in range(0, shape[0], _STRIP_ROWS):
+            r1 = min(r0 + _STRIP_ROWS, shape[0])
+            self._fill_images(images, r0, r1, 0, shape[1])
+            self.release(r0, r1)
         if byteorder == ">":
             self._images = images
         return images
@@ -937,13 +984,16 @@ class Accumulator:
             More keywords (``{key: value}`` or ``{key: (value, comment)}``).
         """
         sci, wht, exp, ncov = self.images(byteorder=">")
-        return write_coadd(path, self.grid, sci=sci, wht=wht, exp=exp, ncov=ncov,
-                           members=self._members, stacktype="QUICKLOOK", magzp=magzp,
-                           header_extra={**self.identity, **(header_extra or {})},
-                           fsync=fsync)
+        try:
+            return write_coadd(path, self.grid, sci=sci, wht=wht, exp=exp, ncov=ncov,
+                               members=self._members, stacktype="QUICKLOOK", magzp=magzp,
+                               header_extra={**self.identity, **(header_extra or {})},
+                               fsync=fsync)
+        finally:
+            self.release()
 
     @classmethod
-    def load(cls, path: str | Path) -> Accumulator:
+    def load(cls, path: str | Path, backing: str | Path | None = None) -> Accumulator:
         """Rebuild an accumulator from a coadd file written by :meth:`write`.
 
         The sums come back as SCI x WHT, WHT, EXP and NCOV (float32 round-off);
@@ -969,13 +1019,14 @@ class Accumulator:
                 table = Table.read(hdul["MEMBERS"])
                 primary = hdul[0].header
                 ident = {k: primary[k] for k in IDENTITY_KEYS if k in primary}
-        acc = cls(grid)
+        acc = cls(grid, backing=backing)
         acc.identity = ident
         has = (ncov > 0) & (wht > 0)
-        acc.sum_w = np.where(has, wht, 0.0)
-        acc.sum_wd = np.where(has, np.nan_to_num(sci) * wht, 0.0)
-        acc.exp = np.where(has, exp, 0.0)
-        acc.ncov = np.where(has, ncov, 0).astype(np.int32)
+        acc.sum_w[...] = np.where(has, wht, 0.0)
+        acc.sum_wd[...] = np.where(has, np.nan_to_num(sci) * wht, 0.0)
+        acc.exp[...] = np.where(has, exp, 0.0)
+        acc.ncov[...] = np.where(has, ncov, 0)
+        acc.release()
         for row in table:
             acc._members[str(row["member"]).strip()] = Member(
                 float(row["flxscale"]), float(row["skynoise"]), float(row["exptime"]),

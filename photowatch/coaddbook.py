@@ -77,19 +77,23 @@ class CoaddBook:
                 from astropy.io import fits
 
                 if fits.getheader(path).get("STACKTYP", "QUICKLOOK") == "QUICKLOOK":
-                    acc = Accumulator.load(path)
+                    acc = Accumulator.load(path, backing=self._backing(path))
             except Exception as exc:  # unreadable quick-look: start again from the products
                 log.warning("coadd_unreadable", file=path.name, problem=str(exc),
                             action="rebuilt from the reduced frames")
                 acc = None
         if acc is None:
-            acc = Accumulator(grid)
+            acc = Accumulator(grid, backing=self._backing(path))
             # a fresh accumulator: every frame of this coadd must be added again
             self.engine.store.conn.execute(
                 "UPDATE frames SET coadd='pending' WHERE night=? AND target=? AND filter=? AND "
                 "coadd IN ('added', 'adding')", key)
         self._accs[key] = acc
         return acc
+
+    def _backing(self, path: Path) -> Path | None:
+        """Where the accumulator's planes are memory-mapped (``coadd.mmap``), or None."""
+        return path.parent / ".acc" if self.settings.mmap else None
 
     def _resample(self, sci, var, mask, wcs, grid):
         """The frame on the grid (data only: the quick-look sums need no variance)."""

@@ -106,6 +106,7 @@ class Engine:
         self.out = Path(out or settings.paths.output_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.out / "state.sqlite", command=command)
+        self.command = command
         self.instrument = instrument
         self.workers = workers or default_workers(settings)
         self.book = MasterBook(self.store, self.out, settings, self.profile)
@@ -197,6 +198,8 @@ class Engine:
 
     def startup(self) -> None:
         """Recover frames left ``processing`` by a dead process; drop stale temporaries."""
+        with contextlib.suppress(Exception):
+            self.store.set_meta(f"memory_start:{self.command}", _rss_mb())
         self.store.register_process("starting")
         recovered = self.store.recover(max_tries=self.settings.daemon.max_tries)
         if recovered:
@@ -571,7 +574,43 @@ class Engine:
                   provisional=result.provisional or None)
         if self.progress:
             self.progress({"frame": info.raw_name, "seconds": total, "timings": result.timings})
+        self._record_memory()
         self.maybe_update_report()
+
+    # ------------------------------------------------------------------ memory
+    def memory_report(self) -> dict:
+        """MB held by each long-lived part of this process, and its resident set now / peak.
+
+        ``coadds_mapped`` are quick-look sums memory-mapped from files (``coadd.mmap``):
+        their pages are dropped from the resident set once updated. What the peak holds
+        beyond the parts, the imports and the start is the frames in flight."""
+        import numpy as np
+
+        def mb(arrays) -> float:
+            return round(sum(a.nbytes for a in arrays if a is not None) / 2**20, 1)
+
+        masters = list(self.book._images.values())
+        skies = list(self.skies._cache.values())
+        accs = list(self.coadds._accs.values())
+        planes = [p for a in accs for p in (a.sum_wd, a.sum_w, a.exp, a.ncov,
+                                            *(a._images or ()))]
+        out = {"masters": mb([x for m in masters for x in (m.data, m.var)]),
+               "bpm": mb(self.book._bpms.values()),
+               "master_sky_sums": mb([x for a in skies for x in (a.sum, a.sumvar, a.count)]),
+               "master_states": mb([x for _, acc, _ in list(self.book._states.values())
+                                    if acc is not None
+                                    for x in (acc.sum, acc.sumvar, acc.count,
+                                              *(y for f in acc.pending for y in f))]),
+               "coadds_in_memory": mb(p for p in planes if not isinstance(p, np.memmap)),
+               "coadds_mapped": mb(p for p in planes if isinstance(p, np.memmap))}
+        out.update(_rss_mb())
+        return out
+
+    def _record_memory(self) -> None:
+        try:
+            self.store.set_meta(f"memory:{self.command}", self.memory_report())
+        except Exception as exc:  # a figure for benchmarks: never fail a frame for it
+            log.debug("memory_report_failed", problem=str(exc))
 
     # ------------------------------------------------------------------ report
     def maybe_update_report(self) -> None:
@@ -597,3 +636,16 @@ class Engine:
 
     def _coadd_pending(self, nights) -> bool:
         return self.coadds.process_pending(nights)
+
+
+def _rss_mb() -> dict:
+    """This process's resident set now and at its peak (MB), from /proc (Linux)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["rss" if line.startswith("VmRSS") else "peak_rss"] = round(
+                    int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
+    return out

@@ -8,7 +8,10 @@ completes when run again; the store arbitrates with a daemon still running):
    sigma-clipped median, in chunks of rows (bias, then dark, then flat); the
    master skies are written as final masters;
 3. frames still waiting for masters get a last chance, else are rejected with the reason;
-4. every frame reduced with a provisional or superseded master is re-reduced;
+4. every frame reduced with a provisional or superseded master is re-reduced,
+   unless the final masters change it by at most ``calibration.final_tolerance``
+   of its sky noise: then its product is kept and marked final
+   (:func:`keep_unchanged`);
 5. frame quality is judged again with the whole night known (the night's best
    zero point may have come late);
 6. final coadds with per-pixel outlier rejection, and their catalogues;
@@ -122,6 +125,12 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
         engine.book.mark_stale(cand)
     finals = [m for m in store.latest_masters(night) if m["final"]]
     result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
+    kept, worst = keep_unchanged(engine, night)
+    if kept:
+        result.done.append(
+            f"kept {kept} frame(s) as final: the final masters change them by at most "
+            f"{worst:.3f} x their sky noise (calibration.final_tolerance = "
+            f"{engine.settings.calibration.final_tolerance:g})")
     _write_bpms(engine, night)
     bar.update()
 
@@ -179,6 +188,152 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     if not_terminal:
         result.ok = False
         result.problems.append(f"{not_terminal} frame(s) not terminal (another process has them?)")
+
+
+# ---------------------------------------------------------------------------- what changed
+
+def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
+    """Frames marked stale that the final masters would barely change: kept and marked final.
+
+    A stale frame is re-reduced only when the night's final masters change it by
+    more than ``calibration.final_tolerance`` of its sky noise (estimated from the
+    masters' difference maps, once per master pair: :mod:`photowatch.calib.drift`).
+    Otherwise its product is kept: ``CALFINAL = T`` and ``CALDEV`` (the change, in
+    units of the sky noise) in its SCI header, and in the store it is no longer
+    stale or provisional, with ``qc_json['calfinal']`` naming the final masters it
+    stands for. Returns (frames kept, the largest change among them).
+    """
+    from photowatch.calib.drift import block_mean, frame_change, pair_change
+    from photowatch.calib.masters import KINDS, read_master
+    from photowatch.classify import FrameInfo
+    from photowatch.store import utcnow
+
+    tol = engine.settings.calibration.final_tolerance
+    if tol <= 0:
+        return 0, 0.0
+    store = engine.store
+    blocks: dict[str, np.ndarray | None] = {}
+    pairs: dict[tuple, float] = {}
+    skies: dict[str, tuple | None] = {}
+
+    def master_blocks(path: str) -> np.ndarray | None:
+        if path not in blocks:
+            try:
+                blocks[path] = block_mean(read_master(path).data)
+            except Exception as exc:  # unreadable: the frame is re-reduced
+                log.warning("master_unreadable", master=Path(path).name, problem=str(exc),
+                            action="frames that used it are re-reduced")
+                blocks[path] = None
+        return blocks[path]
+
+    def used_path(entry: dict) -> str | None:
+        mid = entry.get("master_id")
+        rows = store.masters("id=?", (mid,)) if mid is not None else []
+        return rows[0]["path"] if rows else None
+
+    kept, worst = 0, 0.0
+    for row in store.frames("night=? AND kind='object' AND stale=1 AND product IS NOT NULL "
+                            "AND state IN ('reduced', 'rejected')", (night,)):
+        info = FrameInfo.from_summary(json.loads(row["info_json"]))
+        used = json.loads(row["masters_json"] or "{}")
+        qc = json.loads(row["qc_json"] or "{}")
+        try:
+            profile = engine.profile(info.instrument)
+        except Exception:
+            continue
+        changes: dict[str, float] = {}
+        finals: dict[str, str] = {}
+        for kind in KINDS:
+            if not profile.uses(kind):
+                continue
+            cand = engine.book.select(kind, info)
+            entry = used.get(kind)
+            if cand is None and entry is None:
+                continue
+            if cand is None or entry is None:
+                changes[kind] = float("inf")
+                break
+            finals[kind] = Path(cand.path).name
+            if cand.master_id is not None and entry.get("master_id") == cand.master_id:
+                changes[kind] = 0.0
+                continue
+            upath = used_path(entry)
+            key = (kind, upath, cand.path)
+            if key not in pairs:
+                ub = master_blocks(upath) if upath else None
+                fb = master_blocks(cand.path)
+                pairs[key] = float("inf") if ub is None or fb is None else \
+                    pair_change(kind, ub, fb)
+            changes[kind] = pairs[key]
+        if engine.settings.stages.mastersky.enabled and not any(
+                np.isinf(c) for c in changes.values()):
+            skey = engine.skies.key(info).text
+            if skey not in skies:
+                skies[skey] = engine.skies.final_sky(info)
+            final_sky = skies[skey]
+            if final_sky is None or not engine.skies.usable_for(final_sky[0], row["name"]):
+                if used.get("sky"):  # re-reduction would go without: a change
+                    changes["sky"] = float("inf")
+            else:
+                ub = engine.skies.used_blocks(row["name"], info) if used.get("sky") else None
+                changes["sky"] = float("inf") if used.get("sky") and ub is None else \
+                    pair_change("sky", ub, final_sky[1])
+                finals["sky"] = engine.skies.key(info).slug()
+        level = qc.get("sky_pre_e")
+        if level is None:
+            level = qc.get("sky_e") if not used.get("sky") else (qc.get("skynoise_e") or 0) ** 2
+        dev = frame_change(changes, exptime_s=info.exptime_s, level_e=level,
+                           noise_e=qc.get("skynoise_e"))
+        log.info("final_masters_change", file=row["raw_name"], change_sigma=round(dev, 4),
+                 per_master={k: round(v, 6) for k, v in changes.items()},
+                 action="product kept" if dev <= tol else "re-reduced")
+        if not dev <= tol:
+            continue
+        qc["calfinal"] = {"kept": True, "change_sigma": round(dev, 4), "masters": finals,
+                          "changes": {k: round(v, 6) for k, v in changes.items()}}
+        message = (f"kept as final: the final masters change it by {dev:.3f} x its sky noise "
+                   f"(at most {tol:g})")
+        with store.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE frames SET stale=0, stale_reason=NULL, provisional=0, qc_json=?, "
+                "updated_at=? WHERE id=? AND stale=1 AND state=?",
+                (json.dumps(qc), utcnow(), row["id"], row["state"]))
+            if cur.rowcount:
+                store._event(conn, "kept_final", frame_id=row["id"], file=row["raw_name"],
+                             message=message, action="product kept, marked final")
+        if not cur.rowcount:
+            continue  # another process took it meanwhile
+        _mark_product_final(row["product"], dev, tol)
+        kept += 1
+        worst = max(worst, dev)
+    return kept, worst
+
+
+def _mark_product_final(path: str, dev: float, tol: float) -> None:
+    """``CALFINAL``/``CALDEV`` into a product's SCI header: a copy edited, then renamed
+    into place (atomic; the pixels are not rewritten)."""
+    import os
+    import shutil
+    import tempfile
+
+    from astropy.io import fits
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(target, tmp)
+        with fits.open(tmp, mode="update") as hdul:
+            hdr = hdul["SCI"].header
+            hdr["CALFINAL"] = (True, "equivalent to the night's final masters")
+            hdr["CALDEV"] = (round(dev, 4), f"[sky sigma] change by final masters (<= {tol:g})")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------- before / after

@@ -56,9 +56,14 @@ class BackResult:
     seconds: dict = field(default_factory=dict)  #: wall time of each step (for benchmarks)
 
 
-def back(frame: Frame, *, settings: Settings, sky: MasterImage | None,
+def back(frame: Frame | list[Frame], *, settings: Settings, sky: MasterImage | None,
          pattern: SkyPattern | None) -> BackResult:
-    """master sky (if usable) → sky subtraction → cosmic rays."""
+    """master sky (if usable) → sky subtraction → cosmic rays.
+
+    ``frame`` may be handed over in a one-element list, which is emptied: then no
+    earlier step's planes stay alive while cosmic rays are found (memory at 4k)."""
+    if isinstance(frame, list):
+        frame = frame.pop()
     notes = []
     t0 = time.perf_counter()
     if sky is not None and pattern is not None and np.isfinite(pattern.level):
@@ -67,6 +72,7 @@ def back(frame: Frame, *, settings: Settings, sky: MasterImage | None,
         notes.append("no usable master sky yet")
     s, skyres = subtract_sky(frame, settings=settings.stages.skysub,
                              sources=pattern.sources if pattern is not None else None)
+    del frame
     t1 = time.perf_counter()
     z, crres = flag_cosmics(s, settings=settings.stages.cosmics)
     t2 = time.perf_counter()

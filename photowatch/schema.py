@@ -82,6 +82,8 @@ KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
     Keyword("MSKY", "master sky used", "", _F),
     Keyword("MSKYV", "frames in the master sky", "", _F),
     Keyword("PROVISNL", "reduced with a provisional master", "", _F),
+    Keyword("CALFINAL", "equivalent to the night's final masters (kept at finalize)", "", _F),
+    Keyword("CALDEV", "change the final masters would make", "sky sigma", _F),
     Keyword("SKYPRE", "sky level removed with the master sky", "electron", _F),
     Keyword("SKYLEVEL", "median sky level subtracted", "electron", _F),
     Keyword("SKYNOISE", "robust rms of sky pixels", "electron", "frame, coadd cat"),

@@ -11,6 +11,7 @@ product, its quick-look PNG and, if asked, the intermediates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -80,9 +81,12 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         masters = engine.book.masters_for(info, profile)
         images = {k: img for k, (c, img) in masters.items()}
         bpm = engine.book.bpm(images.get("dark"), images.get("flat"))
+    keep = s.stages.write_intermediates  # else each step's planes are let go once used
     with timer("prepare+flatten"):
         fr = front(raw, header, info, masters=images, bpm=bpm, settings=s)
-    f = fr["f"]
+    f = fr["f"] if keep else fr.pop("f")
+    if not keep:
+        fr = {}
     pattern = sky = None
     if s.stages.mastersky.enabled:
         with timer("mastersky"):
@@ -90,14 +94,24 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
             sky = engine.skies.add_and_get(row["name"], info, pattern,
                                            (info.ra_deg or math.nan, info.dec_deg or math.nan))
         if sky is not None:
+            engine.skies.save_used(row["name"], info, sky)
             key = engine.skies.key(info)
             engine.book.mark_stale(Candidate(
                 kind="sky", camera=key.camera, filter=key.filter, binning=key.binning,
                 readout=key.readout, night=key.night, version=sky.version,
                 ninputs=sky.version, final=False, path=sky.label, target=key.target))
-    b = back(f, settings=s, sky=sky, pattern=pattern)
+    sky_used = (sky.label, sky.version) if sky is not None else None
+    sky_pre_e = pattern.level if sky is not None and pattern is not None else None
+    if pattern is not None and not keep:  # back() needs only its level and source mask
+        pattern = dataclasses.replace(pattern, data=None, var=None, valid=None)
+    frame_in = [f]
+    del f
+    b = back(frame_in, settings=s, sky=sky, pattern=pattern)
+    sky = pattern = None
     timer.times.update(b.seconds)
-    z = b.frames["z"]
+    z = b.frames["z"] if keep else b.frames.pop("z")
+    if not keep:
+        b.frames.clear()
 
     from photowatch.sources import extract_sources
 
@@ -130,6 +144,7 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         "sky_e": _finite(sky_e),
         "sky_e_per_s": _finite(sky_e / info.exptime_s) if info.exptime_s else None,
         "skynoise_e": _finite(b.sky.noise_e),
+        "sky_pre_e": _finite(sky_pre_e) if sky_pre_e is not None else None,
         "ncr": b.cosmics.npix,
         "airmass": info.airmass,
         **ast_qc,
@@ -146,10 +161,10 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
                         "night": c.night, "version": c.version, "ninputs": c.ninputs,
                         "final": c.final, "provisional": c.provisional(s.calibration.min_inputs)}
                     for k, (c, _) in masters.items()}
-    if sky is not None:
+    if sky_used is not None:
         key = engine.skies.key(info)
-        masters_used["sky"] = {"path": sky.label, "key": key.text, "night": key.night,
-                               "version": sky.version, "ninputs": sky.version, "final": False,
+        masters_used["sky"] = {"path": sky_used[0], "key": key.text, "night": key.night,
+                               "version": sky_used[1], "ninputs": sky_used[1], "final": False,
                                "provisional": False, "master_id": None}
     hdr = frame.header.copy()
     for k, v in profile_header_items(info, profile).items():

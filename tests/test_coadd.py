@@ -346,6 +346,31 @@ def test_sums_do_not_depend_on_the_order(field):
     assert forward.members == backward.members
 
 
+def test_memory_mapped_sums_equal_the_in_memory_ones(field, tmp_path):
+    """coadd.mmap (issue 23): the planes live in unlinked files, dropped from the resident
+    set strip by strip; adds, removes, growth, writes and loads give the same numbers."""
+    plain, mapped = Accumulator(field.grid), Accumulator(field.grid, backing=tmp_path / "acc")
+    for acc in (plain, mapped):
+        for k in range(len(FRAMES)):
+            field.add(acc, k, noisy=True)
+        acc.images(byteorder=">")  # the written planes, then kept current
+        f = field.frames[1]
+        acc.remove(f["id"], field.resampled(1, noisy=True))
+    assert isinstance(mapped.sum_wd, np.memmap) and not list((tmp_path / "acc").iterdir())
+    for name in ("sum_wd", "sum_w", "exp", "ncov"):
+        assert np.array_equal(getattr(plain, name), getattr(mapped, name)), name
+    for a, b in zip(plain.images(byteorder=">"), mapped.images(byteorder=">")):
+        assert np.array_equal(a, b, equal_nan=True)
+    plain.write(tmp_path / "plain.fits", magzp=None, fsync=False)
+    mapped.write(tmp_path / "mapped.fits", magzp=None, fsync=False)
+    loaded = Accumulator.load(tmp_path / "mapped.fits", backing=tmp_path / "acc")
+    assert isinstance(loaded.sum_w, np.memmap)
+    assert np.array_equal(loaded.sum_w, Accumulator.load(tmp_path / "plain.fits").sum_w)
+    with fits.open(tmp_path / "plain.fits") as a, fits.open(tmp_path / "mapped.fits") as b:
+        for name in ("SCI", "WHT", "EXP", "NCOV"):
+            assert np.array_equal(a[name].data, b[name].data, equal_nan=True), name
+
+
 def test_noise_falls_as_one_over_sqrt_n(field):
     """Equal weights: 4x4 block sums (insensitive to resampling correlations) of pure
     noise coadds; the depth of 4 frames is twice that of one, within 10 %."""

@@ -140,7 +140,11 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
         return real(sources, shape, quicklook, reference, settings, failed=failed)
 
     monkeypatch.setattr(science, "quicklook_fallback", fallback)
-    assert cli.main(["finalize", "--out", str(out)]) == 3
+    # every frame is re-reduced (the final masters barely change them: by default they
+    # would be kept as they are, and nothing re-solved)
+    config = out.parent / "rereduce-all.toml"
+    config.write_text("[calibration]\nfinal_tolerance = 0\n")
+    assert cli.main(["finalize", "--out", str(out), "--config", str(config)]) == 3
     printed = capsys.readouterr().out
     assert "done with problems" in printed and "1 incomplete final coadd" in printed
     assert "INCOMPLETE" in printed and "from their quick-look solution" in printed
@@ -397,7 +401,9 @@ def test_the_issue_night_final_coadd_keeps_every_quicklook_frame(tmp_path):
                      str(sim.catalog_path)]) == 0
     store = Store(out / "state.sqlite")
     before = quicklook_members(store)
-    assert cli.main(["finalize", "--out", str(out)]) == 0
+    config = tmp_path / "rereduce-all.toml"  # re-reduce (and re-solve) every frame, as then
+    config.write_text("[calibration]\nfinal_tolerance = 0\n")
+    assert cli.main(["finalize", "--out", str(out), "--config", str(config)]) == 0
     for c in store.coadds():
         final = {m.split(":v")[0] for m in json.loads(c["members_json"])}
         assert before[(c["target"], c["filter"])] <= final

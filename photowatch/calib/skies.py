@@ -59,11 +59,58 @@ class SkyBook:
             acc = self._load(key)
             if acc.add(member, pattern, pointing):
                 save_npz(self._path(key), fsync=False, **acc.state())
+            # not kept between frames: the state file (written above) is the accumulator,
+            # and two 4k filters' sums held for the night cost 320 MB (issue 23)
+            self._cache.pop(key.text, None)
             usable = acc.n_dithered(self.settings.min_dither_arcsec, exclude=member)
             if usable < self.settings.min_frames:
                 return None
             return acc.master(exclude=member, pattern=pattern,
                               label=f"{key.slug()} (n={len(acc.members) - 1})")
+
+    def _used_path(self, key: MasterKey, member: str) -> Path:
+        return self.book.root / key.night / ".state" / "skyused" / key.slug(long=True) / \
+            f"{member}.npy"
+
+    def save_used(self, member: str, info: FrameInfo, sky: MasterImage) -> None:
+        """Keep the block means of the sky a frame was reduced with (64 kB at 4k).
+
+        finalize compares them with the final sky to decide whether the frame
+        needs re-reducing (:mod:`photowatch.calib.drift`)."""
+        from photowatch.calib.drift import block_mean
+
+        path = self._used_path(self.key(info), member)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, block_mean(sky.data))
+        tmp.replace(path)
+
+    def used_blocks(self, member: str, info: FrameInfo) -> np.ndarray | None:
+        """The block means saved by :meth:`save_used`, or None."""
+        path = self._used_path(self.key(info), member)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def final_sky(self, info: FrameInfo) -> tuple[SkyAccumulator, np.ndarray] | None:
+        """The night's sky accumulator of ``info``'s key and the block means of its master
+        sky (all members), or None when there is none."""
+        from photowatch.calib.drift import block_mean
+
+        path = self._path(self.key(info))
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
+        master = acc.master()
+        return None if master is None else (acc, block_mean(master.data))
+
+    def usable_for(self, acc: SkyAccumulator, member: str) -> bool:
+        """Whether re-reducing ``member`` would use a master sky (leave-one-out rule)."""
+        return acc.n_dithered(self.settings.min_dither_arcsec, exclude=member) >= \
+            self.settings.min_frames
 
     def members(self, info: FrameInfo) -> list[str]:
         key = self.key(info)

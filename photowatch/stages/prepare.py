@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from photowatch.classify import FrameInfo
 from photowatch.config import Calibration, Prepare
@@ -93,6 +92,8 @@ def saturation_mask(raw_trim: np.ndarray, saturation_adu: float, *, grow_px: int
     A bleed trail is followed along the columns: pixels above half the
     saturation level connected to a saturated pixel.
     """
+    from scipy import ndimage  # lazy: scipy.ndimage costs ~1 s of start-up
+
     sat = raw_trim >= saturation_adu
     cols = np.flatnonzero(sat.any(axis=0))
     if cols.size == 0:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from photowatch.config import SkySub
 from photowatch.frame import Frame, Mask
@@ -56,6 +55,7 @@ def source_mask(frame: Frame, *, detect_sigma: float, dilate_px: int, mesh_px: i
     the noise and bias the sky low; object detection does not.
     """
     import sep
+    from scipy import ndimage  # lazy: scipy.ndimage costs ~1 s of start-up
 
     bad = (frame.mask & _UNUSABLE) != 0
     data = frame.sci
