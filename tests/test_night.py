@@ -284,12 +284,39 @@ def test_interrupted_finalize_completes(night, tmp_path):
     assert len(data["frames"]) == len(sim.frames)
 
 
-def test_depth_grows_as_the_square_root_of_the_exposure(night, tmp_path):
-    """Final coadds of 1, 2, 4 and 6 frames: the sky noise times sqrt(exposure) is constant
-    within 10 % (equal exposures, weights near equal: depth grows as sqrt(exposure))."""
+@pytest.fixture(scope="module")
+def deep_night(tmp_path_factory):
+    """Six good frames at 2x2 binning (256 px): four times the area of ``night``'s 128-px
+    frames. A 4-px aperture noise measured over ``night``'s area rests on ~250 independent
+    apertures (about 4.5 % error per coadd), too few to test a 10 % bound on ratios."""
+    root = tmp_path_factory.mktemp("deep_night")
+    sim = simulate_night(root / "sim", size=512, binning=2, filters=("SDSS-R",), seed=21,
+                         n_science=6)
+    out = root / "out"
+    settings = Settings().with_overrides(paths={"output_dir": str(out)})
+    summary = reduce_directory(sim.raw_dir, settings, catalog=str(sim.catalog_path),
+                               progress=False)
+    assert summary.ok, summary.problems
+    result = finalize(settings)
+    assert result.ok, result.problems
+    return sim, out, settings, result
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect, found 2026-12-06 and present on 6028c1e too: on 256-px frames the "
+    "coadds of 2-6 frames are 9-14 % noisier than their members predict (the 128-px night "
+    "this test used before had too few independent apertures to see it); suspected: the "
+    "leave-one-out master sky's pixel noise, shared between frames. strict: this test "
+    "fails loudly once the coadd reaches its predicted depth."))
+def test_depth_grows_as_the_square_root_of_the_exposure(deep_night, tmp_path):
+    """Final coadds of 1, 2, 4 and 6 frames: the measured noise of each coadd agrees within
+    10 % with the noise its members predict, sigma_i = SKYNOISE_i x FLXSCALE_i (reference
+    units) combined with inverse-variance weights: for equal members that is depth growing
+    as sqrt(exposure). The members' transparency differs (FLXSCALE 0.87-1.02 here), so the
+    plain sqrt(exposure) law would be off by that alone."""
     from photowatch.coadd import CoaddGrid, FinalMember, final_coadd
 
-    sim, out, settings, _ = night
+    sim, out, settings, _ = deep_night
     store = Store(out / "state.sqlite")
     (coadd,) = store.coadds()
     grid = CoaddGrid.from_json(coadd["grid_json"])
@@ -305,7 +332,7 @@ def test_depth_grows_as_the_square_root_of_the_exposure(night, tmp_path):
         # photometric depth: sums in 4-px apertures at random places covered by all n
         # frames (apertures, not pixels: resampling correlates neighbouring pixels)
         ys, xs = np.nonzero(ncov[8:-8, 8:-8] == n)
-        pick = np.random.default_rng(n).choice(ys.size, 3000, replace=False)
+        pick = np.random.default_rng(n).choice(ys.size, 12000, replace=False)
         import sep
 
         v, _, _ = sep.sum_circle(np.ascontiguousarray(np.nan_to_num(sci)), xs[pick] + 8.0,
@@ -313,7 +340,8 @@ def test_depth_grows_as_the_square_root_of_the_exposure(night, tmp_path):
         for _ in range(5):  # stars are a small minority of the apertures: clipped away
             med, sig = np.median(v), 1.4826 * np.median(np.abs(v - np.median(v)))
             v = v[np.abs(v - med) < 3 * sig]
-        exposure = sum(m.exptime_s for m in members[:n])
-        depth.append(np.std(v) * np.sqrt(exposure))
+        sigma = np.array([m.skynoise * m.flxscale for m in members[:n]])
+        predicted = 1.0 / np.sqrt(np.sum(1.0 / sigma**2))  # per pixel, reference units
+        depth.append(np.std(v) / predicted)
     depth = np.array(depth)
     assert np.all(np.abs(depth / depth[0] - 1) < 0.10), depth
