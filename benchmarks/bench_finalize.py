@@ -7,6 +7,7 @@ set, from ``resource.getrusage`` in the child), and what it did. A second finali
 shows the idempotent run's cost.
 
     .venv/bin/python benchmarks/bench_finalize.py [--size 4096] [--science 30] [--keep DIR]
+        [--tolerance 0.1]
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--science", type=int, default=30)
     p.add_argument("--keep", metavar="DIR")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="calibration.final_tolerance for finalize (the default config's is 0: "
+                        "re-reduce every frame whose masters changed)")
     args = p.parse_args()
 
     from photowatch.simulate import simulate_night
@@ -60,9 +64,11 @@ def main() -> int:
     wall, rss, _ = run(["reduce", str(night.raw_dir), "--out", out, "--catalog",
                         str(night.catalog_path)])
     print(f"reduce: {wall:.0f} s, peak RSS {rss:.0f} MB", flush=True)
-    wall, rss, text = run(["finalize", "--out", out])
+    config = work / "finalize.toml"
+    config.write_text(f"[calibration]\nfinal_tolerance = {args.tolerance}\n")
+    wall, rss, text = run(["finalize", "--out", out, "--config", config])
     print(f"finalize: {wall:.0f} s, peak RSS {rss:.0f} MB\n{text}", flush=True)
-    wall2, _, text2 = run(["finalize", "--out", out])
+    wall2, _, text2 = run(["finalize", "--out", out, "--config", config])
     print(f"finalize again (nothing to do): {wall2:.1f} s\n{text2}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

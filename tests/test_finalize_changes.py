@@ -27,7 +27,15 @@ from photowatch.store import Store
 QUIET = {"quicklook_png": False}
 
 
+def keep_config(out: Path) -> str:
+    """A configuration that opts in to keeping unchanged frames (the default re-reduces)."""
+    path = Path(out).parent / "keep.toml"
+    path.write_text("[calibration]\nfinal_tolerance = 0.1\n")
+    return str(path)
+
+
 def settings_for(out: Path, **calibration) -> Settings:
+    calibration.setdefault("final_tolerance", 0.1)  # opt-in: keeping unchanged frames
     return Settings().with_overrides(paths={"output_dir": str(out)}, stages=QUIET, coadd=QUIET,
                                      calibration=calibration)
 
@@ -71,7 +79,7 @@ def test_masters_that_barely_change_re_reduce_nothing_and_products_are_marked_fi
     before = science(store)
     assert len(before) == 8
     mtimes = {name: Path(r["product"]).stat().st_mtime_ns for name, r in before.items()}
-    assert cli.main(["finalize", "--out", str(out)]) == 0
+    assert cli.main(["finalize", "--out", str(out), "--config", keep_config(out)]) == 0
     printed = capsys.readouterr().out
     assert "kept 8 frame(s) as final" in printed and "re-reduced 0 frame(s)" in printed, printed
     after = science(store)
@@ -94,7 +102,7 @@ def test_masters_that_barely_change_re_reduce_nothing_and_products_are_marked_fi
     for c in store.coadds():
         assert c["stacktype"] == "FINAL" and c["ncombine"] == 4
     # a second finalize: nothing left to do, nothing kept twice
-    assert cli.main(["finalize", "--out", str(out)]) == 0
+    assert cli.main(["finalize", "--out", str(out), "--config", keep_config(out)]) == 0
     printed = capsys.readouterr().out
     assert "kept" not in printed and "re-reduced 0 frame(s)" in printed
 
@@ -113,7 +121,7 @@ def test_a_final_master_that_changes_beyond_the_tolerance_re_reduces_its_frames(
     with fits.open(flat["path"], mode="update") as h:
         ny, nx = h["SCI"].data.shape
         h["SCI"].data *= (1 + amplitude * np.arange(nx) / nx).astype(np.float32)
-    assert cli.main(["finalize", "--out", str(out)]) == 0
+    assert cli.main(["finalize", "--out", str(out), "--config", keep_config(out)]) == 0
     printed = capsys.readouterr().out
     after = science(store)
     n_i = sum(1 for r in before.values() if r["filter"] == "SDSS-I")
