@@ -31,6 +31,7 @@ from photowatch import __version__
 from photowatch.fitsio import write_hdul
 from photowatch.frame import Frame
 from photowatch.schema import annotate, catalog_hdu, comment_for, fit_comment
+from photowatch.stages.astrometry import add_mjd_obs
 
 #: raw keywords that no longer describe the reduced image
 RAW_ONLY_KEYS = ("DATASEC", "BIASSEC", "TRIMSEC", "CCDSEC", "DETSEC", "BSCALE", "BZERO",
@@ -79,20 +80,6 @@ def primary_header(raw_header, extra: dict | None = None):
         set_key(hdr, key, value)
     add_mjd_obs(hdr)
     return hdr
-
-
-def add_mjd_obs(header) -> None:
-    """MJD-OBS from DATE-OBS when missing: WCS readers (astropy, DS9) otherwise derive it
-    themselves, with a warning on every read."""
-    if "MJD-OBS" in header or "DATE-OBS" not in header:
-        return
-    from astropy.time import Time
-
-    try:
-        mjd = Time(str(header["DATE-OBS"]).strip(), scale="utc").mjd
-    except ValueError:
-        return
-    header.set("MJD-OBS", round(float(mjd), 8), "[d] MJD of DATE-OBS", after="DATE-OBS")
 
 
 def set_key(header, key: str, value, comment: str = "") -> None:

@@ -37,3 +37,23 @@ def wcs_grid_rms_px(solved, truth, shape, step: int = 16) -> float:
     ra, dec = truth.all_pix2world(xx.ravel(), yy.ravel(), 0)
     x, y = solved.all_world2pix(ra, dec, 0)
     return float(np.sqrt(np.mean((x - xx.ravel()) ** 2 + (y - yy.ravel()) ** 2)))
+
+
+def copy_output(out, work):
+    """A copy of an output folder whose store names the copy's files (products, coadds,
+    masters), so a test can finalize or requeue it without touching the original.
+    Returns the copy's Store."""
+    import shutil
+
+    from photowatch.store import Store
+
+    shutil.copytree(out, work)
+    store = Store(work / "state.sqlite")
+    with store.transaction() as conn:
+        for table, cols in (("frames", ("product", "quicklook")),
+                            ("coadds", ("path", "catalog", "quicklook")),
+                            ("masters", ("path",))):
+            for col in cols:
+                conn.execute(f"UPDATE {table} SET {col}=REPLACE({col}, ?, ?)",
+                             (str(out), str(work)))
+    return store

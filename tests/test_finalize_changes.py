@@ -10,19 +10,18 @@ seed 11) is reduced once; each test finalizes its own copy.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from shared_data import copy_output
 
 from photowatch import cli
 from photowatch.batch import reduce_directory
 from photowatch.config import Settings
 from photowatch.finalize import rebuild_masters
 from photowatch.simulate import simulate_night
-from photowatch.store import Store
 
 QUIET = {"quicklook_png": False}
 
@@ -57,15 +56,7 @@ def reduced(tmp_path_factory):
 def night(reduced, tmp_path):
     sim, out = reduced
     work = tmp_path / "out"
-    shutil.copytree(out, work)
-    store = Store(work / "state.sqlite")
-    with store.transaction() as conn:
-        for table, cols in (("frames", ("product", "quicklook")),
-                            ("coadds", ("path", "catalog", "quicklook")),
-                            ("masters", ("path",))):
-            for col in cols:
-                conn.execute(f"UPDATE {table} SET {col}=REPLACE({col}, ?, ?)",
-                             (str(out), str(work)))
+    store = copy_output(out, work)
     return sim, work, store
 
 

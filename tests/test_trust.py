@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from shared_data import copy_output
 
 from photowatch import cli
 from photowatch.batch import reduce_directory
@@ -56,16 +57,7 @@ def demo_night(tmp_path_factory):
 def night_copy(demo_night, tmp_path):
     sim, out = demo_night
     work = tmp_path / "out"
-    shutil.copytree(out, work)
-    # the copy's products and coadds name the original folder: point them at the copy
-    store = Store(work / "state.sqlite")
-    with store.transaction() as conn:
-        for table, cols in (("frames", ("product", "quicklook")),
-                            ("coadds", ("path", "catalog", "quicklook")),
-                            ("masters", ("path",))):
-            for col in cols:
-                conn.execute(f"UPDATE {table} SET {col}=REPLACE({col}, ?, ?)",
-                             (str(out), str(work)))
+    copy_output(out, work)
     return sim, work
 
 

@@ -902,7 +902,7 @@ def wcs_cards(wcs):
     return hdr
 
 
-def _add_mjd_obs(header) -> None:
+def add_mjd_obs(header) -> None:
     """MJD-OBS from DATE-OBS when missing, as WCS readers (astropy, DS9) otherwise add it
     themselves with a warning on every read."""
     if "MJD-OBS" in header or "DATE-OBS" not in header:
@@ -932,7 +932,7 @@ def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: 
         header.remove(key, ignore_missing=True)
     if result.wcs is not None and result.status != "failed":
         header.update(wcs_cards(result.wcs))
-        _add_mjd_obs(header)
+        add_mjd_obs(header)
         set_key(header, "ASTRMS", float(result.rms_arcsec), "[arcsec] astrometric rms")
         set_key(header, "ASTNSTAR", int(result.nstar), "stars in the astrometric fit")
         set_key(header, "ASTOFFS", float(result.offset_arcsec),
