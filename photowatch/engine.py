@@ -298,11 +298,13 @@ class Engine:
     _trying = False
     _pauses = 0  #: transient faults so far (a try that adds none got through)
 
-    def _pause(self, problem: str) -> None:
-        """Pause every worker (a transient fault), with the doubling backoff."""
+    def _pause(self, problem: str, blog=None) -> None:
+        """Pause every worker (a transient fault), with the doubling backoff; ``blog``:
+        the frame's logger when a frame was left ``received`` by it."""
         wait = self.backoff_s
-        log.error("not_done", problem=problem, transient=True,
-                  action=f"processing paused, retried in {wait:.1f} s")
+        (blog or log).error("not_done", problem=problem, transient=True,
+                            action=("left received; " if blog is not None else "")
+                            + f"processing paused, retried in {wait:.1f} s")
         self.last_retry = time.monotonic()
         with self._busy_guard:
             self._resume_at = time.monotonic() + wait
@@ -461,14 +463,7 @@ class Engine:
             self.store.transition(fid, ["processing"], "received", message=problem,
                                   level="error", error_class=cls,
                                   action=f"transient: will retry in {wait:.1f} s")
-            blog.error("not_done", problem=problem, transient=True,
-                       action=f"left received; processing paused, retried in {wait:.1f} s")
-            self.last_retry = time.monotonic()
-            with self._busy_guard:
-                self._resume_at = time.monotonic() + wait
-                self.backoff_s = min(wait * 2, self.settings.daemon.retry_backoff_max_s)
-                self._pauses += 1
-            self.paused = problem
+            self._pause(problem, blog)
             return
         row = self.store.frame(fid)
         tries = row["tries"] if row is not None else 1
