@@ -197,12 +197,15 @@ class Daemon:
         return rows[0] if rows else None
 
     def quiescent(self, paths: list[Path]) -> bool:
-        """Every path has a terminal frame and nothing is queued or in progress."""
+        """Every path has a terminal frame and nothing is queued or in progress, coadd
+        updates included (a frame is ``reduced`` before its coadd is written)."""
         frames = [self.frame_of(p) for p in paths]
         if any(f is None or f["state"] not in TERMINAL for f in frames):
             return False
         busy = self.query("SELECT COUNT(*) n FROM frames WHERE state IN "
-                          "('received', 'processing', 'waiting') OR stale=1")[0]["n"]
+                          "('received', 'processing', 'waiting') OR stale=1 OR "
+                          "coadd='adding' OR (state='reduced' AND accepted=1 AND "
+                          "coadd='pending')")[0]["n"]
         return busy == 0
 
     def status(self) -> dict:
