@@ -27,10 +27,10 @@ from astropy.table import Table
 from astropy.wcs import WCS, Sip
 
 import photowatch.stages.astrometry as astro
-from photowatch.config import Astrometry, Sources
-from photowatch.frame import Frame
-from photowatch.matching import deproject
-from photowatch.sources import extract_sources
+from photowatch.core.config import Astrometry, Sources
+from photowatch.core.frame import Frame
+from photowatch.stages.matching import deproject
+from photowatch.stages.sources import extract_sources
 
 
 def make_field(size: int, nstars: int, scale: float, seed: int = 1):

@@ -1,10 +1,10 @@
-"""Benchmark of photowatch.coadd on synthetic 4k frames.
+"""Benchmark of photowatch.coadd.stack on synthetic 4k frames.
 
 Measures, on one machine in one run:
 
 1. the cost of adding frame k (k = 1..N) to the quick-look coadd: resample,
    accumulate, atomic write of the coadd file (should be flat in k);
-2. :func:`photowatch.coadd.resample` next to ``reproject.reproject_interp``
+2. :func:`photowatch.coadd.stack.resample` next to ``reproject.reproject_interp``
    (bilinear) on the same frame, and the accuracy of both against the truth
    (fluxes and positions of isolated stars);
 3. the time and peak memory (max RSS of a separate process) of the final,
@@ -93,7 +93,7 @@ def render(shape, xs, ys, fluxes, sigma=SIGMA, out=None):
 
 def make_frame(size: int, k: int, stars, sky_noise=12.0):
     """(model, sci, var, mask, wcs): stars + noise, flagged cosmic rays and a bad column."""
-    from photowatch.frame import Mask
+    from photowatch.core.frame import Mask
 
     w = frame_wcs(size, k)
     ra, dec, flux = stars
@@ -163,7 +163,7 @@ def final_worker(spec_path: str) -> None:
 
     The peak is VmHWM, reset just before the call (``/proc/self/clear_refs``);
     ``ru_maxrss`` would include the parent's size inherited at fork."""
-    from photowatch.coadd import CoaddGrid, FinalMember, final_coadd
+    from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
 
     spec = json.loads(Path(spec_path).read_text())
     grid = CoaddGrid.from_json(spec["grid"])
@@ -202,9 +202,9 @@ def main() -> None:
 
     from astropy.io import fits
 
-    from photowatch.coadd import Accumulator, make_grid, resample
-    from photowatch.frame import Frame
-    from photowatch.products import write_product
+    from photowatch.coadd.stack import Accumulator, make_grid, resample
+    from photowatch.core.frame import Frame
+    from photowatch.io.products import write_product
 
     size, nframes = args.size, args.frames
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_coadd_"))
@@ -285,8 +285,8 @@ def main() -> None:
         pix_agree = float(diff.max() / model.max())
 
     # ---- 2b. catalogue and PNG of the quick-look coadd ---------------------------------------
-    from photowatch.photometry import coadd_catalog
-    from photowatch.quicklook import save_png
+    from photowatch.io.previews import save_png
+    from photowatch.stages.photometry import coadd_catalog
 
     save_png(np.ones((8, 8)), work / "warm.png", title="x")  # imports matplotlib, PIL
     t = time.perf_counter()

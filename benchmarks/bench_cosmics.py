@@ -54,7 +54,7 @@ from bench_stages import machine, set_threads, simulated_night, truth_masters  #
 #: the settings before this benchmark (photowatch's first defaults)
 OLD = dict(sigclip=4.5, sigfrac=0.3, objlim=5.0, niter=2, sepmed=True, fsmode="median",
            grow_sigma=0.0, tiles="full")
-#: the settings chosen by this benchmark (photowatch.config.Cosmics defaults until issue 17)
+#: the settings chosen by this benchmark (photowatch.core.config.Cosmics defaults until issue 17)
 CHOSEN = dict(sigclip=4.0, sigfrac=0.3, objlim=4.0, niter=1, sepmed=True, fsmode="median",
               grow_sigma=2.5, grow_passes=3, sharp_sigma=4.0, min_peak_sigma=0.0)
 #: the defaults since issue 17: events must reach min_peak_sigma, so lower thresholds
@@ -110,11 +110,11 @@ def reduce_for_cosmics(night):
 
     from photowatch.calib.bpm import bad_pixel_mask
     from photowatch.calib.combine import robust_level
-    from photowatch.classify import classify
-    from photowatch.config import Settings
-    from photowatch.fitsio import read_raw
-    from photowatch.instruments import load_profile
-    from photowatch.pipeline import front, pattern_for_sky
+    from photowatch.core.classify import classify
+    from photowatch.core.config import Settings
+    from photowatch.core.instruments import load_profile
+    from photowatch.io.fits import read_raw
+    from photowatch.stages.chain import front, pattern_for_sky
     from photowatch.stages.skysub import subtract_sky
 
     sf = night.objects()[0]
@@ -159,12 +159,12 @@ def reduce_small_night(out: Path, seed: int) -> dict:
 
     from photowatch.calib.bpm import bad_pixel_mask
     from photowatch.calib.combine import robust_level
-    from photowatch.classify import classify
-    from photowatch.config import Settings
-    from photowatch.fitsio import read_raw
-    from photowatch.instruments import load_profile
-    from photowatch.pipeline import front, pattern_for_sky
-    from photowatch.simulate import SimNight, simulate_night
+    from photowatch.core.classify import classify
+    from photowatch.core.config import Settings
+    from photowatch.core.instruments import load_profile
+    from photowatch.io.fits import read_raw
+    from photowatch.sim.night import SimNight, simulate_night
+    from photowatch.stages.chain import front, pattern_for_sky
     from photowatch.stages.mastersky import SkyAccumulator, apply_master_sky
     from photowatch.stages.skysub import subtract_sky
 
@@ -234,7 +234,7 @@ def _prepared(d: dict) -> dict:
     from astropy.io import fits
     from scipy import ndimage
 
-    from photowatch.frame import Frame
+    from photowatch.core.frame import Frame
     from photowatch.stages.cosmics import _EXCLUDE
 
     excluded = (d["mask"] & _EXCLUDE) != 0
@@ -254,8 +254,8 @@ def run_stage(data: dict, spec: dict, repeat: int):
     """(best wall seconds, COSMIC mask, result) of flag_cosmics with ``spec``."""
     import numpy as np
 
-    from photowatch.config import Cosmics
-    from photowatch.frame import Mask
+    from photowatch.core.config import Cosmics
+    from photowatch.core.frame import Mask
     from photowatch.stages.cosmics import flag_cosmics
 
     spec = dict(spec)

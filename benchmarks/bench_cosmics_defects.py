@@ -19,7 +19,7 @@ sys.path[:0] = [str(HERE.parent / "tests" / "stages"), str(HERE.parent / "tests"
 
 from test_cosmics_defects import night_scores  # noqa: E402
 
-from photowatch.simulate import simulate_night  # noqa: E402
+from photowatch.sim.night import simulate_night  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

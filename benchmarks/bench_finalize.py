@@ -50,7 +50,7 @@ def main() -> int:
                         "re-reduce every frame whose masters changed)")
     args = p.parse_args()
 
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pw_finalize_"))
     shutil.rmtree(work / "out", ignore_errors=True)

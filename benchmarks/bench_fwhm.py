@@ -16,10 +16,10 @@ import time
 import numpy as np
 from astropy.io import fits
 
-from photowatch.config import Sources
-from photowatch.frame import Frame
-from photowatch.simulate import _Psf, render_stars
-from photowatch.sources import extract_sources
+from photowatch.core.config import Sources
+from photowatch.core.frame import Frame
+from photowatch.sim.night import _Psf, render_stars
+from photowatch.stages.sources import extract_sources
 
 
 def main() -> None:

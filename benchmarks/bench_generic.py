@@ -40,12 +40,12 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     from corpus_styles import restyle
 
-    from photowatch.batch import reduce_directory
     from photowatch.calib.ptc import photon_transfer
-    from photowatch.config import Settings
-    from photowatch.products import read_product
-    from photowatch.simulate import simulate_night
-    from photowatch.store import Store
+    from photowatch.core.config import Settings
+    from photowatch.io.products import read_product
+    from photowatch.run.batch import reduce_directory
+    from photowatch.sim.night import simulate_night
+    from photowatch.state.store import Store
 
     root = Path(tempfile.mkdtemp(prefix="bench_generic_"))
     sim = simulate_night(root / "sim", size=args.size, binning=args.binning,

@@ -35,12 +35,12 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from photowatch.classify import FrameInfo
-    from photowatch.config import Settings
-    from photowatch.engine import Engine
-    from photowatch.fitsio import read_raw
-    from photowatch.ingest import ingest_file
-    from photowatch.simulate import simulate_night
+    from photowatch.core.classify import FrameInfo
+    from photowatch.core.config import Settings
+    from photowatch.io.fits import read_raw
+    from photowatch.run.engine import Engine
+    from photowatch.run.ingest import ingest_file
+    from photowatch.sim.night import simulate_night
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="pw-bench-masters-"))
     t0 = time.perf_counter()

@@ -41,9 +41,9 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from photowatch.config import Astrometry
-from photowatch.matching import deproject
+from photowatch.core.config import Astrometry
 from photowatch.stages.astrometry import solve_astrometry
+from photowatch.stages.matching import deproject
 
 
 def tan_wcs(ra0, dec0, n, scale, pa_deg, flip):
@@ -109,7 +109,7 @@ def make_case(rng, nstars: int, *, n: int = 1024, scale: float = 0.4, nsat: int 
         flux = np.r_[flux, 10 ** (-0.4 * (rng.uniform(21, 23, faint) - 25))]
     flags = np.zeros(len(sx), np.int32)
     if nsat:
-        from photowatch.sources import SourceFlag
+        from photowatch.stages.sources import SourceFlag
 
         flags[np.argsort(-flux)[:nsat]] = int(SourceFlag.SATURATED)
     sources = Table({"x": sx + rng.normal(0, 0.05, len(sx)),
@@ -136,7 +136,7 @@ def grid_rms_px(solved, truth, n):
 
 def astroalign_trial(aa, sources, reference, truth, guess, n, settings):
     """astroalign.find_transform from the image list to the catalogue's search area."""
-    from photowatch.matching import project
+    from photowatch.stages.matching import project
 
     ra_c, dec_c = guess.all_pix2world([(n - 1) / 2], [(n - 1) / 2], 0)
     xi, eta = project(np.asarray(reference["ra"]), np.asarray(reference["dec"]),

@@ -1,6 +1,6 @@
 """Seconds per stage of one 4k science frame, next to astroscrappy alone.
 
-A simulated LMI night (``photowatch.simulate``, 4096 x 4096 at 2x2 binning,
+A simulated LMI night (``photowatch.sim.night``, 4096 x 4096 at 2x2 binning,
 one 300 s SDSS-R science frame) is reduced with masters made from the
 simulator's truth (bias, dark, flat normalised as the pipeline does) through
 each stage of the chain, in order::
@@ -50,7 +50,7 @@ def set_threads(n: int | None) -> None:
 
 def simulated_night(out: Path, size: int, *, cr_rate: float = 1.5):
     """A one-science-frame night (reused when ``out`` already holds it)."""
-    from photowatch.simulate import SimNight, simulate_night
+    from photowatch.sim.night import SimNight, simulate_night
 
     if (out / "truth" / "night.json").exists():
         night = SimNight.load(out)
@@ -71,7 +71,7 @@ def truth_masters(night, filter_name: str) -> dict:
     import numpy as np
 
     from photowatch.calib.combine import robust_level
-    from photowatch.frame import MasterImage
+    from photowatch.core.frame import MasterImage
 
     bias = night.true_bias_e()
     dark = night.true_dark_e_per_s()
@@ -97,17 +97,17 @@ def best_of(repeat: int, fn, *args, **kwargs):
 def run_chain(night, sf, settings, repeat: int, workdir: Path, notes: list[str]):
     """Time each stage; returns ({stage: seconds}, frames and inputs for the caller)."""
     from photowatch.calib.bpm import bad_pixel_mask
-    from photowatch.classify import classify
-    from photowatch.fitsio import read_raw
-    from photowatch.instruments import load_profile
-    from photowatch.pipeline import pattern_for_sky
-    from photowatch.products import primary_header, sci_header, write_product
-    from photowatch.sources import extract_sources
+    from photowatch.core.classify import classify
+    from photowatch.core.instruments import load_profile
+    from photowatch.io.fits import read_raw
+    from photowatch.io.products import primary_header, sci_header, write_product
+    from photowatch.stages.chain import pattern_for_sky
     from photowatch.stages.cosmics import flag_cosmics
     from photowatch.stages.flatten import flatten
     from photowatch.stages.mastersky import apply_master_sky
     from photowatch.stages.prepare import prepare
     from photowatch.stages.skysub import subtract_sky
+    from photowatch.stages.sources import extract_sources
 
     profile = load_profile("lmi")
     st = settings.stages
@@ -162,14 +162,14 @@ def run_chain(night, sf, settings, repeat: int, workdir: Path, notes: list[str])
 def _pattern_as_master(pattern):
     import numpy as np
 
-    from photowatch.frame import MasterImage
+    from photowatch.core.frame import MasterImage
 
     data = np.where(pattern.valid, pattern.data, np.float32(1)).astype(np.float32)
     return MasterImage("sky", data, np.zeros_like(data), label="self", version=1)
 
 
 def _astrometry(night, info, profile, header, frame, src, settings):
-    from photowatch.catalogs import LocalCatalog, field_cone
+    from photowatch.io.catalogs import LocalCatalog, field_cone
     from photowatch.stages.astrometry import (
         apply_astrometry,
         initial_wcs,
@@ -220,11 +220,11 @@ def profile_stages(ctx, settings, top: int) -> str:
     """pyinstrument profile of one pass through the non-cosmic-ray stages."""
     from pyinstrument import Profiler
 
-    from photowatch.pipeline import pattern_for_sky
-    from photowatch.sources import extract_sources
+    from photowatch.stages.chain import pattern_for_sky
     from photowatch.stages.flatten import flatten
     from photowatch.stages.prepare import prepare
     from photowatch.stages.skysub import subtract_sky
+    from photowatch.stages.sources import extract_sources
 
     st = settings.stages
     prof = Profiler(interval=0.002)
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
-    from photowatch.config import Settings
+    from photowatch.core.config import Settings
 
     out = args.out or Path(tempfile.gettempdir()) / f"photowatch-bench-{args.size}"
     night = simulated_night(out, args.size)

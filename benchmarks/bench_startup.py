@@ -30,15 +30,15 @@ def since_start():  # CLOCK_MONOTONIC is system-wide: the parent's time just bef
 def cpu():
     t = os.times(); return t.user + t.system
 out = {}
-import photowatch.batch, photowatch.watch, photowatch.cli  # noqa: F401
+import photowatch.run.batch, photowatch.run.watch, photowatch.cli  # noqa: F401
 out["imports"] = (since_start(), cpu())
-from photowatch.config import load_settings
-from photowatch.instruments import available_profiles, load_profile
+from photowatch.core.config import load_settings
+from photowatch.core.instruments import available_profiles, load_profile
 settings = load_settings(None).with_overrides(paths={"output_dir": sys.argv[1]})
 for name in available_profiles():
     load_profile(name)
 out["settings + profiles"] = (since_start(), cpu())
-from photowatch.engine import Engine
+from photowatch.run.engine import Engine
 engine = Engine(settings, command="reduce")
 engine.startup()
 engine.shutdown()

@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     from astropy.io import fits
 
-    from photowatch.replay import deliver
+    from photowatch.run.replay import deliver
 
     poll_s = args.poll_ms / 1000
     with tempfile.TemporaryDirectory() as tmp:

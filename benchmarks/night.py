@@ -131,7 +131,7 @@ def astroscrappy_alone(product: Path, threads: int) -> float:
     child process with the daemon's threads per worker (OpenMP reads them at start)."""
     code = (
         "import time, numpy as np, astroscrappy\n"
-        "from photowatch.products import read_product\n"
+        "from photowatch.io.products import read_product\n"
         f"p = read_product({str(product)!r})\n"
         "sci = np.ascontiguousarray(p.sci); var = np.ascontiguousarray(p.err**2)\n"
         "best = 1e9\n"
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print README table rows")
     args = p.parse_args(argv)
 
-    from photowatch.config import load_settings
-    from photowatch.engine import default_workers, threads_per_worker
-    from photowatch.replay import deliver, observation_order
-    from photowatch.simulate import simulate_night
+    from photowatch.core.config import load_settings
+    from photowatch.run.engine import default_workers, threads_per_worker
+    from photowatch.run.replay import deliver, observation_order
+    from photowatch.sim.night import simulate_night
 
     binning = args.binning or (2 if args.size >= 2048 else 4)
     exptimes = tuple(float(x) for x in args.exptimes.split(","))

@@ -23,10 +23,10 @@ sys.path[:0] = [str(HERE.parent / "tests")]
 from shared_data import RATIR  # noqa: E402
 from test_ratir_night import _plain_photometry  # noqa: E402
 
-from photowatch.instruments import load_profile  # noqa: E402
-from photowatch.products import read_product  # noqa: E402
+from photowatch.core.instruments import load_profile  # noqa: E402
+from photowatch.io.products import read_product  # noqa: E402
 from photowatch.stages.zeropoint import match_sky  # noqa: E402
-from photowatch.store import Store  # noqa: E402
+from photowatch.state.store import Store  # noqa: E402
 
 
 def main(out: Path) -> None:

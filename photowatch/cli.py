@@ -70,7 +70,7 @@ def _known_night(out: Path, night: str | None) -> None:
     """A --night the store has (UsageError naming the nights it has)."""
     if night is None:
         return
-    from photowatch.store import Store
+    from photowatch.state.store import Store
 
     nights = Store(out / "state.sqlite", command="check").nights()
     if night not in nights:
@@ -107,8 +107,8 @@ def preflight(settings, *, instrument: str | None = None, catalog: str | None = 
     (``--catalog`` or ``catalog.path``), an output directory that cannot be
     written (``--out`` or ``paths.output_dir``).
     """
-    from photowatch.errors import ConfigError
-    from photowatch.instruments import all_profiles, load_profile
+    from photowatch.core.errors import ConfigError
+    from photowatch.core.instruments import all_profiles, load_profile
 
     profile_dir = settings.instrument.profile_dir or None
     if profile_dir and not Path(profile_dir).is_dir():
@@ -145,8 +145,8 @@ def preflight(settings, *, instrument: str | None = None, catalog: str | None = 
 
 def _with_problems(store_out: Path, night: str | None, text: str, extra=None) -> int:
     """Exit 3 with a one-line summary when frames or coadds need a person, else 0."""
-    from photowatch.status import problem_summary
-    from photowatch.store import Store
+    from photowatch.run.status import problem_summary
+    from photowatch.state.store import Store
 
     line = problem_summary(Store(store_out / "state.sqlite", command="check"), night, extra)
     if line:
@@ -156,7 +156,7 @@ def _with_problems(store_out: Path, night: str | None, text: str, extra=None) ->
 
 
 def _settings(args):
-    from photowatch.config import load_settings
+    from photowatch.core.config import load_settings
 
     settings = load_settings(getattr(args, "config", None))
     out = getattr(args, "out", None)
@@ -166,8 +166,8 @@ def _settings(args):
 
 
 def _setup(args, settings, *, workers=None):
-    from photowatch.engine import default_workers, limit_threads, threads_per_worker
-    from photowatch.logs import setup_logging
+    from photowatch.core.logs import setup_logging
+    from photowatch.run.engine import default_workers, limit_threads, threads_per_worker
 
     if workers:
         settings = settings.with_overrides(daemon={"workers": workers})
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from photowatch.errors import ConfigError
+    from photowatch.core.errors import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- commands
 
 def cmd_reduce(args) -> int:
-    from photowatch.batch import reduce_directory
+    from photowatch.run.batch import reduce_directory
 
     settings = _settings(args)
     rawdir = Path(args.rawdir)
@@ -338,7 +338,7 @@ def cmd_reduce(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    from photowatch.watch import run_daemon
+    from photowatch.run.watch import run_daemon
 
     settings = _settings(args)
     rawdir = args.rawdir or settings.paths.watch_dir
@@ -351,7 +351,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_finalize(args) -> int:
-    from photowatch.finalize import finalize
+    from photowatch.run.finalize import finalize
 
     settings = _settings(args)
     night = _night(args.night)
@@ -370,7 +370,7 @@ def cmd_finalize(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from photowatch.status import status
+    from photowatch.run.status import status
 
     settings = _settings(args)
     night = _night(args.night)
@@ -381,14 +381,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_masters(args) -> int:
-    from photowatch.status import masters_listing
+    from photowatch.run.status import masters_listing
 
     settings = _settings(args)
     night = _night(args.night)
     out = _existing_store(settings)
     _known_night(out, night)
     if args.action == "rebuild":
-        from photowatch.finalize import rebuild_masters
+        from photowatch.run.finalize import rebuild_masters
 
         preflight(settings)
         settings, workers = _setup(args, settings)
@@ -399,9 +399,9 @@ def cmd_masters(args) -> int:
 
 
 def cmd_requeue(args) -> int:
-    from photowatch.logs import setup_logging
-    from photowatch.requeue import requeue
-    from photowatch.store import Store
+    from photowatch.core.logs import setup_logging
+    from photowatch.run.requeue import requeue
+    from photowatch.state.store import Store
 
     settings = _settings(args)
     night = _night(args.night)
@@ -420,7 +420,7 @@ def cmd_requeue(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     night = simulate_night(Path(args.outdir), size=args.size, binning=args.binning,
                            filters=tuple(args.filters), seed=args.seed,
@@ -435,7 +435,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from photowatch.replay import replay
+    from photowatch.run.replay import replay
 
     return replay(Path(args.rawdir), Path(args.watchdir), speed=args.speed,
                   chunked=args.chunked)
@@ -444,7 +444,7 @@ def cmd_replay(args) -> int:
 def cmd_inspect(args) -> int:
     import json
 
-    from photowatch.inspect import inspect_dir, table, write_profile
+    from photowatch.run.inspect import inspect_dir, table, write_profile
 
     settings = _settings(args)
     rawdir = Path(args.rawdir)
@@ -463,7 +463,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from photowatch.demo import run_demo
+    from photowatch.run.demo import run_demo
 
     return run_demo(Path(args.out), size=args.size, config=args.config)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from photowatch.simulate import SimNight, simulate_night
+from photowatch.sim.night import SimNight, simulate_night
 
 
 @pytest.fixture(scope="session")

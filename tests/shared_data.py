@@ -45,7 +45,7 @@ def copy_output(out, work):
     Returns the copy's Store."""
     import shutil
 
-    from photowatch.store import Store
+    from photowatch.state.store import Store
 
     shutil.copytree(out, work)
     store = Store(work / "state.sqlite")

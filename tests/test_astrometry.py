@@ -23,12 +23,10 @@ from astropy.table import Table
 from astropy.wcs import WCS, Sip
 from shared_data import RATIR as RATIR_DIR
 
-from photowatch.classify import classify
-from photowatch.config import Astrometry, Catalog, Sources
-from photowatch.frame import Frame
-from photowatch.instruments import Profile, load_profile
-from photowatch.matching import deproject
-from photowatch.sources import extract_sources
+from photowatch.core.classify import classify
+from photowatch.core.config import Astrometry, Catalog, Sources
+from photowatch.core.frame import Frame
+from photowatch.core.instruments import Profile, load_profile
 from photowatch.stages import astrometry as astro
 from photowatch.stages.astrometry import (
     AstrometryResult,
@@ -40,6 +38,8 @@ from photowatch.stages.astrometry import (
     solve_astrometry,
     wcs_geometry,
 )
+from photowatch.stages.matching import deproject
+from photowatch.stages.sources import extract_sources
 
 N = 1024
 SCALE = 0.4
@@ -395,7 +395,7 @@ def test_initial_wcs_optical_centre_binning_flip_and_no_pointing():
     assert ra[1] > ra[0] and dec[1] == pytest.approx(dec[0], abs=1e-6)
     ra, dec = w.all_pix2world([500.0, 600.0], [500.0, 500.0], 0)
     assert dec[1] < dec[0] and ra[1] == pytest.approx(ra[0], abs=1e-6)
-    from photowatch.errors import StageDegraded
+    from photowatch.core.errors import StageDegraded
 
     with pytest.raises(StageDegraded, match="no telescope pointing"):
         initial_wcs(dataclasses.replace(info, ra_deg=None), profile, (10, 10))
@@ -503,7 +503,7 @@ def test_simulated_night_solves_against_its_catalogue(sim_small):
     """Crude reduction of the simulated science frames; absolute solve against the catalogue,
     warm-started frame to frame; compared with the true WCS on a grid."""
 
-    from photowatch.catalogs import field_cone, open_catalog
+    from photowatch.io.catalogs import field_cone, open_catalog
 
     profile = load_profile("lmi")
     provider = open_catalog(Catalog(), path_override=sim_small.catalog_path)
@@ -557,7 +557,7 @@ def _crude_frame(sf, profile):
 def _solve_night(night, *, tol_px, settings=None):
     """Every good science frame solved cold and warm (from the previous frame's solution);
     returns the methods and the worst grid error (px)."""
-    from photowatch.catalogs import field_cone, open_catalog
+    from photowatch.io.catalogs import field_cone, open_catalog
 
     profile = load_profile("lmi")
     provider = open_catalog(Catalog(), path_override=night.catalog_path)
@@ -590,7 +590,7 @@ def _solve_night(night, *, tol_px, settings=None):
 def test_sparse_simulated_night_solves_every_frame_cold(tmp_path):
     """`photowatch simulate OUT --size 512` (0.24"/px, 20-25 usable stars against a catalogue
     to r = 21): a complete match used to need one star more than the frame had."""
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     night = simulate_night(tmp_path, size=512, binning=2, seed=1, n_bias=1, n_dark=1,
                            n_flat=1, bad_flats=False, n_science=6, write_models=False,
@@ -603,7 +603,7 @@ def test_dense_dithered_mirrored_night_solves_every_frame(tmp_path):
     """A small dense variant of the 4k nights: 2048 px at 0.24"/px, ~9000 catalogue stars
     r < 20.5 in the search cone, dithers of +-60", header pointing errors up to 60" drawn per
     frame, the camera rotated by 2 degrees and mirrored (the profile says neither)."""
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     night = simulate_night(tmp_path, size=2048, binning=2, seed=12, n_bias=1, n_dark=1,
                            n_flat=1, bad_flats=False, n_science=3, dither_arcsec=60.0,
@@ -620,7 +620,7 @@ def test_dense_4k_nights_solve_every_frame(tmp_path, seed):
     """Issue 17's dense 4k nights: 4096 px at 0.24"/px, ~20,000 catalogue stars r < 20.5 in
     the search cone, dithers of +-60", per-frame header pointing errors up to 60", a camera
     rotated by up to 2 degrees and mirrored; every frame solves cold and warm to < 0.05 px."""
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     rng = np.random.default_rng(seed)
     night = simulate_night(tmp_path, size=4096, binning=2, seed=seed, n_bias=1, n_dark=1,
@@ -638,7 +638,7 @@ def _star_lists(seed, nstars, *, n=512, scale=0.24, depth=10.0, random_image=Fal
     """Image star list and catalogue (``depth`` times deeper) of a random sky, a true TAN WCS
     (any position angle and parity) and a header guess off by up to ``max_pointing`` arcsec,
     2 degrees and 2 %, with the wrong parity half of the time."""
-    from photowatch.matching import deproject as dep
+    from photowatch.stages.matching import deproject as dep
 
     rng = np.random.default_rng(seed)
     ra0, dec0 = rng.uniform(0, 360), rng.uniform(-60, 60)

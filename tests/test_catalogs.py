@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from photowatch import catalogs
-from photowatch.catalogs import (
+from photowatch.core.config import Catalog
+from photowatch.core.errors import ConfigError, StageFailed
+from photowatch.io import catalogs
+from photowatch.io.catalogs import (
     CatalogUnavailable,
     LocalCatalog,
     OnlineCatalog,
@@ -18,8 +20,6 @@ from photowatch.catalogs import (
     open_catalog,
     quantized_cone,
 )
-from photowatch.config import Catalog
-from photowatch.errors import ConfigError, StageFailed
 
 
 def _stars(n=500, ra0=150.0, dec0=40.0, half=0.3, seed=0):

@@ -6,7 +6,7 @@ import pytest
 from astropy.io import fits
 from shared_data import RATIR
 
-from photowatch.classify import (
+from photowatch.core.classify import (
     classify,
     night_label,
     parse_binning,
@@ -14,8 +14,8 @@ from photowatch.classify import (
     safe_name,
     standard_name,
 )
-from photowatch.errors import BadInput, FrameIgnored, FrameRejected
-from photowatch.instruments import all_profiles, detect_profile, load_profile
+from photowatch.core.errors import BadInput, FrameIgnored, FrameRejected
+from photowatch.core.instruments import all_profiles, detect_profile, load_profile
 
 needs_ratir = pytest.mark.skipif(not RATIR.is_dir(), reason="shared RATIR data not present")
 

@@ -13,11 +13,11 @@ import pytest
 from astropy.io import fits
 
 from photowatch import cli
-from photowatch.config import Settings
-from photowatch.engine import Engine
-from photowatch.ingest import ingest_file
-from photowatch.instruments import available_profiles
-from photowatch.store import Store
+from photowatch.core.config import Settings
+from photowatch.core.instruments import available_profiles
+from photowatch.run.engine import Engine
+from photowatch.run.ingest import ingest_file
+from photowatch.state.store import Store
 
 
 def newcam_frame(path: Path, **cards) -> Path:

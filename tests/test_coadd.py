@@ -18,7 +18,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, Sip
 from scipy.special import erf
 
-from photowatch.coadd import (
+from photowatch.coadd.stack import (
     Accumulator,
     CoaddGrid,
     FinalMember,
@@ -27,9 +27,9 @@ from photowatch.coadd import (
     make_grid,
     resample,
 )
-from photowatch.errors import StageDegraded
-from photowatch.frame import Frame, Mask
-from photowatch.products import write_product
+from photowatch.core.errors import StageDegraded
+from photowatch.core.frame import Frame, Mask
+from photowatch.io.products import write_product
 
 RA0, DEC0 = 150.0, 30.0
 SCALE = 0.4  # arcsec / px

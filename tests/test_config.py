@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from photowatch.config import Settings, load_settings
-from photowatch.errors import ConfigError
+from photowatch.core.config import Settings, load_settings
+from photowatch.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

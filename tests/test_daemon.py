@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from photowatch.replay import deliver
-from photowatch.simulate import simulate_night
-from photowatch.store import TERMINAL
+from photowatch.run.replay import deliver
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import TERMINAL
 
 TIMEOUT_S = 240.0  #: generous: a loaded 2-core CI machine
 CONFIG = """
@@ -246,7 +246,7 @@ def check_products(d: Daemon) -> list[dict]:
     """Each product once, valid FITS with SCI/ERR/MASK, no temporaries; returns the frames."""
     from astropy.io import fits
 
-    from photowatch.fitsio import fits_incomplete_reason
+    from photowatch.io.fits import fits_incomplete_reason
 
     frames = d.frames()
     products = [f["product"] for f in frames if f["product"]]
@@ -555,9 +555,9 @@ def test_two_nights_in_one_run(daemon, night, tmp_path):
 
 # ============================================================================== in-process
 def test_hung_worker_stops_the_watchdog(tmp_path):
-    from photowatch.config import Settings
-    from photowatch.store import utcnow
-    from photowatch.watch import Daemon as WatchDaemon
+    from photowatch.core.config import Settings
+    from photowatch.run.watch import Daemon as WatchDaemon
+    from photowatch.state.store import utcnow
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 from astropy.io import fits
 
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.finalize import finalize
-from photowatch.simulate import simulate_night
-from photowatch.store import Store
+from photowatch.core.config import Settings
+from photowatch.run.batch import reduce_directory
+from photowatch.run.finalize import finalize
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import Store
 
 
 def test_persistent_defects_move_from_cosmic_to_bad(tmp_path):

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from photowatch.errors import (
+from photowatch.core.errors import (
     OUTCOMES,
     BadInput,
     ConfigError,

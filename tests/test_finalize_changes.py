@@ -18,10 +18,10 @@ from astropy.io import fits
 from shared_data import copy_output
 
 from photowatch import cli
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.finalize import rebuild_masters
-from photowatch.simulate import simulate_night
+from photowatch.core.config import Settings
+from photowatch.run.batch import reduce_directory
+from photowatch.run.finalize import rebuild_masters
+from photowatch.sim.night import simulate_night
 
 QUIET = {"quicklook_png": False}
 

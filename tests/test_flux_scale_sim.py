@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.products import read_product
-from photowatch.simulate import simulate_night
-from photowatch.store import Store
+from photowatch.core.config import Settings
+from photowatch.io.products import read_product
+from photowatch.run.batch import reduce_directory
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import Store
 
 
 @pytest.mark.slow

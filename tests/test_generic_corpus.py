@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photowatch.classify import classify, parse_section
 from photowatch.cli import main
-from photowatch.config import Settings
-from photowatch.errors import FrameIgnored
-from photowatch.inspect import inspect_dir, read_any_header, write_profile
-from photowatch.instruments import load_profile, load_profile_file
+from photowatch.core.classify import classify, parse_section
+from photowatch.core.config import Settings
+from photowatch.core.errors import FrameIgnored
+from photowatch.core.instruments import load_profile, load_profile_file
+from photowatch.run.inspect import inspect_dir, read_any_header, write_profile
 
 CORPUS = Path(os.environ.get("PHOTOWATCH_HEADER_CORPUS", "/work/shared/data/headers"))
 if not CORPUS.is_dir():
@@ -179,8 +179,8 @@ def test_generic_quarantines_nothing_it_can_read(tmp_path):
     exposure, filter or gain is classified with assumptions, each warned once per night."""
     from datetime import UTC, datetime
 
-    from photowatch.ingest import ingest_file
-    from photowatch.store import Store
+    from photowatch.run.ingest import ingest_file
+    from photowatch.state.store import Store
 
     store = Store(tmp_path / "s.sqlite")
     raw = tmp_path / "raw"
@@ -246,7 +246,7 @@ def test_compressed_pixels_are_read(tmp_path):
     """fpack float32 with an empty primary and a (1, ny, nx) array; gzip named .fits."""
     import gzip
 
-    from photowatch.fitsio import fits_incomplete_reason, read_header, read_raw
+    from photowatch.io.fits import fits_incomplete_reason, read_header, read_raw
 
     path = CORPUS / "LCO_1m_Sinistro" / "coj1m011-fl08-20151216-0049-b00.fits.fz"
     data, header = read_raw(path)
@@ -262,8 +262,8 @@ def test_compressed_pixels_are_read(tmp_path):
 
 @pytest.mark.parametrize("level, kind", [(30000, "flat"), (900, "object")])
 def test_object_named_like_a_flat_is_weighed_against_its_level(tmp_path, level, kind):
-    from photowatch.ingest import ingest_file
-    from photowatch.store import Store
+    from photowatch.run.ingest import ingest_file
+    from photowatch.state.store import Store
 
     h = fits.Header()
     h["OBSTYPE"] = "OBJECT"

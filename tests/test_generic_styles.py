@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from corpus_styles import STYLES, restyle
 
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.products import read_product
-from photowatch.simulate import GAIN, READ_NOISE_E, simulate_night
-from photowatch.store import Store
+from photowatch.core.config import Settings
+from photowatch.io.products import read_product
+from photowatch.run.batch import reduce_directory
+from photowatch.sim.night import GAIN, READ_NOISE_E, simulate_night
+from photowatch.state.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_style_reduces_like_lmi(night, style):
 def test_measured_gain_matches_truth_on_another_seed(tmp_path):
     """Photon transfer on a 1k night with other noise: gain and read noise within 5 %."""
     from photowatch.calib.ptc import photon_transfer
-    from photowatch.fitsio import read_raw
+    from photowatch.io.fits import read_raw
 
     sim = simulate_night(tmp_path / "sim", size=1024, binning=2, filters=("SDSS-G",), seed=11,
                          n_bias=4, n_dark=0, n_flat=6, n_science=0, catalog=False,

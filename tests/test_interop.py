@@ -23,12 +23,12 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.finalize import finalize
-from photowatch.schema import COLUMNS, KEYWORDS, keywords_markdown
-from photowatch.simulate import simulate_night
-from photowatch.store import Store
+from photowatch.core.config import Settings
+from photowatch.core.schema import COLUMNS, KEYWORDS, keywords_markdown
+from photowatch.run.batch import reduce_directory
+from photowatch.run.finalize import finalize
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import Store
 
 SEXTRACTOR = shutil.which("source-extractor") or shutil.which("sex")
 SWARP = shutil.which("SWarp") or shutil.which("swarp")
@@ -134,7 +134,7 @@ def test_every_card_photowatch_writes_has_a_comment(night):
 
 def test_the_keyword_table_in_docs_is_current():
     text = (ROOT / "docs" / "keywords.md").read_text()
-    assert text == keywords_markdown(), "run: python -m photowatch.schema > docs/keywords.md"
+    assert text == keywords_markdown(), "run: python -m photowatch.core.schema > docs/keywords.md"
     for key in ("GAIN", "GAINRAW", "SATURATE", "SATURRAW", "MAGZP", "XYORIGIN", "DATE-BEG"):
         assert f"`{key}`" in text
 
@@ -146,7 +146,7 @@ def test_gain_and_saturation_in_electrons(night):
     pixel took, to within a few per cent (no unsaturated star looks saturated)."""
     import json
 
-    from photowatch.classify import FrameInfo
+    from photowatch.core.classify import FrameInfo
     from photowatch.stages.prepare import trim_slices
 
     sim, _, good, _, _ = night
@@ -364,7 +364,7 @@ def test_a_frame_without_a_zero_point_stays_out_of_a_calibrated_coadd(tmp_path, 
     """Issue 17 item 5: the catalogue is unavailable for one frame of a calibrated night. It
     is registered relatively, gets no zero point, its mag is NaN, and it is not stacked: a
     coadd on a zero point never takes a frame scaled to another reference."""
-    import photowatch.science as science
+    import photowatch.run.science as science
 
     sim = simulate_night(tmp_path / "sim", size=512, binning=4, filters=("SDSS-R",), seed=53,
                          n_bias=3, n_dark=0, n_flat=4, n_science=4)
@@ -403,8 +403,8 @@ def test_a_sip_order_without_terms_is_written_as_plain_tan():
     product says TAN instead, and keeps real SIP terms."""
     from astropy.wcs import Sip
 
-    from photowatch.frame import Frame
-    from photowatch.products import sci_header
+    from photowatch.core.frame import Frame
+    from photowatch.io.products import sci_header
     from photowatch.stages.astrometry import wcs_cards
 
     def header_for(a):

@@ -1,4 +1,4 @@
-"""The geometry of photowatch.matching: projection, triangle hash, verification, fitting."""
+"""The geometry of photowatch.stages.matching: projection, triangle hash, verification, fitting."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from photowatch.matching import (
+from photowatch.stages.matching import (
     Similarity,
     chance_needed,
     deproject,

@@ -23,13 +23,13 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from shared_data import wcs_grid_rms_px
 
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.finalize import finalize
-from photowatch.products import read_product
-from photowatch.simulate import simulate_night
+from photowatch.core.config import Settings
+from photowatch.io.products import read_product
+from photowatch.run.batch import reduce_directory
+from photowatch.run.finalize import finalize
+from photowatch.sim.night import simulate_night
 from photowatch.stages.zeropoint import match_sky
-from photowatch.store import TERMINAL, Store
+from photowatch.state.store import TERMINAL, Store
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def test_depth_grows_as_the_square_root_of_the_exposure(deep_night, tmp_path):
     units) combined with inverse-variance weights: for equal members that is depth growing
     as sqrt(exposure). The members' transparency differs (FLXSCALE 0.87-1.02 here), so the
     plain sqrt(exposure) law would be off by that alone."""
-    from photowatch.coadd import CoaddGrid, FinalMember, final_coadd
+    from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
 
     sim, out, settings, _ = deep_night
     store = Store(out / "state.sqlite")

@@ -16,13 +16,13 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from shared_data import wcs_grid_rms_px
 
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.finalize import finalize
-from photowatch.products import read_product
-from photowatch.report import write_report
-from photowatch.simulate import simulate_night
-from photowatch.store import TERMINAL, Store
+from photowatch.core.config import Settings
+from photowatch.io.products import read_product
+from photowatch.report.html import write_report
+from photowatch.run.batch import reduce_directory
+from photowatch.run.finalize import finalize
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import TERMINAL, Store
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.special import erf
 
-from photowatch.coadd import CoaddGrid, Member, make_grid, member_weight, write_coadd
-from photowatch.photometry import (
+from photowatch.coadd.stack import CoaddGrid, Member, make_grid, member_weight, write_coadd
+from photowatch.stages.photometry import (
     LOWWEIGHT,
     catalog_path,
     coadd_catalog,
@@ -147,7 +147,7 @@ def test_magzp_argument_overrides_the_header(coadd):
 
 def test_the_single_frame_source_cap_does_not_apply(coadd):
     """A deep stack holds more sources than one frame: only ``max_sources`` caps it."""
-    from photowatch.config import Sources
+    from photowatch.core.config import Sources
 
     path, *_ = coadd
     full = coadd_catalog(path, detect_sigma=3.0, settings=Sources(max_sources=10))

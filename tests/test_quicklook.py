@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from photowatch.quicklook import NODATA_RGB, block_average, preview, save_png
+from photowatch.io.previews import NODATA_RGB, block_average, preview, save_png
 
 
 def test_block_average_ignores_masked_and_nan_pixels():
@@ -72,7 +72,7 @@ def test_save_png_is_cheap_at_4k(tmp_path):
 
 def test_no_pyplot_state():
     code = ("import sys, numpy as np, tempfile, os\n"
-            "from photowatch.quicklook import save_png\n"
+            "from photowatch.io.previews import save_png\n"
             "d = tempfile.mkdtemp()\n"
             "save_png(np.ones((50, 50)), os.path.join(d, 'a.png'), title='t', fsync=False)\n"
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n")

@@ -18,12 +18,12 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from shared_data import RATIR
 
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.finalize import finalize
-from photowatch.products import read_product
+from photowatch.core.config import Settings
+from photowatch.io.products import read_product
+from photowatch.run.batch import reduce_directory
+from photowatch.run.finalize import finalize
 from photowatch.stages.zeropoint import match_sky
-from photowatch.store import TERMINAL, Store
+from photowatch.state.store import TERMINAL, Store
 
 pytestmark = pytest.mark.skipif(not RATIR.is_dir(), reason="shared RATIR data not present")
 
@@ -170,7 +170,7 @@ def test_flux_scale_agrees_with_plain_aperture_photometry(ratir):
     """Issue 17: each frame's FLXSCALE against plain fixed-aperture photometry of the bright
     stars it shares with its field's reference frame: within 0.03 mag. (APCOR used to enter
     the scale: 0.01-0.68 mag where the stars say 0.00-0.30.)"""
-    from photowatch.instruments import load_profile
+    from photowatch.core.instruments import load_profile
 
     raw, out, _ = ratir
     trim = load_profile("ratir").cameras["C1"]["trimsec"].strip("[]").split(",")

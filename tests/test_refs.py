@@ -6,7 +6,7 @@ import threading
 
 from astropy.table import Table
 
-from photowatch.refs import FieldRefs
+from photowatch.state.refs import FieldRefs
 
 
 def test_concurrent_first_frames_found_one_field(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from photowatch import replay as replay_module
-from photowatch.replay import deliver, observation_order, replay
+from photowatch.run import replay as replay_module
+from photowatch.run.replay import deliver, observation_order, replay
 
 
 def write_frame(path: Path, date_obs: str | None, seed: int) -> Path:

@@ -14,9 +14,9 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from photowatch.config import Settings
-from photowatch.report import settings_toml, write_report
-from photowatch.store import Store
+from photowatch.core.config import Settings
+from photowatch.report.html import settings_toml, write_report
+from photowatch.state.store import Store
 
 NIGHT = "2020-01-28"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -306,7 +306,7 @@ def test_settings_toml_loads_back():
 
 @pytest.mark.slow
 def test_report_of_a_reduced_simulated_night(sim_small, tmp_path):
-    from photowatch.batch import reduce_directory
+    from photowatch.run.batch import reduce_directory
 
     out = tmp_path / "out"
     settings = Settings().with_overrides(paths={"output_dir": str(out)})
@@ -329,7 +329,7 @@ def test_report_of_a_reduced_simulated_night(sim_small, tmp_path):
 
 
 def test_batch_arrivals_are_told_apart_from_a_live_night():
-    from photowatch.report import _arrived_as_a_batch
+    from photowatch.report.html import _arrived_as_a_batch
 
     def frames(arrival_step_s):
         return [{"obs_time": f"2020-01-29T02:{10 + 2 * i:02d}:00",

@@ -10,10 +10,10 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy import ndimage
 
-from photowatch.classify import classify
-from photowatch.errors import FrameIgnored
-from photowatch.instruments import load_profile
-from photowatch.simulate import (
+from photowatch.core.classify import classify
+from photowatch.core.errors import FrameIgnored
+from photowatch.core.instruments import load_profile
+from photowatch.sim.night import (
     GAIN,
     SimNight,
     _Psf,
@@ -389,7 +389,7 @@ def test_catalogue(sim_small):
 def test_options_for_what_real_frames_have(tmp_path):
     """Issue 17: PSFs varying over the field and from frame to frame, and thin clouds
     varying within minutes; the defaults leave a night unchanged."""
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     kw = dict(size=256, binning=4, filters=("SDSS-R",), seed=3, n_bias=1, n_dark=0, n_flat=1,
               n_science=4, exptime_s=20.0, bad_flats=False, catalog=False, write_crmasks=False,
@@ -408,7 +408,7 @@ def test_options_for_what_real_frames_have(tmp_path):
     betas = [f.psf_beta for f in night.objects()]
     assert max(betas) - min(betas) > 0.1
     # a corner star is broader than a central one
-    from photowatch.simulate import _render_varying
+    from photowatch.sim.night import _render_varying
 
     img = _render_varying((201, 201), 3.0, 3.0, 0.5, np.array([100.0, 5.0]),
                           np.array([100.0, 5.0]), np.array([1e4, 1e4]))

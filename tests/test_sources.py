@@ -8,9 +8,9 @@ from astropy.io import fits
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
-from photowatch.config import Sources
-from photowatch.frame import Frame, Mask
-from photowatch.sources import COLUMNS, SourceFlag, extract_sources
+from photowatch.core.config import Sources
+from photowatch.core.frame import Frame, Mask
+from photowatch.stages.sources import COLUMNS, SourceFlag, extract_sources
 
 SIGMA = 1.5  # px; FWHM 3.53 px
 SKY_VAR = 100.0  # e-^2 per pixel
@@ -186,7 +186,7 @@ def test_fwhm_of_undersampled_moffat_stars_within_two_percent(fwhm_px):
     """The simulator's pixel-integrated Moffat (beta 3) stars, FWHM 1.5-4 px: the frame's
     FWHM comes from pixel-integrated profile fits, so stars whose peak falls between
     pixels do not read high (the half-maximum area read 4-8 % high; issue 17)."""
-    from photowatch.simulate import _Psf, render_stars
+    from photowatch.sim.night import _Psf, render_stars
 
     for seed in (1, 2):
         rng = np.random.default_rng([seed, int(fwhm_px * 10)])

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from photowatch.store import TERMINAL, Store
+from photowatch.state.store import TERMINAL, Store
 
 
 def info(i, kind="object", night="2020-01-28"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from photowatch.config import Daemon
+from photowatch.core.config import Daemon
 
 SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
 UNITS = ("photowatch.service", "photowatch-finalize.service", "photowatch-finalize.timer")
@@ -118,7 +118,7 @@ def test_sd_notify_sends_to_the_socket(tmp_path, monkeypatch, abstract):
     import socket
     import uuid
 
-    from photowatch import sdnotify
+    from photowatch.run import sdnotify
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     if abstract:
@@ -137,7 +137,7 @@ def test_sd_notify_sends_to_the_socket(tmp_path, monkeypatch, abstract):
 
 
 def test_sd_notify_outside_systemd(tmp_path, monkeypatch):
-    from photowatch import sdnotify
+    from photowatch.run import sdnotify
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert sdnotify.notify("READY=1") is False
@@ -148,7 +148,7 @@ def test_sd_notify_outside_systemd(tmp_path, monkeypatch):
 def test_watchdog_interval(monkeypatch):
     import os
 
-    from photowatch import sdnotify
+    from photowatch.run import sdnotify
 
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
@@ -166,7 +166,7 @@ def test_sd_notify_never_blocks(monkeypatch):
     import socket
     import uuid
 
-    from photowatch import sdnotify
+    from photowatch.run import sdnotify
 
     name = f"photowatch-test-{uuid.uuid4().hex}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -21,14 +21,14 @@ from astropy.io import fits
 from shared_data import copy_output
 
 from photowatch import cli
-from photowatch.batch import reduce_directory
-from photowatch.config import Settings
-from photowatch.engine import Engine
-from photowatch.errors import StageFailed
-from photowatch.fitsio import inject_fault
-from photowatch.ingest import ingest_file
-from photowatch.simulate import simulate_night
-from photowatch.store import Store
+from photowatch.core.config import Settings
+from photowatch.core.errors import StageFailed
+from photowatch.io.fits import inject_fault
+from photowatch.run.batch import reduce_directory
+from photowatch.run.engine import Engine
+from photowatch.run.ingest import ingest_file
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import Store
 
 QUIET = {"quicklook_png": False}
 
@@ -117,7 +117,7 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
     sim, out = night_copy
     store = Store(out / "state.sqlite")
     before = quicklook_members(store)
-    from photowatch import science
+    from photowatch.run import science
     from photowatch.stages import astrometry as ast
 
     monkeypatch.setattr(ast, "solve_astrometry", _solve_only_from(
@@ -187,7 +187,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     from astropy.table import Table
     from astropy.wcs import WCS
 
-    from photowatch import science
+    from photowatch.run import science
     from photowatch.stages import astrometry as ast
 
     sim, out = night_copy
@@ -199,7 +199,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
         wcs = WCS(h["SCI"].header)
         shape = h["SCI"].data.shape
         sources = Table(h["CAT"].data)
-    from photowatch.schema import XY_ORIGIN  # files are 1-based (FITS), the code 0-based
+    from photowatch.core.schema import XY_ORIGIN  # files are 1-based (FITS), the code 0-based
     sources["x"] = sources["x"] - XY_ORIGIN
     sources["y"] = sources["y"] - XY_ORIGIN
     kept = science.quicklook_fallback(sources, shape, (wcs, "ok"), reference, settings,
@@ -249,7 +249,7 @@ def test_a_deterministic_failure_ends_rejected_after_max_tries(night_copy, monke
     store = Store(out / "state.sqlite")
     row = store.frames("kind='object' AND state='reduced'")[0]
     assert store.requeue(row["id"], "test", from_states=["reduced"])
-    from photowatch import science
+    from photowatch.run import science
 
     calls = []
 
@@ -320,7 +320,7 @@ def test_disk_full_then_read_only_during_a_live_night_then_resumes(night_copy):
 def test_a_short_write_is_a_full_disk(tmp_path):
     """numpy's tofile says "N requested and M written" without an errno (and astropy masks
     it with an AttributeError): atomic_write reports ENOSPC, and leaves nothing behind."""
-    from photowatch.fitsio import atomic_write
+    from photowatch.io.fits import atomic_write
 
     def write(fh):
         try:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from photowatch.config import Daemon as DaemonSettings
-from photowatch.fitsio import fits_incomplete_reason
-from photowatch.watch import Watcher, is_candidate
+from photowatch.core.config import Daemon as DaemonSettings
+from photowatch.io.fits import fits_incomplete_reason
+from photowatch.run.watch import Watcher, is_candidate
 
 PATTERNS = DaemonSettings().patterns
 
@@ -255,7 +255,7 @@ def test_observer_overflow_triggers_a_rescan(watching, monkeypatch):
     """Events lost (inotify queue overflow): watchdog's warning makes the watcher rescan."""
     import logging
 
-    from photowatch import watch
+    from photowatch.run import watch
 
     raw, rec, _ = watching()  # periodic rescans only every 60 s
     monkeypatch.setattr(watch._Events, "dispatch", lambda self, event: None)  # events lost

@@ -36,11 +36,11 @@ def main() -> None:
     from scipy.spatial import cKDTree
     from test_interop import SWARP, run_sextractor
 
-    from photowatch.batch import reduce_directory
-    from photowatch.config import Settings
-    from photowatch.finalize import finalize
-    from photowatch.simulate import simulate_night
-    from photowatch.store import Store
+    from photowatch.core.config import Settings
+    from photowatch.run.batch import reduce_directory
+    from photowatch.run.finalize import finalize
+    from photowatch.sim.night import simulate_night
+    from photowatch.state.store import Store
 
     work = args.work or Path(tempfile.mkdtemp(prefix="interop_"))
     print("seed  nstar  dMAG_APER  err_ratio  dpos_px  dMAG_AUTO  swarp_dx  swarp_dy")

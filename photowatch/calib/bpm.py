@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from photowatch.calib.combine import robust_level
-from photowatch.config import Calibration
-from photowatch.frame import MasterImage
+from photowatch.core.config import Calibration
+from photowatch.core.frame import MasterImage
 
 
 def bad_pixel_mask(*, dark: MasterImage | None, flat: MasterImage | None,

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from photowatch.calib.combine import RunningMean, robust_level
-from photowatch.classify import FrameInfo
-from photowatch.config import Calibration
+from photowatch.core.classify import FrameInfo
+from photowatch.core.config import Calibration
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from photowatch.logs import get_logger
+from photowatch.core.logs import get_logger
 
 log = get_logger("photowatch.calib")
 
@@ -41,7 +41,7 @@ def mark_night_defects(engine, night: str) -> list[str]:
     and to its products' MASK (COSMIC -> BAD); returns lines for the finalize report."""
     from astropy.io import fits
 
-    from photowatch.fitsio import write_hdul
+    from photowatch.io.fits import write_hdul
 
     groups: dict[tuple, list] = {}
     for row in engine.store.frames("night=? AND kind='object' AND product IS NOT NULL",

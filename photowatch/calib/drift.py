@@ -12,7 +12,7 @@ its own exposure time, sky level and sky noise:
 * flat: ``L × P99|F_used / F_final − 1|`` (a flattened pixel at sky level L);
 * master sky: ``L × P99|S_final − S_used|`` (``S_used = 1`` when the frame had
   none), from the binned copy of the sky each frame used
-  (:meth:`photowatch.calib.skies.SkyBook.save_used`).
+  (:meth:`photowatch.state.skies.SkyBook.save_used`).
 
 A constant difference is removed first: sky subtraction takes out any additive
 constant (bias, dark, sky) and the frame's zero point any uniform flat scale.

@@ -1,4 +1,4 @@
-"""The science stages: pure functions on an in-memory :class:`~photowatch.frame.Frame`.
+"""The science stages: pure functions on an in-memory :class:`~photowatch.core.frame.Frame`.
 
 Each module holds one step of PhotoPipe's autoproc, in order: prepare,
 flatten, mastersky, skysub, cosmics, astrometry, zeropoint. A stage takes the

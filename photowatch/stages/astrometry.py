@@ -14,7 +14,7 @@ Solve, then apply:
 - :func:`check_neighbours` flags a solution that disagrees with the other
   solutions of its field.
 
-Matching (see :mod:`photowatch.matching`), in order:
+Matching (see :mod:`photowatch.stages.matching`), in order:
 
 1. **warm** (``previous`` given, the last solution of the same field): the
    reference stars are predicted in pixels with ``previous``, a shift is
@@ -52,12 +52,12 @@ from pathlib import Path
 
 import numpy as np
 
-from photowatch.classify import FrameInfo
-from photowatch.config import Astrometry
-from photowatch.errors import StageDegraded
-from photowatch.frame import Frame
-from photowatch.instruments import Profile
-from photowatch.matching import (
+from photowatch.core.classify import FrameInfo
+from photowatch.core.config import Astrometry
+from photowatch.core.errors import StageDegraded
+from photowatch.core.frame import Frame
+from photowatch.core.instruments import Profile
+from photowatch.stages.matching import (
     ARCSEC_PER_DEG,
     Refined,
     chance_needed,
@@ -71,7 +71,7 @@ from photowatch.matching import (
     shift_search,
     spread_order,
 )
-from photowatch.sources import SourceFlag
+from photowatch.stages.sources import SourceFlag
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def _position_sigma_px(table) -> np.ndarray:
 
 
 def _brightness_rank(table) -> np.ndarray:
-    from photowatch.catalogs import brightness_order
+    from photowatch.io.catalogs import brightness_order
 
     return brightness_order(table)
 
@@ -680,7 +680,7 @@ def solve_astrometry(sources, *, shape: tuple[int, int], wcs_guess, reference,
     Parameters
     ----------
     sources : astropy Table
-        The frame's sources (:func:`photowatch.sources.extract_sources`):
+        The frame's sources (:func:`photowatch.stages.sources.extract_sources`):
         ``x, y`` (0-based), ``flux``; ``flags``, ``snr``, ``fwhm`` when present
         (flags exclude stars, snr and fwhm weight them).
     shape : (ny, nx)
@@ -924,7 +924,7 @@ def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: 
     method), ASTOFFS (arcsec), ASTSTAT (ok/relative/failed) and ASTREASN. A
     failed result leaves no WCS in the header.
     """
-    from photowatch.products import set_key, strip_wcs
+    from photowatch.io.products import set_key, strip_wcs
 
     header = frame.header.copy()
     strip_wcs(header)

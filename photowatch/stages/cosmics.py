@@ -49,7 +49,7 @@ The table below predates this.
 
 Why these defaults (measured with ``benchmarks/bench_cosmics.py``)
 -----------------------------------------------------------------
-Truth from ``photowatch.simulate``: CR pixels are those whose CR charge
+Truth from ``photowatch.sim.night``: CR pixels are those whose CR charge
 exceeds 5 sigma of the background noise; star pixels those where the
 noiseless stars exceed 3 sigma of the sky noise (not within 1 px of a CR).
 A 4k LMI frame (4096x4096, 2x2 binning, 300 s, sky 4300 e-, FWHM 3.8 px, 3072
@@ -128,8 +128,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from photowatch.config import Cosmics
-from photowatch.frame import Frame, Mask
+from photowatch.core.config import Cosmics
+from photowatch.core.frame import Frame, Mask
 
 _EXCLUDE = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT)
 #: side of the blocks of the noise lower bound of the candidate pre-pass (px, >= 3)

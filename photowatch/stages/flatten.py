@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from photowatch.config import Flatten
-from photowatch.errors import StageFailed
-from photowatch.frame import Frame, Mask, MasterImage
+from photowatch.core.config import Flatten
+from photowatch.core.errors import StageFailed
+from photowatch.core.frame import Frame, Mask, MasterImage
 
 #: the flat is never divided by less than this (masked pixels stay finite)
 FLOOR = 0.05

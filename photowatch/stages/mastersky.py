@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from photowatch.config import MasterSky
-from photowatch.frame import Frame, Mask, MasterImage
+from photowatch.core.config import MasterSky
+from photowatch.core.frame import Frame, Mask, MasterImage
 from photowatch.stages.skysub import source_mask
 
 _UNUSABLE = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT | Mask.COSMIC)
@@ -152,7 +152,7 @@ class SkyAccumulator:
 def apply_master_sky(frame: Frame, *, sky: MasterImage, level: float) -> Frame:
     """``sci − level × S``; the variance gains ``level² var_S``."""
     if sky.data.shape != frame.sci.shape:
-        from photowatch.errors import StageFailed
+        from photowatch.core.errors import StageFailed
 
         raise StageFailed(f"master sky {sky.label} has shape {sky.data.shape}, "
                           f"the frame {frame.sci.shape}")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from photowatch.config import SkySub
-from photowatch.frame import Frame, Mask
+from photowatch.core.config import SkySub
+from photowatch.core.frame import Frame, Mask
 
 _UNUSABLE = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT | Mask.COSMIC)
 

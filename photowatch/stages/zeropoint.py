@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from photowatch.config import ZeroPoint
+from photowatch.core.config import ZeroPoint
 
 #: neighbour band used for a colour term: band → (blue, red) of the colour
 COLOURS = {"u": ("u", "g"), "g": ("g", "r"), "r": ("g", "r"), "i": ("r", "i"), "z": ("i", "z"),

@@ -11,10 +11,10 @@ from astropy.io import fits
 from shared_data import RATIR
 
 from photowatch.calib.combine import robust_level
-from photowatch.config import Settings
-from photowatch.engine import Engine
-from photowatch.ingest import ingest_file
-from photowatch.simulate import simulate_night
+from photowatch.core.config import Settings
+from photowatch.run.engine import Engine
+from photowatch.run.ingest import ingest_file
+from photowatch.sim.night import simulate_night
 
 
 def run_engine(raw_files, out, **overrides):
@@ -138,8 +138,8 @@ def test_frame_added_once_after_crash(calib_night, tmp_path):
     """A frame already in a master's inputs (crash after the state was saved) is not added again."""
     night, engine = calib_night
     bias = [r for r in engine.store.frames("kind='bias'")][0]
-    from photowatch.classify import FrameInfo
-    from photowatch.fitsio import read_raw
+    from photowatch.core.classify import FrameInfo
+    from photowatch.io.fits import read_raw
 
     info = FrameInfo.from_summary(json.loads(bias["info_json"]))
     raw, _ = read_raw(bias["path"])

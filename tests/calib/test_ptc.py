@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from photowatch.calib.masters import GAIN_WAIT, MasterBook
 from photowatch.calib.ptc import photon_transfer
-from photowatch.classify import FrameInfo
-from photowatch.config import Settings
-from photowatch.errors import WaitForMasters
-from photowatch.store import Store
+from photowatch.core.classify import FrameInfo
+from photowatch.core.config import Settings
+from photowatch.core.errors import WaitForMasters
+from photowatch.state.masters import GAIN_WAIT, MasterBook
+from photowatch.state.store import Store
 
 
 def frames(gain, rn_e, seed, shape=(300, 400), levels=(20000.0, 21000.0, 35000.0, 36500.0)):

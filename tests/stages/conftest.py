@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from photowatch.classify import FrameInfo
+from photowatch.core.classify import FrameInfo
 
 
 def make_info(**changes) -> FrameInfo:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photowatch.config import Cosmics
-from photowatch.frame import Frame, Mask
+from photowatch.core.config import Cosmics
+from photowatch.core.frame import Frame, Mask
 from photowatch.stages.cosmics import (
     candidate_seeds,
     flag_cosmics,

@@ -59,7 +59,7 @@ def test_cosmic_masks_flag_hits_not_defects(tmp_path, size, seed, completeness, 
     (notes of issue 17): 98.5 % / 3.3 %, 98.3 % / 3.8 %, 96.4 % / 3.5 %. Seed 11 at 512 px
     misses it (93.4 % / 10.7 %: 288 true pixels, so a few noise peaks above 5.2 sigma and
     star-core flags weigh); kept with its own bounds so a regression still shows."""
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     night = simulate_night(tmp_path, size=size, binning=2, filters=("SDSS-R",), seed=seed,
                            n_bias=1, n_dark=0, n_flat=3, n_science=5, exptime_s=300.0,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photowatch.config import Calibration, Flatten, Prepare
-from photowatch.frame import Mask, MasterImage
+from photowatch.core.config import Calibration, Flatten, Prepare
+from photowatch.core.frame import Mask, MasterImage
 from photowatch.stages.flatten import flatten
 from photowatch.stages.prepare import overscan_rows, prepare, saturation_mask, trim_slices
 
@@ -97,7 +97,7 @@ def test_prepare_masks_and_header(info_factory):
 
 
 def test_flatten_low_flat_masked(info_factory):
-    from photowatch.frame import Frame
+    from photowatch.core.frame import Frame
 
     frame = Frame(np.ones((8, 8), np.float32), np.ones((8, 8), np.float32),
                   np.zeros((8, 8), np.uint16), fits.Header())

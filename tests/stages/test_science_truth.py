@@ -2,10 +2,10 @@
 
 Every good science frame of ``sim_small`` (512 x 512 at 4x4 binning, 0.48"/px,
 seeing 0.9-1.5" = 1.9-3.1 px, 60 s SDSS-R, sky ~3500 e-) is reduced through
-:func:`photowatch.pipeline.front` and :func:`photowatch.pipeline.back` with the
+:func:`photowatch.stages.chain.front` and :func:`photowatch.stages.chain.back` with the
 default settings and masters made from the truth: bias ``true_bias_e()``, dark
 ``true_dark_e_per_s()``, flat ``true_flat(F)`` divided by its robust central
-median as :class:`photowatch.calib.masters.MasterBook` normalises a master flat,
+median as :class:`photowatch.state.masters.MasterBook` normalises a master flat,
 tiny variances, and the bad-pixel mask :func:`photowatch.calib.bpm.bad_pixel_mask`
 makes from them. The master sky is the night's accumulator of all its frames,
 each frame corrected with the others (leave one out), as when the night is
@@ -36,7 +36,7 @@ EXCLUDED = 1 | 2 | 8 | 16
 
 def truth_masters(night, filter_name):
     from photowatch.calib.combine import robust_level
-    from photowatch.frame import MasterImage
+    from photowatch.core.frame import MasterImage
 
     bias = night.true_bias_e()
     dark = night.true_dark_e_per_s()
@@ -59,11 +59,11 @@ def _reduce(sim_small, settings=None):
     from astropy.io import fits
 
     from photowatch.calib.bpm import bad_pixel_mask
-    from photowatch.classify import classify
-    from photowatch.config import Settings
-    from photowatch.fitsio import read_raw
-    from photowatch.instruments import load_profile
-    from photowatch.pipeline import back, front, pattern_for_sky
+    from photowatch.core.classify import classify
+    from photowatch.core.config import Settings
+    from photowatch.core.instruments import load_profile
+    from photowatch.io.fits import read_raw
+    from photowatch.stages.chain import back, front, pattern_for_sky
     from photowatch.stages.mastersky import SkyAccumulator
 
     settings = settings or Settings()
@@ -133,7 +133,7 @@ def test_cosmic_rays_goal(reduced):
 @pytest.fixture(scope="module")
 def reduced_2x2(tmp_path_factory):
     """LMI's usual 2x2 binning (0.24"/px, stars 3.8-6.3 px), 1024 px: three frames."""
-    from photowatch.simulate import simulate_night
+    from photowatch.sim.night import simulate_night
 
     night = simulate_night(tmp_path_factory.mktemp("lmi2x2"), size=1024, binning=2,
                            filters=("SDSS-R",), seed=4, n_bias=1, n_dark=0, n_flat=3,

@@ -1,0 +1,845 @@
+"""``photowatch finalize``: the night's final, consistent products (run at dawn).
+
+Steps, each idempotent (a second run only confirms; a run killed at any point
+completes when run again; the store arbitrates with a daemon still running):
+
+1. frames of the night still queued are processed;
+2. final masters: each master rebuilt from all its accepted frames with a
+   sigma-clipped median, in chunks of rows (bias, then dark, then flat); the
+   master skies are written as final masters;
+3. frames still waiting for masters get a last chance, else are rejected with the reason;
+4. every frame reduced with a provisional or superseded master is re-reduced,
+   unless the final masters change it by at most ``calibration.final_tolerance``
+   of its sky noise: then its product is kept and marked final
+   (:func:`keep_unchanged`);
+5. frame quality is judged again with the whole night known (the night's best
+   zero point may have come late);
+6. final coadds with per-pixel outlier rejection, and their catalogues;
+7. the night report.
+
+finalize never makes a night quietly worse. Before anything is re-reduced it
+notes, per frame, the astrometric and photometric status and, per quick-look
+coadd, its members, exposure and depth. A frame that solved in the quick-look
+pass and fails in re-reduction starts again from its own quick-look solution
+(the product's WCS: same pixels, solved hours earlier) and keeps it when that
+solution still fits the stars (``science.astrometry``). A frame still lost
+leaves its FINAL coadd with ``FINALSTAT = 'INCOMPLETE'`` and the reason
+(``FINALRSN``); the report lists it in Problems and counts it in "Needs
+attention", and ``photowatch finalize`` exits with status 3. The comparison
+(FINAL against QUICKLOOK per coadd; each frame before and after) is printed,
+kept in the coadd row's ``stats_json`` and in the store's meta
+``finalize:<night>``, and shown in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from photowatch.core.config import Settings
+from photowatch.core.logs import get_logger
+from photowatch.run.engine import Engine, OutputError
+from photowatch.stages.quality import assess
+
+log = get_logger("photowatch.run.finalize")
+
+
+@dataclass
+class FinalizeResult:
+    night: str | None
+    ok: bool = True
+    done: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    report: str | None = None
+    #: FINAL coadds holding fewer frames than the quick-look ones: name -> reason
+    incomplete: dict[str, str] = field(default_factory=dict)
+
+    def text(self) -> str:
+        if self.night is None:
+            return "photowatch finalize: nothing to finalize (no frames in the store)"
+        verdict = "INCOMPLETE" if not self.ok else (
+            "done with problems" if self.problems else "done")
+        lines = [f"photowatch finalize {self.night}: {verdict} in {self.seconds:.1f} s"]
+        lines += [f"  {d}" for d in self.done]
+        lines += [f"  problem: {p}" for p in self.problems]
+        if self.report:
+            lines.append(f"  report: {self.report}")
+        return "\n".join(lines)
+
+
+def _progress(desc: str, total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=None, leave=False)
+
+
+def finalize(settings: Settings, *, night: str | None = None, catalog: str | None = None,
+             workers: int | None = None) -> FinalizeResult:
+    t0 = time.perf_counter()
+    engine = Engine(settings, catalog_path=catalog, command="finalize", workers=workers)
+    engine.startup()
+    try:
+        nights = engine.store.nights()
+        night = night or (nights[-1] if nights else None)
+        result = FinalizeResult(night)
+        if night is None:
+            return result
+        log.info("finalize_start", night=night, out=str(engine.out))
+        try:
+            _run(engine, night, result)
+        except OutputError as exc:
+            result.ok = False
+            result.problems.append(f"{exc}; run finalize again when fixed")
+        result.seconds = time.perf_counter() - t0
+        log.info("finalize_done", night=night, ok=result.ok, seconds=round(result.seconds, 1))
+        return result
+    finally:
+        engine.shutdown()
+
+
+def _drain(engine: Engine, night: str, *, rereduce: bool) -> None:
+    stop = threading.Event()
+    engine.run(stop, until_idle=True, rereduce=rereduce, nights=[night])
+
+
+def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
+    store = engine.store
+    bar = _progress(f"finalize {night}", total=7)
+
+    # 1. whatever is still queued
+    _drain(engine, night, rereduce=False)
+    bar.update()
+    # what the night has before finalize touches it: frames' status, quick-look coadds
+    before = snapshot(engine, night)
+
+    # 2. final masters and skies
+    made = engine.book.final_masters(night, progress=lambda msg: bar.set_postfix_str(msg))
+    made += engine.skies.finalize(night)
+    for cand in made:
+        engine.book.mark_stale(cand)
+    finals = [m for m in store.latest_masters(night) if m["final"]]
+    result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
+    kept, worst = keep_unchanged(engine, night)
+    if kept:
+        result.done.append(
+            f"kept {kept} frame(s) as final: the final masters change them by at most "
+            f"{worst:.3f} x their sky noise (calibration.final_tolerance = "
+            f"{engine.settings.calibration.final_tolerance:g})")
+    _write_bpms(engine, night)
+    bar.update()
+
+    # 3. frames waiting for masters: a last chance, then rejected with the reason
+    if store.wake_waiting("night=?", (night,)):
+        _drain(engine, night, rereduce=False)
+    from photowatch.run.batch import close_waiting
+
+    n_closed = close_waiting(engine, why="no usable master by the end of the night: ")
+    if n_closed:
+        result.done.append(f"{n_closed} frame(s) rejected: no usable master by the end of night")
+    bar.update()
+
+    # 4. re-reduce what used provisional or superseded masters
+    n_stale = len(store.frames("night=? AND stale=1", (night,)))
+    _drain(engine, night, rereduce=True)
+    left = len(store.frames("night=? AND stale=1", (night,)))
+    result.done.append(f"re-reduced {n_stale - left} frame(s) with better masters")
+    if left:
+        result.ok = False
+        result.problems.append(f"{left} stale frame(s) could not be re-reduced")
+    bar.update()
+
+    from photowatch.calib.defects import mark_night_defects
+
+    result.done += mark_night_defects(engine, night)  # COSMIC in most frames: defects
+
+    # 5. quality with the whole night known
+    changed = reassess(engine, night)
+    if changed:
+        result.done.append(f"quality re-judged with the whole night: {changed} frame(s) changed")
+    bar.update()
+
+    # 6. final coadds and catalogues, compared with what the quick-look pass had
+    coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg),
+                          baseline=before["coadds"], incomplete=result.incomplete)
+    result.done += coadds
+    _drop_snapshots(before)
+    comparison = compare(engine, night, before)
+    result.done += comparison["lines"]
+    for name, why in result.incomplete.items():
+        result.problems.append(f"{name}: INCOMPLETE: {why}")
+    bar.update()
+
+    # 7. the report
+    from photowatch.report.html import write_report
+
+    report = write_report(engine.out, store, night, engine.settings, final=True)
+    result.report = str(report)
+    bar.update()
+    bar.close()
+    counts = store.counts(night)
+    result.done.insert(0, "frames: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    not_terminal = counts.get("received", 0) + counts.get("processing", 0)
+    if not_terminal:
+        result.ok = False
+        result.problems.append(f"{not_terminal} frame(s) not terminal (another process has them?)")
+
+
+# ---------------------------------------------------------------------------- what changed
+
+def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
+    """Frames marked stale that the final masters would barely change: kept and marked final.
+
+    A stale frame is re-reduced only when the night's final masters change it by
+    more than ``calibration.final_tolerance`` of its sky noise (estimated from the
+    masters' difference maps, once per master pair: :mod:`photowatch.calib.drift`).
+    Otherwise its product is kept: ``CALFINAL = T`` and ``CALDEV`` (the change, in
+    units of the sky noise) in its SCI header, and in the store it is no longer
+    stale or provisional, with ``qc_json['calfinal']`` naming the final masters it
+    stands for. Returns (frames kept, the largest change among them).
+    """
+    from photowatch.calib.drift import block_mean, frame_change, pair_change
+    from photowatch.core.classify import FrameInfo
+    from photowatch.state.masters import KINDS, read_master
+    from photowatch.state.store import utcnow
+
+    tol = engine.settings.calibration.final_tolerance
+    if tol <= 0:
+        return 0, 0.0
+    store = engine.store
+    blocks: dict[str, np.ndarray | None] = {}
+    pairs: dict[tuple, float] = {}
+    skies: dict[str, tuple | None] = {}
+
+    def master_blocks(path: str) -> np.ndarray | None:
+        if path not in blocks:
+            try:
+                blocks[path] = block_mean(read_master(path).data)
+            except Exception as exc:  # unreadable: the frame is re-reduced
+                log.warning("master_unreadable", master=Path(path).name, problem=str(exc),
+                            action="frames that used it are re-reduced")
+                blocks[path] = None
+        return blocks[path]
+
+    def used_path(entry: dict) -> str | None:
+        mid = entry.get("master_id")
+        rows = store.masters("id=?", (mid,)) if mid is not None else []
+        return rows[0]["path"] if rows else None
+
+    kept, worst = 0, 0.0
+    for row in store.frames("night=? AND kind='object' AND stale=1 AND product IS NOT NULL "
+                            "AND state IN ('reduced', 'rejected')", (night,)):
+        info = FrameInfo.from_summary(json.loads(row["info_json"]))
+        used = json.loads(row["masters_json"] or "{}")
+        qc = json.loads(row["qc_json"] or "{}")
+        try:
+            profile = engine.profile(info.instrument)
+        except Exception:
+            continue
+        changes: dict[str, float] = {}
+        finals: dict[str, str] = {}
+        for kind in KINDS:
+            if not profile.uses(kind):
+                continue
+            cand = engine.book.select(kind, info)
+            entry = used.get(kind)
+            if cand is None and entry is None:
+                continue
+            if cand is None or entry is None:
+                changes[kind] = float("inf")
+                break
+            finals[kind] = Path(cand.path).name
+            if cand.master_id is not None and entry.get("master_id") == cand.master_id:
+                changes[kind] = 0.0
+                continue
+            upath = used_path(entry)
+            key = (kind, upath, cand.path)
+            if key not in pairs:
+                ub = master_blocks(upath) if upath else None
+                fb = master_blocks(cand.path)
+                pairs[key] = float("inf") if ub is None or fb is None else \
+                    pair_change(kind, ub, fb)
+            changes[kind] = pairs[key]
+        if engine.settings.stages.mastersky.enabled and not any(
+                np.isinf(c) for c in changes.values()):
+            skey = engine.skies.key(info).text
+            if skey not in skies:
+                skies[skey] = engine.skies.final_sky(info)
+            final_sky = skies[skey]
+            if final_sky is None or not engine.skies.usable_for(final_sky[0], row["name"]):
+                if used.get("sky"):  # re-reduction would go without: a change
+                    changes["sky"] = float("inf")
+            else:
+                ub = engine.skies.used_blocks(row["name"], info) if used.get("sky") else None
+                changes["sky"] = float("inf") if used.get("sky") and ub is None else \
+                    pair_change("sky", ub, final_sky[1])
+                finals["sky"] = engine.skies.key(info).slug()
+        level = qc.get("sky_pre_e")
+        if level is None:
+            level = qc.get("sky_e") if not used.get("sky") else (qc.get("skynoise_e") or 0) ** 2
+        dev = frame_change(changes, exptime_s=info.exptime_s, level_e=level,
+                           noise_e=qc.get("skynoise_e"))
+        log.info("final_masters_change", file=row["raw_name"], change_sigma=round(dev, 4),
+                 per_master={k: round(v, 6) for k, v in changes.items()},
+                 action="product kept" if dev <= tol else "re-reduced")
+        if not dev <= tol:
+            continue
+        qc["calfinal"] = {"kept": True, "change_sigma": round(dev, 4), "masters": finals,
+                          "changes": {k: round(v, 6) for k, v in changes.items()}}
+        message = (f"kept as final: the final masters change it by {dev:.3f} x its sky noise "
+                   f"(at most {tol:g})")
+        with store.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE frames SET stale=0, stale_reason=NULL, provisional=0, qc_json=?, "
+                "updated_at=? WHERE id=? AND stale=1 AND state=?",
+                (json.dumps(qc), utcnow(), row["id"], row["state"]))
+            if cur.rowcount:
+                store._event(conn, "kept_final", frame_id=row["id"], file=row["raw_name"],
+                             message=message, action="product kept, marked final")
+        if not cur.rowcount:
+            continue  # another process took it meanwhile
+        _mark_product_final(row["product"], dev, tol)
+        kept += 1
+        worst = max(worst, dev)
+    return kept, worst
+
+
+def _mark_product_final(path: str, dev: float, tol: float) -> None:
+    """``CALFINAL``/``CALDEV`` into a product's SCI header: a copy edited, then renamed
+    into place (atomic; the pixels are not rewritten)."""
+    import os
+    import shutil
+    import tempfile
+
+    from astropy.io import fits
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(target, tmp)
+        with fits.open(tmp, mode="update") as hdul:
+            hdr = hdul["SCI"].header
+            hdr["CALFINAL"] = (True, "equivalent to the night's final masters")
+            hdr["CALDEV"] = (round(dev, 4), f"[sky sigma] change by final masters (<= {tol:g})")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- before / after
+
+#: aperture radius (px) of the depth figure: 5 sigma of the noise in this aperture
+DEPTH_RADIUS_PX = 3.0
+
+
+def coadd_depth(path, magzp: float | None) -> float | None:
+    """5-sigma depth of a coadd (mag) in a 3-px-radius aperture, from its WHT plane.
+
+    SCI is a weighted mean, so a pixel's noise is 1/sqrt(WHT); the median over
+    the deep part (WHT at least half its maximum) is the coadd's noise. Without
+    a MAGZP the figure is relative (MAGZP taken as 0): still comparable between
+    the QUICKLOOK and FINAL coadds of one field.
+    """
+    from astropy.io import fits
+
+    try:
+        wht = np.asarray(fits.getdata(path, "WHT"), float)
+    except Exception:
+        return None
+    good = wht[np.isfinite(wht) & (wht > 0)]
+    if not good.size:
+        return None
+    deep = good[good >= 0.5 * good.max()]
+    sigma = float(np.median(1.0 / np.sqrt(deep)))
+    flux = 5.0 * sigma * np.sqrt(np.pi * DEPTH_RADIUS_PX ** 2)
+    return round((magzp or 0.0) - 2.5 * np.log10(flux), 3)
+
+
+def _frame_status(row) -> dict:
+    qc = json.loads(row["qc_json"] or "{}")
+    return {"file": row["raw_name"], "state": row["state"], "accepted": bool(row["accepted"]),
+            "aststat": qc.get("aststat"), "astmethod": qc.get("astmethod"),
+            "phot_status": qc.get("phot_status"), "zp": qc.get("zp"),
+            "version": row["product_version"], "reason": row["reason"]}
+
+
+def snapshot(engine: Engine, night: str) -> dict:
+    """The night before finalize re-reduces anything: frames' status, quick-look coadds.
+
+    Also hands the engine each frame's quick-look solution (its product's WCS)
+    for the re-reduction to start from if the new solve fails. A coadd already
+    FINAL (a second finalize) keeps the quick-look baseline its first run noted.
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    store = engine.store
+    frames = {}
+    solutions = {}
+    for row in store.frames("night=? AND kind='object' AND product IS NOT NULL", (night,)):
+        status = _frame_status(row)
+        frames[row["id"]] = status
+        if status["aststat"] in ("ok", "relative") and Path(row["product"]).exists():
+            try:
+                header = fits.getheader(row["product"], "SCI")
+                wcs = WCS(header)
+                if wcs.has_celestial:
+                    solutions[row["id"]] = (wcs, status["aststat"])
+            except Exception as exc:  # unreadable product: no fallback for it
+                log.warning("quicklook_solution_unreadable", file=row["raw_name"],
+                            problem=str(exc), action="no fallback if re-reduction fails")
+    engine.quicklook_solutions = solutions
+    coadds = {}
+    for c in store.coadds(night):
+        stats = json.loads(c["stats_json"] or "{}")
+        if c["stacktype"] == "FINAL":
+            if stats.get("quicklook"):
+                coadds[(c["target"], c["filter"])] = stats["quicklook"]
+            continue
+        members = json.loads(c["members_json"] or "[]")
+        path = Path(c["path"])
+        coadds[(c["target"], c["filter"])] = {
+            "ncombine": c["ncombine"], "exptime": c["exptime"],
+            "members": sorted(m.split(":v")[0] for m in members),
+            "depth_mag": coadd_depth(path, c["magzp"]) if path.exists() else None,
+            "snapshot": _snapshot_file(path)}
+    return {"frames": frames, "coadds": coadds}
+
+
+def _snapshot_path(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.quicklook-snapshot.fits")
+
+
+def _snapshot_file(path: Path) -> str | None:
+    """A hard link to the quick-look coadd as it is now (free: every coadd write is an
+    atomic rename, so the link keeps tonight's quick-look pixels while re-reduction
+    swaps frames in and out); a copy where links are not supported."""
+    import os
+
+    if not path.exists():
+        return None
+    snap = _snapshot_path(path)
+    try:
+        snap.unlink(missing_ok=True)
+        try:
+            os.link(path, snap)
+        except OSError:
+            _keep_copy(path, snap)
+    except OSError as exc:
+        log.warning("quicklook_snapshot_failed", coadd=path.name, problem=str(exc),
+                    action="no copy kept if the final coadd loses frames")
+        return None
+    return str(snap)
+
+
+def _drop_snapshots(before: dict) -> None:
+    for quick in before["coadds"].values():
+        if quick.get("snapshot"):
+            Path(quick["snapshot"]).unlink(missing_ok=True)
+
+
+def compare(engine: Engine, night: str, before: dict) -> dict:
+    """Each frame before and after re-reduction; each FINAL coadd against its quick-look.
+
+    Stored in the meta ``finalize:<night>`` (the report shows it); returns it
+    with ``lines`` for the command's output.
+    """
+    store = engine.store
+    frames = []
+    worse = []
+    for fid, old in before["frames"].items():
+        row = store.frame(fid)
+        if row is None:
+            continue
+        new = _frame_status(row)
+        entry = {"file": old["file"], "before": old, "after": new}
+        frames.append(entry)
+        solved = ("ok", "relative")
+        if old["accepted"] and old["aststat"] in solved and (
+                not new["accepted"] or new["aststat"] not in solved):
+            entry["why"] = new["reason"] or "astrometry lost"
+            worse.append(entry)
+        elif old["phot_status"] == "ok" and new["phot_status"] not in (None, "ok"):
+            entry["why"] = f"photometry {old['phot_status']} -> {new['phot_status']}"
+            worse.append(entry)
+    coadds = []
+    for c in store.coadds(night):
+        stats = json.loads(c["stats_json"] or "{}")
+        if c["stacktype"] != "FINAL":
+            continue
+        coadds.append({"target": c["target"], "filter": c["filter"],
+                       "quicklook": stats.get("quicklook"), "final": stats.get("final"),
+                       "finalstat": stats.get("finalstat"), "lost": stats.get("lost", [])})
+    ast = {"before": _tally(e["before"]["aststat"] for e in frames),
+           "after": _tally(e["after"]["aststat"] for e in frames)}
+    phot = {"before": _tally(e["before"]["phot_status"] for e in frames),
+            "after": _tally(e["after"]["phot_status"] for e in frames)}
+    rescued = sum(1 for e in frames if (e["after"]["astmethod"] or "").startswith("quicklook"))
+    lines = [f"astrometry before -> after: {_fmt_tally(ast['before'])} -> "
+             f"{_fmt_tally(ast['after'])}"
+             + (f" ({rescued} from their quick-look solution)" if rescued else ""),
+             f"photometry before -> after: {_fmt_tally(phot['before'])} -> "
+             f"{_fmt_tally(phot['after'])}"]
+    for c in coadds:
+        q, f = c["quicklook"] or {}, c["final"] or {}
+        if not q:
+            continue
+        depth = ""
+        if q.get("depth_mag") is not None and f.get("depth_mag") is not None:
+            depth = f", depth {q['depth_mag']:.2f} -> {f['depth_mag']:.2f} mag"
+        lines.append(f"coadd {c['target']} {c['filter']} QUICKLOOK -> FINAL: "
+                     f"{q.get('ncombine')} -> {f.get('ncombine')} frames, "
+                     f"{q.get('exptime') or 0:.0f} -> {f.get('exptime') or 0:.0f} s{depth}"
+                     + (f" [{c['finalstat']}]" if c["finalstat"] == "INCOMPLETE" else ""))
+    for e in worse:
+        lines.append(f"worse after re-reduction: {e['file']}: {e['why']}")
+    data = {"frames": frames, "coadds": coadds, "astrometry": ast, "photometry": phot,
+            "worse": [e["file"] for e in worse],
+            "worse_why": {e["file"]: e["why"] for e in worse}, "rescued": rescued}
+    store.set_meta(f"finalize:{night}", data)
+    data["lines"] = lines
+    return data
+
+
+def _tally(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[v or "none"] = out.get(v or "none", 0) + 1
+    return out
+
+
+def _fmt_tally(t: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(t.items())) or "none"
+
+
+def _write_bpms(engine: Engine, night: str) -> None:
+    """Write each camera's bad-pixel mask from its final dark and flat (for people and DS9)."""
+    from photowatch.core.classify import FrameInfo
+
+    seen = set()
+    for row in engine.store.frames("night=? AND kind='object' AND info_json IS NOT NULL",
+                                   (night,)):
+        info = FrameInfo.from_summary(json.loads(row["info_json"]))
+        key = (info.camera, info.binning, info.readout)
+        if key in seen:
+            continue
+        seen.add(key)
+        dark = engine.book.select("dark", info)
+        flat = engine.book.select("flat", info)
+        engine.book.write_bpm(night, info.camera, info.binning, info.readout,
+                              engine.book.load(dark) if dark else None,
+                              engine.book.load(flat) if flat else None)
+
+
+def reassess(engine: Engine, night: str) -> int:
+    """Judge every reduced object frame again against the whole night; returns changes."""
+    store = engine.store
+    changed = 0
+    rows = store.frames("night=? AND kind='object' AND product IS NOT NULL AND "
+                        "state IN ('reduced', 'rejected')", (night,))
+    for row in rows:
+        qc = json.loads(row["qc_json"] or "{}")
+        key = "zp_per_s" if qc.get("zp_per_s") is not None else "transparency_mag"
+        peers = [json.loads(r["qc_json"] or "{}").get(key) for r in rows
+                 if r["filter"] == row["filter"] and (key == "zp_per_s" or
+                                                      r["target"] == row["target"])]
+        peers = [p for p in peers if p is not None]
+        fwhms = [json.loads(r["qc_json"] or "{}").get("fwhm_arcsec") for r in rows
+                 if r["filter"] == row["filter"] and r["id"] != row["id"]]
+        fwhms = [f for f in fwhms if f is not None]
+        verdict = assess(qc, best_transparency_mag=max(peers) if peers else None,
+                         settings=engine.settings.quality,
+                         night_fwhm_arcsec=float(np.median(fwhms)) if len(fwhms) >= 3 else None)
+        accepted = int(verdict.accepted)
+        if accepted == (row["accepted"] or 0) and (verdict.reason or None) == row["reason"]:
+            continue
+        new_state = "reduced" if verdict.accepted else "rejected"
+        qc["accepted"] = verdict.accepted
+        coadd = row["coadd"] if verdict.accepted else "excluded"
+        if verdict.accepted and row["coadd"] in (None, "excluded"):
+            coadd = "pending"
+        store.transition(row["id"], [row["state"]], new_state, accepted=accepted,
+                         reason=verdict.reason, qc_json=qc, coadd=coadd,
+                         message=f"re-judged with the whole night: {verdict.reason or 'accepted'}",
+                         level="info" if verdict.accepted else "warning",
+                         action="stacked" if verdict.accepted else "kept out of the coadd")
+        changed += 1
+    return changed
+
+
+def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | None = None,
+                 incomplete: dict | None = None) -> list[str]:
+    """Final outlier-rejected coadd and catalogue of every (target, filter) of the night.
+
+    ``baseline``: (target, filter) -> the quick-look coadd (members, ncombine,
+    exptime, depth) from :func:`snapshot`. A FINAL coadd missing a frame the
+    quick-look one held gets ``FINALSTAT='INCOMPLETE'`` and ``FINALRSN`` (which
+    frames, why), is listed in ``incomplete``, and a copy of the quick-look coadd
+    is kept next to it (``*.quicklook.fits``): the better product is not lost.
+    """
+    baseline = baseline or {}
+    incomplete = incomplete if incomplete is not None else {}
+    from photowatch.coadd.stack import FinalMember, final_coadd
+
+    store = engine.store
+    settings = engine.settings.coadd
+    done = []
+    if not settings.enabled:
+        return done
+    rows = store.frames("night=? AND kind='object' AND state='reduced' AND accepted=1 AND "
+                        "product IS NOT NULL", (night,))
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        qc = json.loads(row["qc_json"] or "{}")
+        if qc.get("aststat") == "failed" or not qc.get("flxscale") or not qc.get("skynoise_e"):
+            continue
+        groups.setdefault((row["target"], row["filter"]), []).append((row, qc))
+    catalogs: dict[str, dict] = {}
+    for (target, filt), members in sorted(groups.items()):
+        specs = [FinalMember(member_id=f"{r['name']}:v{r['product_version']}", path=r["product"],
+                             flxscale=float(qc["flxscale"]), skynoise=float(qc["skynoise_e"]),
+                             exptime_s=float(r["exptime"] or 0)) for r, qc in members]
+        ids = sorted(m.member_id for m in specs)
+        path = engine.coadds.path(night, target, filt)
+        row = store.coadd(night, target, filt)
+        magzp = engine.coadds._magzp((night, target, filt))
+        up_to_date = (row is not None and row["stacktype"] == "FINAL" and not row["outdated"]
+                      and json.loads(row["members_json"] or "[]") == ids and path.exists())
+        quick = baseline.get((target, filt)) or {}
+        lost = _lost_frames(store, night, quick, {r["name"] for r, _ in members})
+        finalstat = "INCOMPLETE" if lost else "COMPLETE"
+        why = ""
+        if lost:
+            why = (f"{len(lost)} of {quick.get('ncombine')} quick-look frames lost: "
+                   + "; ".join(f"{f}: {r}" for f, r in lost.items()))
+            incomplete[path.name] = why
+            log.warning("final_coadd_incomplete", coadd=path.name, problem=why,
+                        action="FINALSTAT='INCOMPLETE'; quick-look coadd kept as "
+                        + path.with_suffix(".quicklook.fits").name)
+        if up_to_date and row is not None:
+            old = json.loads(row["stats_json"] or "{}").get("finalstat")
+            up_to_date = old == finalstat
+        if not up_to_date:
+            snap = quick.get("snapshot")
+            if lost and snap and Path(snap).exists():
+                import os
+
+                os.replace(snap, path.with_suffix(".quicklook.fits"))
+            grid = _covering_grid(engine, night, target, filt, row, members)
+            if progress:
+                progress(f"coadd {target} {filt} ({len(specs)} frames)")
+            with engine.coadds.lock((night, target, filt)):
+                final_coadd(specs, grid, path, clip_sigma=settings.clip_sigma,
+                            chunk_rows=settings.chunk_rows, magzp=magzp,
+                            header_extra={"TARGET": target, "FILTNAME": filt, "NIGHT": night,
+                                          "ABSCAL": magzp is not None,
+                                          "FINALSTAT": (finalstat, "COMPLETE, or INCOMPLETE: "
+                                                        "quick-look frames lost"),
+                                          "FINALRSN": (why or None, "frames lost, and why")},
+                            step_px=settings.mapping_step_px,
+                            interpolation=settings.interpolation,
+                            amp_frac=settings.clip_amp_frac, grow_px=settings.clip_grow_px)
+                engine.coadds._accs.pop((night, target, filt), None)
+            png = None
+            if settings.quicklook_png:
+                from astropy.io import fits
+
+                from photowatch.io.previews import save_png
+
+                png = path.with_suffix(".png")
+                save_png(fits.getdata(path, "SCI"), png, max_size=1024)
+            exptime = sum(m.exptime_s for m in specs)
+            baseline_stats = {k: v for k, v in quick.items() if k != "snapshot"}
+            stats = {"quicklook": baseline_stats or None, "finalstat": finalstat, "finalreason": why or None,
+                     "lost": sorted(lost),
+                     "final": {"ncombine": len(specs), "exptime": exptime,
+                               "members": sorted(r["name"] for r, _ in members),
+                               "depth_mag": coadd_depth(path, magzp)}}
+            store.upsert_coadd(night=night, target=target, filter=filt, path=str(path),
+                               stacktype="FINAL", ncombine=len(specs),
+                               exptime=exptime, magzp=magzp,
+                               grid=grid.to_dict(), members=ids,
+                               quicklook=str(png) if png else None, stats=stats)
+            done.append(f"final coadd {path.name}: {len(specs)} frames"
+                        + (" (INCOMPLETE)" if lost else ""))
+        catalogs.setdefault(target, {})[filt] = (path, magzp, not up_to_date)
+    done += _catalogues(engine, night, catalogs)
+    return done
+
+
+def _lost_frames(store, night: str, quick: dict, final_names: set) -> dict[str, str]:
+    """Quick-look members missing from the FINAL coadd: raw file name -> why."""
+    lost = {}
+    for name in quick.get("members") or []:
+        if name in final_names:
+            continue
+        row = store.conn.execute("SELECT raw_name, state, reason, qc_json FROM frames WHERE "
+                                 "name=? AND night=?", (name, night)).fetchone()
+        if row is None:
+            lost[name] = "no longer in the store"
+            continue
+        qc = json.loads(row["qc_json"] or "{}")
+        if (row["state"] == "rejected" and qc.get("aststat") in ("ok", "relative")
+                and qc.get("flxscale")):
+            continue  # left out by the whole night's quality verdict: a choice, not a loss
+        why = row["reason"] or (qc.get("astreason") if qc.get("aststat") == "failed" else None)
+        lost[row["raw_name"]] = why or f"{row['state']}, not usable for the final coadd"
+    return lost
+
+
+def _keep_copy(src: Path, dst: Path) -> None:
+    """Copy a file atomically (the quick-look coadd a worse FINAL one replaces)."""
+    import shutil
+
+    from photowatch.io.fits import atomic_write
+
+    def write(fh):
+        with open(src, "rb") as inp:
+            shutil.copyfileobj(inp, fh, 1 << 22)
+
+    atomic_write(dst, write)
+
+
+def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, members):
+    """The night's grid of a coadd, grown if needed to cover every member frame."""
+    from astropy.io import fits
+
+    from photowatch.coadd.stack import CoaddGrid
+    from photowatch.state.coadds import _wcs
+
+    grid = None
+    if row is not None and row["grid_json"]:
+        grid = CoaddGrid.from_json(row["grid_json"])
+    for member, _ in members:
+        header = fits.getheader(member["product"], "SCI")
+        wcs, shape = _wcs(header), (header["NAXIS2"], header["NAXIS1"])
+        if grid is None:
+            grid = engine.coadds.grid(night, target, filt, wcs, shape)
+            continue
+        grown = engine.coadds.covering(grid, wcs, shape, member["raw_name"])
+        if grown is not None:
+            grid = grown[0]
+    return grid
+
+
+def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
+    from photowatch.stages.photometry import catalog_path, coadd_catalog, merge_bands, write_catalog
+
+    done = []
+    for target, per_filter in catalogs.items():
+        fresh = any(changed or not catalog_path(path).exists()
+                    for path, _, changed in per_filter.values())
+        if not fresh:
+            continue
+        tables = {}
+        for filt, (path, magzp, _) in per_filter.items():
+            cat_path = catalog_path(path)
+            table = coadd_catalog(path, magzp=magzp,
+                                  detect_sigma=engine.settings.coadd.detect_sigma,
+                                  max_sources=engine.settings.coadd.max_sources)
+            if magzp is not None:
+                _calibrate_catalogue(engine, night, target, filt, path, table)
+            tables[filt] = (table, cat_path)
+        merged = merge_bands({f: t for f, (t, _) in tables.items()},
+                             radius_arcsec=engine.settings.coadd.merge_radius_arcsec) \
+            if len(tables) > 1 else None
+        for filt, (table, cat_path) in tables.items():
+            if merged is not None:
+                table = _with_bands(table, merged, engine.settings.coadd.merge_radius_arcsec)
+            write_catalog(table, cat_path)
+            row = engine.store.coadd(night, target, filt)
+            with engine.store.transaction() as conn:
+                conn.execute("UPDATE coadds SET catalog=? WHERE id=?", (str(cat_path), row["id"]))
+            done.append(f"catalogue {cat_path.name}: {len(table)} sources")
+    return done
+
+
+def _calibrate_catalogue(engine: Engine, night: str, target: str, filt: str, path, table):
+    """Calibrate a coadd catalogue against the reference catalogue, as PhotoPipe does.
+
+    The coadd's pixels are on its photometric reference (MAGZP of the file); its
+    catalogue's aperture-corrected fluxes carry the coadd's own aperture correction, whose
+    PSF is a blend of the night's seeings. Fitting the catalogue's magnitudes to the
+    reference catalogue (the frames' method) removes that dependence. The file's MAGZP
+    is kept as MAGZPREF in the catalogue header.
+    """
+    from astropy.io import fits
+
+    from photowatch.core.classify import FrameInfo
+    from photowatch.io.catalogs import field_cone
+    from photowatch.stages.zeropoint import calibrate_zeropoint
+    from photowatch.state.coadds import _wcs
+
+    provider = engine.catalog
+    rows = engine.store.frames("night=? AND target=? AND filter=? AND kind='object'",
+                               (night, target, filt))
+    if provider is None or not rows:
+        return
+    info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))
+    band = engine.profile(info.instrument).band_for(filt)
+    if band is None:
+        return
+    header = fits.getheader(path, "SCI")
+    shape = (header["NAXIS2"], header["NAXIS1"])
+    try:
+        ra, dec, radius = field_cone(_wcs(header), shape)
+        reference = provider.query(ra, dec, radius, bands=[band])
+    except Exception as exc:  # the catalogue is down: keep the reference zero point
+        log.warning("coadd_catalogue_not_calibrated", coadd=Path(path).name, problem=str(exc),
+                    action="magnitudes from the coadd's reference zero point")
+        return
+    zp = calibrate_zeropoint(table, reference, band=band, shape=shape,
+                             settings=engine.settings.stages.zeropoint)
+    if zp.status != "ok":
+        log.warning("coadd_catalogue_not_calibrated", coadd=Path(path).name, problem=zp.reason,
+                    action="magnitudes from the coadd's reference zero point")
+        return
+    flux = np.asarray(table["flux"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["mag"] = np.where(flux > 0, zp.magzp - 2.5 * np.log10(flux), np.nan)
+    table["magerr"] = np.hypot(np.asarray(table["magerr"], float), zp.magzp_err)
+    table.meta.update({"MAGZPREF": table.meta.get("MAGZP"), "MAGZP": zp.magzp,
+                       "MAGZPERR": zp.magzp_err, "MAGZPN": zp.n, "ZPMETHOD": "catalogue"})
+
+
+def _with_bands(table, merged, radius: float = 1.0):
+    """Add the per-band columns of the merged catalogue to one filter's catalogue (by position)."""
+    import numpy as np
+
+    from photowatch.stages.zeropoint import match_sky
+
+    a, b = match_sky(table["ra"], table["dec"], merged["ra"], merged["dec"], radius)
+    out = table.copy()
+    for col in merged.colnames:
+        if col.startswith(("mag_", "magerr_")):
+            values = np.full(len(out), np.nan)
+            values[a] = np.asarray(merged[col], float)[b]
+            out[col] = values
+    return out
+
+
+def rebuild_masters(settings: Settings, night: str | None = None) -> str:
+    """``photowatch masters rebuild``: the final masters of a night, now."""
+    engine = Engine(settings, command="masters-rebuild")
+    engine.startup()
+    try:
+        night = night or (engine.store.nights() or [None])[-1]
+        if night is None:
+            return "no frames in the store"
+        made = engine.book.final_masters(night)
+        for cand in made:
+            engine.book.mark_stale(cand)
+        return "\n".join(f"final {Path(c.path).name} ({c.ninputs} inputs)" for c in made) or \
+            f"masters of {night} are already final"
+    finally:
+        engine.shutdown()

@@ -1,0 +1,810 @@
+"""Source extraction: a sky-subtracted frame → a table of measured sources.
+
+:func:`extract_sources` runs sep on the frame's SCI plane with its ERR plane
+as the per-pixel noise (the threshold is ``detect_sigma`` times ERR) and its
+MASK plane (bad, no-data and low-flat pixels are excluded from detection;
+saturated pixels are kept so a saturated star is detected as one object and
+then flagged). For every source it measures a windowed centroid
+(``sep.winpos``, SExtractor's XWIN/YWIN), a FWHM, an ellipticity, the flux in
+a circular aperture of radius ``aperture_fwhm`` times the frame's median
+stellar FWHM, and an aperture-corrected total flux.
+
+Conventions: pixel positions are 0-based, ``(0, 0)`` is the centre of the
+first pixel, ``x`` is the fast (column) axis. Fluxes are in the units of SCI
+(electrons). Magnitudes are instrumental, ``-2.5 log10(flux)``, until a zero
+point is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field, replace
+from enum import IntFlag
+
+import numpy as np
+
+from photowatch.core.config import Sources
+from photowatch.core.frame import Frame, Mask
+
+log = logging.getLogger(__name__)
+
+#: FWHM of a Gaussian in units of its sigma
+GAUSS_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
+#: sources with a smaller FWHM (pixels) are single-pixel events, never stars
+MIN_STAR_FWHM_PX = 1.5
+#: mask bits that exclude a pixel from detection (saturated pixels stay: see the module doc)
+_DETECT_MASKED = int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)
+#: mask bits that exclude a pixel from an aperture sum (sep fills them with the aperture mean)
+_PHOT_MASKED = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT)
+
+
+class SourceFlag(IntFlag):
+    """Bits of the ``flags`` column of a source table (photowatch's own flags).
+
+    The raw sep extraction and aperture flags are kept apart in ``sepflags``.
+    """
+
+    SATURATED = 1  #: a saturated pixel within the photometric aperture
+    MASKED = 2  #: a bad, no-data or low-flat pixel within the aperture
+    COSMIC = 4  #: a cosmic-ray-cleaned pixel within the aperture
+    EDGE = 8  #: the aperture (or the detected object) is cut by the image edge
+    BLENDED = 16  #: deblended from a neighbour (sep ``OBJ_MERGED``)
+    CENTROID = 32  #: the windowed centroid failed; the isophotal barycentre is used
+    BADFLUX = 64  #: the aperture flux is not positive or not finite
+    SHARP = 128  #: sharper than any star (one pixel): a hot pixel or cosmic-ray residual
+
+
+#: columns of a source table, in order, with their units
+COLUMNS = {
+    "id": ("i4", None),
+    "x": ("f8", "pix"),
+    "y": ("f8", "pix"),
+    "ra": ("f8", "deg"),
+    "dec": ("f8", "deg"),
+    "flux": ("f8", "electron"),
+    "fluxerr": ("f8", "electron"),
+    "flux_aper": ("f8", "electron"),
+    "fluxerr_aper": ("f8", "electron"),
+    "mag": ("f8", "mag"),
+    "magerr": ("f8", "mag"),
+    "snr": ("f4", None),
+    "fwhm": ("f4", "pix"),
+    "ellipticity": ("f4", None),
+    "theta": ("f4", "deg"),
+    "peak": ("f4", "electron"),
+    "npix": ("i4", None),
+    "flags": ("i2", None),
+    "sepflags": ("i2", None),
+    "stellar": ("?", None),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class SourceList:
+    """The sources of one frame and the frame's median image quality.
+
+    Attributes
+    ----------
+    table : astropy.table.Table
+        One row per source, columns :data:`COLUMNS` (``x, y`` 0-based pixels;
+        ``ra, dec`` NaN until a WCS is known, see
+        :func:`photowatch.stages.astrometry.radec_for`).
+    fwhm_px, fwhm_arcsec : float
+        Median FWHM of the unflagged stellar sources (NaN when there are none).
+    ellipticity : float
+        Median ``1 - b/a`` of the unflagged stellar sources (NaN when none).
+    aperture_radius_px : float
+        Radius of the photometric aperture (pixels).
+    aperture_correction : float
+        Multiplicative correction from the aperture to the large aperture
+        (``flux = flux_aper * aperture_correction``); 1.0 when it could not be
+        measured (``n_apcor == 0``).
+    aperture_correction_err : float
+        Its standard error (common to all sources; not included in ``fluxerr``).
+    n_apcor : int
+        Bright isolated unsaturated stars used for the aperture correction.
+    n_stellar : int
+        Sources classified as stellar (the ``stellar`` column).
+    """
+
+    table: object
+    fwhm_px: float = float("nan")
+    fwhm_arcsec: float = float("nan")
+    ellipticity: float = float("nan")
+    aperture_radius_px: float = float("nan")
+    aperture_correction: float = 1.0
+    aperture_correction_err: float = 0.0
+    n_apcor: int = 0
+    n_stellar: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def with_aperture_correction(self, apcor: float, err: float, n: int, source: str
+                                 ) -> SourceList:
+        """The same sources with another aperture correction (``flux``, ``fluxerr`` and
+        ``mag`` rescaled from ``flux_aper``; the meta APCOR* updated)."""
+        table = self.table.copy()
+        ratio = float(apcor) / self.aperture_correction if self.aperture_correction else 1.0
+        if len(table):
+            table["flux"] = table["flux_aper"] * np.float32(apcor)
+            table["fluxerr"] = table["fluxerr_aper"] * np.float32(apcor)
+            if ratio > 0:
+                table["mag"] = table["mag"] - np.float32(2.5 * np.log10(ratio))
+        meta = {**self.meta, "APCOR": float(apcor), "APCORERR": float(err), "APCORN": int(n),
+                "APCORSRC": source}
+        table.meta.update(meta)
+        return replace(self, table=table, aperture_correction=float(apcor),
+                       aperture_correction_err=float(err), n_apcor=int(n), meta=meta)
+
+
+def pool_aperture_correction(own: tuple, night: list[tuple], *, fwhm_tol: float = 0.15
+                             ) -> tuple[float, float, int] | None:
+    """A frame's aperture correction borrowed from the night (issue 17).
+
+    ``own`` and each of ``night``: (apcor, err, fwhm) as each frame measured it (its
+    growth curve or its stars' Moffat model). The frames of the night within
+    ``fwhm_tol`` of this frame's FWHM (same camera and filter) and this frame are
+    combined by their inverse-variance weighted mean (errors floored at 0.5 %): a PSF
+    model built over several frames, steadier than one 10 s frame's handful of stars.
+    Returns (apcor >= 1, its error, frames combined) or None without a usable peer.
+    """
+    a0, e0, f0 = own
+    if not (np.isfinite(a0) and np.isfinite(f0) and f0 > 0):
+        return None
+    vals, errs = [a0], [max(e0 if np.isfinite(e0) and e0 > 0 else 0.01, 0.005)]
+    for a, e, f in night:
+        if a is None or f is None or not (np.isfinite(a) and np.isfinite(f)):
+            continue
+        if abs(f / f0 - 1.0) <= fwhm_tol and a >= 1.0:
+            vals.append(a)
+            errs.append(max(e if e is not None and np.isfinite(e) and e > 0 else 0.01, 0.005))
+    if len(vals) < 2:
+        return None
+    w = 1.0 / np.square(errs)
+    mean = float(np.sum(w * np.asarray(vals)) / w.sum())
+    return max(mean, 1.0), float(1.0 / np.sqrt(w.sum())), len(vals)
+
+
+def empty_table():
+    """A source table with every column and no rows."""
+    from astropy.table import Table
+
+    table = Table()
+    for name, (dtype, unit) in COLUMNS.items():
+        table[name] = np.zeros(0, dtype=dtype)
+        if unit:
+            table[name].unit = unit
+    return table
+
+
+def _stamps(arr: np.ndarray, xi: np.ndarray, yi: np.ndarray, half: int, fill):
+    """Square cut-outs ``(n, 2*half+1, 2*half+1)`` centred on integer pixels.
+
+    Returns the values (``fill`` outside the image), and the offsets of the
+    stamp pixels from ``(xi, yi)`` along x and y (broadcastable).
+    """
+    ny, nx = arr.shape
+    off = np.arange(-half, half + 1)
+    xs = xi[:, None, None] + off[None, None, :]
+    ys = yi[:, None, None] + off[None, :, None]
+    inside = (xs >= 0) & (xs < nx) & (ys >= 0) & (ys < ny)
+    vals = arr[np.clip(ys, 0, ny - 1), np.clip(xs, 0, nx - 1)]
+    vals = np.where(inside, vals, fill)
+    return vals, off[None, None, :], off[None, :, None]
+
+
+def _interpolated_peak(core: np.ndarray) -> np.ndarray:
+    """Peak of each star from 5x5 cut-outs: the brightest pixel of the central 3x3,
+    corrected by a Gaussian (log-parabola) through it and its four neighbours.
+
+    The brightest pixel alone underestimates the peak of an undersampled star
+    centred between pixels, which would bias the half-maximum area high.
+    """
+    n = core.shape[0]
+    inner = core[:, 1:4, 1:4].reshape(n, -1)
+    k = inner.argmax(axis=1)
+    jy, jx = np.divmod(k, 3)
+    jy += 1
+    jx += 1
+    rows = np.arange(n)
+    c = core[rows, jy, jx].astype(np.float64)
+    corr = np.zeros(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for lo, hi in (((jy, jx - 1), (jy, jx + 1)), ((jy - 1, jx), (jy + 1, jx))):
+            a = core[rows, lo[0], lo[1]].astype(np.float64)
+            b = core[rows, hi[0], hi[1]].astype(np.float64)
+            la, lb, lc = np.log(a), np.log(b), np.log(c)
+            curv = 2 * lc - la - lb
+            term = (lb - la) ** 2 / (8 * curv)
+            ok = (a > 0) & (b > 0) & (c > 0) & (curv > 0) & np.isfinite(term)
+            corr += np.where(ok, np.minimum(term, np.log(2.0)), 0)
+    return c * np.exp(corr)
+
+
+def _half_max_fwhm(data: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> tuple:
+    """FWHM (pixels) from the area above half the peak, and the peak value.
+
+    The FWHM of any round profile is ``2 sqrt(A / pi)`` where ``A`` is the
+    area above half its maximum; pixels are counted within ``half`` pixels of
+    the centre (see :func:`_interpolated_peak` for the peak).
+    """
+    xi = np.rint(x).astype(np.intp)
+    yi = np.rint(y).astype(np.intp)
+    vals, ox, oy = _stamps(data, xi, yi, half, np.float32(0))
+    c = half
+    peak = _interpolated_peak(vals[:, c - 2 : c + 3, c - 2 : c + 3])
+    dx = ox + (xi - x)[:, None, None]
+    dy = oy + (yi - y)[:, None, None]
+    near = dx * dx + dy * dy <= half * half
+    # a soft threshold (levels 0.4 to 0.6 of the peak count linearly) removes the
+    # quantisation of a pixel count; to first order it is the area above 0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = vals / peak[:, None, None].astype(np.float32)
+    frac = np.clip((level - np.float32(0.4)) * np.float32(5.0), 0, 1)
+    area = np.where(near, frac, 0).sum(axis=(1, 2), dtype=np.float64)
+    fwhm = 2.0 * np.sqrt(area / np.pi)
+    fwhm[~(peak > 0)] = np.nan
+    return fwhm, peak
+
+
+#: sub-pixels per pixel side of the pixel-integrated profile fit
+_FIT_SUB = 5
+#: stars fitted for the frame's FWHM (the brightest unflagged stellar ones)
+_FIT_STARS = 20
+#: radius of the fitted stamps, in FWHM (+2 px)
+_FIT_HALF_FWHM = 3.0
+
+
+def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
+    """The frame's FWHM (pixels) from pixel-integrated Moffat fits of its brightest stars.
+
+    Each star's stamp (radius ``2 fwhm0 + 2``) is fitted with a circular Moffat of free
+    centre, flux, width and ``beta`` plus a constant, integrated over each pixel
+    (``_FIT_SUB``² sub-pixels), weighted by the variance plane; FWHM =
+    ``2 alpha sqrt(2^(1/beta) - 1)``. The half-maximum area of the pixels is biased
+    high for undersampled stars (a peak between pixels reads low); the fit is not.
+    Returns (median FWHM, stars fitted, [(alpha, beta) per star]) or (NaN, 0, []).
+    """
+    from scipy.optimize import least_squares
+
+    if not len(x) or not np.isfinite(fwhm0):
+        return float("nan"), 0, []
+    half = int(np.clip(np.ceil(_FIT_HALF_FWHM * fwhm0) + 2, 4, 30))
+    xi, yi = np.rint(x).astype(np.intp), np.rint(y).astype(np.intp)
+    vals, ox, oy = _stamps(data, xi, yi, half, np.nan)
+    vvar, _, _ = _stamps(var, xi, yi, half, np.nan)
+    sub = (np.arange(_FIT_SUB) + 0.5) / _FIT_SUB - 0.5
+    gx = (ox[0, 0][:, None] + sub[None, :]).ravel()  # sub-pixel x positions, (W*S,)
+    gy = (oy[0, :, 0][:, None] + sub[None, :]).ravel()
+    w = 2 * half + 1
+    out, shapes = [], []
+    for k in range(len(x)):
+        v = vals[k].astype(np.float64)
+        e = np.sqrt(vvar[k].astype(np.float64))
+        ok = np.isfinite(v) & np.isfinite(e) & (e > 0)
+        if ok.sum() < 0.8 * v.size:
+            continue
+        fx, fy = x[k] - xi[k], y[k] - yi[k]
+        flux0 = float(np.nansum(v))
+        if not flux0 > 0:
+            continue
+
+        def model(p):
+            cx, cy, flux, la, lb, bg = p
+            alpha, beta = np.exp(la), 1.0 + np.exp(lb)
+            px = (gx - cx) ** 2
+            py = (gy - cy) ** 2
+            prof = (1.0 + (py[:, None] + px[None, :]) / alpha**2) ** (-beta)
+            prof = prof.reshape(w, _FIT_SUB, w, _FIT_SUB).mean(axis=(1, 3))
+            return flux * (beta - 1.0) / (np.pi * alpha**2) * prof + bg
+
+        def resid(p, v=v, e=e, ok=ok):
+            return ((model(p) - v) / e)[ok]
+
+        alpha0 = fwhm0 / (2.0 * np.sqrt(2.0 ** (1 / 3.0) - 1.0))
+        p0 = [fx, fy, flux0, np.log(alpha0), np.log(2.0), 0.0]
+        try:
+            fit = least_squares(resid, p0, method="trf", x_scale="jac",
+                                bounds=([-2, -2, 0, np.log(0.1), np.log(0.2), -np.inf],
+                                        [2, 2, np.inf, np.log(2000), np.log(499), np.inf]))
+        except (ValueError, FloatingPointError):
+            continue
+        if not fit.success:
+            continue
+        alpha, beta = np.exp(fit.x[3]), 1.0 + np.exp(fit.x[4])
+        fw = 2.0 * alpha * np.sqrt(2.0 ** (1.0 / beta) - 1.0)
+        if np.isfinite(fw) and 0.5 * fwhm0 < fw < 2.0 * fwhm0:
+            out.append(fw)
+            shapes.append((float(alpha), float(beta)))
+    if not out:
+        return float("nan"), 0, []
+    return float(np.median(out)), len(out), shapes
+
+
+#: a measured growth-curve correction is used only this well known (fraction) ...
+_APCOR_MAX_ERR = 0.005
+#: ... and from at least this many stars; otherwise the Moffat model of the fitted stars
+_APCOR_MIN_STARS = 5
+
+
+def _model_apcor(shapes, r_ap: float) -> tuple[float, float]:
+    """Total / flux in ``r_ap`` of the fitted Moffats (median over stars, and its error)."""
+    if not shapes:
+        return float("nan"), float("nan")
+    vals = np.array([1.0 / (1.0 - (1.0 + (r_ap / a) ** 2) ** (1.0 - b)) for a, b in shapes])
+    vals = vals[np.isfinite(vals) & (vals >= 1.0)]
+    if not vals.size:
+        return float("nan"), float("nan")
+    med = float(np.median(vals))
+    mad = 1.4826 * float(np.median(np.abs(vals - med)))
+    return med, max(1.2533 * mad / np.sqrt(vals.size), 0.005)
+
+
+def _mask_bits(mask: np.ndarray | None, x, y, r: float) -> np.ndarray:
+    """OR of the mask bits of the pixels whose centre lies within ``r`` of each source.
+
+    ``mask=None`` stands for a mask without any bit set.
+    """
+    if mask is None:
+        return np.zeros(len(x), dtype=np.uint16)
+    half = int(np.ceil(r)) + 1
+    xi = np.rint(x).astype(np.intp)
+    yi = np.rint(y).astype(np.intp)
+    vals, ox, oy = _stamps(mask, xi, yi, half, np.uint16(0))
+    dx = ox + (xi - x)[:, None, None]
+    dy = oy + (yi - y)[:, None, None]
+    inside = dx * dx + dy * dy <= (r + 0.5) ** 2
+    vals = np.where(inside, vals, 0).astype(np.uint16)
+    return np.bitwise_or.reduce(vals.reshape(len(x), -1), axis=1)
+
+
+def _robust_median(values: np.ndarray, nsigma: float = 3.0) -> tuple[float, np.ndarray]:
+    """Median after two passes of MAD clipping, and the kept mask."""
+    keep = np.isfinite(values)
+    for _ in range(2):
+        if keep.sum() < 3:
+            break
+        med = np.median(values[keep])
+        mad = 1.4826 * np.median(np.abs(values[keep] - med))
+        width = max(nsigma * mad, 0.05 * abs(med))
+        keep = keep & (np.abs(values - med) <= width)
+    if not keep.any():
+        return float("nan"), keep
+    return float(np.median(values[keep])), keep
+
+
+def _extract(data, var, mask, settings: Sources):
+    import sep
+
+    kwargs = dict(var=var, mask=mask, minarea=settings.min_area_px, filter_type="conv",
+                  deblend_cont=0.005, clean=True)
+    try:
+        return sep.extract(data, settings.detect_sigma, **kwargs)
+    except Exception as exc:  # sep raises a plain Exception on buffer overflow
+        if "overflow" not in str(exc) and "buffer" not in str(exc):
+            raise
+    # crowded or very large objects: a larger pixel stack for this call only
+    # (a process-wide sep setting; sep holds the GIL, so no other call runs meanwhile)
+    old = sep.get_extract_pixstack()
+    sep.set_extract_pixstack(max(old * 10, data.size // 4))
+    try:
+        return sep.extract(data, settings.detect_sigma, **kwargs)
+    finally:
+        sep.set_extract_pixstack(old)
+
+
+def _fill_from_neighbours(data: np.ndarray, where: np.ndarray, half: int = 2) -> np.ndarray:
+    """A copy of ``data`` with the pixels ``where`` replaced by the median of their unmasked
+    neighbours in a (2*half+1)^2 box (0 where a box has none)."""
+    ys, xs = np.nonzero(where)
+    if ys.size == 0:
+        return data
+    out = data.copy()
+    ny, nx = data.shape
+    off = np.arange(-half, half + 1)
+    yy = np.clip(ys[:, None, None] + off[None, :, None], 0, ny - 1)
+    xx = np.clip(xs[:, None, None] + off[None, None, :], 0, nx - 1)
+    vals = np.where(where[yy, xx], np.nan, data[yy, xx]).reshape(ys.size, -1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(vals, axis=1)
+    out[ys, xs] = np.where(np.isfinite(med), med, 0).astype(data.dtype)
+    return out
+
+
+#: the measured growth at the large aperture is trusted when known this well (fraction)
+_DIRECT_APCOR_SEM = 0.003
+
+
+def _annulus(r_big: float, fwhm: float) -> tuple[float, float]:
+    """Inner and outer radius of the local sky annulus of the aperture correction."""
+    inner = 1.2 * r_big
+    return inner, inner + max(5.0, 2.0 * fwhm)
+
+
+def _aperture_correction(data, mask, var, x, y, r_ap, r_big, fwhm):
+    """Aperture correction (total flux / flux in ``r_ap``) from the frame's bright stars.
+
+    For each star: its sky is the 3-sigma-clipped median of its own annulus, its flux
+    in ``r_ap`` an exact aperture sum, and the light beyond ``r_ap`` is measured ring by
+    ring out to ``r_big`` as the ring's *median* surface brightness times its area. A
+    median ignores the few pixels a faint neighbour occupies in a ring, and the
+    annulus median ignores neighbours in the sky; sums would add their light to the
+    correction and bias every flux of the frame (a dense field does that by a few
+    per cent). The growth curves are combined by their median over stars at each
+    radius and fitted with a circular Moffat's enclosed flux, which also extrapolates
+    the little light beyond ``r_big``.
+
+    Returns (correction, its standard error, stars used).
+    """
+    import sep
+
+    r_in, r_out = _annulus(r_big, fwhm)
+    half = int(np.ceil(r_out)) + 1
+    xi, yi = np.round(x).astype(int), np.round(y).astype(int)
+    vals, dx, dy = _stamps(data, xi, yi, half, np.nan)
+    bad, _, _ = _stamps(mask.view(np.uint8) if mask.dtype == bool else mask, xi, yi, half, 1)
+    d = np.hypot(dx + xi[:, None, None] - x[:, None, None], dy + yi[:, None, None] -
+                 y[:, None, None])
+    usable = (bad == 0) & np.isfinite(vals)
+    ring = (d >= r_in) & (d < r_out) & usable
+    edges = r_ap * np.array([1.0, 1.25, 1.5, 2.0, 2.5])
+    edges = np.unique(np.concatenate([edges[edges < r_big], [r_big]]))
+    radii = np.concatenate([[r_ap * 0.75], edges])
+    n = len(x)
+    growth = np.full((len(radii), n), np.nan)
+    f_in, _, fl_in = sep.sum_circle(data, x, y, r_ap * 0.75, var=var, mask=mask, subpix=5)
+    f_ap, e_ap, fl_ap = sep.sum_circle(data, x, y, r_ap, var=var, mask=mask, subpix=5)
+    # every star at once: values outside a ring are NaN, medians along the pixel axis
+    flat_vals = vals.reshape(n, -1)
+    flat_d = d.reshape(n, -1)
+    flat_use = usable.reshape(n, -1)
+    sky_vals = np.where(ring.reshape(n, -1), flat_vals, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no sky, skipped
+        for _ in range(3):  # 3-sigma clipping about the median, per star
+            med = np.nanmedian(sky_vals, axis=1)
+            sig = 1.4826 * np.nanmedian(np.abs(sky_vals - med[:, None]), axis=1)
+            sky_vals = np.where(np.abs(sky_vals - med[:, None]) <=
+                                3 * np.maximum(sig, 1e-6)[:, None], sky_vals, np.nan)
+        enough = np.count_nonzero(np.isfinite(sky_vals), axis=1) >= 20
+        sky = np.where(enough, np.nanmedian(sky_vals, axis=1), np.nan)
+        small = f_ap - sky * np.pi * r_ap**2
+        ok = np.isfinite(sky) & (small > 0)
+        growth[0] = np.where(ok, (f_in - sky * np.pi * (0.75 * r_ap) ** 2) / small, np.nan)
+        growth[1] = np.where(ok, 1.0, np.nan)
+        total = small.copy()
+        for k in range(1, len(edges)):
+            sel = flat_use & (flat_d >= edges[k - 1]) & (flat_d < edges[k])
+            ring_med = np.nanmedian(np.where(sel, flat_vals, np.nan), axis=1)
+            ok &= np.count_nonzero(sel, axis=1) >= 8
+            total = total + (ring_med - sky) * np.pi * (edges[k] ** 2 - edges[k - 1] ** 2)
+            growth[k + 1] = np.where(ok, total / small, np.nan)
+    flags = fl_in | fl_ap
+    good = np.all(np.isfinite(growth), axis=0) & \
+        ((flags & (sep.APER_HASMASKED | sep.APER_TRUNC)) == 0)
+    if good.sum() == 0:
+        return 1.0, 0.0, 0
+    g = growth[:, good]
+    med = np.median(g, axis=1)
+    mad = 1.4826 * np.median(np.abs(g - med[:, None]), axis=1)
+    nk = g.shape[1]
+    sem = np.maximum(1.2533 * mad / np.sqrt(nk), 5e-4)
+    sem[1] = 1e-4
+    # Where the growth out to r_big is measured precisely (deep frames, coadds: a mix of
+    # seeings is no Moffat), it is used, and the fitted model only for the light beyond
+    # r_big; otherwise the model fitted to every radius (the inner ones are the precise
+    # ones) is steadier than the noisy ratio at r_big alone.
+    if sem[-1] <= _DIRECT_APCOR_SEM:
+        tail = _moffat_growth_fit(radii, med, sem, r_ap, at=radii[-1]) or 1.0
+        return float(med[-1] * tail), float(sem[-1] * tail), nk
+    corr = _moffat_growth_fit(radii, med, sem, r_ap, at=r_ap)
+    if corr is None:
+        return float(med[-1]), float(sem[-1]), nk
+    return corr, float(sem[-1]), nk
+
+
+def _moffat_growth_fit(radii, growth, err, r_ap, at):
+    """total/F(at) for a circular Moffat fitted to the growth curve, or None.
+
+    E(r) = 1 − (1 + (r/α)²)^(1−β); the model of F(r)/F(r_ap) is E(r)/E(r_ap), fitted
+    with its errors; the result is 1/E(at).
+    """
+    from scipy.optimize import least_squares
+
+    def enclosed(r, alpha, beta):
+        return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+
+    def resid(p):
+        alpha, beta = np.exp(p[0]), 1.0 + np.exp(p[1])
+        return (enclosed(radii, alpha, beta) / enclosed(r_ap, alpha, beta) - growth) / err
+
+    fwhm_guess = r_ap / 2.0
+    p0 = [np.log(fwhm_guess), np.log(2.0)]
+    try:
+        fit = least_squares(resid, p0, method="lm")
+    except Exception:
+        return None
+    if not fit.success:
+        return None
+    alpha, beta = np.exp(fit.x[0]), 1.0 + np.exp(fit.x[1])
+    if not (1.2 < beta < 20 and np.isfinite(alpha)):
+        return None
+    return float(1.0 / enclosed(at, alpha, beta))
+
+
+def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: float) -> SourceList:
+    """Detect and measure the sources of a sky-subtracted frame.
+
+    Parameters
+    ----------
+    frame : Frame
+        Sky-subtracted frame: SCI (electrons), VAR (electrons squared), MASK.
+    settings : Sources
+        ``detect_sigma`` (threshold in units of ERR), ``min_area_px``,
+        ``aperture_fwhm`` (aperture radius in units of the median FWHM),
+        ``apcor_radius_fwhm`` (radius of the large aperture of the aperture
+        correction, in FWHM), ``max_sources`` (the brightest are kept).
+    pixel_scale_arcsec : float
+        Pixel scale (arcsec per pixel), for ``fwhm_arcsec``.
+
+    Returns
+    -------
+    SourceList
+        The source table (columns :data:`COLUMNS`, flags :class:`SourceFlag`)
+        and the frame's median FWHM, ellipticity and aperture correction.
+
+    Notes
+    -----
+    ``fwhm`` per source is ``2 sqrt(A / pi)``, ``A`` the number of pixels above
+    half the peak pixel: exact for any round profile, slightly high (a few
+    per cent) for undersampled stars whose peak falls between pixels. The
+    frame's FWHM (``fwhm_px``, FWHM, FWHMPIX, the aperture scale) is the median
+    of pixel-integrated Moffat fits of its brightest stellar sources
+    (:func:`_fitted_fwhm`), the half-maximum median when fewer than 3 fit.
+    ``ellipticity`` is ``1 - b/a`` of sep's isophotal second moments.
+    Sources with a FWHM below 1.5 px or half the median (one bright pixel: hot
+    pixels, cosmic-ray residuals) are flagged ``SHARP``. Stellar sources
+    (column ``stellar``) are unflagged, have a signal-to-noise ratio of at
+    least 20 and a FWHM within 3 MAD of the median; the frame
+    medians and the aperture size come from them. Masked pixels inside an
+    aperture are replaced by the mean of the aperture's other pixels (sep's
+    behaviour) and the source is flagged.
+    """
+    from astropy.table import Table
+
+    data = np.ascontiguousarray(frame.sci, dtype=np.float32)
+    var = np.asarray(frame.var, dtype=np.float32)
+    mask16 = np.ascontiguousarray(frame.mask, dtype=np.uint16)
+    # fast path: one pass each to see whether any pixel needs special care
+    clean_input = bool(np.isfinite(data.sum(dtype=np.float64))) and bool(var.min() > 0) and bool(
+        np.isfinite(var.max())
+    )
+    bad = None
+    if not clean_input:
+        bad = ~np.isfinite(data) | ~(var > 0) | ~np.isfinite(var)
+        if not bad.any():
+            bad = None
+    has_mask = bool(mask16.any())
+    if has_mask:
+        detect_mask = (mask16 & _DETECT_MASKED) != 0
+        phot_mask = (mask16 & _PHOT_MASKED) != 0
+    else:
+        detect_mask = np.zeros(data.shape, dtype=bool)
+        phot_mask = detect_mask
+    if bad is not None:
+        good_var = var[~bad]
+        fill = np.float32(np.median(good_var)) if good_var.size else np.float32(1)
+        data = np.where(bad, np.float32(0), data)
+        var = np.where(bad, fill, var)
+        detect_mask = detect_mask | bad
+        phot_mask = phot_mask | bad
+    var = np.ascontiguousarray(var, dtype=np.float32)
+    sky_err = float(np.sqrt(np.median(var[::8, ::8])))
+    # photometry: bad, no-data and low-flat pixels are filled with the median of their
+    # usable neighbours, so an aperture's wing touching a hot pixel stays unbiased (an
+    # area correction would add the aperture's mean brightness); saturated pixels stay
+    # masked (a saturated star is flagged anyway)
+    filled = (mask16 & int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)) != 0 if has_mask else None
+    if bad is not None:
+        filled = bad if filled is None else (filled | bad)
+    phot_data = _fill_from_neighbours(data, filled) if filled is not None else data
+    sat_mask = (mask16 & int(Mask.SATURATED)) != 0 if has_mask else None
+
+    objects = _extract(data, var, detect_mask, settings)
+    n = len(objects)
+    log.debug("sep found %d objects", n)
+    if n > settings.max_sources:
+        order = np.argsort(-objects["flux"])[: settings.max_sources]
+        objects = objects[np.sort(order)]
+        n = len(objects)
+    if n == 0:
+        table = empty_table()
+        return SourceList(table=table)
+
+    ny, nx = data.shape
+    x0 = objects["x"].astype(np.float64)
+    y0 = objects["y"].astype(np.float64)
+    a = objects["a"].astype(np.float64)
+    b = objects["b"].astype(np.float64)
+    sepflags = objects["flag"].astype(np.int16)
+
+    # a first FWHM from the brightest few hundred objects that are not single pixels
+    bright = np.argsort(-objects["flux"])[:400]
+    sig_iso = float(np.median(np.sqrt(a[bright] * b[bright])))
+    half = int(np.clip(np.ceil(2.0 * GAUSS_FWHM * sig_iso) + 2, 4, 25))
+    fwhm0, _ = _half_max_fwhm(data, x0[bright], y0[bright], half)
+    starlike = fwhm0 >= MIN_STAR_FWHM_PX
+    med0 = float(np.median(fwhm0[starlike])) if starlike.any() else GAUSS_FWHM * max(sig_iso, 1)
+    size_ref = float(np.median(np.sqrt(a[bright][starlike] * b[bright][starlike]))) \
+        if starlike.any() else sig_iso
+
+    # windowed centroids (SExtractor XWIN/YWIN): the stellar window, wider for extended objects
+    import sep
+
+    grow = np.clip(np.sqrt(a * b) / max(size_ref, 1e-3), 1.0, 2.0)
+    sig = grow * med0 / GAUSS_FWHM
+    xw, yw, wflag = sep.winpos(data, x0, y0, sig, mask=detect_mask, subpix=0)
+    moved = np.hypot(xw - x0, yw - y0)
+    # masked or edge-truncated windows still give a centroid (those bits are not failures)
+    wbad = (wflag & ~(sep.APER_HASMASKED | sep.APER_TRUNC)) != 0
+    failed = wbad | ~np.isfinite(xw) | ~np.isfinite(yw) | (moved > max(2.0, med0))
+    x = np.where(failed, x0, xw)
+    y = np.where(failed, y0, yw)
+
+    fwhm, peak_stamp = _half_max_fwhm(data, x, y, half)
+    ellipticity = np.where(a > 0, 1.0 - b / np.where(a > 0, a, 1), np.nan)
+    snr0 = objects["flux"] / (sky_err * np.sqrt(np.maximum(objects["npix"], 1)))
+
+    # stellar selection: unflagged, bright enough, FWHM near the mode
+    any_bits = mask16 if has_mask else None
+    bits_core = _mask_bits(any_bits, x, y, max(2.0 * med0, 2.0))
+    clean = ((bits_core & int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT)) == 0) & (
+        (sepflags & (sep.OBJ_MERGED | sep.OBJ_TRUNC)) == 0
+    ) & ~failed
+    # a single bright pixel has a half-maximum area of about 1 px (FWHM 1.13 px)
+    sharp = ~(fwhm >= MIN_STAR_FWHM_PX)
+    candidates = clean & ~sharp & (snr0 >= 20) & (ellipticity < 0.5)
+    if candidates.sum() < 3:
+        candidates = clean & ~sharp & (snr0 >= 5)
+    fwhm_med, keep = _robust_median(np.where(candidates, fwhm, np.nan))
+    if np.isfinite(fwhm_med):
+        sharp |= fwhm < 0.5 * fwhm_med
+    stellar = candidates & keep
+    # the frame's FWHM from pixel-integrated profile fits of its brightest stars (the
+    # half-maximum areas of undersampled stars read 4-8 % high); apertures scale with it
+    if np.isfinite(fwhm_med):
+        fit_idx = np.flatnonzero(stellar & (snr0 >= 30))
+        fit_idx = fit_idx[np.argsort(-objects["flux"][fit_idx])[:_FIT_STARS]]
+        fwhm_fit, n_fit, shapes = _fitted_fwhm(data, var, x[fit_idx], y[fit_idx], fwhm_med)
+        if n_fit >= 3 or (n_fit and n_fit == fit_idx.size):
+            fwhm_med = fwhm_fit
+    else:
+        shapes = []
+    # without stars the frame has no FWHM (NaN), but apertures still need a size
+    fwhm_use = fwhm_med if np.isfinite(fwhm_med) else float(med0)
+    ell_med = float(np.median(ellipticity[stellar])) if stellar.any() else float("nan")
+
+    # aperture photometry
+    r_ap = settings.aperture_fwhm * fwhm_use
+    flux_ap, ferr_ap, aflag = sep.sum_circle(phot_data, x, y, r_ap, var=var, mask=sat_mask,
+                                             subpix=5)
+    bits = _mask_bits(any_bits, x, y, r_ap)
+    # filled (bad) or cleaned (cosmic-ray) pixels matter in a source's core, not its wings
+    r_core = max(2.0, fwhm_use)
+    core_bits = _mask_bits(any_bits, x, y, r_core)
+    flags = np.zeros(n, dtype=np.int16)
+    flags |= np.where(bits & int(Mask.SATURATED), int(SourceFlag.SATURATED), 0).astype(np.int16)
+    masked = (core_bits & int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)) != 0
+    if bad is not None:
+        masked |= _mask_bits(bad.view(np.uint8), x, y, r_core) != 0
+    flags |= np.where(masked, int(SourceFlag.MASKED), 0).astype(np.int16)
+    flags |= np.where(core_bits & int(Mask.COSMIC), int(SourceFlag.COSMIC),
+                      0).astype(np.int16)
+    edge = (x - r_ap < -0.5) | (y - r_ap < -0.5) | (x + r_ap > nx - 0.5) | (y + r_ap > ny - 0.5)
+    edge |= (sepflags & sep.OBJ_TRUNC) != 0
+    flags |= np.where(edge, int(SourceFlag.EDGE), 0).astype(np.int16)
+    flags |= np.where(sepflags & sep.OBJ_MERGED, int(SourceFlag.BLENDED), 0).astype(np.int16)
+    flags |= np.where(failed, int(SourceFlag.CENTROID), 0).astype(np.int16)
+    flags |= np.where(sharp, int(SourceFlag.SHARP), 0).astype(np.int16)
+    badflux = ~(flux_ap > 0) | ~np.isfinite(flux_ap)
+    flags |= np.where(badflux, int(SourceFlag.BADFLUX), 0).astype(np.int16)
+    sepflags = sepflags | aflag.astype(np.int16)
+    stellar &= flags == 0
+
+    # aperture correction from bright, isolated, unflagged stellar sources
+    r_big = settings.apcor_radius_fwhm * fwhm_use
+    r_big = max(r_big, r_ap)
+    apcor, apcor_err, n_apcor = 1.0, 0.0, 0
+    snr_ap = np.where(ferr_ap > 0, flux_ap / np.where(ferr_ap > 0, ferr_ap, 1), 0)
+    use = stellar & (snr_ap >= 20)
+    if use.any() and r_big > r_ap:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([x, y]))
+        # isolated: no other detection within the large aperture (the annulus sky is a
+        # clipped median, robust to a neighbour)
+        counts = tree.query_ball_point(np.column_stack([x[use], y[use]]), r_big + r_ap,
+                                       return_length=True)
+        idx = np.flatnonzero(use)[counts == 1]
+        # the brightest 150 are plenty for a median growth curve (and bound the cost)
+        idx = idx[np.argsort(-flux_ap[idx])[:150]]
+        if idx.size:
+            apcor, apcor_err, n_apcor = _aperture_correction(
+                phot_data, phot_mask, var, x[idx], y[idx], r_ap, r_big, fwhm_use)
+    # a growth curve of a few stars on a real frame jumps by +-10 % (RATIR: 0.76-1.10 with
+    # stable seeing): it is used only when known to 0.5 % from 5+ stars; else the Moffat
+    # model of the fitted stars' profiles; never below 1 (light beyond r_ap is positive)
+    apcor_src = "growth"
+    if not (n_apcor >= _APCOR_MIN_STARS and apcor_err <= _APCOR_MAX_ERR and apcor >= 1.0):
+        model, model_err = _model_apcor(shapes, r_ap)
+        if np.isfinite(model):
+            apcor, apcor_err, n_apcor, apcor_src = model, model_err, len(shapes), "psf"
+        else:
+            apcor, apcor_err, n_apcor, apcor_src = 1.0, 0.0, 0, "none"
+    apcor = max(float(apcor), 1.0)
+
+    flux = flux_ap * apcor
+    # the aperture-correction error is common to all sources (a systematic): kept in the
+    # metadata (APCORERR), not added to each source's statistical error
+    fluxerr = ferr_ap * apcor
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1)), np.nan)
+        magerr = np.where(flux > 0, 2.5 / np.log(10) * fluxerr / flux, np.nan)
+        snr = np.where(fluxerr > 0, flux / fluxerr, 0)
+
+    table = Table()
+    values = {
+        "id": np.arange(1, n + 1),
+        "x": x,
+        "y": y,
+        "ra": np.full(n, np.nan),
+        "dec": np.full(n, np.nan),
+        "flux": flux,
+        "fluxerr": fluxerr,
+        "flux_aper": flux_ap,
+        "fluxerr_aper": ferr_ap,
+        "mag": mag,
+        "magerr": magerr,
+        "snr": snr,
+        "fwhm": fwhm,
+        "ellipticity": ellipticity,
+        "theta": np.degrees(objects["theta"]),
+        "peak": np.maximum(objects["peak"], peak_stamp),
+        "npix": objects["npix"],
+        "flags": flags,
+        "sepflags": sepflags,
+        "stellar": stellar,
+    }
+    for name, (dtype, unit) in COLUMNS.items():
+        table[name] = np.asarray(values[name]).astype(dtype)
+        if unit:
+            table[name].unit = unit
+    fwhm_arcsec = float(fwhm_med * pixel_scale_arcsec) if np.isfinite(fwhm_med) else float("nan")
+    meta = {"NSOURCES": n, "NSTELLAR": int(stellar.sum()), "APRAD": float(r_ap),
+            "APCOR": float(apcor), "APCORERR": float(apcor_err), "APCORN": n_apcor,
+            "APCORSRC": apcor_src}
+    if np.isfinite(fwhm_med):
+        meta["FWHMPIX"] = float(fwhm_med)
+        meta["FWHM"] = fwhm_arcsec
+    if np.isfinite(ell_med):
+        meta["ELLIP"] = ell_med
+    table.meta.update(meta)
+    log.debug("sources: %d, stellar %d, fwhm %.2f px, apcor %.3f (%d stars)", n,
+              int(stellar.sum()), fwhm_med, apcor, n_apcor)
+    return SourceList(
+        table=table,
+        fwhm_px=float(fwhm_med),
+        fwhm_arcsec=fwhm_arcsec,
+        ellipticity=ell_med,
+        aperture_radius_px=float(r_ap),
+        aperture_correction=float(apcor),
+        aperture_correction_err=float(apcor_err),
+        n_apcor=n_apcor,
+        n_stellar=int(stellar.sum()),
+        meta=meta,
+    )
+

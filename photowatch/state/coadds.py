@@ -1,0 +1,281 @@
+"""Coadds of the output directory: quick-look accumulation during the night, finals at dawn.
+
+The quick-look coadd file ``OUT/coadds/<night>/coadd_<TARGET>_<FILTER>.fits``
+is itself the accumulator's persistent state (SCI, WHT, EXP, NCOV and the
+MEMBERS table, see :mod:`photowatch.coadd.stack`); an in-memory accumulator per
+coadd avoids re-reading it. A member is named ``<product name>:v<version>``,
+so after a crash the file says exactly which frame versions are in: a frame is
+never added twice, and a re-reduced frame's old version is swapped out before
+the new one goes in.
+
+Frame column ``coadd``: NULL (not stacked), ``pending`` (to add), ``adding``
+(a worker is on it), ``added``, ``excluded`` (quality: the reason is the
+frame's reason).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from photowatch.core.classify import FrameInfo
+from photowatch.core.logs import get_logger
+from photowatch.state.locking import NamedLocks
+
+log = get_logger("photowatch.coadd.stack")
+
+
+def member_id(name: str, version: int) -> str:
+    return f"{name}:v{version}"
+
+
+class CoaddBook:
+    def __init__(self, engine):
+        self.engine = engine
+        self.settings = engine.settings.coadd
+        self.root = engine.out / "coadds"
+        self._accs: dict[tuple, object] = {}
+        self._dirty: set[tuple] = set()
+        self._locks = NamedLocks()
+
+    # ------------------------------------------------------------------ paths and locks
+    def path(self, night: str, target: str, filt: str) -> Path:
+        from photowatch.coadd.stack import coadd_filename
+
+        return self.root / night / coadd_filename(target, filt)
+
+    def lock(self, key: tuple):
+        """A lock per coadd, across threads and processes (finalize beside the daemon)."""
+        return self._locks.hold(key, self.root / key[0] / f".{self.path(*key).stem}.lock")
+
+    # ------------------------------------------------------------------ grid
+    def grid(self, night: str, target: str, filt: str, wcs, shape):
+        """The night's grid of a coadd: stored, shared by the target's filters, or made now."""
+        from photowatch.coadd.stack import CoaddGrid, make_grid
+
+        row = self.engine.store.coadd(night, target, filt)
+        if row is not None and row["grid_json"]:
+            return CoaddGrid.from_json(row["grid_json"])
+        if not self.settings.per_filter_grid:
+            for other in self.engine.store.coadds(night):
+                if other["target"] == target and other["grid_json"]:
+                    return CoaddGrid.from_json(other["grid_json"])
+        ny, nx = shape
+        ra, dec = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
+        return make_grid(float(ra[0]), float(dec[0]), self.settings.pixel_scale_arcsec or None,
+                         shape, wcs, self.settings.margin_arcsec)
+
+    def _accumulator(self, key: tuple, grid):
+        from photowatch.coadd.stack import Accumulator
+
+        acc = self._accs.get(key)
+        if acc is not None:
+            return acc
+        path = self.path(*key)
+        if path.exists():
+            try:
+                from astropy.io import fits
+
+                if fits.getheader(path).get("STACKTYP", "QUICKLOOK") == "QUICKLOOK":
+                    acc = Accumulator.load(path, backing=self._backing(path))
+            except Exception as exc:  # unreadable quick-look: start again from the products
+                log.warning("coadd_unreadable", file=path.name, problem=str(exc),
+                            action="rebuilt from the reduced frames")
+                acc = None
+        if acc is None:
+            acc = Accumulator(grid, backing=self._backing(path))
+            # a fresh accumulator: every frame of this coadd must be added again
+            self.engine.store.conn.execute(
+                "UPDATE frames SET coadd='pending' WHERE night=? AND target=? AND filter=? AND "
+                "coadd IN ('added', 'adding')", key)
+        self._accs[key] = acc
+        return acc
+
+    def _backing(self, path: Path) -> Path | None:
+        """Where the accumulator's planes are memory-mapped (``coadd.mmap``), or None."""
+        return path.parent / ".acc" if self.settings.mmap else None
+
+    def _resample(self, sci, var, mask, wcs, grid):
+        """The frame on the grid (data only: the quick-look sums need no variance)."""
+        from photowatch.coadd.stack import resample
+        from photowatch.run.engine import threads_per_worker
+
+        return resample(sci, None, mask, wcs, grid, step_px=self.settings.mapping_step_px,
+                        interpolation=self.settings.interpolation,
+                        workers=threads_per_worker(self.engine.settings))
+
+    # ------------------------------------------------------------------ updates
+    def remove_old(self, row) -> None:
+        """Before a re-reduced product replaces the old one: take the old version out."""
+        if not self.settings.enabled or row["product"] is None:
+            return
+        key = (row["night"], row["target"], row["filter"])
+        old = member_id(row["name"], row["product_version"])
+        path = self.path(*key)
+        with self.lock(key):
+            if key not in self._accs and not path.exists():
+                return
+            grid = self.grid(*key, None, None) if self.engine.store.coadd(*key) else None
+            if grid is None:
+                return
+            acc = self._accumulator(key, grid)
+            if old not in acc:
+                return
+            from photowatch.io.products import read_product
+
+            prod = read_product(row["product"])
+            wcs = _wcs(prod.header)
+            res = self._resample(prod.sci, prod.var, prod.mask, wcs, acc.grid)
+            acc.remove(old, res)
+            # written with the new version's addition (or by flush, if it is not stacked)
+            self._dirty.add(key)
+            self.engine.store.update_frame(row["id"], coadd="pending")
+            log.info("coadd_swap_out", file=row["raw_name"], coadd=path.name,
+                     action="old version removed; the new one follows")
+
+    def flush(self) -> None:
+        """Write the coadds changed but not yet written (a version swapped out, not back)."""
+        for key in list(self._dirty):
+            with self.lock(key):
+                acc = self._accs.get(key)
+                if acc is not None and key in self._dirty:
+                    self._write(key, acc)
+
+    def add(self, row, info: FrameInfo, frame, wcs, qc: dict, version: int) -> bool:
+        """Add a reduced frame (in memory) to its coadd; returns True if it was added now."""
+        if not self.settings.enabled:
+            return False
+        key = (info.night, info.target or "UNKNOWN", info.filter or "none")
+        mid = member_id(row["name"], version)
+        with self.lock(key):
+            grid = self.grid(*key, wcs, frame.sci.shape)
+            acc = self._accumulator(key, grid)
+            if mid in acc:
+                self._mark_added(key, acc, row["id"])
+                return False
+            grid = self._cover(key, acc, wcs, frame.sci.shape, row)
+            skynoise = qc.get("skynoise_e")
+            flx = qc.get("flxscale")
+            if not (skynoise and skynoise > 0 and flx and flx > 0):
+                self.engine.store.update_frame(row["id"], coadd="excluded")
+                return False
+            from photowatch.core.errors import StageDegraded
+
+            try:
+                res = self._resample(frame.sci, frame.var, frame.mask, wcs, grid)
+            except StageDegraded as exc:  # the frame misses the night's grid of its target
+                self.engine.store.update_frame(row["id"], coadd="excluded")
+                self.engine.store.event("coadd_skipped", frame_id=row["id"],
+                                        file=row["raw_name"], level="warning",
+                                        message=str(exc), action="left out of the coadd")
+                log.warning("coadd_skipped", file=row["raw_name"], problem=str(exc),
+                            action="left out of the coadd")
+                return False
+            # a frame already in under an older version (crash between swap steps): replace it
+            for other in [m for m in acc.members if m.startswith(row["name"] + ":v")]:
+                log.warning("coadd_stale_member", file=row["raw_name"], member=other,
+                            action="left in the quick-look; the final coadd is rebuilt")
+            acc.add(mid, res, flxscale=flx, skynoise=skynoise, exptime_s=info.exptime_s,
+                    header=frame.header)
+            self._write(key, acc, grid=grid, frame_updates={row["id"]: {"coadd": "added"}})
+        return True
+
+    def covering(self, grid, wcs, shape, raw_name: str):
+        """:func:`photowatch.coadd.stack.grown_grid` with the coadd settings: (grid, dy, dx), or
+        None when ``grid`` covers the frame or the frame is too far off (said in the log)."""
+        from photowatch.coadd.stack import grown_grid
+
+        try:
+            return grown_grid(grid, wcs, shape, self.settings.margin_arcsec, 4 * max(shape))
+        except ValueError as exc:
+            log.warning("coadd_not_grown", file=raw_name, problem=str(exc),
+                        action="only the overlapping part is stacked")
+            return None
+
+    def _cover(self, key: tuple, acc, wcs, shape, row):
+        """Grow the night's grid of a coadd when a frame reaches beyond it (a second
+        pointing of the target, a large dither); existing pixels keep their places."""
+        grown = self.covering(acc.grid, wcs, shape, row["raw_name"])
+        if grown is None:
+            return acc.grid
+        grid, dy, dx = grown
+        acc.grow(grid, dy, dx)
+        log.info("coadd_grown", file=row["raw_name"], coadd=self.path(*key).name,
+                 shape=list(grid.shape), action="grid enlarged to cover the frame")
+        return grid
+
+    def _mark_added(self, key, acc, frame_id) -> None:
+        self.engine.store.update_frame(frame_id, coadd="added")
+
+    def _write(self, key: tuple, acc, *, grid=None, frame_updates=None) -> None:
+        self._dirty.discard(key)
+        night, target, filt = key
+        path = self.path(*key)
+        magzp = self._magzp(key)
+        header = {"TARGET": target, "FILTNAME": filt, "NIGHT": night,
+                  "ABSCAL": (magzp is not None, "MAGZP from a reference catalogue")}
+        # the quick-look coadd is not fsynced: the rename keeps it whole, and if a power
+        # cut loses it the engine rebuilds it from the reduced frames (its members are
+        # queued again when the file is unreadable)
+        acc.write(path, magzp=magzp, header_extra=header, fsync=False)
+        png = None
+        if self.settings.quicklook_png:
+            from photowatch.io.previews import save_png
+
+            png = path.with_suffix(".png")
+            sci = acc.images(byteorder=">")[0].copy()  # later adds change the cache
+            self.engine.in_background(save_png, sci, png, max_size=1024)
+        members = sorted(acc.members)
+        self.engine.store.upsert_coadd(
+            night=night, target=target, filter=filt, path=str(path), stacktype="QUICKLOOK",
+            ncombine=len(acc), exptime=acc.exptime_s, magzp=magzp,
+            grid=(grid or acc.grid).to_dict(), members=members,
+            quicklook=str(png) if png else None, frame_updates=frame_updates)
+
+    def _magzp(self, key: tuple) -> float | None:
+        ref = self.engine.refs.get(key[0], key[1], key[2], "zpref")
+        if ref is not None and "zp" in ref.meta:
+            return float(ref.meta["zp"])
+        return None
+
+    # ------------------------------------------------------------------ pending
+    def process_pending(self, nights=None) -> bool:
+        """Add one frame whose coadd update was interrupted (crash, restart); False if none."""
+        store = self.engine.store
+        where = "state='reduced' AND coadd='pending' AND accepted=1"
+        args: tuple = ()
+        if nights:
+            where += f" AND night IN ({','.join('?' * len(nights))})"
+            args = tuple(nights)
+        with store.transaction() as conn:
+            row = conn.execute(f"SELECT * FROM frames WHERE {where} ORDER BY obs_time LIMIT 1",
+                               args).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE frames SET coadd='adding' WHERE id=? AND coadd='pending'",
+                         (row["id"],))
+        try:
+            from photowatch.io.products import read_product
+
+            info = FrameInfo.from_summary(json.loads(row["info_json"]))
+            prod = read_product(row["product"])
+            from photowatch.core.frame import Frame
+
+            frame = Frame(prod.sci, prod.var, prod.mask, prod.header, info)
+            qc = json.loads(row["qc_json"] or "{}")
+            self.add(row, info, frame, _wcs(prod.header), qc, row["product_version"])
+        except Exception as exc:
+            store.update_frame(row["id"], coadd="excluded")
+            log.error("coadd_add_failed", file=row["raw_name"], problem=str(exc),
+                      action="left out of the quick-look coadd")
+        return True
+
+
+def _wcs(header):
+    import warnings
+
+    from astropy.wcs import WCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return WCS(header, naxis=2)
