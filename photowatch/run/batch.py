@@ -84,13 +84,16 @@ def reopen_unmastered(engine: Engine) -> int:
 
 def reduce_directory(rawdir: Path, settings: Settings, *, catalog: str | None = None,
                      instrument: str | None = None, workers: int | None = None,
-                     progress: bool = True) -> Summary:
+                     progress: bool = True, files: list[Path] | None = None) -> Summary:
+    """Reduce every raw file below ``rawdir`` (or just ``files``: one night of an archive,
+    ``photowatch reprocess``)."""
     engine = Engine(settings, catalog_path=catalog, instrument=instrument, command="reduce",
                     workers=workers)
     engine.startup()
     try:
         reopen_unmastered(engine)
-        files = find_raw_files(Path(rawdir), settings.daemon.patterns, exclude=engine.out)
+        if files is None:
+            files = find_raw_files(Path(rawdir), settings.daemon.patterns, exclude=engine.out)
         log.info("reduce_start", rawdir=str(rawdir), files=len(files), out=str(engine.out),
                  workers=engine.workers)
         from tqdm import tqdm

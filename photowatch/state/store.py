@@ -808,3 +808,110 @@ class Store:
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)",
                          (key, json.dumps(value, default=str)))
+
+    # ---- reprocess lane
+    #: columns that hold times (differ between two runs of the same night)
+    TIME_COLUMNS = {"arrived_at", "received_at", "started_at", "finished_at", "updated_at",
+                    "created_at", "time", "seen_at", "heartbeat"}
+
+    def export_rows(self) -> dict[str, list[dict]]:
+        """Every row of the store's tables but ``processes`` (a night's scratch store, whole).
+
+        The reprocess coordinator imports them into the one store (:meth:`import_rows`).
+        """
+        out = {}
+        for table in ("frames", "files", "masters", "coadds", "events", "meta"):
+            out[table] = [dict(r) for r in self.conn.execute(
+                f"SELECT * FROM {table} ORDER BY rowid")]
+        return out
+
+    def seed_masters(self, rows: list[dict]) -> None:
+        """Master rows of other nights (the calibration library), ids kept, no events."""
+        with self.transaction() as conn:
+            for row in rows:
+                cols = list(row)
+                conn.execute(f"INSERT OR IGNORE INTO masters({','.join(cols)}) VALUES "
+                             f"({','.join('?' * len(cols))})", tuple(row.values()))
+
+    def has_frame_hash(self, sha256: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM frames WHERE sha256=?",
+                                 (sha256,)).fetchone() is not None
+
+    def import_rows(self, rows: dict[str, list[dict]], *, night: str,
+                    rewrite=lambda v: v) -> dict[str, int]:
+        """Add one night's rows (from another store's :meth:`export_rows`), in one commit.
+
+        Ids are new (this store's); every reference is mapped: ``files.frame_id``,
+        ``events.frame_id``, ``masters.inputs_json`` (frame ids), the ``master_id`` of
+        ``frames.masters_json``. Master rows of other nights (seeded calibration library)
+        map to the rows already here. ``rewrite`` is applied to every text value (paths
+        of the scratch folder → the output folder). A night whose frames are already here
+        is not added again (returns zero counts): nothing is recorded twice.
+        """
+        def fix(row: dict, skip=("id",)) -> dict:
+            return {k: (rewrite(v) if isinstance(v, str) else v) for k, v in row.items()
+                    if k not in skip}
+
+        def insert(conn, table: str, row: dict) -> int:
+            cols = list(row)
+            cur = conn.execute(f"INSERT INTO {table}({','.join(cols)}) VALUES "
+                               f"({','.join('?' * len(cols))})", tuple(row.values()))
+            return cur.lastrowid
+
+        counts = {t: 0 for t in ("frames", "files", "masters", "coadds", "events", "meta")}
+        with self.transaction() as conn:
+            if any(conn.execute("SELECT 1 FROM frames WHERE sha256=?",
+                                (f["sha256"],)).fetchone() for f in rows["frames"]):
+                return counts
+            fmap: dict[int, int] = {}
+            for f in rows["frames"]:
+                fmap[f["id"]] = insert(conn, "frames", fix(f))
+                counts["frames"] += 1
+            mmap: dict[int, int] = {}
+            keys = ("kind", "camera", "filter", "binning", "readout", "target", "night",
+                    "version")
+            for m in rows["masters"]:
+                have = conn.execute(
+                    "SELECT id FROM masters WHERE " + " AND ".join(f"{k}=?" for k in keys),
+                    tuple(m[k] for k in keys)).fetchone()
+                if have is not None and m["night"] != night:
+                    mmap[m["id"]] = have["id"]
+                    continue
+                row = fix(m)
+                if row.get("inputs_json"):
+                    row["inputs_json"] = _json([fmap.get(i, i) for i in
+                                                json.loads(row["inputs_json"])])
+                mmap[m["id"]] = insert(conn, "masters", row)
+                counts["masters"] += 1
+            for new in fmap.values():
+                mj = conn.execute("SELECT masters_json FROM frames WHERE id=?",
+                                  (new,)).fetchone()[0]
+                if not mj:
+                    continue
+                used = json.loads(mj)
+                for entry in used.values():
+                    if isinstance(entry, dict) and entry.get("master_id") is not None:
+                        entry["master_id"] = mmap.get(entry["master_id"], entry["master_id"])
+                conn.execute("UPDATE frames SET masters_json=? WHERE id=?", (_json(used), new))
+            for f in rows["files"]:
+                row = fix(f, skip=())
+                row["frame_id"] = fmap[row["frame_id"]]
+                conn.execute("INSERT OR REPLACE INTO files(" + ",".join(row) + ") VALUES (" +
+                             ",".join("?" * len(row)) + ")", tuple(row.values()))
+                counts["files"] += 1
+            for c in rows["coadds"]:
+                conn.execute("DELETE FROM coadds WHERE night=? AND target=? AND filter=?",
+                             (c["night"], c["target"], c["filter"]))
+                insert(conn, "coadds", fix(c))
+                counts["coadds"] += 1
+            for e in rows["events"]:
+                row = fix(e)
+                if row.get("frame_id") is not None:
+                    row["frame_id"] = fmap.get(row["frame_id"])
+                insert(conn, "events", row)
+                counts["events"] += 1
+            for m in rows["meta"]:
+                conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)",
+                             (rewrite(m["key"]), rewrite(m["value"]) if m["value"] else None))
+                counts["meta"] += 1
+        return counts
