@@ -3,6 +3,8 @@
     photowatch reduce RAWDIR --out OUT [--catalog FILE] [--instrument NAME]
     photowatch watch [RAWDIR] --out OUT [--catalog FILE] [--instrument NAME]
     photowatch finalize --out OUT [--night YYYY-MM-DD]
+    photowatch reprocess ARCHIVE --out OUT [--catalog FILE] [--instrument NAME]
+                         [--nights FIRST..LAST] [--scheduler local[:N] | tcp://HOST:PORT | none]
     photowatch status --out OUT [--json]
     photowatch requeue --out OUT [--state S] [--reason TEXT] [--night D] [FILE ...] [--dry-run]
     photowatch masters --out OUT [--json] | masters rebuild --out OUT [--night D]
@@ -230,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", metavar="FILE", help="local reference catalogue")
     p.add_argument("--workers", type=int, metavar="N")
 
+    p = sub.add_parser("reprocess", help="reprocess an archive of nights (reduce + finalize "
+                       "each night), nights in parallel on Dask distributed", epilog=EXIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Each night of ARCHIVE (one folder per night, or one flat "
+                       "folder split by the night rule) is one task: the one-machine reduce "
+                       "and finalize in a scratch folder. This process is the only writer "
+                       "of OUT/state.sqlite: it publishes each night's products atomically "
+                       "and records its rows once. A night without its own calibrations "
+                       "waits for the nearest night's final masters. docs/reprocess.md.")
+    p.add_argument("archive", metavar="ARCHIVE")
+    _common(p)
+    p.add_argument("--catalog", metavar="FILE", help="local reference catalogue")
+    p.add_argument("--instrument", metavar="NAME", help="instrument profile (default: config, "
+                   "auto-detected from INSTRUME)")
+    p.add_argument("--nights", metavar="FIRST..LAST", help="only these nights (YYYY-MM-DD; "
+                   "either end may be left out; one date: that night)")
+    p.add_argument("--scheduler", metavar="local[:N]|tcp://HOST:PORT|none",
+                   help="Dask: a LocalCluster of N worker processes (default: the cores), a "
+                   "running scheduler, or none: in this process (default when dask is "
+                   "not installed: pip install 'photowatch[cluster]')")
+
     p = sub.add_parser("status", help="state of an output directory")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -334,6 +357,36 @@ def cmd_reduce(args) -> int:
     print(summary.text())
     if not summary.ok:
         return EXIT_FAILED
+    return _with_problems(summary.out, None, f" (photowatch status --out {summary.out})")
+
+
+def cmd_reprocess(args) -> int:
+    from photowatch.run.reprocess import default_scheduler, have_dask, parse_nights, reprocess
+
+    settings = _settings(args)
+    archive = Path(args.archive)
+    if not archive.is_dir():
+        raise UsageError(f"{archive}: not a directory")
+    try:
+        parse_nights(args.nights)
+    except ValueError:
+        raise UsageError(f"--nights {args.nights}: expected FIRST..LAST (YYYY-MM-DD)") from None
+    scheduler = args.scheduler or default_scheduler()
+    if scheduler != "none":
+        if not have_dask():
+            raise UsageError(f"--scheduler {scheduler}: dask is not installed "
+                             "(pip install 'photowatch[cluster]'), or use --scheduler none")
+        if not (scheduler in ("local",) or scheduler.startswith(("local:", "tcp://", "tls://"))
+                ) or (scheduler.startswith("local:") and not scheduler[6:].isdigit()):
+            raise UsageError(f"--scheduler {scheduler}: expected local[:N], tcp://HOST:PORT "
+                             "or none")
+    preflight(settings, instrument=args.instrument, catalog=args.catalog)
+    settings, _ = _setup(args, settings, workers=1)
+    summary = reprocess(archive, settings, catalog=args.catalog, instrument=args.instrument,
+                        nights=args.nights, scheduler=scheduler)
+    print(summary.text())
+    if not summary.ok:
+        return EXIT_FAILED if not summary.counts else EXIT_PROBLEMS
     return _with_problems(summary.out, None, f" (photowatch status --out {summary.out})")
 
 
@@ -472,6 +525,7 @@ COMMANDS = {
     "reduce": cmd_reduce,
     "watch": cmd_watch,
     "finalize": cmd_finalize,
+    "reprocess": cmd_reprocess,
     "status": cmd_status,
     "requeue": cmd_requeue,
     "masters": cmd_masters,
