@@ -320,6 +320,8 @@ class ReprocessSummary:
     problems: list[str] = field(default_factory=list)
     dashboard: str | None = None
     scheduler: str = "none"
+    #: scratch folders of tries that never returned (a lost worker; Dask ran the night again)
+    lost_tries: list[str] = field(default_factory=list)
 
     @property
     def frames_per_s(self) -> float:
@@ -340,6 +342,9 @@ class ReprocessSummary:
                  f"coordinator: {self.publish_seconds:.2f} s recording results "
                  f"({self.coordinator_frames_per_s:.0f} frames/s)",
                  f"state:    {self.out / 'state.sqlite'}  (photowatch status --out {self.out})"]
+        if self.lost_tries:
+            lines.append(f"lost tries (run again by Dask, recorded once): "
+                         f"{', '.join(self.lost_tries)}")
         lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -454,7 +459,12 @@ def reprocess(archive: str | Path, settings: Settings, *, catalog: str | None = 
                       settings, out, catalog, instrument, summary)
     finally:
         bar.close()
-        shutil.rmtree(out / SCRATCH, ignore_errors=True)  # lost tries' folders
+        if (out / SCRATCH).is_dir():  # the folders of tries whose worker was lost
+            summary.lost_tries = sorted(p.name for p in (out / SCRATCH).iterdir())
+            for name in summary.lost_tries:
+                log.warning("reprocess_lost_try", scratch=name, problem="its worker was lost",
+                            action="removed; the night was run again and recorded once")
+        shutil.rmtree(out / SCRATCH, ignore_errors=True)
     summary.counts = store.counts()
     summary.seconds = time.perf_counter() - t0
     summary.publish_seconds = publish_s
