@@ -192,6 +192,10 @@ def test_a_night_without_calibrations_borrows_the_nearest_nights_masters(tmp_pat
             assert used[kind]["master_id"] == finals[kind]  # ids mapped into this store
             assert Path(store.master(finals[kind])["path"]).is_file()
     _assert_each_frame_once_and_terminal(out, rawdir)
+    # a second reprocess into the same folder records nothing twice: both nights skipped
+    again = reprocess(rawdir, _settings(out), scheduler="none", progress=False)
+    assert again.skipped == ["2020-01-28", "2020-01-29"] and again.nights == []
+    _assert_each_frame_once_and_terminal(out, rawdir)
 
 
 def test_reprocess_options_are_checked_before_work(tmp_path, capsys):

@@ -322,6 +322,8 @@ class ReprocessSummary:
     scheduler: str = "none"
     #: scratch folders of tries that never returned (a lost worker; Dask ran the night again)
     lost_tries: list[str] = field(default_factory=list)
+    #: nights already in the output folder, not reprocessed
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def frames_per_s(self) -> float:
@@ -342,6 +344,8 @@ class ReprocessSummary:
                  f"coordinator: {self.publish_seconds:.2f} s recording results "
                  f"({self.coordinator_frames_per_s:.0f} frames/s)",
                  f"state:    {self.out / 'state.sqlite'}  (photowatch status --out {self.out})"]
+        if self.skipped:
+            lines.append(f"skipped (already in {self.out}): {', '.join(self.skipped)}")
         if self.lost_tries:
             lines.append(f"lost tries (run again by Dask, recorded once): "
                          f"{', '.join(self.lost_tries)}")
@@ -400,6 +404,12 @@ def reprocess(archive: str | Path, settings: Settings, *, catalog: str | None = 
     plans = plan_archive(Path(archive), settings, instrument=instrument,
                          nights=parse_nights(nights))
     store = Store(out / "state.sqlite", command="reprocess")
+    recorded = set(store.nights())
+    skipped = [p.night for p in plans if p.night in recorded]
+    plans = [p for p in plans if p.night not in recorded]
+    for night in skipped:
+        log.info("reprocess_night_skipped", night=night, reason="already in the output folder",
+                 action="skipped (use another --out to reprocess it)")
     if catalog:
         store.set_meta("catalog_path", str(Path(catalog).resolve()))
     total = sum(len(p.files) for p in plans)
@@ -411,7 +421,8 @@ def reprocess(archive: str | Path, settings: Settings, *, catalog: str | None = 
                      action="waits for the lenders' final masters" if p.lenders else
                      "no night has them: frames will be rejected for want of masters")
     summary = ReprocessSummary(out, [p.night for p in plans], {}, 0.0, 0.0, total,
-                               scheduler=scheduler if client is None else "client")
+                               scheduler=scheduler if client is None else "client",
+                               skipped=skipped)
     publish_s = 0.0
     done: set[str] = set()
     pending = {p.night: p for p in plans}
