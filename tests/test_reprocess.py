@@ -142,7 +142,7 @@ def test_a_worker_killed_mid_night_changes_nothing(archive, one_machine, client,
 
     thread = threading.Thread(target=run)
     thread.start()
-    assert started.wait(120), "no night reported progress"
+    assert started.wait(300), "no night reported progress"
     for addr, keys in client.processing().items():
         if keys:
             night = next(iter(keys)).split("-", 1)[1][:10]
@@ -183,7 +183,7 @@ def test_a_night_without_calibrations_borrows_the_nearest_nights_masters(tmp_pat
     assert set(finals) == {"bias", "dark", "flat"}
     import json
 
-    objects = store.frames("night=? AND kind='object'", ("2020-01-29",))
+    objects = [r for r in store.frames() if r["night"] == "2020-01-29" and r["kind"] == "object"]
     assert len(objects) == 3 and all(r["state"] == "reduced" for r in objects)
     for row in objects:
         used = json.loads(row["masters_json"])
