@@ -260,6 +260,11 @@ def _dask_report(night: str, attempt: str, done: int, total: int) -> None:
 
 
 def dask_reduce_night(plan, settings, out, catalog, instrument, library):
+    """:func:`reduce_night` on a Dask worker: logs as configured (stderr, the log file),
+    progress as Dask events."""
+    from photowatch.core.logs import setup_logging
+
+    setup_logging(settings.logging.level, settings.logging.format, settings.logging.file)
     return reduce_night(plan, settings, out, catalog=catalog, instrument=instrument,
                         library=library, report=_dask_report)
 
