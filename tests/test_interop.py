@@ -384,7 +384,7 @@ def test_a_frame_without_a_zero_point_stays_out_of_a_calibrated_coadd(tmp_path, 
                                progress=False)
     assert summary.ok, summary.problems
     store = Store(out / "state.sqlite")
-    rows = {r["raw_name"]: r for r in store.frames("kind='object'")}
+    rows = {r["raw_name"]: r for r in store.frames(kind="object")}
     row = rows[victim]
     with fits.open(row["product"]) as h:
         assert h["SCI"].header["ABSCAL"] is False and "MAGZP" not in h["SCI"].header

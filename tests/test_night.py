@@ -320,7 +320,7 @@ def test_depth_grows_as_the_square_root_of_the_exposure(deep_night, tmp_path):
     store = Store(out / "state.sqlite")
     (coadd,) = store.coadds()
     grid = CoaddGrid.from_json(coadd["grid_json"])
-    rows = store.frames("kind='object' AND state='reduced' AND accepted=1")
+    rows = store.frames(kind="object", state="reduced", accepted=1)
     members = [FinalMember(r["name"], r["product"], json.loads(r["qc_json"])["flxscale"],
                            json.loads(r["qc_json"])["skynoise_e"], r["exptime"]) for r in rows]
     depth = []

@@ -165,8 +165,8 @@ def test_masters_and_stale(tmp_path):
                          night="2020-01-28", version=1, ninputs=1, inputs=[5], path="/m.fits",
                          provisional=True)
     assert mid == again
-    assert s.mark_stale("id=?", (fid,), "better master") == 1
-    assert s.mark_stale("id=?", (fid,), "better master") == 0
+    assert s.mark_stale([fid], "better master") == 1
+    assert s.mark_stale([fid], "better master") == 0
     row = s.claim_stale()
     assert row["id"] == fid and row["state"] == "processing"
 

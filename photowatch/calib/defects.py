@@ -44,8 +44,7 @@ def mark_night_defects(engine, night: str) -> list[str]:
     from photowatch.io.fits import write_hdul
 
     groups: dict[tuple, list] = {}
-    for row in engine.store.frames("night=? AND kind='object' AND product IS NOT NULL",
-                                   (night,)):
+    for row in engine.store.products_of_night(night):
         info = json.loads(row["info_json"] or "{}")
         key = (info.get("camera"), info.get("binning"), info.get("readout"))
         if Path(row["product"]).exists():

@@ -19,6 +19,7 @@ from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
 from photowatch.run.engine import Engine, OutputError
 from photowatch.run.ingest import ingest_file
+from photowatch.state.store import startswith
 
 log = get_logger("photowatch.run.batch")
 
@@ -62,7 +63,7 @@ class Summary:
 def close_waiting(engine: Engine, why: str = NO_MASTER) -> int:
     """Make frames still waiting for masters terminal (rejected, with the reason)."""
     n = 0
-    for row in engine.store.frames("state='waiting'"):
+    for row in engine.store.frames(state="waiting"):
         reason = why + (row["reason"] or "masters missing")
         if engine.store.transition(row["id"], ["waiting"], "rejected", reason=reason,
                                    message=reason, level="warning", action="rejected"):
@@ -75,7 +76,7 @@ def close_waiting(engine: Engine, why: str = NO_MASTER) -> int:
 def reopen_unmastered(engine: Engine) -> int:
     """Frames rejected by an earlier run for want of masters are queued again."""
     n = 0
-    for row in engine.store.frames("state='rejected' AND reason LIKE ?", (NO_MASTER + "%",)):
+    for row in engine.store.frames(state="rejected", reason=startswith(NO_MASTER)):
         if engine.store.transition(row["id"], ["rejected"], "received", reason=None,
                                    message="retried: masters may exist now"):
             n += 1

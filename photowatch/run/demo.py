@@ -56,12 +56,12 @@ def _truth_check(out: Path, night) -> None:
     """A few lines comparing products with the simulator's truth."""
     import numpy as np
 
-    from photowatch.state.store import Store
+    from photowatch.state.store import NOT_NULL, Store
 
     store = Store(out / "state.sqlite", command="demo")
     truth = {f.raw_name: f for f in night.frames}
     dzp = []
-    for row in store.frames("kind='object' AND qc_json IS NOT NULL"):
+    for row in store.frames(kind="object", qc_json=NOT_NULL):
         qc = json.loads(row["qc_json"])
         t = truth.get(row["raw_name"])
         if t is not None and t.zp_true is not None and qc.get("zp") is not None:

@@ -95,8 +95,7 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
         # the partial content's hash plus the path: two empty files are two frames
         return _record(store, spath, f"bad:{sha}:{spath}", size, st.st_mtime, arrived_at,
                        None, None, "quarantined", reason)
-    row = store.conn.execute("SELECT id, state, reason FROM frames WHERE sha256=?",
-                             (sha,)).fetchone()
+    row = store.frame_by_hash(sha)
     if row is not None:  # a duplicate: record the path, do not read again
         frame_id, _ = store.add_frame(path=spath, sha256=sha, size=size, mtime=st.st_mtime)
         return Ingested(frame_id, False, row["state"], row["reason"])
@@ -109,9 +108,9 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
             and "measure" in (info.gain_source, info.read_noise_source)):
         # frames waiting for the night's gain measurement may have what they need now
         from photowatch.state.masters import GAIN_WAIT
+        from photowatch.state.store import startswith
 
-        store.wake_waiting("night=? AND camera=? AND reason LIKE ?",
-                           (info.night, info.camera, GAIN_WAIT + "%"))
+        store.wake_waiting(night=info.night, camera=info.camera, reason=startswith(GAIN_WAIT))
     return result
 
 

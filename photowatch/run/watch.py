@@ -580,9 +580,7 @@ class Daemon:
             return None
         if not self.engine._busy:
             return None
-        row = self.engine.store.conn.execute(
-            "SELECT raw_name, started_at FROM frames WHERE state='processing' AND owner=? "
-            "ORDER BY started_at LIMIT 1", (self.engine.store.owner,)).fetchone()
+        row = next(iter(self.engine.store.processing_here()), None)
         if row is None or not row["started_at"]:
             return None
         since = time.time() - datetime.fromisoformat(row["started_at"]).timestamp()
@@ -626,9 +624,7 @@ class Daemon:
                 break
         abandoned = thread is not None and thread.is_alive()
         if abandoned:
-            held = self.engine.store.conn.execute(
-                "SELECT raw_name FROM frames WHERE state='processing' AND owner=?",
-                (self.engine.store.owner,)).fetchall()
+            held = self.engine.store.processing_here()
             if held:
                 log.warning("frames_abandoned", files=[r["raw_name"] for r in held],
                             action="left processing; taken up again at the next start")

@@ -128,16 +128,14 @@ class SkyBook:
                 acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
             if not acc.members:
                 continue
-            rows = self.book.store.frames(
-                f"name IN ({','.join('?' * len(acc.members))})", tuple(acc.members))
+            rows = self.book.store.frames(name=list(acc.members))
             if not rows:
                 continue
             info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))
             key = self.key(info)
             existing = self.book.store.masters(
-                "kind='sky' AND camera=? AND filter=? AND binning=? AND readout=? AND target=? "
-                "AND night=? AND final=1", (key.camera, key.filter, key.binning, key.readout,
-                                            key.target, key.night))
+                kind="sky", camera=key.camera, filter=key.filter, binning=key.binning,
+                readout=key.readout, target=key.target, night=key.night, final=1)
             if existing and existing[-1]["ninputs"] == len(acc.members):
                 continue
             if acc.n_dithered(self.settings.min_dither_arcsec) < self.settings.min_frames:

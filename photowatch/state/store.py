@@ -61,6 +61,59 @@ def _json(value) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, default=str)
 
 
+# ---------------------------------------------------------------------------- filters
+# Callers select rows with keyword filters on column names, never with SQL text:
+#   store.frames(night=n, kind="object", product=NOT_NULL, state=("reduced", "rejected"))
+# A scalar is ``col = ?``, a list/tuple/set ``col IN (...)``, ``Not(...)`` ``col NOT IN``,
+# ``NULL``/``NOT_NULL`` ``IS [NOT] NULL``, ``Like(pattern)`` ``col LIKE ?`` (see
+# ``startswith``/``contains``). Column names are checked against the table.
+
+class _Null:
+    def __init__(self, negate: bool):
+        self.negate = negate
+
+    def __repr__(self) -> str:
+        return "NOT_NULL" if self.negate else "NULL"
+
+
+NULL = _Null(False)
+NOT_NULL = _Null(True)
+
+
+class Not(tuple):
+    """``col=Not(("a", "b"))``: ``col NOT IN ('a', 'b')``."""
+
+
+class Like(str):
+    """``col=Like("pattern%")``: ``col LIKE 'pattern%'``."""
+
+
+def startswith(prefix: str) -> Like:
+    return Like(prefix + "%")
+
+
+def contains(text: str) -> Like:
+    return Like(f"%{text}%")
+
+
+def _clause(column: str, value) -> tuple[str, list]:
+    if isinstance(value, _Null):
+        return f"{column} IS {'NOT ' if value.negate else ''}NULL", []
+    if isinstance(value, Like):
+        return f"{column} LIKE ?", [str(value)]
+    if isinstance(value, Not):
+        return (f"{column} NOT IN ({','.join('?' * len(value))})", list(value)) if value \
+            else ("1=1", [])
+    if isinstance(value, list | tuple | set | frozenset):
+        value = list(value)
+        return (f"{column} IN ({','.join('?' * len(value))})", value) if value else ("0", [])
+    if value is None:
+        raise TypeError(f"filter {column}=None: say NULL or NOT_NULL")
+    if isinstance(value, bool):
+        value = int(value)
+    return f"{column} = ?", [value]
+
+
 # ---------------------------------------------------------------------------- schema
 
 _SCHEMA_V1 = """
@@ -278,6 +331,33 @@ class Store:
     @property
     def schema_version(self) -> int:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _columns(self, table: str) -> frozenset[str]:
+        cache = self.__dict__.setdefault("_column_cache", {})
+        if table not in cache:
+            cache[table] = frozenset(self.db[table].columns_dict)
+        return cache[table]
+
+    def _where(self, table: str, filters: dict, *extra: str) -> tuple[str, list]:
+        """SQL condition and arguments for keyword ``filters`` (see ``_clause``)."""
+        columns = self._columns(table)
+        parts, args = list(extra), []
+        for column, value in filters.items():
+            if column not in columns:
+                raise ValueError(f"{table} has no column {column!r}")
+            sql, more = _clause(column, value)
+            parts.append(sql)
+            args += more
+        return " AND ".join(f"({p})" for p in parts) or "1=1", args
+
+    def _order(self, table: str, order: str) -> str:
+        columns = self._columns(table)
+        for part in order.split(","):
+            words = part.split()
+            if not (1 <= len(words) <= 2 and words[0] in columns
+                    and (len(words) == 1 or words[1].upper() in ("ASC", "DESC"))):
+                raise ValueError(f"cannot order {table} by {order!r}")
+        return order
 
     # ------------------------------------------------------------------ events
     def _event(self, conn, event: str, *, frame_id=None, file=None, level="info",
@@ -559,12 +639,12 @@ class Store:
                         message=row["stale_reason"])
             return conn.execute("SELECT * FROM frames WHERE id=?", (row["id"],)).fetchone()
 
-    def wake_waiting(self, where: str = "1=1", args: tuple = ()) -> int:
-        """Move waiting frames back to ``received`` (masters appeared); returns the count."""
+    def wake_waiting(self, **filters) -> int:
+        """Move waiting frames (matching keyword ``filters``) back to ``received`` (masters
+        appeared); returns the count."""
+        sql, args = self._where("frames", filters, "state='waiting'")
         with self.transaction() as conn:
-            rows = conn.execute(
-                f"SELECT id, raw_name FROM frames WHERE state='waiting' AND ({where})", args
-            ).fetchall()
+            rows = conn.execute(f"SELECT id, raw_name FROM frames WHERE {sql}", args).fetchall()
             for row in rows:
                 conn.execute("UPDATE frames SET state='received', updated_at=? WHERE id=? "
                              "AND state='waiting'", (utcnow(), row["id"]))
@@ -616,18 +696,81 @@ class Store:
                          (sha256, size, mtime, frame_id, row["path"]))
             return None
 
-    def reset_tries(self, frame_id: int) -> None:
+    def reset_tries(self, frame_id: int, tries: int = 0) -> None:
         with self.transaction() as conn:
-            conn.execute("UPDATE frames SET tries=0 WHERE id=?", (frame_id,))
+            conn.execute("UPDATE frames SET tries=? WHERE id=?", (tries, frame_id))
+
+    def uncount_try(self, frame_id: int) -> None:
+        """The frame's last try does not count (a transient fault, not the frame's doing)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE frames SET tries=MAX(tries-1, 0) WHERE id=?", (frame_id,))
+
+    def keep_final(self, frame_id: int, state: str, qc: dict, message: str) -> bool:
+        """A stale product that the final masters barely change is kept and marked final
+        (compare-and-set on ``stale=1`` and ``state``); False if another process took it."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE frames SET stale=0, stale_reason=NULL, provisional=0, qc_json=?, "
+                "updated_at=? WHERE id=? AND stale=1 AND state=?",
+                (json.dumps(qc), utcnow(), frame_id, state))
+            if cur.rowcount:
+                row = conn.execute("SELECT raw_name FROM frames WHERE id=?",
+                                   (frame_id,)).fetchone()
+                self._event(conn, "kept_final", frame_id=frame_id, file=row["raw_name"],
+                            message=message, action="product kept, marked final")
+            return bool(cur.rowcount)
 
     # ------------------------------------------------------------------ queries
     def frame(self, frame_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM frames WHERE id=?", (frame_id,)).fetchone()
 
-    def frames(self, where: str = "1=1", args: tuple = (), order: str = "obs_time, id"
-               ) -> list[sqlite3.Row]:
-        return self.conn.execute(f"SELECT * FROM frames WHERE {where} ORDER BY {order}",
-                                 args).fetchall()
+    def frames(self, where: str | None = None, args: tuple = (), order: str = "obs_time, id",
+               **filters) -> list[sqlite3.Row]:
+        """Frames matching keyword ``filters`` (column=value, see ``_clause``), in ``order``.
+
+        ``where``/``args`` (an SQL condition) is deprecated.
+        TODO(merge): remove after report/chain lanes (report/html.py, run/status.py use it).
+        """
+        sql, params = self._where("frames", filters, *([where] if where else []))
+        return self.conn.execute(
+            f"SELECT * FROM frames WHERE {sql} ORDER BY {self._order('frames', order)}",
+            (*args, *params)).fetchall()
+
+    def frames_of_night(self, night: str, **filters) -> list[sqlite3.Row]:
+        return self.frames(night=night, **filters)
+
+    def products_of_night(self, night: str, kind: str = "object") -> list[sqlite3.Row]:
+        """Frames of a night (of ``kind``) that have a product."""
+        return self.frames(night=night, kind=kind, product=NOT_NULL)
+
+    def count_frames(self, **filters) -> int:
+        sql, params = self._where("frames", filters)
+        return self.conn.execute(f"SELECT COUNT(*) FROM frames WHERE {sql}", params).fetchone()[0]
+
+    def frame_by_hash(self, sha256: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM frames WHERE sha256=?", (sha256,)).fetchone()
+
+    def frame_named(self, name: str, night: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM frames WHERE name=? AND night=?",
+                                 (name, night)).fetchone()
+
+    def processing_here(self) -> list[sqlite3.Row]:
+        """Frames this process holds ``processing``, the longest-held first."""
+        return self.conn.execute(
+            "SELECT * FROM frames WHERE state='processing' AND owner=? ORDER BY started_at, id",
+            (self.owner,)).fetchall()
+
+    def last_stage_error(self, frame_id: int) -> sqlite3.Row | None:
+        """The frame's latest stage-failure event (None if it never failed)."""
+        return self.conn.execute(
+            "SELECT * FROM events WHERE frame_id=? AND error_class='stage' "
+            "ORDER BY id DESC LIMIT 1", (frame_id,)).fetchone()
+
+    def meta_with_prefix(self, prefix: str) -> dict[str, object]:
+        """Every meta key starting with ``prefix`` → its value."""
+        rows = self.conn.execute("SELECT key, value FROM meta WHERE key LIKE ?",
+                                 (prefix + "%",)).fetchall()
+        return {r["key"]: json.loads(r["value"]) for r in rows}
 
     def counts(self, night: str | None = None) -> dict[str, int]:
         sql = "SELECT state, COUNT(*) n FROM frames"
@@ -722,10 +865,25 @@ class Store:
                         state_from=row["state"], state_to=state, message=message,
                         level="warning" if state in ("rejected", "quarantined") else "info")
 
-    def masters(self, where: str = "1=1", args: tuple = ()) -> list[sqlite3.Row]:
+    def masters(self, where: str | None = None, args: tuple = (), **filters
+                ) -> list[sqlite3.Row]:
+        """Masters matching keyword ``filters`` (column=value, see ``_clause``).
+
+        ``where``/``args`` (an SQL condition) is deprecated.
+        TODO(merge): remove after report/chain lanes (report/html.py, run/status.py use it).
+        """
+        sql, params = self._where("masters", filters, *([where] if where else []))
         return self.conn.execute(
-            f"SELECT * FROM masters WHERE {where} ORDER BY night, kind, camera, filter, version",
-            args).fetchall()
+            f"SELECT * FROM masters WHERE {sql} ORDER BY night, kind, camera, filter, version",
+            (*args, *params)).fetchall()
+
+    def next_master_version(self, *, kind: str, camera: str, filter: str, binning: str,
+                            readout: str, target: str, night: str) -> int:
+        row = self.conn.execute(
+            "SELECT MAX(version) FROM masters WHERE kind=? AND camera=? AND filter=? AND "
+            "binning=? AND readout=? AND target=? AND night=?",
+            (kind, camera, filter, binning, readout, target, night)).fetchone()
+        return (row[0] or 0) + 1
 
     def latest_masters(self, night: str | None = None) -> list[sqlite3.Row]:
         """The newest version of each master key (of a night, or all nights)."""
@@ -744,13 +902,13 @@ class Store:
     def master(self, master_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM masters WHERE id=?", (master_id,)).fetchone()
 
-    def mark_stale(self, where: str, args: tuple, reason: str) -> int:
+    def mark_stale(self, frame_ids: Iterable[int], reason: str) -> int:
         """Mark frames with a product stale (a better master exists); returns the count."""
+        sql, args = self._where("frames", {"id": list(frame_ids)},
+                                "state IN ('reduced', 'rejected')", "product IS NOT NULL",
+                                "stale=0")
         with self.transaction() as conn:
-            rows = conn.execute(
-                f"SELECT id, raw_name FROM frames WHERE state IN ('reduced', 'rejected') AND "
-                f"product IS NOT NULL AND stale=0 AND ({where})",
-                args).fetchall()
+            rows = conn.execute(f"SELECT id, raw_name FROM frames WHERE {sql}", args).fetchall()
             for row in rows:
                 conn.execute("UPDATE frames SET stale=1, stale_reason=?, updated_at=? WHERE id=?",
                              (reason, utcnow(), row["id"]))
@@ -798,6 +956,36 @@ class Store:
     def coadd(self, night: str, target: str, filter: str) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM coadds WHERE night=? AND target=? AND filter=?",
                                  (night, target, filter)).fetchone()
+
+    def set_coadd_catalog(self, coadd_id: int, catalog: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE coadds SET catalog=? WHERE id=?", (catalog, coadd_id))
+
+    def readd_to_coadd(self, night: str, target: str, filter: str) -> None:
+        """A coadd started afresh: every frame already in it must be added again."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE frames SET coadd='pending' WHERE night=? AND target=? AND "
+                         "filter=? AND coadd IN ('added', 'adding')", (night, target, filter))
+
+    def resume_coadd_additions(self) -> None:
+        """A coadd addition cut short (crash): the frame goes back to ``pending``."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE frames SET coadd='pending' WHERE coadd='adding'")
+
+    def claim_coadd_pending(self, nights: Iterable[str] | None = None) -> sqlite3.Row | None:
+        """Take the earliest accepted frame whose coadd addition is pending (pending →
+        adding, compare-and-set); None if there is none."""
+        filters = {} if not nights else {"night": list(nights)}
+        sql, args = self._where("frames", filters, "state='reduced'", "coadd='pending'",
+                                "accepted=1")
+        with self.transaction() as conn:
+            row = conn.execute(f"SELECT * FROM frames WHERE {sql} ORDER BY obs_time LIMIT 1",
+                               args).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE frames SET coadd='adding' WHERE id=? AND coadd='pending'",
+                         (row["id"],))
+            return row
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default=None):
