@@ -46,8 +46,6 @@ REQUEUABLE = ("quarantined", "rejected", "held", "ignored")
 #: order in which queued frames are taken: calibrations first, then objects
 KIND_PRIORITY = {"bias": 0, "dark": 1, "flat": 2, "object": 3}
 
-SCHEMA_VERSION = 1
-
 #: owner tokens of the stores opened by this process (a restarted daemon may get the pid of
 #: the one that died, e.g. as PID 1 in a container: the token, not the pid, tells them apart)
 _LIVE_OWNERS: set[str] = set()
@@ -116,130 +114,81 @@ def _clause(column: str, value) -> tuple[str, list]:
 
 # ---------------------------------------------------------------------------- schema
 
-_SCHEMA_V1 = """
-CREATE TABLE frames (
-    id INTEGER PRIMARY KEY,
-    sha256 TEXT NOT NULL UNIQUE,
-    path TEXT NOT NULL,
-    raw_name TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    name TEXT UNIQUE,
-    instrument TEXT,
-    kind TEXT,
-    camera TEXT,
-    filter TEXT,
-    exptime REAL,
-    obs_time TEXT,
-    night TEXT,
-    target TEXT,
-    binning TEXT,
-    readout TEXT,
-    info_json TEXT,
-    header_json TEXT,
-    state TEXT NOT NULL,
-    reason TEXT,
-    owner TEXT,
-    tries INTEGER NOT NULL DEFAULT 0,
-    product TEXT,
-    product_version INTEGER NOT NULL DEFAULT 0,
-    quicklook TEXT,
-    masters_json TEXT,
-    stale INTEGER NOT NULL DEFAULT 0,
-    stale_reason TEXT,
-    provisional INTEGER NOT NULL DEFAULT 0,
-    qc_json TEXT,
-    accepted INTEGER,
-    coadd TEXT,
-    arrived_at TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    started_at TEXT,
-    finished_at TEXT,
-    updated_at TEXT NOT NULL
-);
-CREATE INDEX frames_state ON frames(state, kind, obs_time);
-CREATE INDEX frames_night ON frames(night, kind);
-CREATE TABLE files (
-    path TEXT PRIMARY KEY,
-    sha256 TEXT NOT NULL,
-    frame_id INTEGER NOT NULL REFERENCES frames(id),
-    size INTEGER NOT NULL,
-    mtime REAL,
-    duplicate INTEGER NOT NULL DEFAULT 0,
-    seen_at TEXT NOT NULL
-);
-CREATE TABLE masters (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    camera TEXT NOT NULL,
-    filter TEXT NOT NULL DEFAULT '',
-    binning TEXT NOT NULL,
-    readout TEXT NOT NULL DEFAULT '',
-    target TEXT NOT NULL DEFAULT '',
-    night TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    ninputs INTEGER NOT NULL,
-    inputs_json TEXT,
-    path TEXT NOT NULL,
-    provisional INTEGER NOT NULL,
-    final INTEGER NOT NULL DEFAULT 0,
-    obs_time TEXT,
-    method TEXT,
-    stats_json TEXT,
-    created_at TEXT NOT NULL,
-    UNIQUE(kind, camera, filter, binning, readout, target, night, version)
-);
-CREATE INDEX masters_key ON masters(kind, camera, binning, filter);
-CREATE TABLE coadds (
-    id INTEGER PRIMARY KEY,
-    night TEXT NOT NULL,
-    target TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    path TEXT NOT NULL,
-    stacktype TEXT NOT NULL,
-    ncombine INTEGER NOT NULL DEFAULT 0,
-    exptime REAL,
-    magzp REAL,
-    grid_json TEXT,
-    members_json TEXT,
-    catalog TEXT,
-    quicklook TEXT,
-    stats_json TEXT,
-    outdated INTEGER NOT NULL DEFAULT 0,
-    updated_at TEXT NOT NULL,
-    UNIQUE(night, target, filter)
-);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY,
-    time TEXT NOT NULL,
-    frame_id INTEGER,
-    file TEXT,
-    level TEXT NOT NULL,
-    event TEXT NOT NULL,
-    state_from TEXT,
-    state_to TEXT,
-    stage TEXT,
-    error_class TEXT,
-    message TEXT,
-    action TEXT,
-    owner TEXT
-);
-CREATE INDEX events_frame ON events(frame_id);
-CREATE TABLE processes (
-    owner TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    command TEXT,
-    started_at TEXT NOT NULL,
-    heartbeat REAL NOT NULL,
-    status TEXT
-);
-CREATE TABLE meta (
-    key TEXT PRIMARY KEY,
-    value TEXT
-);
-"""
+# The schema is built with sqlite-utils, one function per version. A store written by an
+# older release (``PRAGMA user_version`` = its version) runs the later steps when opened;
+# a step, once released, never changes (tests/fixtures/state-v1.sqlite is a v1 store).
+TEXT, INT, REAL = str, int, float
 
-MIGRATIONS: list[str] = [_SCHEMA_V1]
+
+def _schema_v1(db: sqlite_utils.Database) -> None:
+    """The tables of the first release (frames, files, masters, coadds, events, processes,
+    meta), as they were written by raw DDL until the store moved to sqlite-utils."""
+    db["frames"].create(
+        {"id": INT, "sha256": TEXT, "path": TEXT, "raw_name": TEXT, "size": INT, "name": TEXT,
+         "instrument": TEXT, "kind": TEXT, "camera": TEXT, "filter": TEXT, "exptime": REAL, "obs_time": TEXT,
+         "night": TEXT, "target": TEXT, "binning": TEXT, "readout": TEXT, "info_json": TEXT,
+         "header_json": TEXT, "state": TEXT, "reason": TEXT, "owner": TEXT, "tries": INT, "product": TEXT,
+         "product_version": INT, "quicklook": TEXT, "masters_json": TEXT, "stale": INT,
+         "stale_reason": TEXT, "provisional": INT, "qc_json": TEXT, "accepted": INT, "coadd": TEXT,
+         "arrived_at": TEXT, "received_at": TEXT, "started_at": TEXT, "finished_at": TEXT,
+         "updated_at": TEXT},
+        pk="id",
+        not_null=["sha256", "path", "raw_name", "size", "state", "tries", "product_version",
+                  "stale", "provisional", "arrived_at", "received_at", "updated_at"],
+        defaults={"tries": 0, "product_version": 0, "stale": 0, "provisional": 0})
+    db["frames"].create_index(["sha256"], unique=True)
+    db["frames"].create_index(["name"], unique=True)
+    db["frames"].create_index(["state", "kind", "obs_time"], index_name="frames_state")
+    db["frames"].create_index(["night", "kind"], index_name="frames_night")
+    db["files"].create(
+        {"path": TEXT, "sha256": TEXT, "frame_id": INT, "size": INT, "mtime": REAL, "duplicate": INT,
+         "seen_at": TEXT},
+        pk="path", foreign_keys=[("frame_id", "frames", "id")],
+        not_null=["sha256", "frame_id", "size", "duplicate", "seen_at"],
+        defaults={"duplicate": 0})
+    db["masters"].create(
+        {"id": INT, "kind": TEXT, "camera": TEXT, "filter": TEXT, "binning": TEXT, "readout": TEXT,
+         "target": TEXT, "night": TEXT, "version": INT, "ninputs": INT, "inputs_json": TEXT, "path": TEXT,
+         "provisional": INT, "final": INT, "obs_time": TEXT, "method": TEXT, "stats_json": TEXT,
+         "created_at": TEXT},
+        pk="id",
+        not_null=["kind", "camera", "filter", "binning", "readout", "target", "night",
+                  "version", "ninputs", "path", "provisional", "final", "created_at"],
+        defaults={"filter": "", "readout": "", "target": "", "final": 0})
+    db["masters"].create_index(["kind", "camera", "filter", "binning", "readout", "target",
+                                "night", "version"], unique=True)
+    db["masters"].create_index(["kind", "camera", "binning", "filter"],
+                               index_name="masters_key")
+    db["coadds"].create(
+        {"id": INT, "night": TEXT, "target": TEXT, "filter": TEXT, "path": TEXT, "stacktype": TEXT,
+         "ncombine": INT, "exptime": REAL, "magzp": REAL, "grid_json": TEXT, "members_json": TEXT,
+         "catalog": TEXT, "quicklook": TEXT, "stats_json": TEXT, "outdated": INT, "updated_at": TEXT},
+        pk="id",
+        not_null=["night", "target", "filter", "path", "stacktype", "ncombine", "outdated",
+                  "updated_at"],
+        defaults={"ncombine": 0, "outdated": 0})
+    db["coadds"].create_index(["night", "target", "filter"], unique=True)
+    db["events"].create(
+        {"id": INT, "time": TEXT, "frame_id": INT, "file": TEXT, "level": TEXT, "event": TEXT,
+         "state_from": TEXT, "state_to": TEXT, "stage": TEXT, "error_class": TEXT, "message": TEXT,
+         "action": TEXT, "owner": TEXT},
+        pk="id", not_null=["time", "level", "event"])
+    db["events"].create_index(["frame_id"], index_name="events_frame")
+    db["processes"].create(
+        {"owner": TEXT, "host": TEXT, "pid": INT, "command": TEXT, "started_at": TEXT, "heartbeat": REAL,
+         "status": TEXT},
+        pk="owner", not_null=["host", "pid", "started_at", "heartbeat"])
+    db["meta"].create({"key": TEXT, "value": TEXT}, pk="key")
+
+
+def _schema_v2(db: sqlite_utils.Database) -> None:
+    """An index on ``files(frame_id)``: the paths of a frame (its duplicates, the file a
+    re-read replaces) are looked up by frame, which scanned the whole table before."""
+    db["files"].create_index(["frame_id"], index_name="files_frame", if_not_exists=True)
+
+
+MIGRATIONS = [_schema_v1, _schema_v2]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class Store:
@@ -323,9 +272,7 @@ class Store:
                     f"({len(MIGRATIONS)}); upgrade photowatch"
                 )
             for version in range(current, len(MIGRATIONS)):
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                MIGRATIONS[version](self.db)
                 conn.execute(f"PRAGMA user_version={version + 1}")
 
     @property
@@ -363,12 +310,10 @@ class Store:
     def _event(self, conn, event: str, *, frame_id=None, file=None, level="info",
                state_from=None, state_to=None, stage=None, error_class=None, message=None,
                action=None) -> None:
-        conn.execute(
-            "INSERT INTO events(time, frame_id, file, level, event, state_from, state_to, stage,"
-            " error_class, message, action, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (utcnow(), frame_id, file, level, event, state_from, state_to, stage, error_class,
-             message, action, self.owner),
-        )
+        self.db["events"].insert(dict(
+            time=utcnow(), frame_id=frame_id, file=file, level=level, event=event,
+            state_from=state_from, state_to=state_to, stage=stage, error_class=error_class,
+            message=message, action=action, owner=self.owner))
 
     def event(self, event: str, **fields) -> None:
         """Record an event that is not a state change (an error, a master update...)."""
@@ -377,12 +322,10 @@ class Store:
 
     # ------------------------------------------------------------------ processes
     def register_process(self, status: str = "starting") -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO processes(owner, host, pid, command, started_at, heartbeat,"
-                " status) VALUES (?,?,?,?,?,?,?)",
-                (self.owner, self.host, os.getpid(), self.command, utcnow(), time.time(), status),
-            )
+        with self.transaction():
+            self.db["processes"].insert(dict(
+                owner=self.owner, host=self.host, pid=os.getpid(), command=self.command,
+                started_at=utcnow(), heartbeat=time.time(), status=status), replace=True)
 
     def heartbeat(self, status: str | None = None) -> None:
         with self.transaction() as conn:
@@ -392,8 +335,8 @@ class Store:
             )
 
     def unregister_process(self) -> None:
-        with self.transaction() as conn:
-            conn.execute("DELETE FROM processes WHERE owner=?", (self.owner,))
+        with self.transaction():
+            self.db["processes"].delete_where("owner = ?", [self.owner])
 
     def _owner_alive(self, conn, owner: str, stale_after_s: float) -> bool:
         if owner == self.owner:
@@ -444,8 +387,7 @@ class Store:
                             level="warning", state_from="processing", state_to=new,
                             message=reason, action=action)
                 recovered.append(row["id"])
-            conn.execute("DELETE FROM processes WHERE heartbeat < ?",
-                         (time.time() - 7 * 86400,))
+            self.db["processes"].delete_where("heartbeat < ?", [time.time() - 7 * 86400])
         return recovered
 
     # ------------------------------------------------------------------ files and frames
@@ -474,11 +416,9 @@ class Store:
             row = conn.execute("SELECT id, path FROM frames WHERE sha256=?", (sha256,)).fetchone()
             if row is not None:
                 dup = int(row["path"] != path)
-                conn.execute(
-                    "INSERT OR REPLACE INTO files(path, sha256, frame_id, size, mtime, duplicate,"
-                    " seen_at) VALUES (?,?,?,?,?,?,?)",
-                    (path, sha256, row["id"], size, mtime, dup, now),
-                )
+                self.db["files"].insert(dict(path=path, sha256=sha256, frame_id=row["id"],
+                                             size=size, mtime=mtime, duplicate=dup,
+                                             seen_at=now), replace=True)
                 if dup:
                     self._event(conn, "duplicate", frame_id=row["id"], file=raw_name,
                                 message=f"same content as {Path(row['path']).name}",
@@ -492,24 +432,17 @@ class Store:
                                                     "target", "binning", "readout", "night")}
                 fields["exptime"] = info.get("exptime_s")
                 fields["obs_time"] = info.get("obs_time")
-            cur = conn.execute(
-                "INSERT INTO frames(sha256, path, raw_name, size, name, instrument, kind, camera,"
-                " filter, exptime, obs_time, night, target, binning, readout, info_json,"
-                " header_json, state, reason, arrived_at, received_at, updated_at, finished_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (sha256, path, raw_name, size, name, fields.get("instrument"),
-                 fields.get("kind"), fields.get("camera"), fields.get("filter"),
-                 fields.get("exptime"), fields.get("obs_time"), fields.get("night"),
-                 fields.get("target"), fields.get("binning"), fields.get("readout"),
-                 _json(info), _json(header), state, reason, arrived_at or now, now, now,
-                 now if state in TERMINAL else None),
-            )
-            frame_id = cur.lastrowid
-            conn.execute(
-                "INSERT OR REPLACE INTO files(path, sha256, frame_id, size, mtime, duplicate,"
-                " seen_at) VALUES (?,?,?,?,?,0,?)",
-                (path, sha256, frame_id, size, mtime, now),
-            )
+            columns = ("instrument", "kind", "camera", "filter", "exptime", "obs_time", "night",
+                       "target", "binning", "readout")
+            frame_id = self.db["frames"].insert(dict(
+                sha256=sha256, path=path, raw_name=raw_name, size=size, name=name,
+                **{k: fields.get(k) for k in columns}, info_json=_json(info),
+                header_json=_json(header), state=state, reason=reason,
+                arrived_at=arrived_at or now, received_at=now, updated_at=now,
+                finished_at=now if state in TERMINAL else None)).last_rowid
+            self.db["files"].insert(dict(path=path, sha256=sha256, frame_id=frame_id,
+                                         size=size, mtime=mtime, duplicate=0, seen_at=now),
+                                    replace=True)
             self._event(conn, "received", frame_id=frame_id, file=raw_name, state_to=state,
                         level="info" if state == "received" else "warning", message=reason,
                         action=None if state == "received" else state)
@@ -768,9 +701,8 @@ class Store:
 
     def meta_with_prefix(self, prefix: str) -> dict[str, object]:
         """Every meta key starting with ``prefix`` → its value."""
-        rows = self.conn.execute("SELECT key, value FROM meta WHERE key LIKE ?",
-                                 (prefix + "%",)).fetchall()
-        return {r["key"]: json.loads(r["value"]) for r in rows}
+        return {r["key"]: json.loads(r["value"])
+                for r in self.db["meta"].rows_where("key LIKE ?", [prefix + "%"])}
 
     def counts(self, night: str | None = None) -> dict[str, int]:
         sql = "SELECT state, COUNT(*) n FROM frames"
@@ -825,15 +757,12 @@ class Store:
             if row is not None:
                 master_id = row["id"]
             else:
-                cur = conn.execute(
-                    "INSERT INTO masters(kind, camera, filter, binning, readout, target, night,"
-                    " version, ninputs, inputs_json, path, provisional, final, obs_time, method,"
-                    " stats_json, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (kind, camera, filter, binning, readout, target, night, version, ninputs,
-                     _json(inputs), path, int(provisional), int(final), obs_time, method,
-                     _json(stats), utcnow()),
-                )
-                master_id = cur.lastrowid
+                master_id = self.db["masters"].insert(dict(
+                    kind=kind, camera=camera, filter=filter, binning=binning, readout=readout,
+                    target=target, night=night, version=version, ninputs=ninputs,
+                    inputs_json=_json(inputs), path=path, provisional=int(provisional),
+                    final=int(final), obs_time=obs_time, method=method, stats_json=_json(stats),
+                    created_at=utcnow())).last_rowid
                 self._event(conn, "master", message=(
                     f"{kind} {camera} {filter or ''} {binning} v{version}: {ninputs} inputs"
                     f"{' (provisional)' if provisional else ''}{' FINAL' if final else ''}"))
@@ -933,16 +862,11 @@ class Store:
             if grid is not None:
                 values["grid_json"] = _json(grid)
             if row is None:
-                cols = ["night", "target", "filter", *values]
-                cur = conn.execute(
-                    f"INSERT INTO coadds({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
-                    (night, target, filter, *values.values()))
-                coadd_id = cur.lastrowid
+                coadd_id = self.db["coadds"].insert(dict(
+                    night=night, target=target, filter=filter, **values)).last_rowid
             else:
                 coadd_id = row["id"]
-                assign = ", ".join(f"{k}=?" for k in values)
-                conn.execute(f"UPDATE coadds SET {assign} WHERE id=?",
-                             (*values.values(), coadd_id))
+                self.db["coadds"].update(coadd_id, values)
             for frame_id, update in (frame_updates or {}).items():
                 self._apply_frame_update(conn, frame_id, update)
             return coadd_id
@@ -989,10 +913,10 @@ class Store:
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default=None):
-        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        row = next(self.db["meta"].rows_where("key = ?", [key], select="value"), None)
+        return json.loads(row["value"]) if row else default
 
     def set_meta(self, key: str, value) -> None:
-        with self.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)",
-                         (key, json.dumps(value, default=str)))
+        with self.transaction():
+            self.db["meta"].upsert({"key": key, "value": json.dumps(value, default=str)},
+                                   pk="key")
