@@ -7,6 +7,11 @@ state changes are compare-and-set (``UPDATE ... WHERE state IN (...)``), so two
 workers can never both take a frame; every state change and every error is
 also written to the ``events`` table.
 
+The store is sealed: this is the only module with SQL. Callers use named methods or
+keyword filters on column names (``frames(kind="object", product=NOT_NULL)``), never
+WHERE text. Tables are created and rows inserted/upserted with sqlite-utils; the schema
+version is ``PRAGMA user_version`` and an older store is migrated when opened.
+
 Frame states::
 
     received ─► processing ─► used | reduced | rejected | quarantined | ignored
