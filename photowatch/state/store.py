@@ -284,6 +284,14 @@ class Store:
     def schema_version(self) -> int:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
+    def _update(self, table: str, pk, values: dict) -> bool:
+        """Set columns of one row (sqlite-utils); False if there is no such row."""
+        try:
+            self.db[table].update(pk, values)
+        except sqlite_utils.db.NotFoundError:
+            return False
+        return True
+
     def _columns(self, table: str) -> frozenset[str]:
         cache = self.__dict__.setdefault("_column_cache", {})
         if table not in cache:
@@ -333,11 +341,11 @@ class Store:
                 started_at=utcnow(), heartbeat=time.time(), status=status), replace=True)
 
     def heartbeat(self, status: str | None = None) -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "UPDATE processes SET heartbeat=?, status=COALESCE(?, status) WHERE owner=?",
-                (time.time(), status, self.owner),
-            )
+        values = {"heartbeat": time.time()}
+        if status is not None:
+            values["status"] = status
+        with self.transaction():
+            self._update("processes", self.owner, values)
 
     def unregister_process(self) -> None:
         with self.transaction():
@@ -508,9 +516,8 @@ class Store:
             return
         sets = {k: (_json(v) if k.endswith("_json") else v) for k, v in fields.items()}
         sets["updated_at"] = utcnow()
-        assign = ", ".join(f"{k}=?" for k in sets)
-        with self.transaction() as conn:
-            conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
+        with self.transaction():
+            self._update("frames", frame_id, sets)
 
     def claim_next(self, kinds: Iterable[str] | None = None, nights: Iterable[str] | None = None,
                    ) -> sqlite3.Row | None:
@@ -628,15 +635,16 @@ class Store:
                 sets["obs_time"] = info.get("obs_time")
                 if row["name"] is None:
                     sets["name"] = self._unique_name(conn, info["std_name"])
-            assign = ", ".join(f"{k}=?" for k in sets)
-            conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
-            conn.execute("UPDATE files SET sha256=?, size=?, mtime=? WHERE frame_id=? AND path=?",
-                         (sha256, size, mtime, frame_id, row["path"]))
+            self._update("frames", frame_id, sets)
+            if self.db["files"].count_where("path = ? AND frame_id = ?",
+                                            [row["path"], frame_id]):
+                self._update("files", row["path"], {"sha256": sha256, "size": size,
+                                                    "mtime": mtime})
             return None
 
     def reset_tries(self, frame_id: int, tries: int = 0) -> None:
-        with self.transaction() as conn:
-            conn.execute("UPDATE frames SET tries=? WHERE id=?", (tries, frame_id))
+        with self.transaction():
+            self._update("frames", frame_id, {"tries": tries})
 
     def uncount_try(self, frame_id: int) -> None:
         """The frame's last try does not count (a transient fault, not the frame's doing)."""
@@ -792,8 +800,7 @@ class Store:
                 sets["finished_at"] = sets["updated_at"]
                 sets["owner"] = None
                 sets["tries"] = 0
-        assign = ", ".join(f"{k}=?" for k in sets)
-        conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
+        self._update("frames", frame_id, sets)
         if state is not None and state != row["state"]:
             self._event(conn, event or state, frame_id=frame_id, file=row["raw_name"],
                         state_from=row["state"], state_to=state, message=message,
@@ -844,8 +851,8 @@ class Store:
         with self.transaction() as conn:
             rows = conn.execute(f"SELECT id, raw_name FROM frames WHERE {sql}", args).fetchall()
             for row in rows:
-                conn.execute("UPDATE frames SET stale=1, stale_reason=?, updated_at=? WHERE id=?",
-                             (reason, utcnow(), row["id"]))
+                self._update("frames", row["id"], {"stale": 1, "stale_reason": reason,
+                                                   "updated_at": utcnow()})
                 self._event(conn, "stale", frame_id=row["id"], file=row["raw_name"],
                             message=reason, action="re-reduce")
             return len(rows)
@@ -871,7 +878,7 @@ class Store:
                     night=night, target=target, filter=filter, **values)).last_rowid
             else:
                 coadd_id = row["id"]
-                self.db["coadds"].update(coadd_id, values)
+                self._update("coadds", coadd_id, values)
             for frame_id, update in (frame_updates or {}).items():
                 self._apply_frame_update(conn, frame_id, update)
             return coadd_id
@@ -887,8 +894,8 @@ class Store:
                                  (night, target, filter)).fetchone()
 
     def set_coadd_catalog(self, coadd_id: int, catalog: str) -> None:
-        with self.transaction() as conn:
-            conn.execute("UPDATE coadds SET catalog=? WHERE id=?", (catalog, coadd_id))
+        with self.transaction():
+            self._update("coadds", coadd_id, {"catalog": catalog})
 
     def readd_to_coadd(self, night: str, target: str, filter: str) -> None:
         """A coadd started afresh: every frame already in it must be added again."""
