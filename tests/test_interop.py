@@ -51,7 +51,7 @@ def night(tmp_path_factory):
     assert summary.ok, summary.problems
     result = finalize(settings)
     assert result.ok, result.problems
-    rows = {r["raw_name"]: r for r in Store(out / "state.sqlite").frames("kind='object'")}
+    rows = {r["raw_name"]: r for r in Store(out / "state.sqlite").frames(kind="object")}
     good = [rows[f.raw_name] for f in sim.objects(good_only=True)]
     nosolve = next(rows[f.raw_name] for f in sim.frames if f.expect == "nosolve")
     (coadd,) = Store(out / "state.sqlite").coadds()

@@ -194,7 +194,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     settings = settings_for(out).stages.astrometry
     monkeypatch.setattr(ast, "solve_astrometry", _solve_only_from(lambda kw: False))
     reference = Table.read(sim.catalog_path)
-    row = Store(out / "state.sqlite").frames("kind='object' AND state='reduced'")[0]
+    row = Store(out / "state.sqlite").frames(kind="object", state="reduced")[0]
     with fits.open(row["product"]) as h:
         wcs = WCS(h["SCI"].header)
         shape = h["SCI"].data.shape
