@@ -68,7 +68,7 @@ def write_report(out: Path, store, night: str, settings, *, final: bool) -> Path
 def _write_report(out: Path, store, night: str, settings, *, final: bool) -> Path:
     folder = out / "report" / night
     facts = collect_facts(out, store, night, settings, final=final)
-    images = make_images(facts, folder)
+    images = make_images(facts, folder.resolve())  # thumbnails found from any cwd
     page = render_html(facts, images, folder, settings)
     write_bytes(folder / "night.json",
                 json.dumps(facts, indent=1, default=str, allow_nan=False).encode(), fsync=False)

@@ -259,13 +259,17 @@ def settings_toml(data: dict, prefix: str = "") -> str:
     return text
 
 
-def render_html(facts: dict, images: dict, folder: Path, settings) -> str:
-    """The page, as one string (see :func:`photowatch.report.write_report`)."""
+def page_context(facts: dict, images: dict, folder: Path, settings) -> dict:
+    """What the templates are given: the facts, the images and what is derived for show."""
     final = facts["final"]
     interval = getattr(getattr(settings, "daemon", None), "report_interval_s", 0) or 0
     frames = facts["frames"]
     stages = sorted(facts["stage_seconds"].items(), key=lambda kv: -(kv[1]["median"] or 0))
-    return environment().get_template("report.html.j2").render(
+    # one image entry per master and coadd ({} when it has none)
+    images = {**images, **{k: list(images.get(k) or []) + [{}] * (len(facts[k])
+                                                                  - len(images.get(k) or []))
+                           for k in ("masters", "coadds")}}
+    return dict(
         facts=facts, final=final, counts=facts["counts"], images=images, links=Links(folder),
         title=f"{facts['night']} {facts['instrument'] or ''}".strip(),
         refresh=max(30, int(interval)) if not final and interval else None,
@@ -276,3 +280,14 @@ def render_html(facts: dict, images: dict, folder: Path, settings) -> str:
         frame_colours=filter_colours(f["filter"] for f in frames if f["type"] == "object"),
         batch=arrived_as_a_batch(frames), stages=stages,
         settings_text=settings_toml(facts["settings"]))
+
+
+def render_html(facts: dict, images: dict, folder: Path, settings,
+                template: str = "report.html.j2") -> str:
+    """The page, as one string (see :func:`photowatch.report.write_report`).
+
+    ``template`` may name a template that extends ``report.html.j2`` and fills
+    its first-screen blocks (``latest_frame``, ``light_curves``, ``candidates``).
+    """
+    return environment().get_template(template).render(
+        **page_context(facts, images, folder, settings))
