@@ -82,7 +82,7 @@ def message(text: str | None, limit: int = 240) -> Markup:
 
 
 def dot(colour: str | None) -> Markup:
-    return Markup("<span style='color:{}'>●</span> ").format(colour) if colour else Markup("")
+    return Markup(f"<span style='color:{escape(colour)}'>●</span> ") if colour else Markup("")
 
 
 def _median(values) -> float | None:
@@ -109,11 +109,10 @@ class Links:
     def a(self, path, text: str, title: str | None = None) -> Markup:
         href = self.href(path)
         if href is None:
-            return (Markup('<span class="muted" title="file not found">{}</span>').format(text)
+            return (Markup(f'<span class="muted" title="file not found">{escape(text)}</span>')
                     if path else Markup(""))
-        if title:
-            return Markup('<a href="{}" title="{}">{}</a>').format(href, title, text)
-        return Markup('<a href="{}">{}</a>').format(href, text)
+        t = f' title="{escape(title)}"' if title else ""
+        return Markup(f'<a href="{escape(href)}"{t}>{escape(text)}</a>')
 
 
 @functools.lru_cache(maxsize=1)
