@@ -178,6 +178,7 @@ class MasterBook:
         self._locks = NamedLocks()
         self._images = _LRU(8)
         self._images_guard = threading.Lock()
+        self._missing: set[str] = set()  # master files found missing (said once each)
         self._bpms = _LRU(4)
         #: accumulators in memory, by state file: (mtime, RunningMean, meta)
         # one accumulator state in memory (the key of the frame just added): four 4k keys
@@ -226,8 +227,21 @@ class MasterBook:
     def candidates(self, kind: str, info: FrameInfo) -> list[Candidate]:
         rows = self.store.masters(kind=kind, camera=info.camera, binning=info.binning,
                                   readout=info.readout)
-        return [self.candidate_from_row(r) for r in rows] + [
+        return [c for c in map(self.candidate_from_row, rows) if self._on_disk(c)] + [
             c for c in self.library() if c.kind == kind]
+
+    def _on_disk(self, cand: Candidate) -> bool:
+        """A master the store records but whose file is gone (an OUT folder moved or pruned,
+        a store carried to another machine) is not a candidate: frames take the next best
+        master or wait, instead of failing on a missing file. Said once per master."""
+        if os.path.exists(cand.path):
+            return True
+        if cand.path not in self._missing:
+            self._missing.add(cand.path)
+            log.warning("master_missing", file=cand.path, master_id=cand.master_id,
+                        problem="recorded in the store but the file is missing",
+                        action="not used; frames take the next best master")
+        return False
 
     def select(self, kind: str, info: FrameInfo, target: str = "") -> Candidate | None:
         return select_master(

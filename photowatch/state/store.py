@@ -670,20 +670,18 @@ class Store:
     def frame(self, frame_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM frames WHERE id=?", (frame_id,)).fetchone()
 
-    def frames(self, where: str | None = None, args: tuple = (), order: str = "obs_time, id",
-               **filters) -> list[sqlite3.Row]:
-        """Frames matching keyword ``filters`` (column=value, see ``_clause``), in ``order``.
-
-        ``where``/``args`` (an SQL condition) is deprecated.
-        TODO(merge): remove after report/chain lanes (report/html.py, run/status.py use it).
-        """
-        sql, params = self._where("frames", filters, *([where] if where else []))
+    def frames(self, order: str = "obs_time, id", **filters) -> list[sqlite3.Row]:
+        """Frames matching keyword ``filters`` (column=value, see ``_clause``), in ``order``
+        (column names, checked against the table)."""
+        sql, params = self._where("frames", filters)
         return self.conn.execute(
             f"SELECT * FROM frames WHERE {sql} ORDER BY {self._order('frames', order)}",
-            (*args, *params)).fetchall()
+            params).fetchall()
 
-    def frames_of_night(self, night: str, **filters) -> list[sqlite3.Row]:
-        return self.frames(night=night, **filters)
+    def frames_of_night(self, night: str | None = None, **filters) -> list[sqlite3.Row]:
+        """The frames of a night (every night's when ``night`` is None) matching ``filters``,
+        by observation time."""
+        return self.frames(**({"night": night} if night else {}), **filters)
 
     def products_of_night(self, night: str, kind: str = "object") -> list[sqlite3.Row]:
         """Frames of a night (of ``kind``) that have a product."""
@@ -806,17 +804,12 @@ class Store:
                         state_from=row["state"], state_to=state, message=message,
                         level="warning" if state in ("rejected", "quarantined") else "info")
 
-    def masters(self, where: str | None = None, args: tuple = (), **filters
-                ) -> list[sqlite3.Row]:
-        """Masters matching keyword ``filters`` (column=value, see ``_clause``).
-
-        ``where``/``args`` (an SQL condition) is deprecated.
-        TODO(merge): remove after report/chain lanes (report/html.py, run/status.py use it).
-        """
-        sql, params = self._where("masters", filters, *([where] if where else []))
+    def masters(self, **filters) -> list[sqlite3.Row]:
+        """Masters matching keyword ``filters`` (column=value, see ``_clause``)."""
+        sql, params = self._where("masters", filters)
         return self.conn.execute(
             f"SELECT * FROM masters WHERE {sql} ORDER BY night, kind, camera, filter, version",
-            (*args, *params)).fetchall()
+            params).fetchall()
 
     def next_master_version(self, *, kind: str, camera: str, filter: str, binning: str,
                             readout: str, target: str, night: str) -> int:
@@ -932,3 +925,116 @@ class Store:
         with self.transaction():
             self.db["meta"].upsert({"key": key, "value": json.dumps(value, default=str)},
                                    pk="key")
+
+    # ---- report lane
+    # Named read-only queries of the report (report/facts.py) and of ``photowatch status``
+    # and ``photowatch masters`` (run/status.py): no SQL outside the store.
+    _FRAME_ORDER = "obs_time, id"
+    _MASTER_ORDER = "night, kind, camera, filter, version"
+
+    def frames_by_ids(self, ids) -> list[sqlite3.Row]:
+        """The frames with these ids, by observation time."""
+        ids = list(ids)
+        rows: list[sqlite3.Row] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows += self.conn.execute(
+                f"SELECT * FROM frames WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+        return sorted(rows, key=lambda r: (r["obs_time"] is not None, r["obs_time"] or "",
+                                           r["id"]))
+
+    def unclassified_frames_of_night(self, night: str) -> list[sqlite3.Row]:
+        """Frames without a night (unclassifiable) whose nearest frame by id has ``night``."""
+        rows = []
+        for row in self.conn.execute(
+                f"SELECT * FROM frames WHERE night IS NULL ORDER BY {self._FRAME_ORDER}"):
+            near = self.conn.execute(
+                "SELECT night FROM frames WHERE night IS NOT NULL ORDER BY ABS(id - ?), id "
+                "LIMIT 1", (row["id"],)).fetchone()
+            if near is not None and near["night"] == night:
+                rows.append(row)
+        return rows
+
+    def problem_state_frames(self, night: str | None = None) -> list[sqlite3.Row]:
+        """Quarantined, held and rejected frames of a night and the unclassified ones
+        (every night's when ``night`` is None)."""
+        sql = "SELECT * FROM frames WHERE state IN ('quarantined', 'held', 'rejected')"
+        args: tuple = ()
+        if night:
+            sql += " AND (night=? OR night IS NULL)"
+            args = (night,)
+        return self.conn.execute(f"{sql} ORDER BY {self._FRAME_ORDER}", args).fetchall()
+
+    def object_frames_with_masters(self) -> list[sqlite3.Row]:
+        """Science frames that recorded the masters they were reduced with."""
+        return self.conn.execute(
+            "SELECT * FROM frames WHERE masters_json IS NOT NULL AND kind='object' "
+            f"ORDER BY {self._FRAME_ORDER}").fetchall()
+
+    def first_terminal_times(self, ids) -> dict[int, str]:
+        """Time of each frame's first terminal state (its first product), from the events."""
+        ids = list(ids)
+        done: dict[int, str] = {}
+        marks = ",".join("?" * len(TERMINAL))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self.conn.execute(
+                f"SELECT frame_id, MIN(time) t FROM events WHERE state_to IN ({marks}) AND "
+                f"frame_id IN ({','.join('?' * len(chunk))}) GROUP BY frame_id",
+                (*TERMINAL, *chunk)).fetchall()
+            done.update({r["frame_id"]: r["t"] for r in rows})
+        return done
+
+    def night_problem_events(self, night: str, frame_ids=(), between=None,
+                             limit: int = 25) -> list[sqlite3.Row]:
+        """The newest warning/error events of a night: of its frames, of the frames
+        ``frame_ids`` (unclassified ones listed with it), and of no frame between the
+        two times ``between`` (first, last)."""
+        frame_ids = list(frame_ids)
+        where, args = ["f.night = ?"], [night]
+        if frame_ids:
+            where.append(f"e.frame_id IN ({','.join('?' * len(frame_ids))})")
+            args += frame_ids
+        if between:
+            where.append("(e.frame_id IS NULL AND e.time BETWEEN ? AND ?)")
+            args += [between[0], between[1]]
+        return self.conn.execute(
+            "SELECT e.* FROM events e LEFT JOIN frames f ON f.id = e.frame_id "
+            f"WHERE e.level IN ('warning', 'error') AND ({' OR '.join(where)}) "
+            "ORDER BY e.id DESC LIMIT ?", (*args, limit)).fetchall()
+
+    def night_header_value(self, night: str, key: str) -> str | None:
+        """The first value of header keyword ``key`` among a night's frames, or None."""
+        path = f"$.{key}"
+        row = self.conn.execute(
+            "SELECT json_extract(header_json, ?) v FROM frames WHERE night=? AND "
+            "json_extract(header_json, ?) IS NOT NULL LIMIT 1", (path, night, path)).fetchone()
+        return str(row["v"]) if row else None
+
+    def masters_of_night(self, night: str | None = None) -> list[sqlite3.Row]:
+        """Every version of every master of a night (of all nights when ``night`` is None)."""
+        if night:
+            return self.conn.execute(
+                f"SELECT * FROM masters WHERE night=? ORDER BY {self._MASTER_ORDER}",
+                (night,)).fetchall()
+        return self.conn.execute(f"SELECT * FROM masters ORDER BY {self._MASTER_ORDER}").fetchall()
+
+    def masters_from_other_nights(self, night: str, ids) -> list[sqlite3.Row]:
+        """The masters with these ids that were not made for ``night``."""
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            return []
+        return self.conn.execute(
+            f"SELECT * FROM masters WHERE night != ? AND id IN ({','.join('?' * len(ids))}) "
+            f"ORDER BY {self._MASTER_ORDER}", (night, *ids)).fetchall()
+
+    def duplicate_files(self) -> list[sqlite3.Row]:
+        """Files seen with the content of a frame already known (path, frame_id), oldest first."""
+        return self.conn.execute(
+            "SELECT path, frame_id FROM files WHERE duplicate=1 ORDER BY seen_at").fetchall()
+
+    def processes(self) -> list[sqlite3.Row]:
+        """The photowatch processes registered on this store."""
+        return self.conn.execute(
+            "SELECT owner, command, started_at, heartbeat, status FROM processes").fetchall()
