@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,15 +11,11 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy.special import erf
 
+from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
 from photowatch.coadd.stack import CoaddGrid, Member, make_grid, member_weight, write_coadd
-from photowatch.stages.photometry import (
-    LOWWEIGHT,
-    catalog_path,
-    coadd_catalog,
-    effective_gain,
-    merge_bands,
-    write_catalog,
-)
+from photowatch.core.config import Settings
+from photowatch.run import finalize
+from photowatch.stages.photometry import LOWWEIGHT, effective_gain, merge_bands
 
 RA0, DEC0 = 30.0, -20.0
 SCALE = 0.3
@@ -197,3 +194,29 @@ def test_effective_gain_and_paths():
     assert effective_gain(None) == 1.0
     assert catalog_path("/x/coadd_A_R.fits").name == "coadd_A_R.cat.fits"
     assert isinstance(tan_grid((11, 13)), CoaddGrid)
+
+
+def test_finalize_measures_coadds_with_the_sources_settings(coadd, monkeypatch):
+    """finalize's coadd catalogues use [stages.sources] (aperture size, minimum area,
+    aperture-correction radius), not built-in defaults: a wider aperture setting
+    gives a proportionally wider aperture on the coadd."""
+    path, _, _ = coadd
+    seen = {}
+
+    class Measured(Exception):
+        pass
+
+    def measure_then_stop(p, **kwargs):  # the real measurement; stop before the store
+        seen["table"] = coadd_catalog(p, **kwargs)
+        raise Measured
+
+    monkeypatch.setattr(finalize, "coadd_catalog", measure_then_stop)
+    default = coadd_catalog(path, detect_sigma=5.0)
+    for aperture_fwhm in (1.5, 3.0):
+        settings = Settings(stages={"sources": {"aperture_fwhm": aperture_fwhm}},
+                            coadd={"detect_sigma": 5.0})
+        engine = SimpleNamespace(settings=settings)
+        with pytest.raises(Measured):
+            finalize._catalogues(engine, "2026-01-01", {"T1": {"SDSS-R": (path, None, True)}})
+        ratio = seen["table"].meta["APRAD"] / default.meta["APRAD"]
+        assert ratio == pytest.approx(aperture_fwhm / 2.0, rel=0.05)
