@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from photowatch.core.config import Daemon
-from photowatch.run.batch import find_raw_files
+from photowatch.io.rawfiles import find_raw_files
 
 #: a chunked write takes about this long, like a camera writing out its readout (s)
 CHUNKED_DURATION_S = 0.5
