@@ -35,6 +35,7 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+from astropy.stats import mad_std
 
 from photowatch.core.schema import COLUMNS
 
@@ -50,15 +51,14 @@ _BLOCK = 4
 
 
 def _robust_std(values: np.ndarray) -> float:
-    """1.4826 MAD after one 5-sigma clip (sources are a small minority)."""
+    """The MAD-based standard deviation after one 5-sigma clip (sources are a small
+    minority)."""
     v = values[np.isfinite(values)]
     if v.size < 10:
         return float("nan")
     med = np.median(v)
-    s = 1.4826 * np.median(np.abs(v - med))
-    v = v[np.abs(v - med) < 5 * s]
-    med = np.median(v)
-    return float(1.4826 * np.median(np.abs(v - med)))
+    v = v[np.abs(v - med) < 5 * mad_std(v)]
+    return float(mad_std(v))
 
 
 def noise_model(sci: np.ndarray, wht: np.ndarray) -> tuple[float, float]:
