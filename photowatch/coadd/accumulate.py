@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from photowatch import __version__
 from photowatch.coadd.grid import CoaddGrid
 from photowatch.coadd.resample import _STRIP_ROWS, Resampled
+from photowatch.core.schema import annotate
 from photowatch.io.fits import write_hdul
+from photowatch.io.products import set_key
 
 if TYPE_CHECKING:
     from astropy.table import Table
@@ -479,9 +482,6 @@ def write_coadd(path: str | Path, grid: CoaddGrid, *, sci: np.ndarray, wht: np.n
     """Write a coadd file (see the module docstring for the layout), atomically."""
     from astropy.io import fits
 
-    from photowatch import __version__
-    from photowatch.io.products import set_key
-
     keys = {
         "STACKTYP": (stacktype, "QUICKLOOK (running) or FINAL (outlier-rejected)"),
         **coadd_keywords(members),
@@ -522,7 +522,6 @@ def write_coadd(path: str | Path, grid: CoaddGrid, *, sci: np.ndarray, wht: np.n
         if unit:
             table.header[f"TUNIT{i}"] = (unit, f"unit of column {i}")
     hdus.append(table)
-    from photowatch.core.schema import annotate
 
     for hdu in hdus:
         annotate(hdu.header)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from photowatch.core.classify import safe_name
+
 if TYPE_CHECKING:
     from astropy.io import fits
     from astropy.wcs import WCS
@@ -213,6 +215,4 @@ def make_grid(ra_deg: float, dec_deg: float, pixel_scale_arcsec: float | None,
 
 def coadd_filename(target: str, filter_name: str) -> str:
     """``coadd_<TARGET>_<FILTER>.fits`` with both names made safe for file systems."""
-    from photowatch.core.classify import safe_name
-
     return f"coadd_{safe_name(target)}_{safe_name(filter_name)}.fits"

@@ -37,7 +37,7 @@ from photowatch.core.schema import (  # noqa: F401  (set_key, strip_wcs: re-expo
     set_key,
     strip_wcs,
 )
-from photowatch.io.fits import write_hdul
+from photowatch.io.fits import write_bytes, write_hdul
 from photowatch.stages.astrometry import add_mjd_obs
 
 #: raw keywords that no longer describe the reduced image
@@ -181,8 +181,6 @@ def write_regions(path: str | Path, cat, *, trusted: bool, radius_px: float | No
     ra/dec are known; otherwise image circles, 1-based as DS9 counts. Green:
     unflagged stellar sources; cyan: unflagged extended ones; red: flagged.
     """
-    from photowatch.io.fits import write_bytes
-
     meta = getattr(cat, "meta", {}) or {}
     r_px = float(radius_px or meta.get("APRAD") or 5.0)
     n = len(cat) if cat is not None else 0
