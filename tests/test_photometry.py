@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from scipy.special import erf
 
 from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
 from photowatch.coadd.stack import CoaddGrid, Member, make_grid, member_weight, write_coadd
 from photowatch.core.config import Settings
 from photowatch.run import finalize
+from photowatch.sim.psf import gaussian_stars
 from photowatch.stages.photometry import LOWWEIGHT, effective_gain, merge_bands
 
 RA0, DEC0 = 30.0, -20.0
@@ -22,19 +22,6 @@ SCALE = 0.3
 SIGMA = 1.5  # px
 MAGZP = 27.0
 NOISE = 6.0  # e- per pixel where WHT = 1 / NOISE**2
-
-
-def render(shape, xs, ys, fluxes, sigma=SIGMA):
-    img = np.zeros(shape)
-    r = int(math.ceil(7 * sigma))
-    for x, y, f in zip(xs, ys, fluxes):
-        ix, iy = int(round(x)), int(round(y))
-        x0, x1 = max(ix - r, 0), min(ix + r + 1, shape[1])
-        y0, y1 = max(iy - r, 0), min(iy + r + 1, shape[0])
-        px = np.diff(0.5 * erf((np.arange(x0, x1 + 1) - 0.5 - x) / (math.sqrt(2) * sigma)))
-        py = np.diff(0.5 * erf((np.arange(y0, y1 + 1) - 0.5 - y) / (math.sqrt(2) * sigma)))
-        img[y0:y1, x0:x1] += f * np.outer(py, px)
-    return img
 
 
 def tan_grid(shape):
@@ -63,7 +50,7 @@ def synthetic_coadd(path, *, seed=3, shift_px=(0.0, 0.0), magzp=MAGZP, low_weigh
     wht = np.full(grid.shape, 1 / NOISE**2, np.float32)
     if low_weight_band:
         wht[300:345] *= 0.25  # e.g. covered by fewer frames
-    sci = render(grid.shape, xs, ys, flux)
+    sci = gaussian_stars(grid.shape, xs, ys, flux, sigma_px=SIGMA)
     # white sky noise plus source Poisson noise (effective gain 2 for the two members)
     sci += rng.standard_normal(grid.shape) / np.sqrt(wht)
     sci += rng.standard_normal(grid.shape) * np.sqrt(np.maximum(sci, 0) / 2.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import erf
 
 from photowatch.sim.camera import (
     MOFFAT_BETA,
@@ -118,3 +119,38 @@ def _render_varying(shape, fwhm_px: float, beta: float, variation: float, x, y, 
 # ==============================================================================================
 # Detector structures (fixed for the night)
 # ==============================================================================================
+
+
+def moffat_stars(shape: tuple[int, int], x, y, flux, *, fwhm_px: float,
+                 beta: float = MOFFAT_BETA) -> np.ndarray:
+    """The simulator's stars (pixel-integrated Moffat, each summing exactly to its flux)
+    at 0-based positions, on a new float32 image."""
+    return render_stars(shape, _Psf(fwhm_px, beta), np.asarray(x, float),
+                        np.asarray(y, float), np.asarray(flux, float))
+
+
+def gaussian_stars(shape: tuple[int, int], x, y, flux, *, sigma_px: float,
+                   radius: int | None = None) -> np.ndarray:
+    """Pixel-integrated circular Gaussians at 0-based positions, on a new float64 image.
+
+    Exact: each pixel holds the Gaussian's integral over it (differences of ``erf``),
+    so a star's sum is its flux (less what falls off the image or beyond ``radius``,
+    default 7 sigma: < 1e-11) and its centroid is its position. For tests that need
+    an analytic profile (known FWHM, aperture fractions); stars like the simulator's
+    are :func:`moffat_stars`.
+    """
+    img = np.zeros(shape, np.float64)
+    ny, nx = shape
+    r = int(math.ceil(7 * sigma_px)) if radius is None else int(radius)
+    scale = math.sqrt(2) * sigma_px
+    for xc, yc, f in zip(np.atleast_1d(x).tolist(), np.atleast_1d(y).tolist(),
+                         np.atleast_1d(flux).tolist()):
+        ix, iy = int(math.floor(xc + 0.5)), int(math.floor(yc + 0.5))
+        x0, x1 = max(ix - r, 0), min(ix + r + 1, nx)
+        y0, y1 = max(iy - r, 0), min(iy + r + 1, ny)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        px = np.diff(0.5 * erf((np.arange(x0, x1 + 1) - 0.5 - xc) / scale))
+        py = np.diff(0.5 * erf((np.arange(y0, y1 + 1) - 0.5 - yc) / scale))
+        img[y0:y1, x0:x1] += f * np.outer(py, px)
+    return img
