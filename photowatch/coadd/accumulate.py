@@ -20,9 +20,8 @@ import numpy as np
 from photowatch import __version__
 from photowatch.coadd.grid import CoaddGrid
 from photowatch.coadd.resample import _STRIP_ROWS, Resampled
-from photowatch.core.schema import annotate
+from photowatch.core.schema import annotate, set_key
 from photowatch.io.fits import write_hdul
-from photowatch.io.products import set_key
 
 if TYPE_CHECKING:
     from astropy.table import Table
