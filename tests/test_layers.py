@@ -64,8 +64,8 @@ def import_graph() -> dict[str, set[str]]:
                     target = _resolve(name, modules)
                     if target and target != mod:
                         edges.add(target)
-        # ``from photowatch.x import y`` also lists photowatch.x; a submodule
-        # y found above makes the package edge redundant, keep both harmlessly.
+        # ``from photowatch.x import y`` gives an edge to photowatch.x and, when y
+        # is a submodule, to photowatch.x.y: both are real dependencies.
         graph[mod] = edges
     return graph
 
