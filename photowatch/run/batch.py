@@ -10,13 +10,13 @@ them up again.
 
 from __future__ import annotations
 
-import fnmatch
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
+from photowatch.io.rawfiles import find_raw_files
 from photowatch.run.engine import Engine, OutputError
 from photowatch.run.ingest import ingest_file
 from photowatch.state.store import startswith
@@ -25,21 +25,6 @@ log = get_logger("photowatch.run.batch")
 
 #: prefix of the reason given to frames that waited for masters until the run ended
 NO_MASTER = "no usable master by the end of the run: "
-
-
-def find_raw_files(rawdir: Path, patterns: list[str], exclude: Path | None = None) -> list[Path]:
-    """Raw FITS files below ``rawdir`` (hidden files and temporaries skipped), sorted."""
-    found = []
-    exclude = exclude.resolve() if exclude else None
-    for path in sorted(rawdir.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in
-                                     path.relative_to(rawdir).parts):
-            continue
-        if exclude is not None and exclude in path.resolve().parents:
-            continue
-        if any(fnmatch.fnmatch(path.name.lower(), pat.lower()) for pat in patterns):
-            found.append(path)
-    return found
 
 
 @dataclass

@@ -14,15 +14,16 @@ import shutil
 import time
 from pathlib import Path
 
+from photowatch.core.config import load_settings
+from photowatch.core.logs import setup_logging
+from photowatch.run.batch import reduce_directory
+from photowatch.run.engine import limit_threads, threads_per_worker
+from photowatch.run.finalize import finalize
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import NOT_NULL, Store
+
 
 def run_demo(folder: Path, *, size: int = 512, config: str | None = None) -> int:
-    from photowatch.core.config import load_settings
-    from photowatch.core.logs import setup_logging
-    from photowatch.run.batch import reduce_directory
-    from photowatch.run.engine import limit_threads, threads_per_worker
-    from photowatch.run.finalize import finalize
-    from photowatch.sim.night import simulate_night
-
     t0 = time.perf_counter()
     folder = Path(folder).resolve()
     out = folder / "out"
@@ -55,8 +56,6 @@ def run_demo(folder: Path, *, size: int = 512, config: str | None = None) -> int
 def _truth_check(out: Path, night) -> None:
     """A few lines comparing products with the simulator's truth."""
     import numpy as np
-
-    from photowatch.state.store import NOT_NULL, Store
 
     store = Store(out / "state.sqlite", command="demo")
     truth = {f.raw_name: f for f in night.frames}

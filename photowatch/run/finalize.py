@@ -41,9 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
+from photowatch.run.defects import mark_night_defects
 from photowatch.run.engine import Engine, OutputError
+from photowatch.stages.photometry import merge_bands
 from photowatch.stages.quality import assess
 from photowatch.state.store import NOT_NULL
 
@@ -154,8 +157,6 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
         result.ok = False
         result.problems.append(f"{left} stale frame(s) could not be re-reduced")
     bar.update()
-
-    from photowatch.calib.defects import mark_night_defects
 
     result.done += mark_night_defects(engine, night)  # COSMIC in most frames: defects
 
@@ -723,8 +724,6 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
 
 
 def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
-    from photowatch.stages.photometry import catalog_path, coadd_catalog, merge_bands, write_catalog
-
     done = []
     for target, per_filter in catalogs.items():
         fresh = any(changed or not catalog_path(path).exists()
@@ -736,7 +735,8 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
             cat_path = catalog_path(path)
             table = coadd_catalog(path, magzp=magzp,
                                   detect_sigma=engine.settings.coadd.detect_sigma,
-                                  max_sources=engine.settings.coadd.max_sources)
+                                  max_sources=engine.settings.coadd.max_sources,
+                                  settings=engine.settings.stages.sources)
             if magzp is not None:
                 _calibrate_catalogue(engine, night, target, filt, path, table)
             tables[filt] = (table, cat_path)

@@ -27,7 +27,8 @@ from photowatch.core.errors import (
 from photowatch.core.instruments import Profile, detect_profile, load_profile
 from photowatch.core.logs import get_logger
 from photowatch.io.fits import fits_incomplete_reason, raw_level, read_header, sha256_file
-from photowatch.state.store import Store
+from photowatch.state.masters import GAIN_WAIT
+from photowatch.state.store import Store, startswith
 
 log = get_logger("photowatch.run.ingest")
 
@@ -107,8 +108,6 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
     if (info is not None and info.kind in ("bias", "flat") and result.new
             and "measure" in (info.gain_source, info.read_noise_source)):
         # frames waiting for the night's gain measurement may have what they need now
-        from photowatch.state.masters import GAIN_WAIT
-        from photowatch.state.store import startswith
 
         store.wake_waiting(night=info.night, camera=info.camera, reason=startswith(GAIN_WAIT))
     return result

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from photowatch.core.config import Settings
+from photowatch.core.instruments import _load_all
 from photowatch.core.logs import get_logger
 from photowatch.io.fits import fits_incomplete_reason, sha256_file
 from photowatch.run.ingest import interpret
@@ -133,7 +134,6 @@ def retake_held(store: Store, settings: Settings, instrument: str | None = None)
     rows = store.frames(state="held")
     if not rows:
         return 0
-    from photowatch.core.instruments import _load_all
 
     _load_all.cache_clear()  # a profile fixed on disk is read again
     n = 0

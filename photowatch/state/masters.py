@@ -36,6 +36,7 @@ from photowatch import __version__
 from photowatch.calib.bpm import bad_pixel_mask
 from photowatch.calib.combine import RunningMean, clipped_median_stack, robust_level
 from photowatch.calib.cuts import judge
+from photowatch.calib.ptc import photon_transfer
 from photowatch.calib.select import Candidate, is_better, select_master
 from photowatch.core.classify import FrameInfo, safe_name
 from photowatch.core.config import Settings
@@ -44,7 +45,7 @@ from photowatch.core.frame import MasterImage
 from photowatch.core.instruments import Profile
 from photowatch.core.logs import get_logger
 from photowatch.io.fits import read_raw, save_npz, write_hdul
-from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons
+from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons, trim_slices
 from photowatch.state.locking import NamedLocks
 from photowatch.state.store import NOT_NULL, Not, contains
 
@@ -421,9 +422,6 @@ class MasterBook:
                                        night=info.night, kind=("bias", "flat"))
 
     def _measure(self, info: FrameInfo, key: str) -> dict:
-        from photowatch.calib.ptc import photon_transfer
-        from photowatch.stages.prepare import trim_slices
-
         rows = self.store.frames(
             instrument=info.instrument, camera=info.camera, binning=info.binning,
             readout=info.readout, night=info.night, kind=("bias", "flat"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.calib.drift import block_mean
 from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Settings
 from photowatch.core.frame import MasterImage
@@ -77,8 +78,6 @@ class SkyBook:
 
         finalize compares them with the final sky to decide whether the frame
         needs re-reducing (:mod:`photowatch.calib.drift`)."""
-        from photowatch.calib.drift import block_mean
-
         path = self._used_path(self.key(info), member)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -97,8 +96,6 @@ class SkyBook:
     def final_sky(self, info: FrameInfo) -> tuple[SkyAccumulator, np.ndarray] | None:
         """The night's sky accumulator of ``info``'s key and the block means of its master
         sky (all members), or None when there is none."""
-        from photowatch.calib.drift import block_mean
-
         path = self._path(self.key(info))
         if not path.exists():
             return None
