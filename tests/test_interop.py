@@ -51,7 +51,7 @@ def night(tmp_path_factory):
     assert summary.ok, summary.problems
     result = finalize(settings)
     assert result.ok, result.problems
-    rows = {r["raw_name"]: r for r in Store(out / "state.sqlite").frames("kind='object'")}
+    rows = {r["raw_name"]: r for r in Store(out / "state.sqlite").frames(kind="object")}
     good = [rows[f.raw_name] for f in sim.objects(good_only=True)]
     nosolve = next(rows[f.raw_name] for f in sim.frames if f.expect == "nosolve")
     (coadd,) = Store(out / "state.sqlite").coadds()
@@ -384,7 +384,7 @@ def test_a_frame_without_a_zero_point_stays_out_of_a_calibrated_coadd(tmp_path, 
                                progress=False)
     assert summary.ok, summary.problems
     store = Store(out / "state.sqlite")
-    rows = {r["raw_name"]: r for r in store.frames("kind='object'")}
+    rows = {r["raw_name"]: r for r in store.frames(kind="object")}
     row = rows[victim]
     with fits.open(row["product"]) as h:
         assert h["SCI"].header["ABSCAL"] is False and "MAGZP" not in h["SCI"].header

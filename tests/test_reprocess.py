@@ -183,7 +183,7 @@ def test_a_night_without_calibrations_borrows_the_nearest_nights_masters(tmp_pat
     assert set(finals) == {"bias", "dark", "flat"}
     import json
 
-    objects = [r for r in store.frames() if r["night"] == "2020-01-29" and r["kind"] == "object"]
+    objects = store.frames(night="2020-01-29", kind="object")
     assert len(objects) == 3 and all(r["state"] == "reduced" for r in objects)
     for row in objects:
         used = json.loads(row["masters_json"])

@@ -44,6 +44,7 @@ import numpy as np
 
 from photowatch.core.config import Catalog
 from photowatch.core.errors import ConfigError, StageFailed
+from photowatch.stages.matching import brightness_order  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -588,23 +589,6 @@ def open_photometry_catalog(settings: Catalog, path_override: str | os.PathLike 
                             ) -> Provider | None:
     """The photometric reference catalogue (``settings.photometry_provider``), or None."""
     return _open(settings.photometry_provider, settings, path_override, cache_dir)
-
-
-def brightness_order(table, column: str | None = None) -> np.ndarray:
-    """Row indices of a catalogue from bright to faint.
-
-    Uses ``column``, else ``mag``, else the first of ``meta['bands']``, else
-    ``flux`` (descending); a table without any keeps its order.
-    """
-    names = table.colnames
-    for col in [c for c in (column, "mag", *(table.meta.get("bands") or [])) if c]:
-        if col in names:
-            mag = _as_float(table[col])
-            return np.argsort(np.where(np.isfinite(mag), mag, np.inf), kind="stable")
-    if "flux" in names:
-        flux = _as_float(table["flux"])
-        return np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
-    return np.arange(len(table))
 
 
 __all__ = ["CatalogUnavailable", "LocalCatalog", "OnlineCatalog", "Provider", "VIZIER",

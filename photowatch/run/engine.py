@@ -209,8 +209,7 @@ class Engine:
             remove_stale_temporaries(self.out / sub)
         self.retake_held()
         # a coadd addition cut short: the coadd file says whether the frame got in
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE frames SET coadd='pending' WHERE coadd='adding'")
+        self.store.resume_coadd_additions()
 
     def retake_held(self) -> int:
         """Held frames tried again with the configuration as it is now (requeue.retake_held)."""
@@ -317,9 +316,7 @@ class Engine:
         could not be recorded: the store was full) go back to ``received``."""
         with self._busy_guard:
             inflight = set(self._inflight)
-        rows = self.store.conn.execute(
-            "SELECT id FROM frames WHERE state='processing' AND owner=?",
-            (self.store.owner,)).fetchall()
+        rows = self.store.processing_here()
         for row in rows:
             if row["id"] not in inflight:
                 self.store.transition(row["id"], ["processing"], "received", level="warning",
@@ -453,8 +450,7 @@ class Engine:
         the number of tries (it would loop forever otherwise).
         """
         if pause:
-            with self.store.transaction() as conn:  # the try does not count
-                conn.execute("UPDATE frames SET tries=MAX(tries-1, 0) WHERE id=?", (fid,))
+            self.store.uncount_try(fid)  # the try does not count
             wait = self.backoff_s
             # error_class says what failed: 'output' (products cannot be written) or
             # 'transient' (a lock timeout...); the action says it is transient
@@ -467,13 +463,10 @@ class Engine:
             return
         row = self.store.frame(fid)
         tries = row["tries"] if row is not None else 1
-        last = self.store.conn.execute(
-            "SELECT message FROM events WHERE frame_id=? AND error_class='stage' "
-            "ORDER BY id DESC LIMIT 1", (fid,)).fetchone()
+        last = self.store.last_stage_error(fid)
         if last is not None and last["message"] != problem and tries > 1:
             tries = 1  # it failed differently before: count again from this failure
-            with self.store.transaction() as conn:
-                conn.execute("UPDATE frames SET tries=1 WHERE id=?", (fid,))
+            self.store.reset_tries(fid, tries=1)
         max_tries = self.settings.daemon.max_tries
         if tries >= max_tries:
             reason = f"{problem} ({GAVE_UP} {tries} times; not retried)"
@@ -503,7 +496,7 @@ class Engine:
         cand = outcome.candidate
         if cand is not None:
             self.book.mark_stale(cand)
-        woken = self.store.wake_waiting("camera=? AND binning=?", (info.camera, info.binning))
+        woken = self.store.wake_waiting(camera=info.camera, binning=info.binning)
         if woken:
             self.notify()
 

@@ -41,10 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
+from photowatch.run.defects import mark_night_defects
 from photowatch.run.engine import Engine, OutputError
+from photowatch.stages.photometry import merge_bands
 from photowatch.stages.quality import assess
+from photowatch.state.store import NOT_NULL
 
 log = get_logger("photowatch.run.finalize")
 
@@ -135,7 +139,7 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     bar.update()
 
     # 3. frames waiting for masters: a last chance, then rejected with the reason
-    if store.wake_waiting("night=?", (night,)):
+    if store.wake_waiting(night=night):
         _drain(engine, night, rereduce=False)
     from photowatch.run.batch import close_waiting
 
@@ -145,16 +149,14 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     bar.update()
 
     # 4. re-reduce what used provisional or superseded masters
-    n_stale = len(store.frames("night=? AND stale=1", (night,)))
+    n_stale = store.count_frames(night=night, stale=1)
     _drain(engine, night, rereduce=True)
-    left = len(store.frames("night=? AND stale=1", (night,)))
+    left = store.count_frames(night=night, stale=1)
     result.done.append(f"re-reduced {n_stale - left} frame(s) with better masters")
     if left:
         result.ok = False
         result.problems.append(f"{left} stale frame(s) could not be re-reduced")
     bar.update()
-
-    from photowatch.calib.defects import mark_night_defects
 
     result.done += mark_night_defects(engine, night)  # COSMIC in most frames: defects
 
@@ -206,7 +208,6 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     from photowatch.calib.drift import block_mean, frame_change, pair_change
     from photowatch.core.classify import FrameInfo
     from photowatch.state.masters import KINDS, read_master
-    from photowatch.state.store import utcnow
 
     tol = engine.settings.calibration.final_tolerance
     if tol <= 0:
@@ -228,12 +229,12 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
 
     def used_path(entry: dict) -> str | None:
         mid = entry.get("master_id")
-        rows = store.masters("id=?", (mid,)) if mid is not None else []
+        rows = store.masters(id=mid) if mid is not None else []
         return rows[0]["path"] if rows else None
 
     kept, worst = 0, 0.0
-    for row in store.frames("night=? AND kind='object' AND stale=1 AND product IS NOT NULL "
-                            "AND state IN ('reduced', 'rejected')", (night,)):
+    for row in store.frames_of_night(night, kind="object", stale=1, product=NOT_NULL,
+                                     state=("reduced", "rejected")):
         info = FrameInfo.from_summary(json.loads(row["info_json"]))
         used = json.loads(row["masters_json"] or "{}")
         qc = json.loads(row["qc_json"] or "{}")
@@ -293,15 +294,7 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
                           "changes": {k: round(v, 6) for k, v in changes.items()}}
         message = (f"kept as final: the final masters change it by {dev:.3f} x its sky noise "
                    f"(at most {tol:g})")
-        with store.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE frames SET stale=0, stale_reason=NULL, provisional=0, qc_json=?, "
-                "updated_at=? WHERE id=? AND stale=1 AND state=?",
-                (json.dumps(qc), utcnow(), row["id"], row["state"]))
-            if cur.rowcount:
-                store._event(conn, "kept_final", frame_id=row["id"], file=row["raw_name"],
-                             message=message, action="product kept, marked final")
-        if not cur.rowcount:
+        if not store.keep_final(row["id"], row["state"], qc, message):
             continue  # another process took it meanwhile
         _mark_product_final(row["product"], dev, tol)
         kept += 1
@@ -386,7 +379,7 @@ def snapshot(engine: Engine, night: str) -> dict:
     store = engine.store
     frames = {}
     solutions = {}
-    for row in store.frames("night=? AND kind='object' AND product IS NOT NULL", (night,)):
+    for row in store.frames_of_night(night, kind="object", product=NOT_NULL):
         status = _frame_status(row)
         frames[row["id"]] = status
         if status["aststat"] in ("ok", "relative") and Path(row["product"]).exists():
@@ -527,8 +520,7 @@ def _write_bpms(engine: Engine, night: str) -> None:
     from photowatch.core.classify import FrameInfo
 
     seen = set()
-    for row in engine.store.frames("night=? AND kind='object' AND info_json IS NOT NULL",
-                                   (night,)):
+    for row in engine.store.frames_of_night(night, kind="object", info_json=NOT_NULL):
         info = FrameInfo.from_summary(json.loads(row["info_json"]))
         key = (info.camera, info.binning, info.readout)
         if key in seen:
@@ -545,8 +537,8 @@ def reassess(engine: Engine, night: str) -> int:
     """Judge every reduced object frame again against the whole night; returns changes."""
     store = engine.store
     changed = 0
-    rows = store.frames("night=? AND kind='object' AND product IS NOT NULL AND "
-                        "state IN ('reduced', 'rejected')", (night,))
+    rows = store.frames_of_night(night, kind="object", product=NOT_NULL,
+                                 state=("reduced", "rejected"))
     for row in rows:
         qc = json.loads(row["qc_json"] or "{}")
         key = "zp_per_s" if qc.get("zp_per_s") is not None else "transparency_mag"
@@ -596,8 +588,8 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
     done = []
     if not settings.enabled:
         return done
-    rows = store.frames("night=? AND kind='object' AND state='reduced' AND accepted=1 AND "
-                        "product IS NOT NULL", (night,))
+    rows = store.frames_of_night(night, kind="object", state="reduced", accepted=1,
+                                 product=NOT_NULL)
     groups: dict[tuple, list] = {}
     for row in rows:
         qc = json.loads(row["qc_json"] or "{}")
@@ -683,8 +675,7 @@ def _lost_frames(store, night: str, quick: dict, final_names: set) -> dict[str, 
     for name in quick.get("members") or []:
         if name in final_names:
             continue
-        row = store.conn.execute("SELECT raw_name, state, reason, qc_json FROM frames WHERE "
-                                 "name=? AND night=?", (name, night)).fetchone()
+        row = store.frame_named(name, night)
         if row is None:
             lost[name] = "no longer in the store"
             continue
@@ -733,8 +724,6 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
 
 
 def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
-    from photowatch.stages.photometry import catalog_path, coadd_catalog, merge_bands, write_catalog
-
     done = []
     for target, per_filter in catalogs.items():
         fresh = any(changed or not catalog_path(path).exists()
@@ -746,7 +735,8 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
             cat_path = catalog_path(path)
             table = coadd_catalog(path, magzp=magzp,
                                   detect_sigma=engine.settings.coadd.detect_sigma,
-                                  max_sources=engine.settings.coadd.max_sources)
+                                  max_sources=engine.settings.coadd.max_sources,
+                                  settings=engine.settings.stages.sources)
             if magzp is not None:
                 _calibrate_catalogue(engine, night, target, filt, path, table)
             tables[filt] = (table, cat_path)
@@ -758,8 +748,7 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
                 table = _with_bands(table, merged, engine.settings.coadd.merge_radius_arcsec)
             write_catalog(table, cat_path)
             row = engine.store.coadd(night, target, filt)
-            with engine.store.transaction() as conn:
-                conn.execute("UPDATE coadds SET catalog=? WHERE id=?", (str(cat_path), row["id"]))
+            engine.store.set_coadd_catalog(row["id"], str(cat_path))
             done.append(f"catalogue {cat_path.name}: {len(table)} sources")
     return done
 
@@ -781,8 +770,7 @@ def _calibrate_catalogue(engine: Engine, night: str, target: str, filt: str, pat
     from photowatch.state.coadds import _wcs
 
     provider = engine.catalog
-    rows = engine.store.frames("night=? AND target=? AND filter=? AND kind='object'",
-                               (night, target, filt))
+    rows = engine.store.frames_of_night(night, target=target, filter=filt, kind="object")
     if provider is None or not rows:
         return
     info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))

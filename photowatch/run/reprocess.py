@@ -104,7 +104,7 @@ def plan_archive(archive: Path, settings: Settings, *, instrument: str | None = 
     other files (its task records it quarantined or held, as ``reduce`` does).
     """
     from photowatch.core.instruments import load_profile
-    from photowatch.run.batch import find_raw_files
+    from photowatch.io.rawfiles import find_raw_files
     from photowatch.run.ingest import interpret_info
 
     files = find_raw_files(Path(archive), settings.daemon.patterns)

@@ -85,9 +85,7 @@ class CoaddBook:
         if acc is None:
             acc = Accumulator(grid, backing=self._backing(path))
             # a fresh accumulator: every frame of this coadd must be added again
-            self.engine.store.conn.execute(
-                "UPDATE frames SET coadd='pending' WHERE night=? AND target=? AND filter=? AND "
-                "coadd IN ('added', 'adding')", key)
+            self.engine.store.readd_to_coadd(*key)
         self._accs[key] = acc
         return acc
 
@@ -242,18 +240,9 @@ class CoaddBook:
     def process_pending(self, nights=None) -> bool:
         """Add one frame whose coadd update was interrupted (crash, restart); False if none."""
         store = self.engine.store
-        where = "state='reduced' AND coadd='pending' AND accepted=1"
-        args: tuple = ()
-        if nights:
-            where += f" AND night IN ({','.join('?' * len(nights))})"
-            args = tuple(nights)
-        with store.transaction() as conn:
-            row = conn.execute(f"SELECT * FROM frames WHERE {where} ORDER BY obs_time LIMIT 1",
-                               args).fetchone()
-            if row is None:
-                return False
-            conn.execute("UPDATE frames SET coadd='adding' WHERE id=? AND coadd='pending'",
-                         (row["id"],))
+        row = store.claim_coadd_pending(nights)
+        if row is None:
+            return False
         try:
             from photowatch.io.products import read_product
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.calib.drift import block_mean
 from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Settings
 from photowatch.core.frame import MasterImage
@@ -77,8 +78,6 @@ class SkyBook:
 
         finalize compares them with the final sky to decide whether the frame
         needs re-reducing (:mod:`photowatch.calib.drift`)."""
-        from photowatch.calib.drift import block_mean
-
         path = self._used_path(self.key(info), member)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -97,8 +96,6 @@ class SkyBook:
     def final_sky(self, info: FrameInfo) -> tuple[SkyAccumulator, np.ndarray] | None:
         """The night's sky accumulator of ``info``'s key and the block means of its master
         sky (all members), or None when there is none."""
-        from photowatch.calib.drift import block_mean
-
         path = self._path(self.key(info))
         if not path.exists():
             return None
@@ -128,16 +125,14 @@ class SkyBook:
                 acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
             if not acc.members:
                 continue
-            rows = self.book.store.frames(
-                f"name IN ({','.join('?' * len(acc.members))})", tuple(acc.members))
+            rows = self.book.store.frames(name=list(acc.members))
             if not rows:
                 continue
             info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))
             key = self.key(info)
             existing = self.book.store.masters(
-                "kind='sky' AND camera=? AND filter=? AND binning=? AND readout=? AND target=? "
-                "AND night=? AND final=1", (key.camera, key.filter, key.binning, key.readout,
-                                            key.target, key.night))
+                kind="sky", camera=key.camera, filter=key.filter, binning=key.binning,
+                readout=key.readout, target=key.target, night=key.night, final=1)
             if existing and existing[-1]["ninputs"] == len(acc.members):
                 continue
             if acc.n_dithered(self.settings.min_dither_arcsec) < self.settings.min_frames:
