@@ -543,23 +543,22 @@ def _write_bpms(engine: Engine, night: str) -> None:
 
 def reassess(engine: Engine, night: str) -> int:
     """Judge every reduced object frame again against the whole night; returns changes."""
+    from photowatch.stages.quality import Peer, night_context
+
     store = engine.store
     changed = 0
     rows = store.frames("night=? AND kind='object' AND product IS NOT NULL AND "
                         "state IN ('reduced', 'rejected')", (night,))
+    # the one night-quality context the engine judges each frame with, here of the whole night
+    judged = {r["id"] for r in rows}
+    peers = tuple(Peer.from_qc(r["id"], r["filter"], r["target"], r["camera"], r)
+                  for r in store.night_quality(night) if r["id"] in judged)
     for row in rows:
         qc = json.loads(row["qc_json"] or "{}")
-        key = "zp_per_s" if qc.get("zp_per_s") is not None else "transparency_mag"
-        peers = [json.loads(r["qc_json"] or "{}").get(key) for r in rows
-                 if r["filter"] == row["filter"] and (key == "zp_per_s" or
-                                                      r["target"] == row["target"])]
-        peers = [p for p in peers if p is not None]
-        fwhms = [json.loads(r["qc_json"] or "{}").get("fwhm_arcsec") for r in rows
-                 if r["filter"] == row["filter"] and r["id"] != row["id"]]
-        fwhms = [f for f in fwhms if f is not None]
-        verdict = assess(qc, best_transparency_mag=max(peers) if peers else None,
-                         settings=engine.settings.quality,
-                         night_fwhm_arcsec=float(np.median(fwhms)) if len(fwhms) >= 3 else None)
+        night_q = night_context(peers, frame_id=row["id"], filt=row["filter"],
+                                target=row["target"], qc=qc)
+        verdict = assess(qc, best_transparency_mag=night_q.best_transparency,
+                         settings=engine.settings.quality, night_fwhm_arcsec=night_q.fwhm)
         accepted = int(verdict.accepted)
         if accepted == (row["accepted"] or 0) and (verdict.reason or None) == row["reason"]:
             continue
