@@ -253,8 +253,8 @@ def test_a_deterministic_failure_ends_rejected_after_max_tries(night_copy, monke
 
     calls = []
 
-    def broken(engine, row, *args, **kwargs):
-        calls.append(row["id"])
+    def broken(ctx, *args, **kwargs):  # reduce_object(NightContext, raw, header, ...)
+        calls.append(ctx.frame_id)
         raise StageFailed("sources: the same deterministic failure")
 
     monkeypatch.setattr(science, "reduce_object", broken)
