@@ -206,3 +206,49 @@ def test_field_solutions_are_rebuilt_from_the_store_after_a_restart(reduced):
     assert np.isfinite([r.rotation_deg for _, _, r in sols]).all()
     # the second look is the remembered snapshot, not another read
     assert engine.field_solutions(key) == sols
+
+
+def test_two_frames_founding_a_field_at_once_end_on_one_reference(tmp_path):
+    """The engine applies a "field" claim under the references' lock: of two frames that
+    both found no field, one founds it, the other's stage runs again against the winner."""
+    import threading
+
+    from astropy.table import Table
+
+    from photowatch.run.engine import Engine
+
+    engine = Engine(Settings().with_overrides(paths={"output_dir": str(tmp_path)}), tmp_path)
+    both_looked = threading.Barrier(2)
+    runs = []
+
+    def register(st, ctx):
+        ref = ctx.refs.near("2020-01-28", "M1", None, "astrom", 10.0, 20.0, 0.05)
+        runs.append(ctx.member)
+        if ref is None:
+            if runs.count(ctx.member) == 1:
+                both_looked.wait(timeout=10)  # both frames saw no field
+            table = Table({"ra": [10.0]}, meta={"frame": ctx.member, "ra0": 10.0,
+                                                 "dec0": 20.0})
+            return {"field_of": ctx.member, "updates": [Update("field", dict(
+                night="2020-01-28", target="M1", filt=None, kind="astrom", table=table,
+                ra=10.0, dec=20.0, radius_deg=0.05), claim=True)]}
+        return {"field_of": ref.meta["frame"]}
+
+    chain = (Stage("register", register, needs=("refs",), gives=("field_of",),
+                   settings=lambda s: s.stages.astrometry),)
+    results = {}
+
+    def frame(member):
+        ctx = NightContext(settings=engine.settings, info=None, profile=None, frame_id=0,
+                           member=member, refs=engine.refs)
+        results[member] = run_chain(chain, ctx, {}, apply=engine.apply_update,
+                                    keep=True).state["field_of"]
+
+    threads = [threading.Thread(target=frame, args=(m,)) for m in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["A"] == results["B"] in ("A", "B")
+    assert len(list((tmp_path / "state" / "refs" / "2020-01-28").glob("astrom_*.ecsv"))) == 1
+    assert sorted(runs) == ["A", "A", "B"] or sorted(runs) == ["A", "B", "B"]  # one re-run
