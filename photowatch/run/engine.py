@@ -5,9 +5,12 @@ compare-and-set a ``received`` frame to ``processing`` and handle it:
 
 - calibration frame → :class:`~photowatch.state.masters.MasterBook` (cuts,
   incremental master, new version) → ``used`` or ``rejected``;
-- object frame → masters selected (or ``waiting``) → the pure chain in
-  :mod:`photowatch.stages.chain` plus the night's state (master sky, field
-  references) → product written atomically → ``reduced`` → coadd updated.
+- object frame → :meth:`Engine.night_context` (masters selected, or ``waiting``;
+  master-sky view, field references, earlier solutions, catalogue, quality peers)
+  → the declared chain of :mod:`photowatch.stages.chain`, whose updates to the
+  night (sky contribution, new references, solutions, stale marks) the engine
+  applies (:meth:`Engine.apply_update`) → product written atomically →
+  ``reduced`` → coadd updated.
 
 Bad input and failures never stop the engine: each ends as one store event and
 one log line naming the file, the problem and what was done

@@ -22,7 +22,7 @@ notes, per frame, the astrometric and photometric status and, per quick-look
 coadd, its members, exposure and depth. A frame that solved in the quick-look
 pass and fails in re-reduction starts again from its own quick-look solution
 (the product's WCS: same pixels, solved hours earlier) and keeps it when that
-solution still fits the stars (``science.astrometry``). A frame still lost
+solution still fits the stars (``stages.solve.astrometry``, via the night context). A frame still lost
 leaves its FINAL coadd with ``FINALSTAT = 'INCOMPLETE'`` and the reason
 (``FINALRSN``); the report lists it in Problems and counts it in "Needs
 attention", and ``photowatch finalize`` exits with status 3. The comparison
