@@ -26,6 +26,7 @@ from photowatch.stages.chain import (
 )
 from photowatch.stages.context import NightContext
 from photowatch.stages.quality import Peer, apcor_peers, night_context
+from photowatch.state.store import NOT_NULL
 
 
 def _noop(name, needs, gives):
@@ -131,7 +132,7 @@ def test_products_carry_one_provenance_card_per_step(reduced):
     from photowatch.state.store import Store
 
     settings, out = reduced
-    rows = Store(out / "state.sqlite").frames("kind='object' AND product IS NOT NULL")
+    rows = Store(out / "state.sqlite").frames(kind="object", product=NOT_NULL)
     assert rows
     for row in rows:
         with fits.open(row["product"]) as hdul:
@@ -156,7 +157,7 @@ def test_reduce_object_writes_nothing_and_returns_the_updates(reduced):
 
     settings, out = reduced
     engine = Engine(settings, out)
-    row = engine.store.frames("kind='object' AND accepted=1")[-1]
+    row = engine.store.frames(kind="object", accepted=1)[-1]
     info = engine.book.detector_numbers(FrameInfo.from_summary(json.loads(row["info_json"])))
     profile = engine.profile(info.instrument)
     raw, header = read_raw(row["path"])
@@ -184,7 +185,7 @@ def test_field_solutions_are_rebuilt_from_the_store_after_a_restart(reduced):
 
     settings, out = reduced
     engine = Engine(settings, out)
-    rows = [r for r in engine.store.frames("kind='object' AND product IS NOT NULL")
+    rows = [r for r in engine.store.frames(kind="object", product=NOT_NULL)
             if json.loads(r["qc_json"])["aststat"] in ("ok", "relative")]
     assert len(rows) >= 3
     first = rows[0]
