@@ -117,12 +117,12 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
     sim, out = night_copy
     store = Store(out / "state.sqlite")
     before = quicklook_members(store)
-    from photowatch.run import science
     from photowatch.stages import astrometry as ast
+    from photowatch.stages import solve
 
     monkeypatch.setattr(ast, "solve_astrometry", _solve_only_from(
         lambda kw: kw.get("previous") is not None and kw["previous"] is kw["wcs_guess"]))
-    real = science.quicklook_fallback
+    real = solve.quicklook_fallback
     lost = []
 
     def fallback(sources, shape, quicklook, reference, settings, failed=""):
@@ -131,7 +131,7 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
             return None
         return real(sources, shape, quicklook, reference, settings, failed=failed)
 
-    monkeypatch.setattr(science, "quicklook_fallback", fallback)
+    monkeypatch.setattr(solve, "quicklook_fallback", fallback)
     # every frame is re-reduced (the final masters barely change them: by default they
     # would be kept as they are, and nothing re-solved)
     config = out.parent / "rereduce-all.toml"
@@ -187,8 +187,8 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     from astropy.table import Table
     from astropy.wcs import WCS
 
-    from photowatch.run import science
     from photowatch.stages import astrometry as ast
+    from photowatch.stages import solve
 
     sim, out = night_copy
     settings = settings_for(out).stages.astrometry
@@ -202,7 +202,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     from photowatch.core.schema import XY_ORIGIN  # files are 1-based (FITS), the code 0-based
     sources["x"] = sources["x"] - XY_ORIGIN
     sources["y"] = sources["y"] - XY_ORIGIN
-    kept = science.quicklook_fallback(sources, shape, (wcs, "ok"), reference, settings,
+    kept = solve.quicklook_fallback(sources, shape, (wcs, "ok"), reference, settings,
                                       failed="injected")
     assert kept is not None and kept.method == "quicklook-kept" and kept.status == "ok"
     assert kept.nstar >= settings.min_matches and kept.rms_arcsec <= settings.max_rms_arcsec
@@ -210,7 +210,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     shifted = wcs.deepcopy()
     shifted.wcs.crval = shifted.wcs.crval + [20 / 3600 / np.cos(np.radians(wcs.wcs.crval[1])),
                                              0]
-    assert science.quicklook_fallback(sources, shape, (shifted, "ok"), reference,
+    assert solve.quicklook_fallback(sources, shape, (shifted, "ok"), reference,
                                       settings) is None
 
 
@@ -253,8 +253,8 @@ def test_a_deterministic_failure_ends_rejected_after_max_tries(night_copy, monke
 
     calls = []
 
-    def broken(engine, row, *args, **kwargs):
-        calls.append(row["id"])
+    def broken(ctx, *args, **kwargs):  # reduce_object(NightContext, raw, header, ...)
+        calls.append(ctx.frame_id)
         raise StageFailed("sources: the same deterministic failure")
 
     monkeypatch.setattr(science, "reduce_object", broken)

@@ -159,6 +159,13 @@ KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
     Keyword("MATCHRAD", "match radius of the band merge", "arcsec", _CCAT),
 )}
 
+#: provenance of a reduced frame: one card per step of the science chain, in order,
+#: 'name version settings-digest' (:mod:`photowatch.stages.chain`)
+STEP_CARDS = 12
+KEYWORDS.update({f"PWSTEP{i:02d}": Keyword(
+    f"PWSTEP{i:02d}", f"chain step {i}: name version settings-digest", "", _F)
+    for i in range(1, STEP_CARDS + 1)})
+
 
 def comment_for(key: str) -> str:
     """The table's comment for ``key`` ("" for a keyword not in the table)."""

@@ -44,7 +44,10 @@ import numpy as np
 
 from photowatch.core.config import Catalog
 from photowatch.core.errors import ConfigError, StageFailed
-from photowatch.stages.matching import brightness_order  # noqa: F401  (re-exported)
+from photowatch.stages.matching import (  # noqa: F401  (re-exported)
+    angular_distance_deg,
+    brightness_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +73,6 @@ class Provider(Protocol):
 
 # ---------------------------------------------------------------------------
 # geometry helpers
-
-
-def angular_distance_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
-    """Great-circle distance (degrees) between points given in degrees (haversine)."""
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, dtype=np.float64))
-                            for v in (ra1, dec1, ra2, dec2))
-    s = (np.sin((dec2 - dec1) / 2) ** 2
-         + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2)
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))
 
 
 def cone_cut(table, ra_deg: float, dec_deg: float, radius_deg: float, *, box: bool = False):

@@ -23,7 +23,7 @@ import jinja2
 import numpy as np
 from markupsafe import Markup, escape
 
-from photowatch.report import plots
+import photowatch.report.plots as plots
 from photowatch.report.facts import arrived_as_a_batch, parse_time
 from photowatch.report.plots import filter_colours
 

@@ -22,7 +22,7 @@ notes, per frame, the astrometric and photometric status and, per quick-look
 coadd, its members, exposure and depth. A frame that solved in the quick-look
 pass and fails in re-reduction starts again from its own quick-look solution
 (the product's WCS: same pixels, solved hours earlier) and keeps it when that
-solution still fits the stars (``science.astrometry``). A frame still lost
+solution still fits the stars (``stages.solve.astrometry``, via the night context). A frame still lost
 leaves its FINAL coadd with ``FINALSTAT = 'INCOMPLETE'`` and the reason
 (``FINALRSN``); the report lists it in Problems and counts it in "Needs
 attention", and ``photowatch finalize`` exits with status 3. The comparison
@@ -41,13 +41,24 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.calib.drift import block_mean, frame_change, pair_change
 from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
+from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
+from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
+from photowatch.io.catalogs import field_cone
+from photowatch.io.fits import atomic_write
+from photowatch.io.previews import save_png
+from photowatch.report.html import write_report
+from photowatch.run.batch import close_waiting
 from photowatch.run.defects import mark_night_defects
 from photowatch.run.engine import Engine, OutputError
 from photowatch.stages.photometry import merge_bands
-from photowatch.stages.quality import assess
+from photowatch.stages.quality import Peer, assess, night_context
+from photowatch.stages.zeropoint import calibrate_zeropoint, match_sky
+from photowatch.state.coadds import _wcs
+from photowatch.state.masters import KINDS, read_master
 from photowatch.state.store import NOT_NULL
 
 log = get_logger("photowatch.run.finalize")
@@ -141,7 +152,6 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     # 3. frames waiting for masters: a last chance, then rejected with the reason
     if store.wake_waiting(night=night):
         _drain(engine, night, rereduce=False)
-    from photowatch.run.batch import close_waiting
 
     n_closed = close_waiting(engine, why="no usable master by the end of the night: ")
     if n_closed:
@@ -178,7 +188,6 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     bar.update()
 
     # 7. the report
-    from photowatch.report.html import write_report
 
     report = write_report(engine.out, store, night, engine.settings, final=True)
     result.report = str(report)
@@ -205,9 +214,6 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     stale or provisional, with ``qc_json['calfinal']`` naming the final masters it
     stands for. Returns (frames kept, the largest change among them).
     """
-    from photowatch.calib.drift import block_mean, frame_change, pair_change
-    from photowatch.core.classify import FrameInfo
-    from photowatch.state.masters import KINDS, read_master
 
     tol = engine.settings.calibration.final_tolerance
     if tol <= 0:
@@ -517,7 +523,6 @@ def _fmt_tally(t: dict) -> str:
 
 def _write_bpms(engine: Engine, night: str) -> None:
     """Write each camera's bad-pixel mask from its final dark and flat (for people and DS9)."""
-    from photowatch.core.classify import FrameInfo
 
     seen = set()
     for row in engine.store.frames_of_night(night, kind="object", info_json=NOT_NULL):
@@ -535,23 +540,21 @@ def _write_bpms(engine: Engine, night: str) -> None:
 
 def reassess(engine: Engine, night: str) -> int:
     """Judge every reduced object frame again against the whole night; returns changes."""
+
     store = engine.store
     changed = 0
     rows = store.frames_of_night(night, kind="object", product=NOT_NULL,
                                  state=("reduced", "rejected"))
+    # the one night-quality context the engine judges each frame with, here of the whole night
+    judged = {r["id"] for r in rows}
+    peers = tuple(Peer.from_qc(r["id"], r["filter"], r["target"], r["camera"], r)
+                  for r in store.night_quality(night) if r["id"] in judged)
     for row in rows:
         qc = json.loads(row["qc_json"] or "{}")
-        key = "zp_per_s" if qc.get("zp_per_s") is not None else "transparency_mag"
-        peers = [json.loads(r["qc_json"] or "{}").get(key) for r in rows
-                 if r["filter"] == row["filter"] and (key == "zp_per_s" or
-                                                      r["target"] == row["target"])]
-        peers = [p for p in peers if p is not None]
-        fwhms = [json.loads(r["qc_json"] or "{}").get("fwhm_arcsec") for r in rows
-                 if r["filter"] == row["filter"] and r["id"] != row["id"]]
-        fwhms = [f for f in fwhms if f is not None]
-        verdict = assess(qc, best_transparency_mag=max(peers) if peers else None,
-                         settings=engine.settings.quality,
-                         night_fwhm_arcsec=float(np.median(fwhms)) if len(fwhms) >= 3 else None)
+        night_q = night_context(peers, frame_id=row["id"], filt=row["filter"],
+                                target=row["target"], qc=qc)
+        verdict = assess(qc, best_transparency_mag=night_q.best_transparency,
+                         settings=engine.settings.quality, night_fwhm_arcsec=night_q.fwhm)
         accepted = int(verdict.accepted)
         if accepted == (row["accepted"] or 0) and (verdict.reason or None) == row["reason"]:
             continue
@@ -581,7 +584,6 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
     """
     baseline = baseline or {}
     incomplete = incomplete if incomplete is not None else {}
-    from photowatch.coadd.stack import FinalMember, final_coadd
 
     store = engine.store
     settings = engine.settings.coadd
@@ -646,7 +648,6 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             if settings.quicklook_png:
                 from astropy.io import fits
 
-                from photowatch.io.previews import save_png
 
                 png = path.with_suffix(".png")
                 save_png(fits.getdata(path, "SCI"), png, max_size=1024)
@@ -692,7 +693,6 @@ def _keep_copy(src: Path, dst: Path) -> None:
     """Copy a file atomically (the quick-look coadd a worse FINAL one replaces)."""
     import shutil
 
-    from photowatch.io.fits import atomic_write
 
     def write(fh):
         with open(src, "rb") as inp:
@@ -705,8 +705,6 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
     """The night's grid of a coadd, grown if needed to cover every member frame."""
     from astropy.io import fits
 
-    from photowatch.coadd.stack import CoaddGrid
-    from photowatch.state.coadds import _wcs
 
     grid = None
     if row is not None and row["grid_json"]:
@@ -764,10 +762,6 @@ def _calibrate_catalogue(engine: Engine, night: str, target: str, filt: str, pat
     """
     from astropy.io import fits
 
-    from photowatch.core.classify import FrameInfo
-    from photowatch.io.catalogs import field_cone
-    from photowatch.stages.zeropoint import calibrate_zeropoint
-    from photowatch.state.coadds import _wcs
 
     provider = engine.catalog
     rows = engine.store.frames_of_night(night, target=target, filter=filt, kind="object")
@@ -804,7 +798,6 @@ def _with_bands(table, merged, radius: float = 1.0):
     """Add the per-band columns of the merged catalogue to one filter's catalogue (by position)."""
     import numpy as np
 
-    from photowatch.stages.zeropoint import match_sky
 
     a, b = match_sky(table["ra"], table["dec"], merged["ra"], merged["dec"], radius)
     out = table.copy()

@@ -889,3 +889,12 @@ def brightness_order(table, column: str | None = None) -> np.ndarray:
         flux = _float_column(table["flux"])
         return np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
     return np.arange(len(table))
+
+
+def angular_distance_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
+    """Great-circle distance (degrees) between points given in degrees (haversine)."""
+    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, dtype=np.float64))
+                            for v in (ra1, dec1, ra2, dec2))
+    s = (np.sin((dec2 - dec1) / 2) ** 2
+         + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2)
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))

@@ -50,24 +50,36 @@ class SkyBook:
         self._cache[key.text] = acc
         return acc
 
-    def add_and_get(self, member: str, info: FrameInfo, pattern: SkyPattern,
-                    pointing: tuple[float, float]) -> MasterImage | None:
-        """Add a frame's pattern (once) and return the master sky without it, if usable."""
+    def view(self, member: str, info: FrameInfo, pattern: SkyPattern) -> MasterImage | None:
+        """The master sky without ``member`` (whose ``pattern`` is given), if usable; reads
+        only. The accumulator stays cached until :meth:`add` (the frame's next step) takes
+        its contribution, so the state file is read once per frame."""
         if not self.settings.enabled:
             return None
         key = self.key(info)
         with self.book.lock(key.slug(long=True), key.night):
             acc = self._load(key)
-            if acc.add(member, pattern, pointing):
+            usable = acc.n_dithered(self.settings.min_dither_arcsec, exclude=member)
+            if usable < self.settings.min_frames:
+                return None
+            n = len(acc.members) - (1 if member in acc.members else 0)
+            return acc.master(exclude=member, pattern=pattern, label=f"{key.slug()} (n={n})")
+
+    def add(self, member: str, info: FrameInfo, pattern: SkyPattern,
+            pointing: tuple[float, float]) -> bool:
+        """Add a frame's pattern to its accumulator (once); True if it was added now."""
+        if not self.settings.enabled:
+            return False
+        key = self.key(info)
+        with self.book.lock(key.slug(long=True), key.night):
+            acc = self._load(key)
+            added = acc.add(member, pattern, pointing)
+            if added:
                 save_npz(self._path(key), fsync=False, **acc.state())
             # not kept between frames: the state file (written above) is the accumulator,
             # and two 4k filters' sums held for the night cost 320 MB (issue 23)
             self._cache.pop(key.text, None)
-            usable = acc.n_dithered(self.settings.min_dither_arcsec, exclude=member)
-            if usable < self.settings.min_frames:
-                return None
-            return acc.master(exclude=member, pattern=pattern,
-                              label=f"{key.slug()} (n={len(acc.members) - 1})")
+            return added
 
     def _used_path(self, key: MasterKey, member: str) -> Path:
         return self.book.root / key.night / ".state" / "skyused" / key.slug(long=True) / \

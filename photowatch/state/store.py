@@ -1039,6 +1039,37 @@ class Store:
         return self.conn.execute(
             "SELECT owner, command, started_at, heartbeat, status FROM processes").fetchall()
 
+    # ---- chain lane
+    def night_quality(self, night: str, filt: str | None = None) -> list[dict]:
+        """The night's object frames with quality numbers (qc recorded), for the one
+        night-quality context (:func:`photowatch.stages.quality.night_context`): id,
+        filter, target, camera, state, has_product and the qc fields it reads."""
+        sql = ("SELECT id, filter, target, camera, state, product IS NOT NULL AS has_product, "
+               "json_extract(qc_json, '$.fwhm_arcsec') AS fwhm_arcsec, "
+               "json_extract(qc_json, '$.apcor_own') AS apcor_own, "
+               "json_extract(qc_json, '$.apcor_own_err') AS apcor_own_err, "
+               "json_extract(qc_json, '$.zp_per_s') AS zp_per_s, "
+               "json_extract(qc_json, '$.transparency_mag') AS transparency_mag "
+               "FROM frames WHERE night=? AND kind='object' AND qc_json IS NOT NULL")
+        args: tuple = (night,)
+        if filt is not None:
+            sql += " AND filter=?"
+            args += (filt,)
+        return [dict(r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
+
+    def field_solutions(self, night: str, target: str | None, camera: str | None,
+                        limit: int = 16) -> list[dict]:
+        """The newest ``limit`` solved object frames of a field (night, target, camera),
+        oldest first: id, product, qc (dict); to rebuild the engine's remembered
+        solutions after a restart."""
+        rows = self.conn.execute(
+            "SELECT id, product, qc_json FROM frames WHERE night=? AND target IS ? AND "
+            "camera IS ? AND kind='object' AND product IS NOT NULL AND "
+            "json_extract(qc_json, '$.aststat') IN ('ok', 'relative') "
+            "ORDER BY obs_time DESC, id DESC LIMIT ?", (night, target, camera, limit)).fetchall()
+        return [{"id": r["id"], "product": r["product"], "qc": json.loads(r["qc_json"])}
+                for r in reversed(rows)]
+
     # ---- reprocess lane
     def export_rows(self) -> dict[str, list[dict]]:
         """Every row of the store's tables but ``processes`` (a night's scratch store, whole).
