@@ -105,7 +105,7 @@ def test_plan_splits_the_archive_by_night_and_reads_the_nights_option(archive, t
         parse_nights("2020-01-32..")
 
 
-def test_reprocess_on_a_local_cluster_equals_reduce_then_finalize(archive, one_machine, client,
+def test_reprocess_on_a_local_cluster_equals_reduce_then_finalize(client, archive, one_machine,
                                                                   tmp_path):
     rawdir, catalog = archive
     out = tmp_path / "out"
@@ -123,7 +123,7 @@ def test_reprocess_on_a_local_cluster_equals_reduce_then_finalize(archive, one_m
     _assert_each_frame_once_and_terminal(out, rawdir)
 
 
-def test_a_worker_killed_mid_night_changes_nothing(archive, one_machine, client, tmp_path):
+def test_a_worker_killed_mid_night_changes_nothing(client, archive, one_machine, tmp_path):
     """A worker process killed while it reduces a night: Dask reruns the night elsewhere
     (a new scratch folder), and the output is still the one-machine output, once."""
     rawdir, catalog = archive
