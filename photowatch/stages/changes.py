@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from photowatch.core.config import Changes
 from photowatch.core.frame import Mask
 
 #: source flags (photowatch.stages.sources.SourceFlag) that make a detection an artefact:
@@ -43,33 +44,9 @@ from photowatch.core.frame import Mask
 ARTEFACT_FLAGS = 1 | 2 | 4 | 8 | 32 | 64 | 128
 
 
-@dataclass(frozen=True)
-class ChangeSettings:
-    """Thresholds of the comparison (``[changes]`` in the configuration)."""
-
-    match_radius_arcsec: float = 1.0  #: also at least ``match_radius_fwhm`` x FWHM
-    match_radius_fwhm: float = 1.0
-    min_snr: float = 5.0  #: a new source is above the frame's 5 sigma limit
-    new_margin_mag: float = 0.3  #: brighter than the reference limit by this ...
-    new_sigma: float = 3.0  #: ... plus this many of its own magnitude errors
-    vary_sigma: float = 5.0  #: a varying source changed by this many sigma
-    vary_floor_mag: float = 0.03  #: systematic error added in quadrature (calibration, PSF)
-    blend_radius_fwhm: float = 2.0  #: reference stars this close add up (the frame blends them)
-    #: a reference star (other than the source's own) within this many FWHM, times
-    #: 10**(0.067 (mag - its mag)) (a Moffat-3 wing falls as r**-6), puts light in the
-    #: source's aperture: the source is crowded and not judged ...
-    crowd_radius_fwhm: float = 2.0
-    crowd_dmag: float = 1.0  #: ... unless that star is fainter than the source by this
-    max_blend_fraction: float = 0.1  #: unresolved reference neighbours add at most this flux
-    max_fwhm_ratio: float = 2.0  #: a star-like source is at most this many FWHM wide
-    min_fwhm_ratio: float = 0.6  #: ... and at least this (else a hot pixel or a cosmic)
-    max_ellipticity: float = 0.5
-    edge_fwhm: float = 3.0  #: closer than this to the edge or to no-data: an artefact
-    saturation_radius_fwhm: float = 4.0  #: a saturated pixel or bleed within this: artefact
-    link_tolerance_arcsec: float = 0.6  #: largest residual of a detection from its track
-    max_rate_arcsec_min: float = 10.0  #: fastest mover linked (slow movers: not trailed)
-    min_motion_arcsec: float = 1.5  #: a track moving less than this over its span is static
-    min_track_points: int = 3
+#: the thresholds (``[changes]``): :class:`photowatch.core.config.Changes`
+ChangeSettings = Changes
+_DEFAULTS = Changes()
 
 
 @dataclass
@@ -134,7 +111,7 @@ def _mask_max(mask: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float, bit
 
 
 def artefacts(cat, mask: np.ndarray | None, fwhm_px: float,
-              settings: ChangeSettings = ChangeSettings()) -> dict[str, np.ndarray]:
+              settings: ChangeSettings = _DEFAULTS) -> dict[str, np.ndarray]:
     """Per source, why it is an artefact (boolean arrays by reason; none set: a real source)."""
     n = len(cat)
     x = np.asarray(cat["x"], float)
@@ -166,7 +143,7 @@ def artefacts(cat, mask: np.ndarray | None, fwhm_px: float,
 def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
                     pixel_scale_arcsec: float, ref_limit: float | None = None,
                     limmag: float | None = None,
-                    settings: ChangeSettings = ChangeSettings()) -> Candidates:
+                    settings: ChangeSettings = _DEFAULTS) -> Candidates:
     """New and varying sources of one calibrated frame (see the module docstring).
 
     ``cat``: the frame's CAT (x, y, ra, dec, mag, magerr, snr, fwhm, ellipticity, flags);
@@ -246,6 +223,9 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
     # resolve: its measured flux depends on the deblending, not on the sky; not judged
     primary = np.where(matched, rflux[j], 0.0)
     crowded = matched & (fsum > (1.0 + settings.max_blend_fraction) * primary)
+    # a new source this close to a brighter star may be a piece of it (deblending, wings)
+    close = np.zeros(len(cat), bool)
+    new_r = settings.new_crowd_radius_fwhm * fwhm_as
     mine = np.full(rmag.size, -1)
     mine[owned] = owner[owned]
     for i, near in enumerate(tree.query_ball_point(xy, crowd_r * 4.0)):
@@ -256,19 +236,20 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
             d = np.hypot(*(rxy[near] - xy[i]).T)
             reach = crowd_r * 10 ** (0.067 * np.clip(dm, 0, 20))
             crowded[i] |= bool(np.any((dm > -settings.crowd_dmag) & (d < reach)))
-    rejected["crowded"] = int((crowded & ok & ~artefact).sum())
-    artefact |= crowded
+            close[i] = bool(np.any((dm > 0) & (d < new_r * 10 ** (0.067 * np.clip(dm, 0, 20)))))
+    rejected["crowded"] = int((crowded & matched & ok & ~artefact).sum())
+    rejected["near_brighter"] = int((close & ~matched & ok & ~artefact).sum())
     delta = mag - ref_m
     with np.errstate(invalid="ignore", divide="ignore"):
         vary_sig = np.abs(delta) / np.sqrt(err ** 2 + ref_e ** 2 + settings.vary_floor_mag ** 2)
     clean = ok & ~artefact
-    new = clean & ~matched & (snr >= settings.min_snr)
+    new = clean & ~close & ~matched & (snr >= settings.min_snr)
     if np.isfinite(limmag):
         new &= mag <= limmag + settings.new_margin_mag  # ~5 sigma; LIMMAG is one figure per frame
     deep_enough = mag + settings.new_sigma * err <= ref_limit - settings.new_margin_mag
     rejected["fainter_than_reference"] = int((new & ~deep_enough).sum())
     new &= deep_enough
-    varying = clean & matched & (vary_sig >= settings.vary_sigma) & np.isfinite(ref_m)
+    varying = clean & ~crowded & matched & (vary_sig >= settings.vary_sigma) & np.isfinite(ref_m)
     # saturated or nearly saturated reference stars are not trusted to vary
     kind = np.where(new, "new", np.where(varying, "varying", ""))
     keep = kind != ""
@@ -310,7 +291,7 @@ def _fit(t, xy):
 
 
 def link_tracks(t_min: np.ndarray, ra: np.ndarray, dec: np.ndarray,
-                settings: ChangeSettings = ChangeSettings()) -> list[Track]:
+                settings: ChangeSettings = _DEFAULTS) -> list[Track]:
     """Group detections (times in minutes, positions in degrees) into moving tracks and
     stationary objects; every detection belongs to exactly one returned group.
 

@@ -186,7 +186,43 @@ CREATE TABLE meta (
 );
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1]
+#: lane "changes" (issue 21): candidates of new, varying and moving sources, one row per
+#: detection on a frame; ``object_id`` groups a stationary object's detections, ``track_id``
+#: a moving source's (an asteroid: one track)
+_SCHEMA_CANDIDATES = """
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY,
+    night TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    filter TEXT NOT NULL DEFAULT '',
+    frame_id INTEGER NOT NULL,
+    frame TEXT NOT NULL,
+    obs_mjd REAL,
+    ra REAL NOT NULL,
+    dec REAL NOT NULL,
+    x REAL,
+    y REAL,
+    mag REAL,
+    magerr REAL,
+    snr REAL,
+    significance REAL,
+    kind TEXT NOT NULL,
+    ref_mag REAL,
+    delta_mag REAL,
+    limmag REAL,
+    object_id INTEGER,
+    moving INTEGER NOT NULL DEFAULT 0,
+    rate_ra REAL,
+    rate_dec REAL,
+    cutout TEXT,
+    ref_cutout TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX candidates_field ON candidates(night, target, kind);
+CREATE INDEX candidates_frame ON candidates(frame_id)
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_CANDIDATES]
 
 
 class Store:
@@ -808,3 +844,47 @@ class Store:
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)",
                          (key, json.dumps(value, default=str)))
+
+    # ---- changes lane
+    _CANDIDATE_COLUMNS = ("night", "target", "filter", "frame_id", "frame", "obs_mjd", "ra",
+                          "dec", "x", "y", "mag", "magerr", "snr", "significance", "kind",
+                          "ref_mag", "delta_mag", "limmag", "cutout", "ref_cutout")
+
+    def replace_candidates(self, frame_id: int, rows: list[dict]) -> list[int]:
+        """The candidates of one frame, replacing those of its earlier reduction; their ids."""
+        cols = self._CANDIDATE_COLUMNS
+        ids = []
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM candidates WHERE frame_id=?", (frame_id,))
+            for row in rows:
+                cur = conn.execute(
+                    f"INSERT INTO candidates({','.join(cols)}, created_at) "
+                    f"VALUES ({','.join('?' * (len(cols) + 1))})",
+                    (*(row.get(c) if c != "frame_id" else frame_id for c in cols), utcnow()))
+                ids.append(cur.lastrowid)
+        return ids
+
+    def set_candidate_cutouts(self, candidate_id: int, cutout: str | None,
+                              ref_cutout: str | None) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE candidates SET cutout=?, ref_cutout=? WHERE id=?",
+                         (cutout, ref_cutout, candidate_id))
+
+    def candidates(self, night: str, target: str | None = None,
+                   kind: str | None = None) -> list[sqlite3.Row]:
+        """A night's candidates (of one target, of one kind), in time order."""
+        sql, args = "SELECT * FROM candidates WHERE night=?", [night]
+        if target is not None:
+            sql += " AND target=?"
+            args.append(target)
+        if kind is not None:
+            sql += " AND kind=?"
+            args.append(kind)
+        return self.conn.execute(sql + " ORDER BY obs_mjd, id", args).fetchall()
+
+    def set_candidate_links(self, links: list[tuple]) -> None:
+        """(candidate id, object id, moving, rate_ra, rate_dec) for each linked detection."""
+        with self.transaction() as conn:
+            conn.executemany("UPDATE candidates SET object_id=?, moving=?, rate_ra=?, "
+                             "rate_dec=? WHERE id=?",
+                             [(o, int(m), ra, dec, i) for i, o, m, ra, dec in links])
