@@ -272,6 +272,8 @@ class Changes(Section):
     max_fwhm_ratio: PositiveFloat = 2.0  #: star-like: FWHM at most this x the frame's ...
     min_fwhm_ratio: NonNegFloat = 0.6  #: ... and at least this (else a hot pixel or a cosmic)
     max_ellipticity: Fraction = 0.5
+    #: varying: at most this much more elongated than the frame's median star
+    vary_max_extra_ellipticity: Fraction = 0.15
     edge_fwhm: NonNegFloat = 3.0  #: closer than this to the edge or no data: an artefact
     saturation_radius_fwhm: NonNegFloat = 4.0  #: saturated pixel or bleed this close: artefact
     link_tolerance_arcsec: PositiveFloat = 0.6  #: largest residual of a detection from its track

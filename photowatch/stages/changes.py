@@ -11,7 +11,10 @@ trusted) and returns the candidates:
   ``new_sigma`` of its own error (a source the reference could not have
   seen is not "missing" from it);
 - **varying**: matched, and ``|mag - ref_mag| / sqrt(magerr^2 + ref_err^2 +
-  floor^2)`` >= ``vary_sigma``, with a star-like shape.
+  floor^2)`` >= ``vary_sigma``, with a star-like shape (not more elongated than
+  the frame's stars by ``vary_max_extra_ellipticity``), an uncrowded aperture,
+  and, for a brightening, beyond the light of one star at the reference's limit
+  hidden in the aperture (the reference cannot know of it).
 
 Artefacts are filtered first, from the MASK plane and the source flags: a
 bad or no-data pixel (bits 1, 8, 16) in the core, a cosmic-ray-cleaned pixel
@@ -198,6 +201,8 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
     snr = np.asarray(cat["snr"], float) if "snr" in cat.colnames else \
         1.0857 / np.asarray(cat["magerr"], float)
     err = np.asarray(cat["magerr"], float)
+    ell_all = np.asarray(cat["ellipticity"], float) if "ellipticity" in cat.colnames \
+        else np.zeros(len(cat))
     j = np.where(matched, idx, 0)
     # each reference star belongs to its nearest frame source within the blend radius; a
     # source is compared with the summed flux of its stars (the frame may not resolve a
@@ -240,8 +245,21 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
     rejected["crowded"] = int((crowded & matched & ok & ~artefact).sum())
     rejected["near_brighter"] = int((close & ~matched & ok & ~artefact).sum())
     delta = mag - ref_m
+    # a star just below the reference's limit, unresolved in the aperture, is invisible to
+    # the reference and brightens the source: a brightening counts beyond that much light
+    f_meas = 10 ** (-0.4 * np.where(np.isfinite(mag), mag, 99.0))
+    f_hidden = 10 ** (-0.4 * ref_limit) if np.isfinite(ref_limit) else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        vary_sig = np.abs(delta) / np.sqrt(err ** 2 + ref_e ** 2 + settings.vary_floor_mag ** 2)
+        m_adj = np.where(delta < 0, -2.5 * np.log10(np.maximum(f_meas - f_hidden, 1e-30)), mag)
+        d_adj = np.where(delta < 0, np.minimum(m_adj - ref_m, 0.0), delta)
+        vary_sig = np.abs(d_adj) / np.sqrt(err ** 2 + ref_e ** 2 + settings.vary_floor_mag ** 2)
+    # star-like for a varying source: not more elongated than the frame's stars (an
+    # unresolved neighbour stretches the image and brightens it)
+    bright = ok & matched & ~artefact & (snr >= 20)
+    ell_med = float(np.nanmedian(ell_all[bright])) if bright.sum() >= 5 else 0.1
+    elongated = ell_all > ell_med + settings.vary_max_extra_ellipticity
+    rejected["elongated"] = int((elongated & ok & matched & ~artefact & ~crowded).sum())
+    crowded = crowded | elongated
     clean = ok & ~artefact
     new = clean & ~close & ~matched & (snr >= settings.min_snr)
     if np.isfinite(limmag):
