@@ -31,6 +31,7 @@ import hashlib
 import html
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -44,6 +45,8 @@ import numpy as np
 
 from photowatch import __version__
 from photowatch.io.fits import write_bytes
+from photowatch.report.candidates import candidate_facts, candidates_html
+from photowatch.report.latest import latest_frame_facts, latest_html, latest_thumbnail
 from photowatch.run.status import status_data
 from photowatch.state.store import TERMINAL
 
@@ -116,6 +119,7 @@ def _write_report(out: Path, store, night: str, settings, *, final: bool) -> Pat
         "coadds": [_coadd_images(c, folder, cache) for c in facts["coadds"]],
         "conditions": _conditions_plot(facts["frames"], img, cache),
         "latency": _latency_plot(facts["frames"], img, cache),
+        "latest": _latest_image(facts.get("latest"), img, cache),
     }
     cache.save()
     page = render_html(facts, images, folder, settings)
@@ -377,6 +381,9 @@ def collect_facts(out: Path, store, night: str, settings, *, final: bool) -> dic
         "processes": [{k: p[k] for k in ("command", "started_at", "status")}
                       for p in base.get("processes") or []],
         "versions": software_versions(),
+        # the first screen (issue 21, lane changes): the latest frame and the candidates
+        "latest": latest_frame_facts(store, night),
+        "candidates": candidate_facts(store, night),
         "settings_source": getattr(settings, "source", None),
         "settings": settings.model_dump(mode="json"),
     }
@@ -574,6 +581,24 @@ def _coadd_images(c: dict, folder: Path, cache: _ImageCache) -> dict:
             cache.record(name, stamp)
         return {"thumb": folder / "img" / name, "full": ql}
     return _fits_images(Path(c["path"]), base, folder, cache)
+
+
+def _latest_image(latest: dict | None, img: Path, cache: _ImageCache) -> Path | None:
+    """The latest frame's thumbnail with N/E arrows and a scale bar (remade when it changes)."""
+    if not latest or not latest.get("product"):
+        return None
+    stamp = _file_stamp(Path(latest["product"]))
+    if stamp is None:
+        return None
+    if not cache.fresh("latest.png", stamp):
+        try:
+            latest_thumbnail(latest["product"], img / "latest.png")
+        except Exception as exc:  # a thumbnail must never cost the report
+            logging.getLogger(__name__).warning(
+                "%s: latest-frame thumbnail failed (%s); skipped", latest["product"], exc)
+            return None
+        cache.record("latest.png", stamp)
+    return img / "latest.png"
 
 
 # ---------------------------------------------------------------------------- plots
@@ -1283,7 +1308,7 @@ def render_html(facts: dict, images: dict, folder: Path, settings) -> str:
     inst = " ".join(x for x in (facts.get("telescope"), facts["instrument"]) if x)
     generated = facts["generated"].replace("T", " ").replace("+00:00", " UTC")
     nav = " ".join(f"<a href='#{a}'>{t}</a>" for a, t in (
-        ("problems", "Problems"), ("conditions", "Conditions"), ("coadds", "Coadds"),
+        ("latest", "Latest"), ("candidates", "Candidates"), ("problems", "Problems"), ("conditions", "Conditions"), ("coadds", "Coadds"),
         ("frames", "Frames"), ("masters", "Masters"), ("latency", "Latency"),
         ("config", "Configuration")))
     cond_plot = images.get("conditions")
@@ -1304,6 +1329,10 @@ def render_html(facts: dict, images: dict, folder: Path, settings) -> str:
 </div></header>
 <main>
 {_cards(facts)}
+<h2 id="latest">Latest frame</h2>
+{latest_html(facts.get('latest'), links.href(images.get('latest')))}
+<h2 id="candidates">Candidates: new, moving and varying sources</h2>
+{candidates_html(facts.get('candidates'), links.href)}
 <h2 id="problems">Problems</h2>
 {_problems(facts)}
 <h2 id="conditions">Conditions through the night</h2>

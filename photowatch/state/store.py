@@ -888,3 +888,10 @@ class Store:
             conn.executemany("UPDATE candidates SET object_id=?, moving=?, rate_ra=?, "
                              "rate_dec=? WHERE id=?",
                              [(o, int(m), ra, dec, i) for i, o, m, ra, dec in links])
+
+    def latest_science_frame(self, night: str) -> sqlite3.Row | None:
+        """The night's science frame reduced last (reduced or not stacked, with a product)."""
+        return self.conn.execute(
+            "SELECT * FROM frames WHERE night=? AND kind='object' AND state IN "
+            "('reduced', 'rejected') AND product IS NOT NULL "
+            "ORDER BY finished_at DESC, id DESC LIMIT 1", (night,)).fetchone()
