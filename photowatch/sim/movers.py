@@ -6,6 +6,9 @@ mid-exposure time ``mid`` (UTC datetime) and band ``band``:
 - :meth:`radec` where it is (degrees, ICRS);
 - :meth:`mag` its AB magnitude (None: not in this frame).
 
+(and, for lane live's hook in ``photowatch.sim.inject``, ``sources(frame, t0, t1)`` and
+``describe()`` give the same.)
+
 :func:`photowatch.sim.night.simulate_night` (``injections=[...]``) renders it
 with the frame's PSF like any star and records, per frame, where it put it
 and how bright (``SimFrame.injected``), so every product can be checked
@@ -25,7 +28,41 @@ def _minutes(t: datetime, t0: datetime) -> float:
 
 
 @dataclass(frozen=True)
-class Asteroid:
+class Point:
+    """One injected point in one frame (the fields of lane live's ``InjectedSource``)."""
+
+    ra: float
+    dec: float
+    mag: float
+    name: str | None = None
+
+
+def _point(ra, dec, mag, name):
+    try:  # lane live's hook (photowatch.sim.inject), when it is there
+        from photowatch.sim.inject import InjectedSource
+
+        return InjectedSource(ra, dec, mag, name=name)
+    except ImportError:
+        return Point(ra, dec, mag, name)
+
+
+class _Injected:
+    """The injection protocol of both hooks: ``radec(mid)`` / ``mag(mid, band)`` /
+    ``truth()``, and lane live's ``sources(frame, t0, t1)`` / ``describe()``."""
+
+    def sources(self, frame, t0: datetime, t1: datetime) -> list:
+        mid = t0 + (t1 - t0) / 2
+        mag = self.mag(mid, frame.band)
+        if mag is None:
+            return []
+        return [_point(*self.radec(mid), mag, self.name)]
+
+    def describe(self) -> dict:
+        return self.truth()
+
+
+@dataclass(frozen=True)
+class Asteroid(_Injected):
     """A constant-rate mover on the tangent plane: at ``t0`` at (ra0, dec0), moving
     ``rate_ra`` (east, arcsec per minute on the sky) and ``rate_dec`` (north)."""
 
@@ -54,7 +91,7 @@ class Asteroid:
 
 
 @dataclass(frozen=True)
-class NewSource:
+class NewSource(_Injected):
     """A point source that is not in the reference catalogue, fading as a power law:
     ``mag = mag0 + 2.5 alpha log10(t / t_ref)`` (t from ``t_burst``; alpha 0: steady)."""
 
@@ -83,4 +120,4 @@ class NewSource:
                 "t_ref_min": self.t_ref_min, "alpha": self.alpha}
 
 
-__all__ = ["Asteroid", "NewSource"]
+__all__ = ["Asteroid", "NewSource", "Point"]
