@@ -95,6 +95,7 @@ def check_frame(engine, row, info, profile, result) -> list[dict]:
     for r, i in zip(rows, ids):
         r["id"] = i
     link_field(engine.store, info.night, info.target or "", s)
+    _alert_new(engine, info, rows)
     qc["candidates"] = {"new": sum(r["kind"] == "new" for r in rows),
                         "varying": sum(r["kind"] == "varying" for r in rows),
                         "limmag_used": found.limmag if np.isfinite(found.limmag) else None,
@@ -107,6 +108,32 @@ def check_frame(engine, row, info, profile, result) -> list[dict]:
                              s.cutout_px)
     write_night_table(engine.out, engine.store, info.night)
     return rows
+
+
+def _alert_new(engine, info, rows: list[dict]) -> None:
+    """``new_candidate`` alerts (lane live's hook, when present): a new object's first
+    detection, and a varying star; an object seen before (or a track growing) is not news."""
+    if not rows:
+        return
+    try:
+        from photowatch.run.alerts import alert
+    except ImportError:  # the alert hook is lane live's; without it, nothing to send
+        return
+    linked = {r["id"]: r for r in engine.store.candidates(info.night, info.target or "")}
+    per_object: dict = {}
+    for r in linked.values():
+        per_object[r["object_id"]] = per_object.get(r["object_id"], 0) + 1
+    for r in rows:
+        row = linked.get(r["id"])
+        if row is None or (r["kind"] == "new" and per_object.get(row["object_id"], 0) > 1):
+            continue
+        alert(engine, "new_candidate", {
+            "night": info.night, "frame": r["frame"], "ra": r["ra"], "dec": r["dec"],
+            "mag": r["mag"], "magerr": r["magerr"], "significance": r["significance"],
+            "kind": r["kind"], "cutouts": [str(engine.out / "candidates" / info.night /
+                                               "cutouts" / f"{r['frame'].rsplit('.', 1)[0]}_"
+                                               f"{r['id']}{suffix}.png")
+                                           for suffix in ("", "_ref")]})
 
 
 def link_field(store, night: str, target: str, settings) -> None:
