@@ -98,9 +98,7 @@ def _mask_max(mask: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float, bit
     ny, nx = mask.shape
     r = int(math.ceil(radius))
     hit = np.zeros(x.size, bool)
-    masked = (mask & bits) != 0
-    if not masked.any():
-        return hit
+    # window by window: the candidates are few, the frame is 16 Mpx at 4k
     for i, (cx, cy) in enumerate(zip(np.rint(x).astype(int), np.rint(y).astype(int))):
         x0, x1 = max(cx - r, 0), min(cx + r + 1, nx)
         y0, y1 = max(cy - r, 0), min(cy + r + 1, ny)
@@ -109,7 +107,7 @@ def _mask_max(mask: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float, bit
             continue
         yy, xx = np.ogrid[y0:y1, x0:x1]
         disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius * radius
-        hit[i] = bool(masked[y0:y1, x0:x1][disk].any())
+        hit[i] = bool(((mask[y0:y1, x0:x1] & bits) != 0)[disk].any())
     return hit
 
 
@@ -169,17 +167,11 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
         ref_limit = reference_limit(np.asarray(reference["mag"], float))
     if limmag is None or not np.isfinite(limmag):
         limmag = frame_limit(cat)
-    bad = artefacts(cat, mask, fwhm_px, settings)
-    artefact = np.zeros(len(cat), bool)
-    for why, hit in bad.items():
-        new_hits = hit & ~artefact & ok
-        rejected[why] = int(new_hits.sum())
-        artefact |= hit
 
     # match on the tangent plane around the frame's sources (arcsec)
     ra = np.asarray(cat["ra"], float)
     dec = np.asarray(cat["dec"], float)
-    ra0, dec0 = float(np.nanmedian(ra)), float(np.nanmedian(dec))
+    ra0, dec0 = float(np.nanmedian(ra[ok])), float(np.nanmedian(dec[ok]))
     cosd = math.cos(math.radians(dec0))
 
     def plane(r, d):
@@ -197,22 +189,21 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
     tree = cKDTree(rxy)
     xy = plane(np.where(ok, ra, ra0), np.where(ok, dec, dec0))
     dist, idx = tree.query(xy, distance_upper_bound=radius)
-    matched = np.isfinite(dist)
+    matched = np.isfinite(dist) & ok
     snr = np.asarray(cat["snr"], float) if "snr" in cat.colnames else \
         1.0857 / np.asarray(cat["magerr"], float)
     err = np.asarray(cat["magerr"], float)
     ell_all = np.asarray(cat["ellipticity"], float) if "ellipticity" in cat.colnames \
         else np.zeros(len(cat))
+    flags = np.asarray(cat["flags"], int) if "flags" in cat.colnames else np.zeros(len(cat), int)
     j = np.where(matched, idx, 0)
     # each reference star belongs to its nearest frame source within the blend radius; a
     # source is compared with the summed flux of its stars (the frame may not resolve a
-    # pair the catalogue does). A bright star's wings make any source nearby brighter than
-    # the catalogue says, so sources there are not judged at all
+    # pair the catalogue does)
     fwhm_as = fwhm_px * pixel_scale_arcsec if np.isfinite(fwhm_px) else radius
     rflux = np.where(np.isfinite(rmag), 10 ** (-0.4 * np.where(np.isfinite(rmag), rmag, 99)),
                      0.0)
     blend_r = max(radius, settings.blend_radius_fwhm * fwhm_as)
-    crowd_r = settings.crowd_radius_fwhm * fwhm_as
     okidx = np.flatnonzero(ok)
     owner_d, owner = cKDTree(xy[okidx]).query(rxy, distance_upper_bound=blend_r)
     owned = np.isfinite(owner_d)
@@ -224,26 +215,6 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
                          np.nan)
         ref_e = np.where(matched & (fsum > 0), np.sqrt(vsum) / np.where(fsum > 0, fsum, 1),
                          np.nan)
-    # a source that owns more than one reference star of note is a blend the frame did not
-    # resolve: its measured flux depends on the deblending, not on the sky; not judged
-    primary = np.where(matched, rflux[j], 0.0)
-    crowded = matched & (fsum > (1.0 + settings.max_blend_fraction) * primary)
-    # a new source this close to a brighter star may be a piece of it (deblending, wings)
-    close = np.zeros(len(cat), bool)
-    new_r = settings.new_crowd_radius_fwhm * fwhm_as
-    mine = np.full(rmag.size, -1)
-    mine[owned] = owner[owned]
-    for i, near in enumerate(tree.query_ball_point(xy, crowd_r * 4.0)):
-        if ok[i] and near:
-            near = np.asarray(near)
-            near = near[mine[near] != i]
-            dm = mag[i] - rmag[near]
-            d = np.hypot(*(rxy[near] - xy[i]).T)
-            reach = crowd_r * 10 ** (0.067 * np.clip(dm, 0, 20))
-            crowded[i] |= bool(np.any((dm > -settings.crowd_dmag) & (d < reach)))
-            close[i] = bool(np.any((dm > 0) & (d < new_r * 10 ** (0.067 * np.clip(dm, 0, 20)))))
-    rejected["crowded"] = int((crowded & matched & ok & ~artefact).sum())
-    rejected["near_brighter"] = int((close & ~matched & ok & ~artefact).sum())
     delta = mag - ref_m
     # a star just below the reference's limit, unresolved in the aperture, is invisible to
     # the reference and brightens the source: a brightening counts beyond that much light
@@ -253,22 +224,54 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
         m_adj = np.where(delta < 0, -2.5 * np.log10(np.maximum(f_meas - f_hidden, 1e-30)), mag)
         d_adj = np.where(delta < 0, np.minimum(m_adj - ref_m, 0.0), delta)
         vary_sig = np.abs(d_adj) / np.sqrt(err ** 2 + ref_e ** 2 + settings.vary_floor_mag ** 2)
-    # star-like for a varying source: not more elongated than the frame's stars (an
-    # unresolved neighbour stretches the image and brightens it)
-    bright = ok & matched & ~artefact & (snr >= 20)
-    ell_med = float(np.nanmedian(ell_all[bright])) if bright.sum() >= 5 else 0.1
-    elongated = ell_all > ell_med + settings.vary_max_extra_ellipticity
-    rejected["elongated"] = int((elongated & ok & matched & ~artefact & ~crowded).sum())
-    crowded = crowded | elongated
-    clean = ok & ~artefact
-    new = clean & ~close & ~matched & (snr >= settings.min_snr)
+
+    # the photometric tests first (cheap, vectorised); the artefact, shape and crowding cuts
+    # only for the few sources that pass them
+    new = ok & ~matched & (snr >= settings.min_snr)
     if np.isfinite(limmag):
         new &= mag <= limmag + settings.new_margin_mag  # ~5 sigma; LIMMAG is one figure per frame
     deep_enough = mag + settings.new_sigma * err <= ref_limit - settings.new_margin_mag
     rejected["fainter_than_reference"] = int((new & ~deep_enough).sum())
     new &= deep_enough
-    varying = clean & ~crowded & matched & (vary_sig >= settings.vary_sigma) & np.isfinite(ref_m)
-    # saturated or nearly saturated reference stars are not trusted to vary
+    varying = matched & np.isfinite(ref_m) & (vary_sig >= settings.vary_sigma)
+    rows = np.flatnonzero(new | varying)
+    bad = artefacts(cat[rows] if rows.size else cat[:0], mask, fwhm_px, settings)
+    artefact = np.zeros(len(cat), bool)
+    for why, hit in bad.items():
+        rejected[why] = int((hit & ~artefact[rows]).sum())
+        artefact[rows[hit]] = True
+    # a varying source must own its aperture: no second reference star of note of its own
+    # (a blend the frame did not resolve), none of another source's within the aperture
+    # (radius crowd_radius_fwhm, farther for brighter stars: their wings), and a stellar
+    # shape (an unresolved neighbour stretches the image and brightens it); a new source
+    # close to a brighter star may be a piece of it (deblending, wings)
+    primary = np.where(matched, rflux[j], 0.0)
+    crowded = matched & (fsum > (1.0 + settings.max_blend_fraction) * primary)
+    close = np.zeros(len(cat), bool)
+    crowd_r = settings.crowd_radius_fwhm * fwhm_as
+    new_r = settings.new_crowd_radius_fwhm * fwhm_as
+    mine = np.full(rmag.size, -1)
+    mine[owned] = owner[owned]
+    for i in rows[~artefact[rows]]:
+        near = np.asarray(tree.query_ball_point(xy[i], crowd_r * 4.0), int)
+        near = near[mine[near] != i]
+        if near.size == 0:
+            continue
+        dm = mag[i] - rmag[near]
+        d = np.hypot(*(rxy[near] - xy[i]).T)
+        reach = 10 ** (0.067 * np.clip(dm, 0, 20))
+        crowded[i] |= bool(np.any((dm > -settings.crowd_dmag) & (d < crowd_r * reach)))
+        close[i] = bool(np.any((dm > 0) & (d < new_r * reach)))
+    bright = matched & (flags == 0) & (snr >= 20)
+    ell_med = float(np.nanmedian(ell_all[bright])) if bright.sum() >= 5 else 0.1
+    elongated = ell_all > ell_med + settings.vary_max_extra_ellipticity
+    varying &= ~artefact
+    new &= ~artefact
+    rejected["crowded"] = int((varying & crowded).sum())
+    rejected["elongated"] = int((varying & ~crowded & elongated).sum())
+    rejected["near_brighter"] = int((new & close).sum())
+    varying &= ~crowded & ~elongated
+    new &= ~close
     kind = np.where(new, "new", np.where(varying, "varying", ""))
     keep = kind != ""
     sig = np.where(new, snr, vary_sig)
