@@ -238,3 +238,29 @@ def test_changes_can_be_switched_off():
     assert Settings().changes.enabled
     assert not Settings().with_overrides(changes={"enabled": False}).changes.enabled
     assert Changes().vary_sigma == 5.0 and Changes().min_snr == 5.0
+
+
+@pytest.mark.slow
+def test_without_a_catalogue_the_first_coadd_is_the_reference(injected_night, tmp_path):
+    sim, _ = injected_night
+    out = tmp_path / "out"
+    settings = Settings().with_overrides(paths={"output_dir": str(out)})
+    summary = reduce_directory(sim.raw_dir, settings, catalog=None, progress=False)
+    assert summary.ok, summary.problems
+    store, frames = _frames(out)
+    night = frames[0]["night"]
+    ref = Table.read(out / "candidates" / night / "reference_NGC0001_SDSS-R.ecsv")
+    assert ref.meta["ncombine"] >= Changes().reference_frames and len(ref) > 50
+    truth = {f.raw_name: f for f in sim.objects()}
+    cands = store.candidates(night)
+    compared = [f for f in frames if "candidates" in json.loads(f["qc_json"])]
+    assert len(compared) >= 3
+    # the asteroid has left its place in the reference: new in the frames compared
+    hits = [c for f in compared for d in truth[f["raw_name"]].injected or []
+            if d["name"] == "asteroid"
+            for c in cands if c["frame_id"] == f["id"] and _near(c, d)]
+    assert len(hits) >= 2 and all(c["kind"] == "new" for c in hits)
+    names = {f["id"]: f["raw_name"] for f in frames}
+    false = [c for c in cands
+             if not any(_near(c, d, 2.0) for d in truth[names[c["frame_id"]]].injected or [])]
+    assert len(false) <= len(compared), false

@@ -280,6 +280,9 @@ class Changes(Section):
     max_rate_arcsec_min: PositiveFloat = 10.0  #: fastest mover linked
     min_motion_arcsec: PositiveFloat = 1.5  #: a track moving less over its span is static
     min_track_points: Annotated[int, Field(ge=2)] = 3
+    #: without a reference catalogue: the night's coadd of the target and filter becomes the
+    #: reference (frozen) once it holds this many frames
+    reference_frames: Annotated[int, Field(ge=1)] = 3
     cutout_px: Annotated[int, Field(ge=8, le=512)] = 48  #: side of the PNG cutouts
     max_per_frame: Annotated[int, Field(ge=1)] = 50  #: the most significant kept per frame
 

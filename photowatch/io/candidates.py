@@ -53,6 +53,13 @@ def write_table(out: str | Path, night: str, rows: list) -> Path:
                        fsync=False)
 
 
+def write_reference(path: str | Path, table) -> Path:
+    """A frozen reference (the night's first coadd's sources), ECSV, atomically."""
+    buf = io.StringIO()
+    table.write(buf, format="ascii.ecsv")
+    return write_bytes(path, buf.getvalue().encode(), fsync=False)
+
+
 def cutout(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
     """A ``size`` x ``size`` float32 stamp centred on (x, y) (0-based); NaN off the image."""
     half = size // 2
@@ -116,5 +123,5 @@ def save_star_chart(x: np.ndarray, y: np.ndarray, flux: np.ndarray, size: int,
     return write_bytes(Path(path), buf.getvalue(), fsync=False)
 
 
-__all__ = ["candidates_dir", "write_table", "cutout", "save_cutout", "save_star_chart",
+__all__ = ["candidates_dir", "write_table", "write_reference", "cutout", "save_cutout", "save_star_chart",
            "TABLE_COLUMNS"]

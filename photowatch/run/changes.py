@@ -10,13 +10,18 @@ detections of the field into moving tracks and stationary objects
 ``OUT/candidates/<night>/candidates.ecsv`` and draws the cutouts on the
 background thread.
 
-Only absolutely calibrated frames are compared (a CAT with magnitudes and an
-absolute WCS); without a reference catalogue nothing is compared yet (the
-night's first coadd as the reference is not built: see docs/architecture.md).
+With a reference catalogue, absolutely calibrated frames are compared (CAT
+magnitudes, an absolute WCS). Without one, the reference is the night's first
+quick-look coadd of the target and filter: the catalogue of the coadd once it
+holds ``[changes] reference_frames`` frames, extracted once and frozen in
+``OUT/candidates/<night>/reference_<target>_<filter>.ecsv``; frames are then
+compared in the coadd's units (reference electrons: ``-2.5 log10(flux x
+FLXSCALE)``), and frames reduced before it existed are not compared.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from datetime import timedelta
@@ -55,6 +60,95 @@ def reference_for(engine, info, profile, wcs, shape):
                   "magerr": np.asarray(err, float)[keep]})
 
 
+_COADD_REFS: dict = {}  #: path -> frozen coadd reference (read once per process)
+
+
+def coadd_reference(engine, info):
+    """The night's first coadd of the target and filter as a reference (ra, dec, mag, magerr
+    in reference electrons, mag = -2.5 log10(flux)), frozen on first use; or None."""
+    from astropy.table import Table
+
+    from photowatch.io.candidates import candidates_dir, write_reference
+    from photowatch.io.fits import write_bytes
+
+    slug = "".join(c if c.isalnum() or c in "-." else "_"
+                   for c in f"{info.target or 'field'}_{info.filter or 'none'}")
+    path = candidates_dir(engine.out, info.night) / f"reference_{slug}.ecsv"
+    cached = _COADD_REFS.get(str(path))
+    if cached is not None:
+        return cached
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    if path.is_file():
+        table = Table.read(path, format="ascii.ecsv")
+    else:
+        row = engine.store.coadd(info.night, info.target or "", info.filter or "")
+        if row is None or (row["ncombine"] or 0) < engine.settings.changes.reference_frames \
+                or not row["path"]:
+            return None
+        from photowatch.stages.photometry import coadd_catalog
+
+        cat = coadd_catalog(row["path"], magzp=0.0, settings=engine.settings.stages.sources,
+                            detect_sigma=engine.settings.coadd.detect_sigma,
+                            max_sources=engine.settings.coadd.max_sources)
+        ok = np.isfinite(np.asarray(cat["mag"], float))
+        table = Table({"ra": np.asarray(cat["ra"], float)[ok],
+                       "dec": np.asarray(cat["dec"], float)[ok],
+                       "mag": np.asarray(cat["mag"], float)[ok],
+                       "magerr": np.asarray(cat["magerr"], float)[ok]})
+        table.meta.update({"coadd": str(row["path"]), "ncombine": int(row["ncombine"]),
+                           "units": "mag = -2.5 log10(flux in reference electrons)"})
+        with fits.open(row["path"]) as hdul:
+            ncov = np.asarray(hdul["NCOV"].data) if "NCOV" in hdul else \
+                (np.asarray(hdul["WHT"].data) > 0).astype(np.int16) * int(row["ncombine"])
+            whdr = hdul["SCI"].header
+            full = ncov >= int(row["ncombine"])
+        table.meta["wcs"] = WCS(whdr, naxis=2).to_header().tostring(sep="\n")
+        buf = io.BytesIO()
+        np.save(buf, np.packbits(full, axis=None))
+        write_bytes(path.with_suffix(".cover.npy"), buf.getvalue(), fsync=False)
+        table.meta["cover_shape"] = list(full.shape)
+        write_reference(path, table)
+        log.info("%s: the night's first coadd (%d frames) is the changes reference of %s %s "
+                 "(%d sources)", row["path"], row["ncombine"], info.target, info.filter,
+                 len(table))
+    cover_path = path.with_suffix(".cover.npy")
+    if "cover" not in table.meta and cover_path.is_file():
+        shape = tuple(table.meta["cover_shape"])
+        bits = np.unpackbits(np.load(cover_path))[:shape[0] * shape[1]]
+        table.meta["cover"] = (WCS(fits.Header.fromstring(table.meta["wcs"], sep="\n")),
+                               bits.reshape(shape).astype(bool))
+    _COADD_REFS[str(path)] = table
+    return table
+
+
+def covered_by(reference, ra, dec) -> np.ndarray | None:
+    """Per position: inside the part of a coadd reference that all its frames cover."""
+    cover = reference.meta.get("cover") if reference is not None else None
+    if cover is None:
+        return None
+    wcs, full = cover
+    x, y = wcs.all_world2pix(np.asarray(ra, float), np.asarray(dec, float), 0)
+    ix, iy = np.rint(np.nan_to_num(x, nan=-1)).astype(int), \
+        np.rint(np.nan_to_num(y, nan=-1)).astype(int)
+    inside = (ix >= 0) & (iy >= 0) & (ix < full.shape[1]) & (iy < full.shape[0])
+    out = np.zeros(ix.size, bool)
+    out[inside] = full[iy[inside], ix[inside]]
+    return out
+
+
+def _relative_cat(cat, flxscale: float):
+    """The CAT in the coadd's units: mag = -2.5 log10(flux x FLXSCALE)."""
+    out = cat.copy()
+    flux = np.asarray(cat["flux"], float) * flxscale
+    err = np.asarray(cat["fluxerr"], float) * flxscale
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["mag"] = np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1)), np.nan)
+        out["magerr"] = np.where(flux > 0, 1.0857 * err / np.where(flux > 0, flux, 1), np.nan)
+    return out
+
+
 def check_frame(engine, row, info, profile, result) -> list[dict]:
     """Find, record and link the candidates of a reduced frame; the new rows (for alerts)."""
     from photowatch.io.candidates import candidates_dir
@@ -62,20 +156,28 @@ def check_frame(engine, row, info, profile, result) -> list[dict]:
 
     s = engine.settings.changes
     qc = result.qc
-    if not s.enabled or result.wcs is None or not qc.get("abscal") \
-            or qc.get("phot_status") != "ok" or qc.get("aststat") != "ok":
+    if not s.enabled or result.wcs is None:
         return []
     shape = result.frame.sci.shape
-    reference = reference_for(engine, info, profile, result.wcs, shape)
+    cat = result.cat
+    limmag = result.frame.header.get("LIMMAG", qc.get("limmag"))
+    if qc.get("abscal") and qc.get("phot_status") == "ok" and qc.get("aststat") == "ok":
+        reference = reference_for(engine, info, profile, result.wcs, shape)
+    elif engine.catalog is None and qc.get("flxscale") and qc.get("aststat") in ("ok", "relative"):
+        reference = coadd_reference(engine, info)
+        cat = _relative_cat(cat, float(qc["flxscale"]))
+        limmag = None  # LIMMAG is calibrated; the relative limit comes from the CAT itself
+    else:
+        return []
     if reference is None or len(reference) == 0:
         return []
+    covered = covered_by(reference, cat["ra"], cat["dec"])
     scale = info.pixel_scale_arcsec or 1.0
     fwhm_px = (qc.get("fwhm_arcsec") or math.nan) / scale
-    hdr = result.frame.header
-    limmag = hdr.get("LIMMAG", qc.get("limmag"))
-    found = find_candidates(result.cat, reference, mask=result.frame.mask, fwhm_px=fwhm_px,
+    found = find_candidates(cat, reference, mask=result.frame.mask, fwhm_px=fwhm_px,
                             pixel_scale_arcsec=scale,
-                            limmag=float(limmag) if limmag is not None else None, settings=s)
+                            limmag=float(limmag) if limmag is not None else None,
+                            covered=covered, settings=s)
     table = found.table
     if len(table) > s.max_per_frame:
         table = table[np.argsort(-np.asarray(table["significance"]))[:s.max_per_frame]]

@@ -143,14 +143,16 @@ def artefacts(cat, mask: np.ndarray | None, fwhm_px: float,
 
 def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
                     pixel_scale_arcsec: float, ref_limit: float | None = None,
-                    limmag: float | None = None,
+                    limmag: float | None = None, covered: np.ndarray | None = None,
                     settings: ChangeSettings = _DEFAULTS) -> Candidates:
     """New and varying sources of one calibrated frame (see the module docstring).
 
     ``cat``: the frame's CAT (x, y, ra, dec, mag, magerr, snr, fwhm, ellipticity, flags);
     ``reference``: ra, dec, mag, magerr of the field's reference stars in the frame's band;
     ``ref_limit``: the reference's depth (default :func:`reference_limit` of its mags);
-    ``limmag``: the frame's 5 sigma limit (LIMMAG; default :func:`frame_limit`).
+    ``limmag``: the frame's 5 sigma limit (LIMMAG; default :func:`frame_limit`);
+    ``covered``: per source, is it where the reference reaches its full depth (a coadd's
+    footprint; None: everywhere, as a catalogue).
     """
     from astropy.table import Table
     from scipy.spatial import cKDTree
@@ -233,6 +235,9 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
     deep_enough = mag + settings.new_sigma * err <= ref_limit - settings.new_margin_mag
     rejected["fainter_than_reference"] = int((new & ~deep_enough).sum())
     new &= deep_enough
+    if covered is not None:
+        rejected["outside_reference"] = int((new & ~covered).sum())
+        new &= np.asarray(covered, bool)
     varying = matched & np.isfinite(ref_m) & (vary_sig >= settings.vary_sigma)
     rows = np.flatnonzero(new | varying)
     bad = artefacts(cat[rows] if rows.size else cat[:0], mask, fwhm_px, settings)
