@@ -264,3 +264,47 @@ def test_without_a_catalogue_the_first_coadd_is_the_reference(injected_night, tm
     false = [c for c in cands
              if not any(_near(c, d, 2.0) for d in truth[names[c["frame_id"]]].injected or [])]
     assert len(false) <= len(compared), false
+
+
+# ---------------------------------------------------------------------------- report
+
+@pytest.mark.parametrize("rotation, flip, north, east", [
+    (0.0, False, (0, 1), (-1, 0)),  # north up, east left (normal parity, as on the sky)
+    (0.0, True, (0, 1), (1, 0)),  # mirrored
+    (90.0, False, (1, 0), (0, 1)),  # the +y axis points east
+])
+def test_compass_arrows_follow_the_wcs(rotation, flip, north, east):
+    from astropy.wcs import WCS
+
+    from photowatch.report.latest import compass
+    from photowatch.sim.night import wcs_header
+
+    wcs = WCS(wcs_header(400, 0.5, rotation, flip, 150.0, 60.0))
+    n, e, scale = compass(wcs, 199.5, 199.5)
+    assert n == pytest.approx(north, abs=0.01) and e == pytest.approx(east, abs=0.01)
+    assert scale == pytest.approx(0.5, rel=0.01)
+
+
+def test_report_panels(injected_night):
+    from photowatch.report.candidates import candidate_facts, candidates_html
+    from photowatch.report.latest import latest_frame_facts, latest_html, latest_thumbnail
+
+    sim, out = injected_night
+    store, frames = _frames(out)
+    night = frames[0]["night"]
+    facts = candidate_facts(store, night)
+    kinds = [o["kind"] for o in facts["objects"]]
+    assert kinds.count("moving") == 1  # the asteroid: one entry, with its rate
+    moving = next(o for o in facts["objects"] if o["kind"] == "moving")
+    assert math.hypot(moving["rate_ra_arcsec_min"], moving["rate_dec_arcsec_min"]) == \
+        pytest.approx(math.hypot(0.5, 0.3), abs=0.05)
+    assert moving["detections"] >= 5
+    page = candidates_html(facts, lambda p: p)
+    assert "moving" in page and "cutouts/" in page
+    latest = latest_frame_facts(store, night)
+    assert latest["name"] in {f["name"] for f in frames}
+    assert latest["fwhm_arcsec"] > 0 and latest["zp"] > 20 and latest["airmass"] >= 1
+    assert latest["limmag"] == pytest.approx(21.3, abs=1.0)
+    png = latest_thumbnail(latest["product"], out / "latest.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "LIMMAG" in latest_html(latest, "latest.png")
