@@ -272,6 +272,8 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
     elongated = ell_all > ell_med + settings.vary_max_extra_ellipticity
     varying &= ~artefact
     new &= ~artefact
+    # sep split it from a neighbour: its flux depends on the deblending (BLENDED, 16)
+    crowded |= (flags & 16) != 0
     rejected["crowded"] = int((varying & crowded).sum())
     rejected["elongated"] = int((varying & ~crowded & elongated).sum())
     rejected["near_brighter"] = int((new & close).sum())
