@@ -12,11 +12,17 @@ With ``--inject``: the frame where the new source first became a candidate
 against the first frame where the truth puts it above the 5 sigma limit, and
 how many tracks and objects the asteroid's detections fell into.
 
+``--reanalyse DIR ...`` runs only the comparison again
+(``stages.changes.find_candidates``) on the products of nights kept with ``--keep``,
+against their catalogue or (``--truth-reference``) the simulator's whole star list to
+r = 23.5 with catalogue-like errors: a reference deeper than the frames.
+
 Usage::
 
     .venv/bin/python benchmarks/bench_candidates.py                        # 4096 px, seeds 1 2 3
     .venv/bin/python benchmarks/bench_candidates.py --size 1024 --seeds 1  # quick
     .venv/bin/python benchmarks/bench_candidates.py --catalog-limit 23.5   # reference deeper than the frames
+    .venv/bin/python benchmarks/bench_candidates.py --reanalyse /tmp/bench_candidates_4_* [--truth-reference]
 """
 
 from __future__ import annotations
@@ -100,6 +106,51 @@ def run_seed(work: Path, args, seed: int) -> dict:
     return res
 
 
+def reanalyse(dirs, truth_reference: bool) -> None:
+    """The comparison alone, again, on kept nights (false candidates and its seconds)."""
+    from astropy.table import Table
+
+    from photowatch.io.products import read_product
+    from photowatch.sim.night import SimNight, catalog_error
+    from photowatch.stages.changes import find_candidates
+
+    total, frames, seconds = 0, 0, []
+    for d in dirs:
+        root = Path(d)
+        sim = SimNight.load(root / "sim")
+        if truth_reference:
+            st = sim.stars
+            err = catalog_error(np.asarray(st["r"]))
+            rng = np.random.default_rng(0)
+            ref = Table({"ra": st["ra"], "dec": st["dec"],
+                         "mag": np.asarray(st["r"]) + rng.normal(0, 1, len(st)) * err,
+                         "magerr": err})
+        else:
+            cat = Table.read(sim.catalog_path)
+            ref = Table({"ra": cat["ra"], "dec": cat["dec"], "mag": cat["r"],
+                         "magerr": cat["r_err"]})
+        scale = sim.params["pixel_scale_arcsec"]
+        db = sqlite3.connect(root / "out" / "state.sqlite")
+        db.row_factory = sqlite3.Row
+        for f in db.execute("SELECT * FROM frames WHERE kind='object' AND state='reduced'"):
+            p = read_product(f["product"])
+            c = p.cat
+            c["x"] -= 1  # 1-based on disk
+            c["y"] -= 1
+            qc = json.loads(f["qc_json"])
+            t0 = time.perf_counter()
+            r = find_candidates(c, ref, mask=p.mask, fwhm_px=qc["fwhm_arcsec"] / scale,
+                                pixel_scale_arcsec=scale)
+            seconds.append(time.perf_counter() - t0)
+            frames += 1
+            total += len(r.table)
+            print(json.dumps({"night": root.name, "frame": f["raw_name"], "sources": len(c),
+                              "candidates": list(r.table["kind"]), "turned_away": r.rejected}),
+                  flush=True)
+    print(f"reanalysed {frames} frames: {total} false candidates, {total / max(frames, 1):.2f} "
+          f"per frame; comparison {np.median(seconds):.3f} s per frame (median)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=4096)
@@ -109,7 +160,12 @@ def main(argv=None) -> int:
     p.add_argument("--catalog-limit", type=float, default=21.0)
     p.add_argument("--inject", action="store_true")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--reanalyse", nargs="+", metavar="DIR")
+    p.add_argument("--truth-reference", action="store_true")
     args = p.parse_args(argv)
+    if args.reanalyse:
+        reanalyse(args.reanalyse, args.truth_reference)
+        return 0
     results = []
     for seed in args.seeds:
         work = Path(tempfile.mkdtemp(prefix=f"bench_candidates_{seed}_"))
