@@ -96,9 +96,18 @@ def run_seed(work: Path, args, seed: int) -> dict:
                 inj = [d for d in by_raw[names[c["frame"]]].injected or [] if d["name"] == obj]
                 if inj and np.hypot(c["x"] - inj[0]["x"], c["y"] - inj[0]["y"]) < 2.0:
                     hits.append(c)
+            per_frame = []
+            for f in sorted(frames, key=lambda f: f["name"]):
+                inj = [d for d in by_raw[f["raw_name"]].injected or [] if d["name"] == obj]
+                if inj:
+                    hit = [c for c in hits if c["frame"] == f["name"]]
+                    per_frame.append({"frame": f["raw_name"], "true_mag": round(inj[0]["mag"], 2),
+                                      "candidate": bool(hit),
+                                      "snr": round(hit[0]["snr"], 1) if hit else None})
             res["injected"].append({"name": obj, "detections": len(hits),
                                     "objects": len({h["object_id"] for h in hits}),
-                                    "moving": sum(h["moving"] for h in hits)})
+                                    "moving": sum(h["moving"] for h in hits),
+                                    "frames": per_frame})
         res["false_new"] = res["new"] - sum(i["detections"] for i in res["injected"])
     else:
         res["false_new"] = res["new"]
