@@ -44,12 +44,15 @@ def reference_for(engine, info, profile, wcs, shape):
     """The field's reference stars (ra, dec, mag, magerr) in the frame's band, or None."""
     from astropy.table import Table
 
-    from photowatch.run.science import _reference_stars
-
     band = profile.band_for(info.filter)
     if engine.catalog is None or band is None:
         return None
-    stars, _ = _reference_stars(engine, info, profile, wcs, shape)
+    if hasattr(engine, "reference_stars"):  # the night context's cached cone
+        stars, _ = engine.reference_stars(info, profile, wcs, shape)
+    else:
+        from photowatch.run.science import _reference_stars
+
+        stars, _ = _reference_stars(engine, info, profile, wcs, shape)
     if stars is None or band not in stars.colnames:
         return None
     err = stars[f"{band}_err"] if f"{band}_err" in stars.colnames else np.zeros(len(stars))
