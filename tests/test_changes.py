@@ -286,8 +286,10 @@ def test_compass_arrows_follow_the_wcs(rotation, flip, north, east):
 
 
 def test_report_panels(injected_night):
-    from photowatch.report.candidates import candidate_facts, candidates_html
-    from photowatch.report.latest import latest_frame_facts, latest_html, latest_thumbnail
+    from photowatch.core.config import Settings as _S
+    from photowatch.report.candidates import candidate_facts
+    from photowatch.report.html import write_report
+    from photowatch.report.latest import latest_frame_facts
 
     sim, out = injected_night
     store, frames = _frames(out)
@@ -299,12 +301,16 @@ def test_report_panels(injected_night):
     assert math.hypot(moving["rate_ra_arcsec_min"], moving["rate_dec_arcsec_min"]) == \
         pytest.approx(math.hypot(0.5, 0.3), abs=0.05)
     assert moving["detections"] >= 5
-    page = candidates_html(facts, lambda p: p)
-    assert "moving" in page and "cutouts/" in page
     latest = latest_frame_facts(store, night)
     assert latest["name"] in {f["name"] for f in frames}
     assert latest["fwhm_arcsec"] > 0 and latest["zp"] > 20 and latest["airmass"] >= 1
     assert latest["limmag"] == pytest.approx(21.3, abs=1.0)
-    png = latest_thumbnail(latest["product"], out / "latest.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "LIMMAG" in latest_html(latest, "latest.png")
+    page = write_report(out, store, night, _S(), final=False).read_text()
+    folder = out / "report" / night
+    assert (folder / "img" / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = page.index('id="latest"')
+    assert first < page.index('id="candidates"') < page.index('id="problems"')
+    assert "LIMMAG" in page and "moving" in page and "cutouts/" in page
+    data = json.loads((folder / "night.json").read_text())
+    assert data["latest"]["name"] == latest["name"]
+    assert data["candidates"]["by_kind"]["moving"] == 1

@@ -6,13 +6,11 @@ from the store (what the observer is looking at): its name, filter, target,
 FWHM, LIMMAG, zero point, airmass, state, and how long ago it arrived.
 :func:`latest_thumbnail` draws its SCI plane (block-averaged, zscale) with the
 directions of north and east from its WCS and a scale bar, as a PNG written
-atomically. :func:`latest_html` is the panel (until the Jinja2 templates take
-it over).
+atomically. The panel is ``report/templates/latest.html.j2``.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import math
@@ -132,42 +130,4 @@ def latest_thumbnail(product: str | Path, path: str | Path, max_px: int = 480) -
     return write_bytes(path, buf.getvalue(), fsync=False)
 
 
-def _fmt(v, unit: str = "", nd: int = 2) -> str:
-    return "—" if v is None else f"{v:.{nd}f}{unit}"
-
-
-def _ago(seconds) -> str:
-    if seconds is None:
-        return "—"
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s ago"
-    if s < 7200:
-        return f"{s // 60} min ago"
-    return f"{s // 3600} h {s % 3600 // 60} min ago"
-
-
-def latest_html(facts: dict | None, thumb_href: str | None) -> str:
-    """The "latest frame" panel."""
-    if not facts:
-        return "<p class='muted'>No science frame reduced yet.</p>"
-    e = html.escape
-    img = (f"<img src='{thumb_href}' alt='latest frame, north and east arrows, scale bar' "
-           "style='max-width:480px;width:100%'>" if thumb_href else "")
-    rows = [("frame", f"{e(facts['name'])} ({e(facts['raw_name'] or '')})"),
-            ("target · filter", f"{e(facts['target'] or '—')} · {e(facts['filter'] or '—')}"),
-            ("arrived", f"{_ago(facts['seconds_since_arrival'])} "
-                        f"(observed {e((facts['obs_time'] or '')[11:19])} UTC)"),
-            ("FWHM", _fmt(facts["fwhm_arcsec"], '"')),
-            ("LIMMAG (5σ)", _fmt(facts["limmag"]) + (
-                f" <span class='muted'>{e(facts['limmag_source'])}</span>"
-                if facts["limmag_source"] and facts["limmag_source"] != "LIMMAG" else "")),
-            ("ZP", _fmt(facts["zp"], nd=3)), ("airmass", _fmt(facts["airmass"], nd=3)),
-            ("state", e(facts["state"] or "")),
-            ("candidates", "—" if facts["candidates"] is None else str(facts["candidates"]))]
-    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    return (f"<div class='row'><div>{img}</div><div><table><tbody>{table}</tbody></table>"
-            "</div></div>")
-
-
-__all__ = ["latest_frame_facts", "latest_thumbnail", "latest_html", "compass"]
+__all__ = ["latest_frame_facts", "latest_thumbnail", "compass"]
