@@ -90,7 +90,7 @@ def coadd_reference(engine, info):
         if row is None or (row["ncombine"] or 0) < engine.settings.changes.reference_frames \
                 or not row["path"]:
             return None
-        from photowatch.stages.photometry import coadd_catalog
+        from photowatch.coadd.catalogue import coadd_catalog
 
         cat = coadd_catalog(row["path"], magzp=0.0, settings=engine.settings.stages.sources,
                             detect_sigma=engine.settings.coadd.detect_sigma,
