@@ -249,6 +249,44 @@ class Daemon(Section):
                            "*.fts.gz", "*.fz"]
 
 
+class Changes(Section):
+    """New, varying and moving sources against the field's reference (issue 21, lane changes;
+    :mod:`photowatch.stages.changes`)."""
+
+    enabled: bool = True
+    match_radius_arcsec: PositiveFloat = 1.0  #: also at least match_radius_fwhm x FWHM
+    match_radius_fwhm: PositiveFloat = 1.0
+    min_snr: PositiveFloat = 5.0  #: a new source is above the frame's 5 sigma limit
+    new_margin_mag: NonNegFloat = 0.3  #: brighter than the reference limit by this ...
+    new_sigma: NonNegFloat = 3.0  #: ... plus this many of its own magnitude errors
+    vary_sigma: PositiveFloat = 5.0  #: a varying source changed by this many sigma
+    vary_floor_mag: NonNegFloat = 0.03  #: systematic error added in quadrature
+    blend_radius_fwhm: PositiveFloat = 2.0  #: reference stars this close to a source are its own
+    max_blend_fraction: NonNegFloat = 0.1  #: its other own stars add at most this flux
+    #: varying: another star this close (x 10**(0.067 dm)) is in the aperture (radius
+    #: stages.sources.aperture_fwhm = 2 FWHM): crowded, not judged ...
+    crowd_radius_fwhm: NonNegFloat = 3.0
+    crowd_dmag: NonNegFloat = 1.0  #: ... unless fainter than the source by this
+    #: new: a brighter star this close (x 10**(0.067 dm)): maybe a piece of it, not judged
+    new_crowd_radius_fwhm: NonNegFloat = 1.5
+    max_fwhm_ratio: PositiveFloat = 2.0  #: star-like: FWHM at most this x the frame's ...
+    min_fwhm_ratio: NonNegFloat = 0.6  #: ... and at least this (else a hot pixel or a cosmic)
+    max_ellipticity: Fraction = 0.5
+    #: varying: at most this much more elongated than the frame's median star
+    vary_max_extra_ellipticity: Fraction = 0.15
+    edge_fwhm: NonNegFloat = 3.0  #: closer than this to the edge or no data: an artefact
+    saturation_radius_fwhm: NonNegFloat = 4.0  #: saturated pixel or bleed this close: artefact
+    link_tolerance_arcsec: PositiveFloat = 0.6  #: largest residual of a detection from its track
+    max_rate_arcsec_min: PositiveFloat = 10.0  #: fastest mover linked
+    min_motion_arcsec: PositiveFloat = 1.5  #: a track moving less over its span is static
+    min_track_points: Annotated[int, Field(ge=2)] = 3
+    #: without a reference catalogue: the night's coadd of the target and filter becomes the
+    #: reference (frozen) once it holds this many frames
+    reference_frames: Annotated[int, Field(ge=1)] = 3
+    cutout_px: Annotated[int, Field(ge=8, le=512)] = 48  #: side of the PNG cutouts
+    max_per_frame: Annotated[int, Field(ge=1)] = 50  #: the most significant kept per frame
+
+
 class Logging(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -266,6 +304,7 @@ class Settings(Section):
     coadd: Coadd = Coadd()
     daemon: Daemon = Daemon()
     logging: Logging = Logging()
+    changes: Changes = Changes()
 
     #: where the settings came from (a path, or "built-in defaults")
     source: str = Field(default="built-in defaults", exclude=True)

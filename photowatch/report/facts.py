@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from photowatch import __version__
+from photowatch.report.candidates import candidate_facts
+from photowatch.report.latest import latest_frame_facts
 from photowatch.state.store import TERMINAL
 
 #: numbers of ``frames.qc_json`` copied into night.json
@@ -293,6 +295,9 @@ def collect_facts(out: Path, store, night: str, settings, *, final: bool) -> dic
         "processes": [{k: p[k] for k in ("command", "started_at", "status")}
                       for p in base.get("processes") or []],
         "versions": software_versions(),
+        # the first screen (issue 21, lane changes): the latest frame and the candidates
+        "latest": latest_frame_facts(store, night),
+        "candidates": candidate_facts(store, night),
         "settings_source": getattr(settings, "source", None),
         "settings": settings.model_dump(mode="json"),
     }

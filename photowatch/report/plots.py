@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -46,6 +47,7 @@ def make_images(facts: dict, folder: Path) -> dict:
         "coadds": [_coadd_images(c, folder, cache) for c in facts["coadds"]],
         "conditions": _conditions_plot(facts["frames"], img, cache),
         "latency": _latency_plot(facts["frames"], img, cache),
+        "latest": _latest_image(facts.get("latest"), img, cache),
     }
     cache.save()
     return images
@@ -76,6 +78,26 @@ class ImageCache:
     def save(self) -> None:
         if self.changed:
             write_bytes(self.path, json.dumps(self.data, indent=0).encode(), fsync=False)
+
+
+def _latest_image(latest: dict | None, img: Path, cache) -> Path | None:
+    """The latest frame's thumbnail with N/E arrows and a scale bar (remade when it changes)."""
+    from photowatch.report.latest import latest_thumbnail
+
+    if not latest or not latest.get("product"):
+        return None
+    stamp = _file_stamp(Path(latest["product"]))
+    if stamp is None:
+        return None
+    if not cache.fresh("latest.png", stamp):
+        try:
+            latest_thumbnail(latest["product"], img / "latest.png")
+        except Exception as exc:  # a thumbnail must never cost the report
+            logging.getLogger(__name__).warning(
+                "%s: latest-frame thumbnail failed (%s); skipped", latest["product"], exc)
+            return None
+        cache.record("latest.png", stamp)
+    return img / "latest.png"
 
 
 def _file_stamp(path: Path) -> list | None:

@@ -34,7 +34,7 @@ KIND_ORDER = ("bias", "dark", "flat", "object")
 #: states listed under "Problems"
 PROBLEM_STATES = ("rejected", "quarantined", "held", "ignored", "waiting")
 #: the page's sections in order: (anchor, title in the navigation bar)
-SECTIONS = (("problems", "Problems"), ("conditions", "Conditions"), ("coadds", "Coadds"),
+SECTIONS = (("latest", "Latest"), ("candidates", "Candidates"), ("problems", "Problems"), ("conditions", "Conditions"), ("coadds", "Coadds"),
             ("frames", "Frames"), ("masters", "Masters"), ("latency", "Latency"),
             ("config", "Configuration"))
 

@@ -543,6 +543,8 @@ class Engine:
                 f"; not stacked: {result.reason}" if result.reason else ""),
             level="info" if result.accepted else "warning",
             action="stacked" if stackable else "kept out of the coadd")
+        if result.accepted:
+            self._changes(row, info, profile, result, blog)
         if stackable:
             t2 = time.perf_counter()
             try:
@@ -563,7 +565,8 @@ class Engine:
         qc = result.qc
         # the whole frame's cost, coadd update included (for the night's report and benchmarks)
         qc["timings"].update({"read": round(read_s, 4), "total": round(total, 4),
-                              "coadd": round(result.timings.get("coadd", 0.0), 4)})
+                              "coadd": round(result.timings.get("coadd", 0.0), 4),
+                              "changes": round(result.timings.get("changes", 0.0), 4)})
         self.store.update_frame(row["id"], qc_json=qc)
         blog.info("frame_reduced" if result.accepted else "frame_not_stacked",
                   name=row["name"], filter=info.filter, seconds=round(total, 2),
@@ -575,6 +578,22 @@ class Engine:
         self._record_memory()
         self.maybe_update_report()
 
+    def _changes(self, row, info: FrameInfo, profile: Profile, result, blog) -> None:
+        """New, varying and moving sources of the frame (lane changes): a view of the
+        product, so a failure is logged and the frame stays reduced."""
+        from photowatch.run.changes import check_frame
+
+        t = time.perf_counter()
+        try:
+            rows = check_frame(self, row, info, profile, result)
+        except Exception as exc:
+            blog.warning("changes_failed", problem=f"{type(exc).__name__}: {exc}",
+                         action="no candidates for this frame", exc_info=True)
+            rows = []
+        result.timings["changes"] = time.perf_counter() - t
+        if rows:
+            blog.info("candidates", new=sum(r["kind"] == "new" for r in rows),
+                      varying=sum(r["kind"] == "varying" for r in rows))
     # ------------------------------------------------------------------ the night context
     def night_context(self, row, info: FrameInfo, profile: Profile):
         """The immutable view of the night one object frame is reduced with: its masters

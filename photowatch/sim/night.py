@@ -176,6 +176,8 @@ class SimFrame:
     n_cosmics: int | None = None  #: cosmic-ray events deposited
     flat_level_adu: float | None = None  #: intended raw median of a flat (ADU)
     psf_beta: float | None = None  #: Moffat beta when drawn per frame (``psf_beta_range``)
+    #: injected sources in this frame (``injections``): name, kind, ra, dec, x, y, mag, flux_e
+    injected: list | None = None
 
     @property
     def raw_name(self) -> str:
@@ -352,6 +354,7 @@ def simulate_night(
     cloud_period_s: tuple[float, float] = (120.0, 600.0),
     overwrite: bool = False,
     callback: Callable[[SimFrame], None] | None = None,
+    injections: tuple | list = (),
 ) -> SimNight:
     """Simulate one night of an LMI-like camera into ``out`` and return its truth.
 
@@ -408,6 +411,11 @@ def simulate_night(
         Replace ``lmi.*.fits`` files already in ``out/raw`` (else FileExistsError).
     callback
         Called with each :class:`SimFrame` right after its raw file is in place.
+    injections
+        Extra point sources (:mod:`photowatch.sim.movers`: an asteroid, a new source),
+        each with ``radec(mid)``, ``mag(mid, band)`` and ``truth()``; rendered like the
+        stars in every object frame where ``mag`` is not None, recorded per frame in
+        ``SimFrame.injected`` and for the night in ``params['injections']``.
 
     Returns
     -------
@@ -609,7 +617,8 @@ def simulate_night(
                 psf_beta_range=psf_beta_range, clouds=clouds, seed=seed,
                 write_crmasks=kind == "object" and write_crmasks,
                 write_crcharge=kind == "object" and write_crcharge,
-                write_models=kind == "object" and write_models, wcs_cls=WCS)
+                write_models=kind == "object" and write_models, wcs_cls=WCS,
+                injections=injections)
         _write_fits(path, raw, hdr)
         frames.append(frame)
         if callback is not None:
@@ -628,6 +637,7 @@ def simulate_night(
         "sip_k": float(sip[0][3, 0]), "n_stars": int(stars["r"].size),
         "n_catalog": int((stars["r"] < catalog_mag_limit).sum()) if catalog else 0,
         "site_lat_deg": SITE_LAT_DEG, "site_lon_deg": SITE_LON_DEG,
+        "injections": [obj.truth() for obj in injections],
     })
     night = SimNight(root=out, raw_dir=raw_dir, truth_dir=truth_dir, catalog_path=catalog_path,
                      frames=frames, params=params)
@@ -678,12 +688,29 @@ def _flat_frame(rng, n: int, scale: float, entry: dict, flat: np.ndarray, dark: 
     return _readout(rng, q, n, row_adu, bias_adu), float(sky_e)
 
 
+def _inject(frame: SimFrame, injections, mid, band, wcs, zp, x, y, flux):
+    """Append the injected sources of this frame to the star lists; record their truth."""
+    frame.injected = []
+    for obj in injections:
+        mag = obj.mag(mid, band)
+        if mag is None:
+            continue
+        ra, dec = obj.radec(mid)
+        px, py = (float(v[0]) for v in wcs.all_world2pix([ra], [dec], 0))
+        f = 10 ** (-0.4 * (mag - zp))
+        frame.injected.append({"name": obj.name, "kind": obj.kind, "ra": float(ra),
+                               "dec": float(dec), "x": px, "y": py, "mag": float(mag),
+                               "flux_e": float(f), "mid": mid.isoformat()})
+        x, y, flux = np.append(x, px), np.append(y, py), np.append(flux, f)
+    return x, y, flux
+
+
 def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, dec0,
                   dither_arcsec, pointing_error_arcsec, rotation_deg, flip, sip, fwhm_range,
                   stars, transparency_range, sky_rate, sky_variation, flat, pattern, dark,
                   row_adu, bias_adu, cr_rate, trail_px, truth_dir, write_crmasks, write_models,
                   wcs_cls, write_crcharge=False, psf_variation=0.0, psf_beta_range=None,
-                  clouds=None, seed=0):
+                  clouds=None, seed=0, injections=()):
     """A science (or focus) frame: stars through the true WCS, sky, dark, CRs, bleeding."""
     from astropy.io import fits
 
@@ -731,10 +758,13 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
     ok = (x > -r - 1) & (x < n + r) & (y > -r - 1) & (y < n + r)
     mags = stars[band][sel][ok]
     flux = 10 ** (-0.4 * (mags - zp))
+    x, y = x[ok], y[ok]
+    if injections:
+        x, y, flux = _inject(frame, injections, mid, band, wcs, zp, x, y, flux)
     if psf_variation:
-        model = _render_varying((n, n), fwhm / scale, beta, psf_variation, x[ok], y[ok], flux)
+        model = _render_varying((n, n), fwhm / scale, beta, psf_variation, x, y, flux)
     else:
-        model = render_stars((n, n), psf, x[ok], y[ok], flux)
+        model = render_stars((n, n), psf, x, y, flux)
 
     background = pattern + np.float32(1.0)
     background *= np.float32(sky_e)

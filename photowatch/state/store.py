@@ -192,7 +192,25 @@ def _schema_v2(db: sqlite_utils.Database) -> None:
     db["files"].create_index(["frame_id"], index_name="files_frame", if_not_exists=True)
 
 
-MIGRATIONS = [_schema_v1, _schema_v2]
+def _schema_candidates(db: sqlite_utils.Database) -> None:
+    """Lane changes (issue 21): candidates of new, varying and moving sources, one row per
+    detection on a frame; ``object_id`` groups a stationary object's detections or a moving
+    track's (an asteroid: one track)."""
+    db["candidates"].create(
+        {"id": INT, "night": TEXT, "target": TEXT, "filter": TEXT, "frame_id": INT,
+         "frame": TEXT, "obs_mjd": REAL, "ra": REAL, "dec": REAL, "x": REAL, "y": REAL,
+         "mag": REAL, "magerr": REAL, "snr": REAL, "significance": REAL, "kind": TEXT,
+         "ref_mag": REAL, "delta_mag": REAL, "limmag": REAL, "object_id": INT, "moving": INT,
+         "rate_ra": REAL, "rate_dec": REAL, "cutout": TEXT, "ref_cutout": TEXT,
+         "created_at": TEXT},
+        pk="id", not_null=["night", "target", "filter", "frame_id", "frame", "ra", "dec", "kind",
+                           "moving", "created_at"],
+        defaults={"target": "", "filter": "", "moving": 0})
+    db["candidates"].create_index(["night", "target", "kind"], index_name="candidates_field")
+    db["candidates"].create_index(["frame_id"], index_name="candidates_frame")
+
+
+MIGRATIONS = [_schema_v1, _schema_v2, _schema_candidates]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1172,3 +1190,52 @@ class Store:
                              (rewrite(m["key"]), rewrite(m["value"]) if m["value"] else None))
                 counts["meta"] += 1
         return counts
+
+    # ---- changes lane
+    # Candidates of new, varying and moving sources (run/changes.py, report/candidates.py).
+    _CANDIDATE_COLUMNS = ("night", "target", "filter", "frame", "obs_mjd", "ra", "dec", "x",
+                          "y", "mag", "magerr", "snr", "significance", "kind", "ref_mag",
+                          "delta_mag", "limmag", "cutout", "ref_cutout")
+
+    def replace_candidates(self, frame_id: int, rows: list[dict]) -> list[int]:
+        """The candidates of one frame, replacing those of its earlier reduction; their ids."""
+        now = utcnow()
+        ids = []
+        with self.transaction():
+            self.db["candidates"].delete_where("frame_id = ?", [frame_id])
+            for row in rows:
+                ids.append(self.db["candidates"].insert(dict(
+                    {c: row.get(c) for c in self._CANDIDATE_COLUMNS}, frame_id=frame_id,
+                    moving=0, created_at=now)).last_rowid)
+        return ids
+
+    def set_candidate_cutouts(self, candidate_id: int, cutout: str | None,
+                              ref_cutout: str | None) -> None:
+        with self.transaction():
+            self._update("candidates", candidate_id,
+                         {"cutout": cutout, "ref_cutout": ref_cutout})
+
+    def candidates(self, night: str, target: str | None = None,
+                   kind: str | None = None) -> list[sqlite3.Row]:
+        """A night's candidates (of one target, of one kind), in time order."""
+        filters = {"night": night, **({"target": target} if target is not None else {}),
+                   **({"kind": kind} if kind is not None else {})}
+        sql, params = self._where("candidates", filters)
+        return self.conn.execute(f"SELECT * FROM candidates WHERE {sql} ORDER BY obs_mjd, id",
+                                 params).fetchall()
+
+    def set_candidate_links(self, links: list[tuple]) -> None:
+        """(candidate id, object id, moving, rate_ra, rate_dec) for each linked detection."""
+        with self.transaction():
+            for i, o, m, ra, dec in links:
+                self._update("candidates", i, {"object_id": o, "moving": int(m),
+                                               "rate_ra": ra, "rate_dec": dec})
+
+    def latest_science_frame(self, night: str) -> sqlite3.Row | None:
+        """The night's science frame reduced last (reduced or not stacked, with a product)."""
+        sql, params = self._where("frames", {"night": night, "kind": "object",
+                                             "state": ("reduced", "rejected"),
+                                             "product": NOT_NULL})
+        return self.conn.execute(f"SELECT * FROM frames WHERE {sql} "
+                                 "ORDER BY finished_at DESC, id DESC LIMIT 1",
+                                 params).fetchone()
