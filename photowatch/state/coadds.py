@@ -121,11 +121,10 @@ class CoaddBook:
             acc = self._accumulator(key, grid)
             if old not in acc:
                 return
-            from photowatch.io.products import read_product
+            from photowatch.io.products import read_planes_for_stacking
 
-            prod = read_product(row["product"])
-            wcs = _wcs(prod.header)
-            res = self._resample(prod.sci, prod.var, prod.mask, wcs, acc.grid)
+            sci, mask, header = read_planes_for_stacking(row["product"])
+            res = self._resample(sci, None, mask, _wcs(header), acc.grid)
             acc.remove(old, res)
             # written with the new version's addition (or by flush, if it is not stacked)
             self._dirty.add(key)
