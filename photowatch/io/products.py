@@ -239,6 +239,19 @@ def read_product(path: str | Path, memmap: bool = False) -> Product:
             )
 
 
+def read_planes_for_stacking(path: str | Path) -> tuple[np.ndarray, np.ndarray, object]:
+    """(SCI, MASK, SCI header) of a product, as :func:`read_product` gives them, without
+    reading ERR and CAT (a coadd swap-out resamples the data and the mask only)."""
+    from astropy.io import fits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fits.open(Path(path), memmap=False) as hdul:
+            return (np.asarray(hdul["SCI"].data, dtype=np.float32),
+                    np.asarray(hdul["MASK"].data, dtype=np.uint16),
+                    hdul["SCI"].header.copy())
+
+
 def unusable(mask: np.ndarray) -> np.ndarray:
     """Boolean: pixels that must not be stacked (any mask bit, cleaned cosmic rays included)."""
     return mask != 0

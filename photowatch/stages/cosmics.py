@@ -130,6 +130,7 @@ import numpy as np
 
 from photowatch.core.config import Cosmics
 from photowatch.core.frame import Frame, Mask
+from photowatch.core.rowstats import nanmedian_rows
 
 _EXCLUDE = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT)
 #: side of the blocks of the noise lower bound of the candidate pre-pass (px, >= 3)
@@ -274,8 +275,8 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float) -> np.ndarray:
         usable = inside & ~blocked[idx]
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
-            level = np.nanmedian(np.where(usable, flat_sci[idx], np.nan), axis=1)
-            noise = np.sqrt(np.nanmedian(np.where(usable, flat_var[idx], np.nan), axis=1))
+            level = nanmedian_rows(np.where(usable, flat_sci[idx], np.nan))
+            noise = np.sqrt(nanmedian_rows(np.where(usable, flat_var[idx], np.nan)))
             s = (flat_sci[c] - level) / noise
         signif[start:start + c.size] = np.where(np.isfinite(s), s, np.inf)
     power = ndimage.sum(np.square(np.maximum(signif, 0)), labels.ravel()[flagged],
@@ -594,8 +595,8 @@ def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
             vvar = np.where(usable, flat_var[idx], np.nan)
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
-                level = np.nanmedian(vals, axis=1)
-                noise = np.sqrt(np.nanmedian(vvar, axis=1))
+                level = nanmedian_rows(vals)
+                noise = np.sqrt(nanmedian_rows(vvar))
                 excess = flat_sci[c] - level
                 hit = (excess > nsigma * noise) & (level < max_level * noise)
             added.append(c[hit & np.isfinite(level)])
@@ -637,15 +638,15 @@ def clean(sci, var, crmask, inmask, *, cleantype: str = "meanmask"):
             warnings.simplefilter("ignore", RuntimeWarning)
             masked = np.where(usable, vals, np.nan)
             if cleantype == "median":
-                value = np.nanmedian(np.where(inside, vals, np.nan), axis=1)
+                value = nanmedian_rows(np.where(inside, vals, np.nan))
             elif cleantype == "medmask":
-                value = np.nanmedian(masked, axis=1)
+                value = nanmedian_rows(masked)
             elif cleantype == "idw":
                 w = usable * weight[None, :]
                 value = (np.where(usable, vals, 0) * w).sum(axis=1) / w.sum(axis=1)
             else:
                 value = np.nanmean(masked, axis=1)
-            local_var = np.nanmedian(np.where(usable, flat_var[idx], np.nan), axis=1)
+            local_var = nanmedian_rows(np.where(usable, flat_var[idx], np.nan))
         values[start:start + c.size] = np.where(np.isfinite(value), value, fallback)
         variances[start:start + c.size] = np.where(np.isfinite(local_var), local_var,
                                                    fallback_var)

@@ -27,6 +27,7 @@ from astropy.stats import mad_std
 
 from photowatch.core.config import Sources
 from photowatch.core.frame import Frame, Mask
+from photowatch.core.rowstats import nanmedian_rows
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +294,24 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
         if not flux0 > 0:
             continue
 
-        def model(p):
+        recent: dict = {}  # profiles of the last few shapes: flux and bg steps reuse them
+
+        def model(p, recent=recent):
             cx, cy, flux, la, lb, bg = p
             alpha, beta = np.exp(la), 1.0 + np.exp(lb)
-            px = (gx - cx) ** 2
-            py = (gy - cy) ** 2
-            prof = (1.0 + (py[:, None] + px[None, :]) / alpha**2) ** (-beta)
-            prof = prof.reshape(w, _FIT_SUB, w, _FIT_SUB).mean(axis=(1, 3))
+            shape = (cx, cy, la, lb)
+            prof = recent.get(shape)
+            if prof is None:
+                # the costly part (a power of every sub-pixel); the finite-difference
+                # Jacobian's steps in flux and bg (2 of its 6 evaluations) leave it as at
+                # the point the Jacobian is taken, 3 shapes back at most: same numbers
+                px = (gx - cx) ** 2
+                py = (gy - cy) ** 2
+                prof = (1.0 + (py[:, None] + px[None, :]) / alpha**2) ** (-beta)
+                prof = prof.reshape(w, _FIT_SUB, w, _FIT_SUB).mean(axis=(1, 3))
+                if len(recent) >= 4:
+                    del recent[next(iter(recent))]
+                recent[shape] = prof
             return flux * (beta - 1.0) / (np.pi * alpha**2) * prof + bg
 
         def resid(p, v=v, e=e, ok=ok):
@@ -411,7 +423,7 @@ def _fill_from_neighbours(data: np.ndarray, where: np.ndarray, half: int = 2) ->
     vals = np.where(where[yy, xx], np.nan, data[yy, xx]).reshape(ys.size, -1)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(vals, axis=1)
+        med = nanmedian_rows(vals)
     out[ys, xs] = np.where(np.isfinite(med), med, 0).astype(data.dtype)
     return out
 
@@ -424,6 +436,10 @@ def _annulus(r_big: float, fwhm: float) -> tuple[float, float]:
     """Inner and outer radius of the local sky annulus of the aperture correction."""
     inner = 1.2 * r_big
     return inner, inner + max(5.0, 2.0 * fwhm)
+
+
+#: astropy's mad_std factor, 1 / Phi^-1(3/4)
+_MAD_TO_STD = 1.482602218505602
 
 
 def _aperture_correction(data, mask, var, x, y, r_ap, r_big, fwhm):
@@ -467,12 +483,14 @@ def _aperture_correction(data, mask, var, x, y, r_ap, r_big, fwhm):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no sky, skipped
         for _ in range(3):  # 3-sigma clipping about the median, per star
-            med = np.nanmedian(sky_vals, axis=1)
-            sig = mad_std(sky_vals, axis=1, ignore_nan=True)
+            med = nanmedian_rows(sky_vals)
+            # mad_std(sky_vals, axis=1, ignore_nan=True), the same numbers: astropy's is
+            # np.nanmedian of |x - np.nanmedian(x)| times this factor (without bottleneck)
+            sig = nanmedian_rows(np.abs(sky_vals - med[:, None])) * _MAD_TO_STD
             sky_vals = np.where(np.abs(sky_vals - med[:, None]) <=
                                 3 * np.maximum(sig, 1e-6)[:, None], sky_vals, np.nan)
         enough = np.count_nonzero(np.isfinite(sky_vals), axis=1) >= 20
-        sky = np.where(enough, np.nanmedian(sky_vals, axis=1), np.nan)
+        sky = np.where(enough, nanmedian_rows(sky_vals), np.nan)
         small = f_ap - sky * np.pi * r_ap**2
         ok = np.isfinite(sky) & (small > 0)
         growth[0] = np.where(ok, (f_in - sky * np.pi * (0.75 * r_ap) ** 2) / small, np.nan)
@@ -480,7 +498,7 @@ def _aperture_correction(data, mask, var, x, y, r_ap, r_big, fwhm):
         total = small.copy()
         for k in range(1, len(edges)):
             sel = flat_use & (flat_d >= edges[k - 1]) & (flat_d < edges[k])
-            ring_med = np.nanmedian(np.where(sel, flat_vals, np.nan), axis=1)
+            ring_med = nanmedian_rows(np.where(sel, flat_vals, np.nan))
             ok &= np.count_nonzero(sel, axis=1) >= 8
             total = total + (ring_med - sky) * np.pi * (edges[k] ** 2 - edges[k - 1] ** 2)
             growth[k + 1] = np.where(ok, total / small, np.nan)

@@ -31,7 +31,7 @@ from photowatch.core.errors import StageDegraded
 from photowatch.core.frame import Frame
 from photowatch.core.logs import get_logger
 from photowatch.io.previews import save_png
-from photowatch.io.products import read_product
+from photowatch.io.products import read_planes_for_stacking, read_product
 from photowatch.state.locking import NamedLocks
 
 log = get_logger("photowatch.coadd.stack")
@@ -144,10 +144,8 @@ class CoaddBook:
             acc = self._accumulator(key, grid)
             if old not in acc:
                 return
-
-            prod = read_product(row["product"])
-            wcs = _wcs(prod.header)
-            res = self._resample(prod.sci, prod.var, prod.mask, wcs, acc.grid)
+            sci, mask, header = read_planes_for_stacking(row["product"])
+            res = self._resample(sci, None, mask, _wcs(header), acc.grid)
             acc.remove(old, res)
             # written with the new version's addition (or by flush, if it is not stacked)
             self._dirty.add(key)
