@@ -281,9 +281,10 @@ def drop_edge_stars(sci, var, crmask, inmask, *, band: int,
         return crmask
     s8 = np.ones((3, 3), bool)
     labels, _ = ndimage.label(crmask, structure=s8)
+    objects = ndimage.find_objects(labels)
     out = crmask.copy()
     for i in np.unique(labels[crmask & edge]):
-        found = ndimage.find_objects((labels == i).astype(np.int8))[0]
+        found = objects[i - 1]
         ys = slice(max(found[0].start - 3, 0), min(found[0].stop + 3, ny))
         xs = slice(max(found[1].start - 3, 0), min(found[1].stop + 3, nx))
         event = labels[ys, xs] == i
