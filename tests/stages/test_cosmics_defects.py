@@ -25,7 +25,7 @@ RING = np.ones((3, 3), bool)
 
 def night_scores(night):
     reduced = _reduce(night)
-    true_px = hit = flagged_px = far = 0
+    true_px = hit = flagged_px = far = star_px = star_hit = 0
     count = None
     for r in reduced:
         mask = r["z"].mask
@@ -38,6 +38,9 @@ def night_scores(night):
         charge = night.cr_charge(r["sf"])
         near = ndimage.binary_dilation(charge > 1.0, structure=RING)
         far += (flagged & ~near).sum()
+        star = (r["model"] > 3 * r["noise"]) & ~excluded & ~ndimage.binary_dilation(r["crm"])
+        star_px += star.sum()
+        star_hit += (flagged & star).sum()
         bad = (mask & 1) != 0
         assert not (flagged & bad).any()
         ring = ndimage.binary_dilation(bad, structure=RING)
@@ -47,7 +50,8 @@ def night_scores(night):
             assert np.all(outside), "an event lies wholly beside a bad pixel"
         count = flagged.astype(int) if count is None else count + flagged
     return dict(completeness=hit / true_px, far=far / max(flagged_px, 1), true_px=true_px,
-                every_frame=int((count == len(reduced)).sum()), nframes=len(reduced))
+                every_frame=int((count == len(reduced)).sum()), nframes=len(reduced),
+                star_fp=star_hit / max(star_px, 1))
 
 
 @pytest.mark.parametrize("size,seed,completeness,far", [
