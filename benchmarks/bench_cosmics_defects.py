@@ -43,7 +43,12 @@ def main(argv: list[str]) -> None:
             night = simulate_night(d, size=size, binning=2, filters=("SDSS-R",), seed=seed,
                                    n_bias=1, n_dark=0, n_flat=3, n_science=5, exptime_s=300.0,
                                    bad_flats=False, catalog=False, write_crcharge=True)
-            s = night_scores(night)
+            try:
+                s = night_scores(night)
+            except AssertionError:  # _reduce: too few dithered frames for a master sky
+                print(f"{size:5d} {seed:5d} skipped: too few dithered frames for a master sky",
+                      flush=True)
+                continue
         scores.append(s)
         print(f"{size:5d} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
               f"{s['far']:6.1%} {s['star_fp']:8.3%} {s['every_frame']:11d}", flush=True)
