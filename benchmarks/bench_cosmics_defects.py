@@ -2,10 +2,15 @@
 pixels farther than one pixel from a true cosmic ray, on 2x2 300 s nights with a bad
 column and hot pixels, reduced with truth masters (tests/stages/test_cosmics_defects.py).
 
+Star FP: flagged pixels where the noiseless stars exceed 3 sigma of the sky noise (not
+within 1 px of a true CR pixel), as in ``test_science_truth``. Several nights end with
+the worst case, the median and how many meet the goal (>= 95 %, <= 5 % far).
+
 Usage::
 
     .venv/bin/python benchmarks/bench_cosmics_defects.py            # 512, 1024, 2048 px
     .venv/bin/python benchmarks/bench_cosmics_defects.py 4096:31    # size:seed ...
+    .venv/bin/python benchmarks/bench_cosmics_defects.py 512:1-16 1024:1-4   # seed ranges
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests" / "stages"), str(HERE.parent / "tests")]
@@ -23,17 +29,36 @@ from photowatch.sim.night import simulate_night  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
-    runs = [tuple(int(v) for v in a.split(":")) for a in argv] or \
-        [(512, 11), (512, 21), (1024, 12), (1024, 22), (2048, 13)]
-    print(f"{'size':>5s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} {'every frame':>11s}")
+    runs = []
+    for a in argv:
+        size, seeds = a.split(":")
+        first, _, last = seeds.partition("-")
+        runs += [(int(size), s) for s in range(int(first), int(last or first) + 1)]
+    runs = runs or [(512, 11), (512, 21), (1024, 12), (1024, 22), (2048, 13)]
+    print(f"{'size':>5s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} "
+          f"{'star FP':>8s} {'every frame':>11s}")
+    scores = []
     for size, seed in runs:
         with tempfile.TemporaryDirectory() as d:
             night = simulate_night(d, size=size, binning=2, filters=("SDSS-R",), seed=seed,
                                    n_bias=1, n_dark=0, n_flat=3, n_science=5, exptime_s=300.0,
                                    bad_flats=False, catalog=False, write_crcharge=True)
-            s = night_scores(night)
+            try:
+                s = night_scores(night)
+            except AssertionError:  # _reduce: too few dithered frames for a master sky
+                print(f"{size:5d} {seed:5d} skipped: too few dithered frames for a master sky",
+                      flush=True)
+                continue
+        scores.append(s)
         print(f"{size:5d} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
-              f"{s['far']:6.1%} {s['every_frame']:11d}", flush=True)
+              f"{s['far']:6.1%} {s['star_fp']:8.3%} {s['every_frame']:11d}", flush=True)
+    if len(scores) > 1:
+        c = [s["completeness"] for s in scores]
+        f = [s["far"] for s in scores]
+        ok = sum(s["completeness"] >= 0.95 and s["far"] <= 0.05 for s in scores)
+        print(f"worst {min(c):.1%} / {max(f):.1%}; median {median(c):.1%} / {median(f):.1%}; "
+              f"worst star FP {max(s['star_fp'] for s in scores):.3%}; "
+              f"goal met on {ok} of {len(scores)}")
 
 
 if __name__ == "__main__":

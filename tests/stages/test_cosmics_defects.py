@@ -25,7 +25,7 @@ RING = np.ones((3, 3), bool)
 
 def night_scores(night):
     reduced = _reduce(night)
-    true_px = hit = flagged_px = far = 0
+    true_px = hit = flagged_px = far = star_px = star_hit = 0
     count = None
     for r in reduced:
         mask = r["z"].mask
@@ -38,6 +38,9 @@ def night_scores(night):
         charge = night.cr_charge(r["sf"])
         near = ndimage.binary_dilation(charge > 1.0, structure=RING)
         far += (flagged & ~near).sum()
+        star = (r["model"] > 3 * r["noise"]) & ~excluded & ~ndimage.binary_dilation(r["crm"])
+        star_px += star.sum()
+        star_hit += (flagged & star).sum()
         bad = (mask & 1) != 0
         assert not (flagged & bad).any()
         ring = ndimage.binary_dilation(bad, structure=RING)
@@ -47,18 +50,21 @@ def night_scores(night):
             assert np.all(outside), "an event lies wholly beside a bad pixel"
         count = flagged.astype(int) if count is None else count + flagged
     return dict(completeness=hit / true_px, far=far / max(flagged_px, 1), true_px=true_px,
-                every_frame=int((count == len(reduced)).sum()), nframes=len(reduced))
+                every_frame=int((count == len(reduced)).sum()), nframes=len(reduced),
+                star_fp=star_hit / max(star_px, 1))
 
 
 @pytest.mark.parametrize("size,seed,completeness,far", [
     (512, 21, 0.95, 0.05), (1024, 12, 0.95, 0.05),
     pytest.param(2048, 13, 0.95, 0.05, marks=pytest.mark.slow),
-    (512, 11, 0.93, 0.15)])
+    (512, 11, 0.93, 0.05)])
 def test_cosmic_masks_flag_hits_not_defects(tmp_path, size, seed, completeness, far):
     """The issue's goal (>= 95 %, <= 5 % far) on 512, 1024 and 2048 px nights; measured
-    (notes of issue 17): 98.5 % / 3.3 %, 98.3 % / 3.8 %, 96.4 % / 3.5 %. Seed 11 at 512 px
-    misses it (93.4 % / 10.7 %: 288 true pixels, so a few noise peaks above 5.2 sigma and
-    star-core flags weigh); kept with its own bounds so a regression still shows."""
+    (notes of issue 17): 98.5 % / 3.3 %, 98.3 % / 3.8 %, 96.4 % / 3.5 %. Seed 11 at 512 px:
+    far 10.7 % -> 4.3 % since star cores at the frame edge and saturated stars' rims are no
+    longer flagged (30 of its 48 far pixels were one bright star 2 px inside the edge);
+    its completeness (93.4 %) still misses the goal: whole faint events of 5-8 sigma per
+    pixel on the sky, see notes/cosmics.md; kept with its own completeness bound."""
     from photowatch.sim.night import simulate_night
 
     night = simulate_night(tmp_path, size=size, binning=2, filters=("SDSS-R",), seed=seed,
