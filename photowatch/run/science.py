@@ -150,6 +150,9 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
         **ast_qc,
         **phot_qc,
     }
+    from photowatch.run.live import depth_facts  # issue 21: LIMMAG
+
+    qc.update(depth_facts(frame, src, qc, engine.settings.targets.nsigma))
     best = best_transparency(engine, info, qc)
     verdict = assess(qc, best_transparency_mag=best, settings=s.quality,
                      night_fwhm_arcsec=night_fwhm(engine, info, row["id"]))
@@ -176,6 +179,10 @@ def reduce_object(engine, row, info: FrameInfo, raw, header, profile: Profile, b
     set_key(hdr, "APCORERR", (_round(src.aperture_correction_err, 5),
                               "aperture correction standard error"))
     set_key(hdr, "APCORN", (src.n_apcor, "stars of the aperture correction"))
+    set_key(hdr, "LIMMAG", (_round(qc.get("limmag"), 3) if qc.get("limmag") is not None
+                            else None, "[mag] 5-sigma point-source limit (CAT aperture)"))
+    set_key(hdr, "LIMFLUX", (_round(qc.get("limflux_e"), 2),
+                             "[electron] 5-sigma point-source flux (CAT aperture)"))
     set_key(hdr, "PWVERS", (__version__, "photowatch version"))
     set_key(hdr, "PROVISNL", (provisional, "reduced with a provisional master"))
     set_key(hdr, "QCSTATUS", ("accepted" if verdict.accepted else "rejected",
@@ -428,6 +435,7 @@ def photometry(engine, info: FrameInfo, profile: Profile, frame: Frame, cat, ast
                   zp_scatter=_finite(zp.scatter), band=band)
         if zp.status == "ok":
             calibrated_magnitudes(cat, zp, frame.sci.shape)
+            qc["zp_spatial"] = [float(c) for c in zp.spatial] or None  # forced photometry
             zp_s = zp.magzp - 2.5 * math.log10(t)
             qc["zp_per_s"] = zp_s
             from astropy.table import Table

@@ -140,6 +140,7 @@ class SimFrame:
     n_cosmics: int | None = None  #: cosmic-ray events deposited
     flat_level_adu: float | None = None  #: intended raw median of a flat (ADU)
     psf_beta: float | None = None  #: Moffat beta when drawn per frame (``psf_beta_range``)
+    injected: list | None = None  #: injected sources' truth (sim/inject.py), object frames
 
     @property
     def raw_name(self) -> str:
@@ -835,6 +836,7 @@ def simulate_night(
     cloud_period_s: tuple[float, float] = (120.0, 600.0),
     overwrite: bool = False,
     callback: Callable[[SimFrame], None] | None = None,
+    injections: tuple | list = (),
 ) -> SimNight:
     """Simulate one night of an LMI-like camera into ``out`` and return its truth.
 
@@ -989,6 +991,12 @@ def simulate_night(
         catalog_path = out / "catalog.ecsv"
         cat.write(catalog_path, format="ascii.ecsv", overwrite=True)
 
+    target_radec = (ra_deg, dec_deg)
+    if injections:  # sim/inject.py: injections choose their places among the true stars
+        from photowatch.sim.inject import place
+
+        target_radec = place(injections, stars, ra_deg, dec_deg)
+
     # --- the plan: every frame in observation order -------------------------------------------
     plan: list[dict] = []
     plan += [{"kind": "bias", "exptime": 0.0} for _ in range(n_bias)]
@@ -1092,7 +1100,8 @@ def simulate_night(
                 psf_beta_range=psf_beta_range, clouds=clouds, seed=seed,
                 write_crmasks=kind == "object" and write_crmasks,
                 write_crcharge=kind == "object" and write_crcharge,
-                write_models=kind == "object" and write_models, wcs_cls=WCS)
+                write_models=kind == "object" and write_models, wcs_cls=WCS,
+                injections=injections, target_radec=target_radec)
         _write_fits(path, raw, hdr)
         frames.append(frame)
         if callback is not None:
@@ -1114,6 +1123,10 @@ def simulate_night(
     })
     night = SimNight(root=out, raw_dir=raw_dir, truth_dir=truth_dir, catalog_path=catalog_path,
                      frames=frames, params=params)
+    if injections:  # sim/inject.py: truth/injections.json
+        from photowatch.sim.inject import write_truth
+
+        write_truth(truth_dir, injections, frames)
     doc = {"params": params, "frames": [f.to_json(out) for f in frames]}
     tmp = truth_dir / ".night.json.part"
     tmp.write_text(json.dumps(doc, indent=1))
@@ -1166,7 +1179,7 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                   stars, transparency_range, sky_rate, sky_variation, flat, pattern, dark,
                   row_adu, bias_adu, cr_rate, trail_px, truth_dir, write_crmasks, write_models,
                   wcs_cls, write_crcharge=False, psf_variation=0.0, psf_beta_range=None,
-                  clouds=None, seed=0):
+                  clouds=None, seed=0, injections=(), target_radec=None):
     """A science (or focus) frame: stars through the true WCS, sky, dark, CRs, bleeding."""
     from astropy.io import fits
 
@@ -1218,6 +1231,12 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
         model = _render_varying((n, n), fwhm / scale, beta, psf_variation, x[ok], y[ok], flux)
     else:
         model = render_stars((n, n), psf, x[ok], y[ok], flux)
+    if injections and frame.kind == "object":  # sim/inject.py, rendered as the stars are
+        from photowatch.sim.inject import render
+
+        frame.injected = render(injections, frame, frame.obs_time,
+                                frame.obs_time + timedelta(seconds=exptime), wcs, psf, zp,
+                                model)
 
     background = pattern + np.float32(1.0)
     background *= np.float32(sky_e)
@@ -1253,6 +1272,10 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                       ra_deg=parse_sexagesimal(ra_txt, True),
                       dec_deg=parse_sexagesimal(dec_txt, False),
                       binning=binning, n=n, airmass_value=x_am)
+    if frame.kind == "object":  # the target's own coordinates (profile keys target_ra/_dec)
+        t_ra, t_dec = target_radec or (ra0, dec0)
+        hdr["OBJRA"] = (format_ra(t_ra), "target RA (hours)")
+        hdr["OBJDEC"] = (format_dec(t_dec), "target Dec (deg)")
     thdr = fits.Header(whdr)
     thdr["ORIGFILE"] = frame.raw_name
     sigma = np.sqrt(background.ravel()[idx] + dark.ravel()[idx] * exptime

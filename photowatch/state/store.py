@@ -46,7 +46,7 @@ REQUEUABLE = ("quarantined", "rejected", "held", "ignored")
 #: order in which queued frames are taken: calibrations first, then objects
 KIND_PRIORITY = {"bias": 0, "dark": 1, "flat": 2, "object": 3}
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: owner tokens of the stores opened by this process (a restarted daemon may get the pid of
 #: the one that died, e.g. as PID 1 in a container: the token, not the pid, tells them apart)
@@ -186,7 +186,44 @@ CREATE TABLE meta (
 );
 """
 
-MIGRATIONS: list[str] = [_SCHEMA_V1]
+#: issue 21 (lane live): forced photometry at targets (one row per target and frame, or per
+#: target and coadd: ``key`` is the frame's name or "coadd:<filter>"), the coadds' depth
+_SCHEMA_LIVE = """
+CREATE TABLE forced (
+    id INTEGER PRIMARY KEY,
+    night TEXT NOT NULL,
+    target TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    frame_id INTEGER,
+    filter TEXT,
+    mjd REAL,
+    mjd_start REAL,
+    mjd_end REAL,
+    exptime REAL,
+    ra REAL,
+    dec REAL,
+    x REAL,
+    y REAL,
+    flux REAL,
+    fluxerr REAL,
+    snr REAL,
+    mag REAL,
+    magerr REAL,
+    limmag REAL,
+    uplim REAL,
+    detected INTEGER,
+    flags INTEGER,
+    source TEXT,
+    product TEXT,
+    updated_at TEXT NOT NULL,
+    UNIQUE(night, target, key)
+);
+CREATE INDEX forced_night_target ON forced(night, target);
+ALTER TABLE coadds ADD COLUMN limmag REAL
+"""
+
+MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_LIVE]
 
 
 class Store:
@@ -808,3 +845,57 @@ class Store:
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)",
                          (key, json.dumps(value, default=str)))
+
+    # ---- live lane (issue 21): forced photometry at targets, coadd depth
+    FORCED_FIELDS = ("kind", "frame_id", "filter", "mjd", "mjd_start", "mjd_end", "exptime",
+                     "ra", "dec", "x", "y", "flux", "fluxerr", "snr", "mag", "magerr",
+                     "limmag", "uplim", "detected", "flags", "source", "product")
+
+    def upsert_forced(self, night: str, target: str, key: str, **values) -> dict | None:
+        """Record a forced measurement; the point of the same (night, target, key) is
+        replaced (a re-reduced frame, an updated coadd), never added twice. Returns the
+        target's previous point of another key in the same filter (newest first by
+        time), for the alert rules, or None."""
+        cols = {k: values.get(k) for k in self.FORCED_FIELDS}
+        with self.transaction() as conn:
+            prev = conn.execute(
+                "SELECT * FROM forced WHERE night=? AND target=? AND key!=? AND filter IS ? "
+                "AND kind=? AND mjd < ? ORDER BY mjd DESC LIMIT 1",
+                (night, target, key, cols["filter"], cols["kind"],
+                 cols["mjd"] if cols["mjd"] is not None else 1e9)).fetchone()
+            names = ["night", "target", "key", *cols, "updated_at"]
+            conn.execute(
+                f"INSERT INTO forced({','.join(names)}) VALUES ({','.join('?' * len(names))}) "
+                "ON CONFLICT(night, target, key) DO UPDATE SET "
+                + ", ".join(f"{k}=excluded.{k}" for k in [*cols, "updated_at"]),
+                (night, target, key, *cols.values(), utcnow()))
+        return dict(prev) if prev is not None else None
+
+    def forced_points(self, night: str, target: str | None = None) -> list[dict]:
+        """Forced measurements of a night (one target or all), in time order."""
+        if target is None:
+            rows = self.conn.execute("SELECT * FROM forced WHERE night=? ORDER BY target, mjd",
+                                     (night,)).fetchall()
+        else:
+            rows = self.conn.execute("SELECT * FROM forced WHERE night=? AND target=? "
+                                     "ORDER BY mjd", (night, target)).fetchall()
+        return [dict(r) for r in rows]
+
+    def forced_targets(self, night: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT target FROM forced WHERE night=? ORDER BY target", (night,))]
+
+    def set_coadd_limmag(self, night: str, target: str, filter: str, limmag) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE coadds SET limmag=? WHERE night=? AND target=? AND filter=?",
+                         (limmag, night, target, filter))
+
+    def frame_qc_by_name(self, night: str, names) -> dict[str, dict]:
+        """qc of the named frames of a night (``name`` -> qc dict)."""
+        names = list(names)
+        if not names:
+            return {}
+        rows = self.conn.execute(
+            f"SELECT name, qc_json FROM frames WHERE night=? AND name IN "
+            f"({','.join('?' * len(names))})", (night, *names)).fetchall()
+        return {r["name"]: json.loads(r["qc_json"] or "{}") for r in rows}
