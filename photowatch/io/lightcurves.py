@@ -33,7 +33,8 @@ COLUMNS = (
     ("limmag", "mag", "nsigma detection limit at the position (given when calibrated)"),
     ("uplim", "mag", "not detected: the source is fainter than this (max(flux,0) + nsigma err)"),
     ("detected", "", "S/N >= nsigma"),
-    ("flags", "", "1 off frame, 2 masked pixel in the aperture, 4 edge, 8 no WCS"),
+    ("flags", "", "1 off frame, 2 masked pixel in the aperture, 4 edge, 8 no WCS, "
+                  "16 no local background, 32 cosmic-ray-cleaned pixels in the core"),
     ("ra", "deg", "position measured at"),
     ("dec", "deg", "position measured at"),
     ("x", "pix", "0-based pixel x of the position"),

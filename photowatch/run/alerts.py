@@ -55,7 +55,7 @@ class AlertRunner:
             while len(self._queue) >= self.settings.max_queue:
                 old = self._queue.popleft()
                 self.dropped += 1
-                log.warning("alert_dropped", event=old.get("event"),
+                log.warning("alert_dropped", alert=old.get("event"),
                             problem=f"{self.settings.max_queue} alerts waiting",
                             action="oldest alert dropped")
             self._queue.append(doc)
@@ -77,6 +77,10 @@ class AlertRunner:
                 self._running += 1
             try:
                 self._run(doc)
+            except Exception as exc:  # the thread must outlive any one alert
+                self.failed += 1
+                log.warning("alert_failed", alert=doc.get("event"), problem=str(exc),
+                            action="the alert is lost")
             finally:
                 with self._cond:
                     self._running -= 1
@@ -89,24 +93,24 @@ class AlertRunner:
                                   capture_output=True, timeout=self.settings.timeout_s)
         except subprocess.TimeoutExpired:
             self.failed += 1
-            log.warning("alert_failed", event=doc["event"],
+            log.warning("alert_failed", alert=doc["event"],
                         problem=f"command did not finish within {self.settings.timeout_s:g} s",
                         action="killed; the alert is lost")
             return
         except OSError as exc:
             self.failed += 1
-            log.warning("alert_failed", event=doc["event"], problem=str(exc),
+            log.warning("alert_failed", alert=doc["event"], problem=str(exc),
                         action="the alert is lost")
             return
         if proc.returncode != 0:
             self.failed += 1
             tail = proc.stderr.decode(errors="replace").strip()[-300:]
-            log.warning("alert_failed", event=doc["event"],
+            log.warning("alert_failed", alert=doc["event"],
                         problem=f"command exited with status {proc.returncode}: {tail}",
                         action="the alert is lost")
             return
         self.sent += 1
-        log.info("alert_sent", event=doc["event"])
+        log.info("alert_sent", alert=doc["event"])
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every queued event was handled (tests, shutdown); False on timeout."""
@@ -134,4 +138,4 @@ def alert(engine, event: str, facts: dict | None = None) -> None:
     try:
         runner(engine).emit(event, facts)
     except Exception as exc:  # an alert must never cost a frame
-        log.warning("alert_failed", event=event, problem=str(exc), action="the alert is lost")
+        log.warning("alert_failed", alert=event, problem=str(exc), action="the alert is lost")

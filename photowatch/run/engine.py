@@ -179,7 +179,8 @@ class Engine:
                 fn(*args, **kwargs)
             except Exception as exc:
                 log.warning("background_task_failed", task=getattr(fn, "__name__", "?"),
-                            problem=str(exc), action="skipped (a preview)")
+                            problem=str(exc),
+                            action="skipped (a side product: preview, light-curve file)")
 
         self._pending_background.append(self._background.submit(task))
         self._pending_background = [f for f in self._pending_background if not f.done()]

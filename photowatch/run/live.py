@@ -212,13 +212,13 @@ def measure_frame(engine, row, info, header, profile, result, *, alerts: bool = 
         point = _point(r, kind="frame", frame_id=row["id"], filter=info.filter,
                        mjd=_mjd(mid), mjd_start=_mjd(t0), mjd_end=_mjd(t1),
                        exptime=info.exptime_s, source=t.source, product=product)
-        prev = engine.store.upsert_forced(info.night, t.name, row["name"], **point)
+        seen = engine.store.upsert_forced(info.night, t.name, row["name"], **point)
         n += 1
         _write(engine, info.night, t.name)
-        log.info("forced_photometry", file=info.raw_name, target=t.name, filter=info.filter,
+        log.debug("forced_photometry", file=info.raw_name, target=t.name, filter=info.filter,
                  mag=point["mag"], limmag=point["limmag"], snr=point["snr"])
         if alerts:
-            _alert_rules(engine, info.night, t.name, point, prev, frame=info.raw_name)
+            _alert_rules(engine, info.night, t.name, point, seen, frame=info.raw_name)
     return n
 
 
@@ -235,15 +235,22 @@ def _point(r, **extra) -> dict:
 
 
 def _write(engine, night: str, target: str) -> None:
+    """Rewrite the target's light-curve file from the store, on the engine's background
+    thread (FIFO: the last write has the last point; the store is the truth)."""
     from photowatch.io.lightcurves import write_lightcurve
 
-    write_lightcurve(engine.out, night, target, engine.store.forced_points(night, target))
+    def write():
+        write_lightcurve(engine.out, night, target, engine.store.forced_points(night, target))
+
+    write.__name__ = "write_lightcurve"
+    engine.in_background(write)
 
 
-def _alert_rules(engine, night, target, point, prev, frame) -> None:
-    """target_detected: detected now, not in the previous frame of the filter (or none
-    before); target_faded: fainter than the previous detection by fade_sigma, or an upper
-    limit brighter than it."""
+def _alert_rules(engine, night, target, point, seen, frame) -> None:
+    """target_detected: the night's first detection in the filter (frames may finish out
+    of order: no other point of the filter detected); target_faded: fainter than the
+    previous frame's detection by fade_sigma (combined error), or an upper limit fainter
+    than it by fade_sigma of its error."""
     from photowatch.run.alerts import alert
 
     facts = {"night": night, "target": target, "frame": frame, "filter": point["filter"],
@@ -251,7 +258,8 @@ def _alert_rules(engine, night, target, point, prev, frame) -> None:
              "limmag": point["limmag"], "uplim": point["uplim"], "snr": point["snr"],
              "ra": point["ra"],
              "dec": point["dec"]}
-    if point["detected"] and (prev is None or not prev["detected"]):
+    prev = seen["previous"]
+    if point["detected"] and not seen["others_detected"]:
         alert(engine, "target_detected", facts)
     if prev is None or not prev["detected"] or prev["mag"] is None:
         return

@@ -34,6 +34,7 @@ def status_data(out: Path, night: str | None = None) -> dict:
             "provisional": bool(r["provisional"]), "coadd": r["coadd"],
             "fwhm_arcsec": qc.get("fwhm_arcsec"), "zp": qc.get("zp"),
             "astrometry": qc.get("aststat"),
+            "limmag": qc.get("limmag"),  # issue 21: 5-sigma depth
         })
     duplicates = [dict(path=r["path"], of=r["frame_id"]) for r in store.conn.execute(
         "SELECT path, frame_id FROM files WHERE duplicate=1 ORDER BY seen_at").fetchall()]
@@ -44,7 +45,7 @@ def status_data(out: Path, night: str | None = None) -> dict:
                for m in store.latest_masters(night)]
     coadds = [dict(night=c["night"], target=c["target"], filter=c["filter"], path=c["path"],
                    stacktype=c["stacktype"], ncombine=c["ncombine"], exptime=c["exptime"],
-                   magzp=c["magzp"]) for c in store.coadds(night)]
+                   magzp=c["magzp"], limmag=c["limmag"]) for c in store.coadds(night)]
     errors = [dict(time=e["time"], file=e["file"], event=e["event"], message=e["message"],
                    action=e["action"]) for e in store.events(level="problems", limit=20)]
     processes = [dict(r) for r in store.conn.execute(

@@ -55,16 +55,24 @@ def _offset(ra: float, dec: float, east: float, north: float) -> tuple[float, fl
 
 def quiet_spot(stars, ra: float, dec: float, *, search_arcsec: float = 60.0,
                step_arcsec: float = 2.0, faint_sep: float = 10.0, faint_mag: float = 22.0,
-               bright_sep: float = 30.0, bright_mag: float = 15.0) -> tuple[float, float]:
+               bright_sep: float = 30.0, bright_mag: float = 15.0,
+               avoid=()) -> tuple[float, float] | None:
     """The position nearest (ra, dec) with no star brighter than ``faint_mag`` (r) within
-    ``faint_sep`` arcsec and none brighter than ``bright_mag`` within ``bright_sep``:
-    where a forced aperture measures the injected source, not a neighbour's wings."""
+    ``faint_sep`` arcsec and none brighter than ``bright_mag`` within ``bright_sep``, and
+    no ``avoid`` position (other injections) within ``bright_sep``: where a forced
+    aperture measures the injected source, not a neighbour's wings. None if there is none
+    within ``search_arcsec``."""
     cosd = math.cos(math.radians(dec))
     e = (np.asarray(stars["ra"], float) - ra) * cosd * 3600.0
     n = (np.asarray(stars["dec"], float) - dec) * 3600.0
     mag = np.asarray(stars["r"], float)
     near = np.hypot(e, n) < search_arcsec + bright_sep
     e, n, mag = e[near], n[near], mag[near]
+    if len(avoid):
+        ae = np.array([(a[0] - ra) * cosd * 3600.0 for a in avoid])
+        an = np.array([(a[1] - dec) * 3600.0 for a in avoid])
+        e, n = np.concatenate([e, ae]), np.concatenate([n, an])
+        mag = np.concatenate([mag, np.full(ae.size, -99.0)])  # "bright": kept bright_sep away
     steps = np.arange(-search_arcsec, search_arcsec + step_arcsec / 2, step_arcsec)
     ge, gn = (a.ravel() for a in np.meshgrid(steps, steps))
     order = np.argsort(np.hypot(ge, gn), kind="stable")
@@ -73,17 +81,22 @@ def quiet_spot(stars, ra: float, dec: float, *, search_arcsec: float = 60.0,
         if not ((d < faint_sep) & (mag < faint_mag)).any() and \
                 not ((d < bright_sep) & (mag < bright_mag)).any():
             return _offset(ra, dec, float(ge[k]), float(gn[k]))
-    return ra, dec
+    return None
 
 
 def place(injections, stars, ra0: float, dec0: float) -> tuple[float, float]:
     """Let the injections choose their positions; returns the target's (RA, Dec)."""
     target = (ra0, dec0)
+    taken: list[tuple[float, float]] = []
     for inj in injections or ():
         if hasattr(inj, "place"):
+            inj.avoid = list(taken)  # the earlier injections' positions
             inj.place(stars, ra0, dec0)
         if getattr(inj, "at_target", False):
             target = (inj.ra, inj.dec)
+        if getattr(inj, "ra", None) is not None:
+            taken.append((inj.ra, inj.dec))
+        taken += [(p[1], p[2]) for p in getattr(inj, "positions", None) or ()]
     return target
 
 
@@ -117,7 +130,8 @@ class Afterglow:
 
     def place(self, stars, ra0, dec0):
         if self.ra is None or self.dec is None:
-            self.ra, self.dec = quiet_spot(stars, ra0, dec0)
+            self.ra, self.dec = quiet_spot(stars, ra0, dec0,
+                                           avoid=getattr(self, "avoid", ())) or (ra0, dec0)
 
     def mag_at(self, t: datetime, band: str | None = None) -> float:
         dt = max((t - self.t_burst).total_seconds(), 1.0)
@@ -152,7 +166,8 @@ class PeriodicVariable:
 
     def place(self, stars, ra0, dec0):
         if self.ra is None or self.dec is None:
-            self.ra, self.dec = quiet_spot(stars, *_offset(ra0, dec0, *self.offset_arcsec))
+            at = _offset(ra0, dec0, *self.offset_arcsec)
+            self.ra, self.dec = quiet_spot(stars, *at, avoid=getattr(self, "avoid", ())) or at
 
     def mag_at(self, t: datetime) -> float:
         return self.mean_mag + self.amplitude * math.sin(
@@ -189,12 +204,12 @@ class FakeStars:
         pos, taken = [], []
         for k in range(self.n):
             e, nn = offs[k % side], offs[k // side]
-            ra, dec = quiet_spot(stars, *_offset(ra0, dec0, e, nn), search_arcsec=12.0,
-                                 faint_sep=8.0, faint_mag=22.5, bright_sep=20.0,
-                                 bright_mag=16.0)
-            if any(math.hypot((ra - r) * math.cos(math.radians(dec)), dec - d) * 3600 < 15
-                   for r, d in taken):
-                continue  # two fakes must not share an aperture's surroundings
+            spot = quiet_spot(stars, *_offset(ra0, dec0, e, nn), search_arcsec=12.0,
+                              faint_sep=8.0, faint_mag=22.5, bright_sep=20.0, bright_mag=16.0,
+                              avoid=[*getattr(self, "avoid", ()), *taken])
+            if spot is None:
+                continue  # no quiet spot near this grid point
+            ra, dec = spot
             taken.append((ra, dec))
             pos.append((f"{self.name}{k + 1:03d}", ra, dec, float(mags[k])))
         self.positions = pos

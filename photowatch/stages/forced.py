@@ -30,6 +30,8 @@ FLAG_MASKED = 2  #: a bad, no-data, low-flat or saturated pixel in the aperture
 FLAG_EDGE = 4  #: the aperture is cut by the frame's edge
 FLAG_NOWCS = 8  #: the frame has no astrometric solution
 FLAG_NOBKG = 16  #: no local background (annulus off the frame or masked): global sky kept
+FLAG_COSMIC = 32  #: cosmic-ray-cleaned pixels in the core (r < max(2, r_ap / 2)): a faint
+#: sharp source may have been taken for a cosmic ray and removed
 
 COLUMNS = ("name", "ra", "dec", "x", "y", "flux", "fluxerr", "snr", "mag", "magerr",
            "limmag", "uplim", "limflux", "detected", "flags")
@@ -124,6 +126,11 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
                        if s > 0 else np.nan for s in sky_var]
         f |= np.where((aflag & sep.APER_HASMASKED) != 0, FLAG_MASKED, 0).astype(np.int16)
         f |= np.where((aflag & sep.APER_TRUNC) != 0, FLAG_EDGE, 0).astype(np.int16)
+        if mask is not None:
+            cosmic = (np.asarray(mask) & int(Mask.COSMIC)).astype(np.float32)
+            hit, _, _ = sep.sum_circle(np.ascontiguousarray(cosmic), xi, yi, max(2.0, r / 2),
+                                       subpix=1)
+            f |= np.where(hit > 0, FLAG_COSMIC, 0).astype(np.int16)
         flags[on] = f
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(fluxerr > 0, flux / fluxerr, np.nan)

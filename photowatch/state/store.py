@@ -851,11 +851,13 @@ class Store:
                      "ra", "dec", "x", "y", "flux", "fluxerr", "snr", "mag", "magerr",
                      "limmag", "uplim", "detected", "flags", "source", "product")
 
-    def upsert_forced(self, night: str, target: str, key: str, **values) -> dict | None:
+    def upsert_forced(self, night: str, target: str, key: str, **values) -> dict:
         """Record a forced measurement; the point of the same (night, target, key) is
         replaced (a re-reduced frame, an updated coadd), never added twice. Returns the
-        target's previous point of another key in the same filter (newest first by
-        time), for the alert rules, or None."""
+        target's previous point of another key, kind and the same filter (by time), or
+        None, with ``others_detected``: how many other points of it were detected (read in
+        the same transaction as the write: workers racing see each other), for the alert
+        rules."""
         cols = {k: values.get(k) for k in self.FORCED_FIELDS}
         with self.transaction() as conn:
             prev = conn.execute(
@@ -863,13 +865,18 @@ class Store:
                 "AND kind=? AND mjd < ? ORDER BY mjd DESC LIMIT 1",
                 (night, target, key, cols["filter"], cols["kind"],
                  cols["mjd"] if cols["mjd"] is not None else 1e9)).fetchone()
+            others = conn.execute(
+                "SELECT COUNT(*) FROM forced WHERE night=? AND target=? AND key!=? AND "
+                "filter IS ? AND kind=? AND detected=1",
+                (night, target, key, cols["filter"], cols["kind"])).fetchone()[0]
             names = ["night", "target", "key", *cols, "updated_at"]
             conn.execute(
                 f"INSERT INTO forced({','.join(names)}) VALUES ({','.join('?' * len(names))}) "
                 "ON CONFLICT(night, target, key) DO UPDATE SET "
                 + ", ".join(f"{k}=excluded.{k}" for k in [*cols, "updated_at"]),
                 (night, target, key, *cols.values(), utcnow()))
-        return dict(prev) if prev is not None else None
+        return {"previous": dict(prev) if prev is not None else None,
+                "others_detected": int(others)}
 
     def forced_points(self, night: str, target: str | None = None) -> list[dict]:
         """Forced measurements of a night (one target or all), in time order."""
