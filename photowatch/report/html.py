@@ -44,6 +44,7 @@ import numpy as np
 
 from photowatch import __version__
 from photowatch.io.fits import write_bytes
+from photowatch.report.lightcurve import lightcurve_facts, plot_lightcurves
 from photowatch.run.status import status_data
 from photowatch.state.store import TERMINAL
 
@@ -116,6 +117,7 @@ def _write_report(out: Path, store, night: str, settings, *, final: bool) -> Pat
         "coadds": [_coadd_images(c, folder, cache) for c in facts["coadds"]],
         "conditions": _conditions_plot(facts["frames"], img, cache),
         "latency": _latency_plot(facts["frames"], img, cache),
+        "lightcurves": _lightcurve_plot(facts.get("lightcurves") or {}, img, cache),
     }
     cache.save()
     page = render_html(facts, images, folder, settings)
@@ -372,6 +374,7 @@ def collect_facts(out: Path, store, night: str, settings, *, final: bool) -> dic
         "stage_seconds": {k: _stats(v) for k, v in sorted(stage_s.items())},
         "frames": frames, "masters": _masters(store, night, frames),
         "coadds": _coadds(store, night), "errors": _errors(store, night, frames),
+        "lightcurves": lightcurve_facts(store, night),  # issue 21 (report/lightcurve.py)
         "duplicates": base.get("duplicates") or [],
         "finalize": store.get_meta(f"finalize:{night}") if final else None,
         "processes": [{k: p[k] for k in ("command", "started_at", "status")}
@@ -646,6 +649,19 @@ def _conditions_series(frames: list[dict]) -> tuple[list[dict], str, str]:
                "fwhm": f.get("fwhm_arcsec"), "sky": f.get("sky_e_per_s"),
                "ell": f.get("ellipticity")} for f in science]
     return points, phot_key, phot_label
+
+
+def _lightcurve_plot(lightcurves: dict, img: Path, cache: _ImageCache) -> Path | None:
+    """The targets' light curves (report/lightcurve.py), remade when a point changed."""
+    if not lightcurves:
+        return None
+    name = "lightcurves.png"
+    if cache.fresh(name, _plot_key(lightcurves)):
+        return img / name
+    path = plot_lightcurves(lightcurves, img / name)
+    if path is not None:
+        cache.record(name, _plot_key(lightcurves))
+    return path
 
 
 def _conditions_plot(frames: list[dict], img: Path, cache: _ImageCache) -> Path | None:
@@ -1263,6 +1279,18 @@ def _config_section(facts: dict) -> str:
             + f"<p class='muted'>Output directory: {_e(facts['out'])}</p>")
 
 
+def _lightcurve_section(facts: dict, plot, links) -> str:
+    lcs = facts.get("lightcurves") or {}
+    if not lcs:
+        return ("<p class='muted'>No targets: add them with --target NAME=RA,DEC, "
+                "[targets] file, or the header's target coordinates.</p>")
+    files = " · ".join(links.a(t["file"], _e(name)) for name, t in lcs.items())
+    img = (f"<img class='plot' src='{links.href(plot)}' alt='light curves: mag against "
+           "time per filter; arrows: upper limits; bars: coadds'>"
+           if plot and links.href(plot) else "")
+    return f"<p>Light-curve files (ECSV): {files}</p>{img}"
+
+
 def render_html(facts: dict, images: dict, folder: Path, settings) -> str:
     """The page, as one string (see :func:`write_report`)."""
     links = _Links(folder)
@@ -1309,6 +1337,8 @@ def render_html(facts: dict, images: dict, folder: Path, settings) -> str:
 <h2 id="conditions">Conditions through the night</h2>
 {_filter_table(facts)}
 <div style="margin-top:10px">{cond}</div>
+<h2 id="lightcurves">Light curves</h2>
+{_lightcurve_section(facts, images.get('lightcurves'), links)}
 <h2 id="coadds">Coadds</h2>
 {_coadd_section(facts, images.get('coadds', []), links)}
 <h2 id="frames">Frames</h2>

@@ -893,6 +893,11 @@ def simulate_night(
         Replace ``lmi.*.fits`` files already in ``out/raw`` (else FileExistsError).
     callback
         Called with each :class:`SimFrame` right after its raw file is in place.
+    injections
+        Sources added to the object frames (:mod:`photowatch.sim.inject`: an afterglow,
+        a periodic variable, fake stars; ``sim/movers.py``: an asteroid), rendered like
+        the stars, never in the catalogue; truth in ``truth/injections.json`` and each
+        frame's ``injected``.
 
     Returns
     -------
