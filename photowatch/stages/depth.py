@@ -93,43 +93,58 @@ def coadd_limiting_flux(weights, member_noise_ap, nsigma: float = 5.0) -> float:
 ANNULUS = (1.5, 3.0)
 
 
+def _disc(r_in: float, r_out: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer pixel offsets (dy, dx) with r_in <= distance <= r_out from a pixel centre."""
+    R = int(math.ceil(r_out))
+    yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
+    d2 = xx * xx + yy * yy
+    sel = (d2 >= r_in * r_in) & (d2 <= r_out * r_out)
+    return yy[sel], xx[sel]
+
+
+def _stack(img: np.ndarray, ix, iy, dy, dx, fill=np.nan) -> np.ndarray:
+    """``img`` at the offsets around each integer centre: (positions, offsets); ``fill``
+    outside the image."""
+    ny, nx = img.shape
+    yy = iy[:, None] + dy[None, :]
+    xx = ix[:, None] + dx[None, :]
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    vals = img[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)]
+    if inside.all():
+        return vals
+    vals = vals.astype(np.float64 if vals.dtype.kind == "f" else vals.dtype)
+    vals[~inside] = fill
+    return vals
+
+
 def local_background(data: np.ndarray, bad: np.ndarray | None, x, y, r_ap: float,
                      annulus: tuple[float, float] = ANNULUS) -> tuple[np.ndarray, np.ndarray]:
-    """Per position: the 3-sigma-clipped median of the annulus ``annulus x r_ap`` (e- per
-    pixel) and the number of pixels it used (NaN, 0 where none)."""
-    ny, nx = data.shape
-    r_in, r_out = annulus[0] * r_ap, annulus[1] * r_ap
-    R = int(math.ceil(r_out)) + 1
-    yy, xx = np.mgrid[-R:R + 1, -R:R + 1]
-    level = np.full(len(x), np.nan)
-    count = np.zeros(len(x), int)
-    for k, (xc, yc) in enumerate(zip(np.asarray(x, float), np.asarray(y, float))):
-        ix, iy = int(round(xc)), int(round(yc))
-        x0, x1, y0, y1 = ix - R, ix + R + 1, iy - R, iy + R + 1
-        cx0, cx1, cy0, cy1 = max(x0, 0), min(x1, nx), max(y0, 0), min(y1, ny)
-        if cx0 >= cx1 or cy0 >= cy1:
-            continue
-        sub = data[cy0:cy1, cx0:cx1]
-        d2 = (xx[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] + ix - xc) ** 2 + \
-            (yy[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] + iy - yc) ** 2
-        sel = (d2 >= r_in * r_in) & (d2 <= r_out * r_out)
-        if bad is not None:
-            sel &= ~bad[cy0:cy1, cx0:cx1]
-        vals = sub[sel]
-        vals = vals[np.isfinite(vals)]
-        for _ in range(3):
-            if vals.size < 10:
-                break
-            med = np.median(vals)
-            mad = 1.4826 * np.median(np.abs(vals - med))
-            keep = np.abs(vals - med) <= 3 * mad if mad > 0 else np.ones(vals.size, bool)
-            if keep.all():
-                break
-            vals = vals[keep]
-        if vals.size >= 10:
-            level[k] = float(np.median(vals))
-            count[k] = vals.size
-    return level, count
+    """Per position: the 3-sigma-clipped median of the annulus ``annulus x r_ap`` around
+    the nearest pixel centre (e- per pixel) and the number of pixels it used (NaN, 0 where
+    fewer than 10). Vectorised: all positions at once."""
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0, int)
+    dy, dx = _disc(annulus[0] * r_ap, annulus[1] * r_ap)
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    vals = _stack(data, ix, iy, dy, dx).astype(np.float64)
+    if bad is not None:
+        vals[_stack(bad, ix, iy, dy, dx, fill=True).astype(bool)] = np.nan
+    vals[~np.isfinite(vals)] = np.nan
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: off the frame
+        for _ in range(2):
+            med = np.nanmedian(vals, axis=1)
+            mad = 1.4826 * np.nanmedian(np.abs(vals - med[:, None]), axis=1)
+            out = np.abs(vals - med[:, None]) > 3 * np.where(mad > 0, mad, np.inf)[:, None]
+            vals[out] = np.nan
+        level = np.nanmedian(vals, axis=1)
+    count = np.isfinite(vals).sum(axis=1)
+    level = np.where(count >= 10, level, np.nan)
+    return level, np.where(count >= 10, count, 0)
 
 
 def empty_aperture_noise(data: np.ndarray, var: np.ndarray, bad: np.ndarray | None,
@@ -138,22 +153,22 @@ def empty_aperture_noise(data: np.ndarray, var: np.ndarray, bad: np.ndarray | No
     """Measured over predicted noise of local-background-subtracted aperture sums on
     empty sky: (factor, apertures used); (1.0, n) when fewer than 30 fit on the frame.
 
-    Apertures are placed at random where no CAT source lies within ``r_out +
-    2 FWHM`` and no pixel of the aperture is bad; the factor is the robust (MAD) scatter
-    of ``(sum - A bkg) / sqrt(sum var)``.
+    Apertures (the pixels whose centres lie within ``r_ap`` of a pixel centre) are placed
+    at random where no CAT source lies within ``r_out + 2 FWHM`` and no pixel of the
+    aperture is bad; the factor is the robust (MAD) scatter of
+    ``(sum - A bkg) / sqrt(sum var)``. Touches only those pixels (~10 ms at any size).
     """
-    import sep
     from scipy.spatial import cKDTree
 
     ny, nx = data.shape
     r_out = ANNULUS[1] * r_ap
-    margin = r_out + 2
+    margin = int(math.ceil(r_out)) + 2
     if nx <= 2 * margin + 1 or ny <= 2 * margin + 1:
         return 1.0, 0
     rng = np.random.default_rng(seed)
     m = max(8 * n, 1000)
-    x = rng.uniform(margin, nx - 1 - margin, m)
-    y = rng.uniform(margin, ny - 1 - margin, m)
+    x = rng.integers(margin, nx - margin, m)
+    y = rng.integers(margin, ny - margin, m)
     if len(sources_xy):
         d, _ = cKDTree(np.asarray(sources_xy, float)).query(np.column_stack([x, y]))
         keep = d > r_out + 2 * max(fwhm_px, 1.0)
@@ -161,14 +176,16 @@ def empty_aperture_noise(data: np.ndarray, var: np.ndarray, bad: np.ndarray | No
     x, y = x[:n], y[:n]
     if x.size < 30:
         return 1.0, int(x.size)
-    d32 = np.ascontiguousarray(data, dtype=np.float32)
-    v32 = np.ascontiguousarray(var, dtype=np.float32)
-    flux, err, flag = sep.sum_circle(d32, x, y, r_ap, var=v32, mask=bad, subpix=5)
-    bkg, cnt = local_background(d32, bad, x, y, r_ap)
-    ok = (flag & sep.APER_HASMASKED) == 0 if bad is not None else np.ones(x.size, bool)
-    ok &= np.isfinite(bkg) & (err > 0)
+    dy, dx = _disc(0.0, r_ap)
+    vals = _stack(data, x, y, dy, dx).astype(np.float64)
+    vv = _stack(var, x, y, dy, dx).astype(np.float64)
+    ok = np.isfinite(vals).all(axis=1) & (vv > 0).all(axis=1)
+    if bad is not None:
+        ok &= ~_stack(bad, x, y, dy, dx, fill=True).any(axis=1)
+    bkg, _ = local_background(data, bad, x, y, r_ap)
+    ok &= np.isfinite(bkg)
     if ok.sum() < 30:
         return 1.0, int(ok.sum())
-    pull = (flux[ok] - math.pi * r_ap * r_ap * bkg[ok]) / err[ok]
+    pull = (vals[ok].sum(axis=1) - dy.size * bkg[ok]) / np.sqrt(vv[ok].sum(axis=1))
     width = 1.4826 * float(np.median(np.abs(pull - np.median(pull))))
     return (width if np.isfinite(width) and width > 0 else 1.0), int(ok.sum())

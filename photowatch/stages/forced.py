@@ -75,7 +75,7 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
     import sep
     from astropy.table import Table
 
-    from photowatch.stages.depth import limiting_flux, local_background
+    from photowatch.stages.depth import ANNULUS, limiting_flux, local_background
 
     targets = list(targets)
     n = len(targets)
@@ -97,41 +97,57 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
     fluxerr = np.full(n, np.nan)
     limflux = np.full(n, np.nan)
     r = float(r_ap_px)
-    if on.any():
-        data = np.ascontiguousarray(sci, dtype=np.float32)
-        v = np.ascontiguousarray(var, dtype=np.float32)
+    half = int(math.ceil(ANNULUS[1] * r)) + 3
+    k2 = float(noise_factor) ** 2
+    area = math.pi * r * r
+    # each target in its own cutout: the cost is per target, not per frame pixel
+    for k in np.flatnonzero(on):
+        ix, iy = int(round(x[k])), int(round(y[k]))
+        x0, x1, y0, y1 = max(ix - half, 0), min(ix + half + 1, nx), max(iy - half, 0), \
+            min(iy + half + 1, ny)
+        data = np.array(sci[y0:y1, x0:x1], dtype=np.float32)
+        v = np.array(var[y0:y1, x0:x1], dtype=np.float32)
         bad = ~np.isfinite(data) | ~(v > 0) | ~np.isfinite(v)
-        m = bad if mask is None else (bad | ((np.asarray(mask) & _FLAG_BITS) != 0))
-        if bad.any():
-            data = np.where(bad, np.float32(0), data)
-            v = np.where(bad, np.float32(np.median(v[~bad]) if (~bad).any() else 1.0), v)
-        xi, yi = x[on], y[on]
-        f_ap, e_ap, aflag = sep.sum_circle(data, xi, yi, r, var=v, mask=m, subpix=5)
-        # the aperture's own background noise: the median variance of its pixels
-        # (without the source, whose Poisson noise is in e_ap) gives the local limit
-        sky_var = np.asarray(_local_variance(v, m, xi, yi, r), float)
-        area = math.pi * r * r
-        f = flags[on]
-        if local_bkg:
-            bkg, _ = local_background(data, m, xi, yi, r)
-            f |= np.where(np.isfinite(bkg), 0, FLAG_NOBKG).astype(np.int16)
-            f_ap = f_ap - area * np.where(np.isfinite(bkg), bkg, 0.0)
-        k2 = float(noise_factor) ** 2
-        with np.errstate(invalid="ignore"):
-            e_tot = np.sqrt(np.maximum(e_ap ** 2 + (k2 - 1.0) * area *
-                                       np.where(np.isfinite(sky_var), sky_var, 0.0), 0.0))
-        flux[on] = f_ap * apcor
-        fluxerr[on] = e_tot * apcor
-        limflux[on] = [limiting_flux(math.sqrt(s), r, apcor, nsigma, noise_factor)
-                       if s > 0 else np.nan for s in sky_var]
-        f |= np.where((aflag & sep.APER_HASMASKED) != 0, FLAG_MASKED, 0).astype(np.int16)
-        f |= np.where((aflag & sep.APER_TRUNC) != 0, FLAG_EDGE, 0).astype(np.int16)
+        m = bad.copy()
+        cosmic = None
         if mask is not None:
-            cosmic = (np.asarray(mask) & int(Mask.COSMIC)).astype(np.float32)
-            hit, _, _ = sep.sum_circle(np.ascontiguousarray(cosmic), xi, yi, max(2.0, r / 2),
-                                       subpix=1)
-            f |= np.where(hit > 0, FLAG_COSMIC, 0).astype(np.int16)
-        flags[on] = f
+            mk = np.asarray(mask[y0:y1, x0:x1])
+            m |= (mk & _FLAG_BITS) != 0
+            cosmic = ((mk & int(Mask.COSMIC)) != 0).astype(np.float32)
+        if bad.any():
+            data[bad] = 0.0
+            v[bad] = np.float32(np.median(v[~bad])) if (~bad).any() else np.float32(1.0)
+        xc, yc = np.array([x[k] - x0]), np.array([y[k] - y0])
+        f_ap, e_ap, aflag = sep.sum_circle(data, xc, yc, r, var=v, mask=m, subpix=5)
+        # truncated by the frame's edge (not by the cutout's)
+        trunc = (x[k] - r < -0.5) or (y[k] - r < -0.5) or (x[k] + r > nx - 0.5) or \
+            (y[k] + r > ny - 0.5)
+        f = 0
+        if aflag[0] & sep.APER_HASMASKED:
+            f |= FLAG_MASKED
+        if trunc:
+            f |= FLAG_EDGE
+        if cosmic is not None and cosmic.any():
+            hit, _, _ = sep.sum_circle(cosmic, xc, yc, max(2.0, r / 2), subpix=1)
+            if hit[0] > 0:
+                f |= FLAG_COSMIC
+        # the aperture's own background noise: the median variance of the annulus
+        # (without the source, whose Poisson noise is in e_ap) gives the local limit
+        sky_var = _local_variance(v, m, xc, yc, r)[0]
+        flux_ap = float(f_ap[0])
+        if local_bkg:
+            bkg, _ = local_background(data, m, xc, yc, r)
+            if np.isfinite(bkg[0]):
+                flux_ap -= area * float(bkg[0])
+            else:
+                f |= FLAG_NOBKG
+        sv = sky_var if np.isfinite(sky_var) else 0.0
+        e_tot = math.sqrt(max(float(e_ap[0]) ** 2 + (k2 - 1.0) * area * sv, 0.0))
+        flux[k] = flux_ap * apcor
+        fluxerr[k] = e_tot * apcor
+        limflux[k] = limiting_flux(math.sqrt(sky_var), r, apcor, nsigma, noise_factor) \
+            if sky_var > 0 else np.nan
+        flags[k] |= f
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(fluxerr > 0, flux / fluxerr, np.nan)
     detected = np.isfinite(snr) & (snr >= nsigma)
