@@ -279,9 +279,10 @@ def _alert_rules(engine, night, target, point, seen, frame) -> None:
 def coadd_depth(engine, key: tuple, acc, magzp: float | None) -> dict:
     """The coadd's aperture, aperture correction and depth where every member overlaps.
 
-    Members' FWHM and APCOR (weighted means, the coadd's weights) give the aperture
-    ``aperture_fwhm x FWHM``; the weighted mean's per-pixel noise is ``1/sqrt(sum w)``
-    (reference electrons), so LIMMAG = MAGZP - 2.5 log10(limiting_flux(...)).
+    Members' FWHM, APCOR, apnoise_factor and zero-point errors (weighted as the coadd
+    weighs them) give the aperture ``aperture_fwhm x FWHM`` and the noise; the weighted
+    mean's per-pixel noise is ``1/sqrt(sum w)`` (reference electrons), so LIMMAG = MAGZP
+    - 2.5 log10(limiting_flux(...)).
     """
     from photowatch.stages.depth import limiting_flux
 
@@ -290,26 +291,32 @@ def coadd_depth(engine, key: tuple, acc, magzp: float | None) -> dict:
         return {}
     names = {mid.rsplit(":v", 1)[0]: m for mid, m in members.items()}
     qcs = engine.store.frame_qc_by_name(key[0], list(names))
-    w, fwhm, apcor = [], [], []
+    w, fwhm, apcor, factor, zperr = [], [], [], [], []
     for name, m in names.items():
         q = qcs.get(name, {})
         if q.get("fwhm_arcsec") and q.get("apcor"):
             w.append(m.weight)
             fwhm.append(q["fwhm_arcsec"])
             apcor.append(q["apcor"])
+            factor.append(q.get("apnoise_factor") or 1.0)
+            zperr.append(q.get("zp_err") or 0.0)
     if not w:
         return {}
     w = np.asarray(w, float)
     fwhm_c = float(np.sum(w * fwhm) / np.sum(w))
     apcor_c = float(np.sum(w * apcor) / np.sum(w))
+    # the members' measured noise excess (confusion, sky residues: it does not average
+    # down) and their zero points' errors, averaged with the coadd's weights
+    factor_c = float(np.sum(w * factor) / np.sum(w))
+    zperr_c = float(np.sqrt(np.sum(w ** 2 * np.asarray(zperr) ** 2)) / np.sum(w))
     r_ap = engine.settings.stages.sources.aperture_fwhm * fwhm_c / acc.grid.pixel_scale_arcsec
     sum_w = float(sum(m.weight for m in members.values()))
     noise = 1.0 / math.sqrt(sum_w) if sum_w > 0 else float("nan")
-    flux = limiting_flux(noise, r_ap, apcor_c, engine.settings.targets.nsigma)
+    flux = limiting_flux(noise, r_ap, apcor_c, engine.settings.targets.nsigma, factor_c)
     limmag = magzp - 2.5 * math.log10(flux) if magzp is not None and np.isfinite(flux) \
         else None
     return {"fwhm_arcsec": fwhm_c, "apcor": apcor_c, "aprad_px": r_ap, "limmag": limmag,
-            "limflux": flux}
+            "limflux": flux, "apnoise_factor": factor_c, "zp_err": zperr_c}
 
 
 def measure_coadd(engine, key: tuple, acc, path: Path, magzp: float | None,
@@ -353,7 +360,9 @@ def measure_coadd(engine, key: tuple, acc, path: Path, magzp: float | None,
         sub = wcs.slice((slice(y0, y1), slice(x0, x1)))
         table = forced_photometry(s, var, mask, sub, [(t.name, t.ra, t.dec)], r_ap_px=r_ap,
                                   apcor=depth["apcor"], magzp=magzp,
-                                  nsigma=engine.settings.targets.nsigma)
+                                  magzp_err=depth.get("zp_err") or 0.0,
+                                  nsigma=engine.settings.targets.nsigma,
+                                  noise_factor=depth.get("apnoise_factor") or 1.0)
         r = table[0]
         if r["flags"] & 1:
             continue
