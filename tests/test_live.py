@@ -439,3 +439,38 @@ def test_rereduction_replaces_the_frames_point(afterglow_night, tmp_path):
     assert again > stamp  # measured again, in place
     assert len(after) == len(before)
     assert sorted(after["key"]) == sorted(before["key"])
+
+
+def test_alert_rules_detected_and_faded():
+    """target_detected: the night's first detection in a filter; target_faded: fainter than
+    the previous detection by fade_sigma, or an upper limit fainter than it."""
+    from types import SimpleNamespace
+
+    from photowatch.core.config import Settings
+    from photowatch.run.live import _alert_rules
+
+    sent = []
+    engine = SimpleNamespace(settings=Settings(), _alert_runner=SimpleNamespace(
+        emit=lambda event, facts: sent.append((event, facts))))
+
+    def point(mag=None, err=None, uplim=None):
+        return {"filter": "r", "mjd": 1.0, "mag": mag, "magerr": err, "limmag": 21.0,
+                "uplim": uplim, "snr": None, "ra": 1.0, "dec": 2.0,
+                "detected": int(mag is not None)}
+
+    prev = {"detected": 1, "mag": 18.0, "magerr": 0.05, "key": "f1"}
+    cases = [
+        (point(18.0, 0.05), {"previous": None, "others_detected": 0}, ["target_detected"]),
+        (point(18.1, 0.05), {"previous": prev, "others_detected": 1}, []),  # 1.4 sigma
+        (point(18.5, 0.05), {"previous": prev, "others_detected": 1}, ["target_faded"]),
+        (point(uplim=19.0), {"previous": prev, "others_detected": 1}, ["target_faded"]),
+        (point(uplim=18.1), {"previous": prev, "others_detected": 1}, []),  # not constraining
+        (point(uplim=19.0), {"previous": None, "others_detected": 0}, []),
+    ]
+    for p, seen, expected in cases:
+        sent.clear()
+        _alert_rules(engine, "2020-01-28", "GRB", p, seen, frame="a.fits")
+        assert [e for e, _ in sent] == expected, (p, seen)
+    _alert_rules(engine, "2020-01-28", "GRB", point(18.0, 0.05),
+                 {"previous": None, "others_detected": 0}, frame="a.fits")
+    assert sent[-1][1]["target"] == "GRB" and sent[-1][1]["frame"] == "a.fits"
