@@ -39,8 +39,8 @@ def depth_facts(frame, src, qc: dict, nsigma: float = 5.0) -> dict:
     number used in ``apnoise_n``) and ``aprad_px`` (CAT's aperture radius)."""
     from photowatch.stages.depth import empty_aperture_noise, limiting_flux, pixel_noise
 
-    bad = None if frame.mask is None else (np.asarray(frame.mask) & int(UNUSABLE)) != 0
-    noise = pixel_noise(frame.var, bad)
+    mask, bits = frame.mask, int(UNUSABLE)  # the MASK bits are read where needed only
+    noise = pixel_noise(frame.var, mask, bits=bits)
     r_ap = float(src.aperture_radius_px)
     apcor = float(src.aperture_correction)
     factor, n_empty = 1.0, 0
@@ -49,7 +49,8 @@ def depth_facts(frame, src, qc: dict, nsigma: float = 5.0) -> dict:
         xy = np.column_stack([np.asarray(tab["x"], float), np.asarray(tab["y"], float)]) \
             if len(tab) else np.zeros((0, 2))
         fwhm = src.fwhm_px if np.isfinite(src.fwhm_px) else r_ap / 2
-        factor, n_empty = empty_aperture_noise(frame.sci, frame.var, bad, xy, r_ap, fwhm)
+        factor, n_empty = empty_aperture_noise(frame.sci, frame.var, mask, xy, r_ap, fwhm,
+                                               bits=bits)
     flux = limiting_flux(noise, r_ap, apcor, nsigma, factor)
     zp = qc.get("zp") if qc.get("abscal") and qc.get("phot_status") == "ok" else None
     limmag = zp - 2.5 * math.log10(flux) if zp is not None and np.isfinite(flux) else None
