@@ -146,6 +146,8 @@ def summarise(rows: list[dict]) -> dict:
         "points": len(rows), "detected": int(det.sum()),
         "mag_pull_n": int(clear.sum()), "mag_pull_mean": float(np.mean(pulls)),
         "mag_pull_std": float(np.std(pulls)),
+        "mag_pull_robust_std": float(1.4826 * np.median(np.abs(pulls - np.median(pulls)))),
+        "mag_pull_beyond_4": int((np.abs(pulls) > 4).sum()),
         "mag_pull_zp_removed_mean": float(np.mean(pulls_zp)),
         "mag_pull_zp_removed_std": float(np.std(pulls_zp)),
         "zp_offset_rms_over_magzperr": float(np.sqrt(np.mean((dz / ze) ** 2))),
@@ -160,7 +162,7 @@ def accuracy(args) -> None:
     all_rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="bench_live_") as tmp:
-            root = Path(tmp)
+            root = Path(args.keep) / f"seed{seed}" if args.keep else Path(tmp)
             run = run_night(root, seed, args.size, args.science, args.fakes)
             rows = collect(root, run["night"])
             all_rows += rows
@@ -266,6 +268,7 @@ def main() -> None:
     p.add_argument("--fakes", type=int, default=30, help="fake stars per night")
     p.add_argument("--targets", type=int, nargs="+", default=[1, 10])
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--keep", metavar="DIR", help="keep each night and its output in DIR")
     args = p.parse_args()
     if args.accuracy:
         args.size = args.size or 1024
