@@ -142,7 +142,7 @@ def preflight(settings, *, instrument: str | None = None, catalog: str | None = 
         if why:
             raise UsageError(f"--out {settings.paths.output_dir}: {why} (paths.output_dir)")
     if settings.targets.file or settings.targets.positions:  # issue 21: bad targets, now
-        from photowatch.run.live import parse_position, read_targets_file
+        from photowatch.core.targets import parse_position, read_targets_file
 
         if settings.targets.file:
             read_targets_file(settings.targets.file)
@@ -206,7 +206,8 @@ def _remember_targets(args, settings) -> None:
     """``--target``: checked (a bad one is a usage error), kept in the store's meta."""
     if not getattr(args, "target", None):
         return
-    from photowatch.run.live import parse_position, remember_cli_targets
+    from photowatch.core.targets import parse_position
+    from photowatch.state.lightcurves import remember_cli_targets
     from photowatch.state.store import Store
 
     for text in args.target:

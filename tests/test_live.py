@@ -157,7 +157,7 @@ def test_forced_flags_off_frame_and_no_wcs():
 
 # --------------------------------------------------------------------------- targets
 def test_target_positions_parse_and_fail_clearly(tmp_path):
-    from photowatch.run.live import parse_position, read_targets_file
+    from photowatch.core.targets import parse_position, read_targets_file
 
     t = parse_position("GRB 1=10:00:00,-05:30:00")
     assert (t.name, t.ra, t.dec) == ("GRB 1", 150.0, -5.5)
@@ -180,7 +180,7 @@ def test_header_target_from_the_profile_keys():
     from astropy.io import fits
 
     from photowatch.core.instruments import load_profile
-    from photowatch.run.live import header_target
+    from photowatch.core.targets import header_target
 
     class Info:
         target = "GRB200129A"

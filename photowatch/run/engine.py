@@ -139,6 +139,11 @@ class Engine:
         self.last_progress = time.time()
         self._background = None
         self._pending_background: list = []
+        from photowatch.state.lightcurves import LightCurveBook
+
+        #: issue 21: targets, forced-photometry points, light-curve files
+        self.lightcurves = LightCurveBook(store=self.store, out=self.out, settings=settings,
+                                          in_background=self.in_background)
 
     # ------------------------------------------------------------------ helpers
     def profile(self, name: str) -> Profile:

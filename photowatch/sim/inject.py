@@ -223,10 +223,9 @@ class FakeStars:
 
 
 def render(injections, frame, t0: datetime, t1: datetime, wcs, psf, zp: float,
-           model: np.ndarray) -> list[dict]:
-    """Add every injection's sources to ``model`` (e-, in place); return their truth rows."""
-    from photowatch.sim.night import render_stars
-
+           model: np.ndarray, render_stars) -> list[dict]:
+    """Add every injection's sources to ``model`` (e-, in place) with the simulator's
+    ``render_stars`` (passed in: no import cycle); return their truth rows."""
     rows = []
     mid = t0 + (t1 - t0) / 2
     for inj in injections or ():

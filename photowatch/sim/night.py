@@ -1241,7 +1241,7 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
 
         frame.injected = render(injections, frame, frame.obs_time,
                                 frame.obs_time + timedelta(seconds=exptime), wcs, psf, zp,
-                                model)
+                                model, render_stars)
 
     background = pattern + np.float32(1.0)
     background *= np.float32(sky_e)

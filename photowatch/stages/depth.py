@@ -75,21 +75,38 @@ def pixel_noise(var: np.ndarray, mask: np.ndarray | None = None, step: int = 4,
     return float(np.sqrt(np.median(v[ok])))
 
 
-def coadd_limiting_flux(weights, member_noise_ap, nsigma: float = 5.0) -> float:
-    """5-sigma flux of a weighted-mean coadd from its members' aperture noise.
+def coadd_depth(*, weights, qcs, sum_w: float, aperture_fwhm: float,
+                pixel_scale_arcsec: float, magzp: float | None, nsigma: float = 5.0) -> dict:
+    """A quick-look coadd's aperture, aperture correction, noise and depth where every
+    member overlaps.
 
-    ``weights``: the coadd's member weights; ``member_noise_ap``: each member's
-    aperture noise in the coadd's flux units (reference electrons). The coadd's flux
-    is ``sum w f / sum w`` so its aperture noise is ``sqrt(sum w^2 s^2) / sum w``;
-    the 5-sigma flux is 5 times that (a source at a coadd's limit is faint: its own
-    Poisson noise is left out). NaN when nothing usable.
+    ``weights`` and ``qcs``: each member's coadd weight and frame qc (fwhm_arcsec,
+    apcor, apnoise_factor, zp_err). Their weighted means (the coadd's own weights) give
+    the aperture ``aperture_fwhm x FWHM``, APCOR, the measured noise excess (confusion
+    and sky residues do not average down) and the zero point's error
+    ``sqrt(sum w^2 e^2) / sum w``; the weighted mean's per-pixel noise is
+    ``1 / sqrt(sum_w)`` (reference electrons), so LIMMAG = MAGZP - 2.5 log10(limiting
+    flux). Empty dict when no member has a FWHM and APCOR.
     """
-    w = np.asarray(weights, float)
-    s = np.asarray(member_noise_ap, float)
-    ok = np.isfinite(w) & (w > 0) & np.isfinite(s) & (s > 0)
-    if not ok.any():
-        return float("nan")
-    return float(nsigma) * float(np.sqrt(np.sum(w[ok] ** 2 * s[ok] ** 2)) / np.sum(w[ok]))
+    use = [(w, q) for w, q in zip(weights, qcs) if q.get("fwhm_arcsec") and q.get("apcor")]
+    if not use or not sum_w > 0:
+        return {}
+    w = np.array([u[0] for u in use], float)
+
+    def mean(key, default):
+        return float(np.sum(w * np.array([q.get(key) or default for _, q in use])) / w.sum())
+
+    fwhm = mean("fwhm_arcsec", np.nan)
+    apcor = mean("apcor", 1.0)
+    factor = mean("apnoise_factor", 1.0)
+    zperr = np.array([q.get("zp_err") or 0.0 for _, q in use])
+    zp_err = float(np.sqrt(np.sum(w ** 2 * zperr ** 2)) / w.sum())
+    r_ap = aperture_fwhm * fwhm / pixel_scale_arcsec
+    flux = limiting_flux(1.0 / math.sqrt(sum_w), r_ap, apcor, nsigma, factor)
+    limmag = magzp - 2.5 * math.log10(flux) if magzp is not None and np.isfinite(flux) \
+        else None
+    return {"fwhm_arcsec": fwhm, "apcor": apcor, "aprad_px": r_ap, "limmag": limmag,
+            "limflux": flux, "apnoise_factor": factor, "zp_err": zp_err}
 
 
 #: local background annulus of forced photometry and of the empty apertures (x r_ap)

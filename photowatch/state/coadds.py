@@ -217,9 +217,9 @@ class CoaddBook:
         # the quick-look coadd is not fsynced: the rename keeps it whole, and if a power
         # cut loses it the engine rebuilds it from the reduced frames (its members are
         # queued again when the file is unreadable)
-        from photowatch.run import live  # issue 21: LIMMAG, forced photometry at targets
-
-        depth = live.coadd_hook(self.engine, key, acc, header, magzp)
+        # issue 21: LIMMAG into the header, forced photometry at the targets (after the row)
+        book = getattr(self.engine, "lightcurves", None)
+        depth = book.coadd_hook(key, acc, header, magzp) if book is not None else {}
         acc.write(path, magzp=magzp, header_extra=header, fsync=False)
         png = None
         if self.settings.quicklook_png:
@@ -234,7 +234,8 @@ class CoaddBook:
             ncombine=len(acc), exptime=acc.exptime_s, magzp=magzp,
             grid=(grid or acc.grid).to_dict(), members=members,
             quicklook=str(png) if png else None, frame_updates=frame_updates)
-        live.after_coadd(self.engine, key, acc, path, magzp, depth)
+        if book is not None:
+            book.after_coadd(key, acc, path, magzp, depth)
 
     def _magzp(self, key: tuple) -> float | None:
         ref = self.engine.refs.get(key[0], key[1], key[2], "zpref")
