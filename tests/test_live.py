@@ -474,3 +474,18 @@ def test_alert_rules_detected_and_faded():
     _alert_rules(engine, "2020-01-28", "GRB", point(18.0, 0.05),
                  {"previous": None, "others_detected": 0}, frame="a.fits")
     assert sent[-1][1]["target"] == "GRB" and sent[-1][1]["frame"] == "a.fits"
+
+
+def test_bad_targets_stop_before_any_work(tmp_path, capsys):
+    from photowatch.cli import main
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    out = tmp_path / "out"
+    assert main(["reduce", str(raw), "--out", str(out), "--target", "GRB=400,0"]) == 2
+    assert "GRB=400,0" in capsys.readouterr().err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[targets]\nfile = "{tmp_path / "nope.csv"}"\n')
+    assert main(["reduce", str(raw), "--out", str(out), "--config", str(cfg)]) == 2
+    assert "nope.csv: not found" in capsys.readouterr().err
+    assert not (out / "state.sqlite").exists()
