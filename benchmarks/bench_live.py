@@ -38,7 +38,8 @@ import numpy as np
 
 
 # ----------------------------------------------------------------------------- accuracy
-def run_night(root: Path, seed: int, size: int, n_science: int, n_fakes: int) -> dict:
+def run_night(root: Path, seed: int, size: int, n_science: int, n_fakes: int,
+              detect_sigma: float | None = None) -> dict:
     from astropy.table import Table
 
     from photowatch.sim.inject import Afterglow, FakeStars
@@ -52,7 +53,8 @@ def run_night(root: Path, seed: int, size: int, n_science: int, n_fakes: int) ->
                            seed=seed, bad_flats=False, injections=[ag, fakes])
     Table(rows=[p[:3] for p in fakes.positions], names=["name", "ra", "dec"]).write(
         root / "targets.csv", overwrite=True)
-    (root / "config.toml").write_text(f'[targets]\nfile = "{root / "targets.csv"}"\n')
+    extra = f"[stages.sources]\ndetect_sigma = {detect_sigma}\n" if detect_sigma else ""
+    (root / "config.toml").write_text(f'[targets]\nfile = "{root / "targets.csv"}"\n{extra}')
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "photowatch", "reduce", str(night.raw_dir), "--out",
                     str(root / "out"), "--catalog", str(night.catalog_path), "--config",
@@ -163,7 +165,8 @@ def accuracy(args) -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="bench_live_") as tmp:
             root = Path(args.keep) / f"seed{seed}" if args.keep else Path(tmp)
-            run = run_night(root, seed, args.size, args.science, args.fakes)
+            run = run_night(root, seed, args.size, args.science, args.fakes,
+                            args.detect_sigma)
             rows = collect(root, run["night"])
             all_rows += rows
             s = summarise(rows)
@@ -269,6 +272,8 @@ def main() -> None:
     p.add_argument("--targets", type=int, nargs="+", default=[1, 10])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--keep", metavar="DIR", help="keep each night and its output in DIR")
+    p.add_argument("--detect-sigma", type=float, default=None,
+                   help="[stages.sources] detect_sigma for the reduction (default: config's)")
     args = p.parse_args()
     if args.accuracy:
         args.size = args.size or 1024
