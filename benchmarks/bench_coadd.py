@@ -74,31 +74,16 @@ def star_field(size: int):
     return ra, dec, flux
 
 
-def render(shape, xs, ys, fluxes, sigma=SIGMA, out=None):
-    from scipy.special import erf
-
-    img = np.zeros(shape, np.float32) if out is None else out
-    r = int(math.ceil(6 * sigma))
-    for x, y, f in zip(xs, ys, fluxes):
-        ix, iy = int(round(x)), int(round(y))
-        x0, x1 = max(ix - r, 0), min(ix + r + 1, shape[1])
-        y0, y1 = max(iy - r, 0), min(iy + r + 1, shape[0])
-        if x1 <= x0 or y1 <= y0:
-            continue
-        px = np.diff(0.5 * erf((np.arange(x0, x1 + 1) - 0.5 - x) / (math.sqrt(2) * sigma)))
-        py = np.diff(0.5 * erf((np.arange(y0, y1 + 1) - 0.5 - y) / (math.sqrt(2) * sigma)))
-        img[y0:y1, x0:x1] += (f * np.outer(py, px)).astype(np.float32)
-    return img
-
-
 def make_frame(size: int, k: int, stars, sky_noise=12.0):
     """(model, sci, var, mask, wcs): stars + noise, flagged cosmic rays and a bad column."""
     from photowatch.core.frame import Mask
+    from photowatch.sim.psf import gaussian_stars
 
     w = frame_wcs(size, k)
     ra, dec, flux = stars
     xs, ys = w.all_world2pix(ra, dec, 0)
-    model = render((size, size), xs, ys, flux)
+    model = gaussian_stars((size, size), xs, ys, flux, sigma_px=SIGMA,
+                           radius=math.ceil(6 * SIGMA)).astype(np.float32)
     rng = np.random.default_rng([12, k])
     noise = rng.standard_normal((size, size), dtype=np.float32)
     noise *= sky_noise
@@ -285,8 +270,8 @@ def main() -> None:
         pix_agree = float(diff.max() / model.max())
 
     # ---- 2b. catalogue and PNG of the quick-look coadd ---------------------------------------
+    from photowatch.coadd.catalogue import coadd_catalog
     from photowatch.io.previews import save_png
-    from photowatch.stages.photometry import coadd_catalog
 
     save_png(np.ones((8, 8)), work / "warm.png", title="x")  # imports matplotlib, PIL
     t = time.perf_counter()

@@ -67,7 +67,7 @@ def main() -> None:
         store = Store(out / "state.sqlite")
         errs = [abs(read_product(r["product"]).header["MAGZP"] -
                     truth[r["raw_name"].split(".")[1]].zp_true)
-                for r in store.frames("kind='object' AND state='reduced'")]
+                for r in store.frames(kind="object", state="reduced")]
         ptc = [json.loads(v) for _, v in store.conn.execute(
             "SELECT key, value FROM meta WHERE key LIKE 'ptc|%'")]
         used = "measured" if store.conn.execute(

@@ -33,7 +33,7 @@ def main(out: Path) -> None:
     trim = load_profile("ratir").cameras["C1"]["trimsec"].strip("[]").split(",")
     x0, y0 = (int(t.split(":")[0]) - 1 for t in trim)
     plain = _plain_photometry(RATIR)
-    rows = Store(out / "state.sqlite").frames("kind='object' AND state='reduced'")
+    rows = Store(out / "state.sqlite").frames(kind="object", state="reduced")
     sky = {}
     for r in rows:
         h = read_product(r["product"]).header

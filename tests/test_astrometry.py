@@ -27,6 +27,7 @@ from photowatch.core.classify import classify
 from photowatch.core.config import Astrometry, Catalog, Sources
 from photowatch.core.frame import Frame
 from photowatch.core.instruments import Profile, load_profile
+from photowatch.sim.psf import moffat_stars
 from photowatch.stages import astrometry as astro
 from photowatch.stages.astrometry import (
     AstrometryResult,
@@ -79,34 +80,13 @@ def sky_catalog(seed, ra0=150.0, dec0=20.0, half_arcsec=700.0, density=0.003):
     return Table({"ra": ra, "dec": dec, "mag": mag})
 
 
-def render(shape, x, y, flux, fwhm=3.0, beta=3.0):
-    """Moffat stars, 3x3 sub-sampled, electrons."""
-    ny, nx = shape
-    img = np.zeros(shape, np.float32)
-    half = int(math.ceil(3 * fwhm))
-    off = np.arange(-half, half + 1)
-    xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
-    gx = xi[:, None, None] + off[None, None, :]
-    gy = yi[:, None, None] + off[None, :, None]
-    alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
-    val = 0.0
-    for sx in (-1 / 3, 0, 1 / 3):
-        for sy in (-1 / 3, 0, 1 / 3):
-            r2 = (gx + sx - x[:, None, None]) ** 2 + (gy + sy - y[:, None, None]) ** 2
-            val = val + (beta - 1) / (math.pi * alpha**2) * (1 + r2 / alpha**2) ** (-beta)
-    val = val / 9 * flux[:, None, None]
-    gx, gy = np.broadcast_arrays(gx, gy)
-    ok = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
-    np.add.at(img, (gy[ok], gx[ok]), np.broadcast_to(val, gx.shape)[ok].astype(np.float32))
-    return img
-
-
 def observe(wcs, cat, seed, n=N, zp=28.0, sky=100.0):
     """A sky-subtracted frame of the catalogue seen through ``wcs``."""
     rng = np.random.default_rng(seed)
     x, y = wcs.all_world2pix(np.asarray(cat["ra"]), np.asarray(cat["dec"]), 0)
     on = (x > -10) & (x < n + 10) & (y > -10) & (y < n + 10)
-    model = render((n, n), x[on], y[on], 10 ** (-0.4 * (np.asarray(cat["mag"])[on] - zp)))
+    model = moffat_stars((n, n), x[on], y[on], 10 ** (-0.4 * (np.asarray(cat["mag"])[on] - zp)),
+                         fwhm_px=3.0)
     var = (sky + 25 + np.maximum(model, 0)).astype(np.float32)
     sci = (model + rng.standard_normal(model.shape).astype(np.float32) * np.sqrt(var))
     return Frame(sci=sci.astype(np.float32), var=var, mask=np.zeros((n, n), np.uint16),

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, Sip
-from scipy.special import erf
 
 from photowatch.coadd.stack import (
     Accumulator,
@@ -30,6 +29,7 @@ from photowatch.coadd.stack import (
 from photowatch.core.errors import StageDegraded
 from photowatch.core.frame import Frame, Mask
 from photowatch.io.products import write_product
+from photowatch.sim.psf import gaussian_stars
 
 RA0, DEC0 = 150.0, 30.0
 SCALE = 0.4  # arcsec / px
@@ -67,22 +67,6 @@ def frame_wcs(dx, dy, rot_deg, sip_sign, sip_px=0.6):
     return w
 
 
-def render(shape, xs, ys, fluxes, sigma=SIGMA):
-    """Pixel-integrated Gaussians (0-based centres): exact fluxes and centroids."""
-    img = np.zeros(shape)
-    r = int(math.ceil(7 * sigma))
-    for x, y, f in zip(xs, ys, fluxes):
-        ix, iy = int(round(x)), int(round(y))
-        x0, x1 = max(ix - r, 0), min(ix + r + 1, shape[1])
-        y0, y1 = max(iy - r, 0), min(iy + r + 1, shape[0])
-        if x1 <= x0 or y1 <= y0:
-            continue
-        px = np.diff(0.5 * erf((np.arange(x0, x1 + 1) - 0.5 - x) / (math.sqrt(2) * sigma)))
-        py = np.diff(0.5 * erf((np.arange(y0, y1 + 1) - 0.5 - y) / (math.sqrt(2) * sigma)))
-        img[y0:y1, x0:x1] += f * np.outer(py, px)
-    return img
-
-
 def star_list(rng):
     """Isolated stars on a jittered 6x6 lattice (13" apart) around the target."""
     g = (np.arange(6) - 2.5) * 13.0
@@ -105,7 +89,7 @@ class Field:
         for k, (dx, dy, rot, sgn, flx, sky, exp) in enumerate(FRAMES):
             w = frame_wcs(dx, dy, rot, sgn)
             xs, ys = w.all_world2pix(self.ra, self.dec, 0, tolerance=1e-10)
-            model = render(SHAPE, xs, ys, self.flux / flx).astype(np.float32)
+            model = gaussian_stars(SHAPE, xs, ys, self.flux / flx, sigma_px=SIGMA).astype(np.float32)
             mask = np.zeros(SHAPE, np.uint16)
             frng = np.random.default_rng([seed, k])
             cy, cx = frng.integers(0, SHAPE[0], 25), frng.integers(0, SHAPE[1], 25)
@@ -291,7 +275,7 @@ def test_quicklook_star_fluxes_and_positions(field, quicklook):
 
 def test_quicklook_never_uses_masked_pixels(field, quicklook):
     sci, wht, exp, ncov = quicklook.images()
-    truth = render(field.grid.shape, field.gx, field.gy, field.flux)
+    truth = gaussian_stars(field.grid.shape, field.gx, field.gy, field.flux, sigma_px=SIGMA)
     far = (truth < 1e-6) & (ncov > 0)  # away from every star
     assert far.sum() > 1000
     assert np.max(np.abs(sci[far])) < 1e-3
@@ -550,7 +534,7 @@ def test_final_with_two_frames_rejects_the_high_one(field, tmp_path):
     iy, ix = np.round(gy).astype(int), np.round(gx).astype(int)
     # where only the hit frame covers nothing can be done; on star cores the seeing
     # tolerance (amp_frac) lets hits below ~0.9 of the level through
-    stars = render(field.grid.shape, field.gx, field.gy, field.flux)
+    stars = gaussian_stars(field.grid.shape, field.gx, field.gy, field.flux, sigma_px=SIGMA)
     both = (r["NCOV"][iy, ix] == 2) & (stars[iy, ix] < 100)
     assert both.sum() > 20
     noise = 1 / np.sqrt(np.median(r["WHT"][r["NCOV"] == 2]))

@@ -12,7 +12,7 @@ from photowatch.core.config import Settings
 from photowatch.run.batch import reduce_directory
 from photowatch.run.finalize import finalize
 from photowatch.sim.night import simulate_night
-from photowatch.state.store import Store
+from photowatch.state.store import NOT_NULL, Store
 
 
 def test_persistent_defects_move_from_cosmic_to_bad(tmp_path):
@@ -23,7 +23,7 @@ def test_persistent_defects_move_from_cosmic_to_bad(tmp_path):
     summary = reduce_directory(night.raw_dir, settings, progress=False)
     assert summary.ok, summary.problems
     store = Store(tmp_path / "out" / "state.sqlite")
-    rows = [r for r in store.frames("kind='object' AND product IS NOT NULL")]
+    rows = [r for r in store.frames(kind="object", product=NOT_NULL)]
     assert len(rows) >= 4
     before = [fits.getdata(r["product"], "MASK") for r in rows]
     every = np.logical_and.reduce([(m & 4) != 0 for m in before])
@@ -31,7 +31,7 @@ def test_persistent_defects_move_from_cosmic_to_bad(tmp_path):
     result = finalize(settings)
     assert result.ok, result.problems
     assert any("persistent defect" in line for line in result.done), result.done
-    rows = [r for r in store.frames("kind='object' AND product IS NOT NULL")]
+    rows = [r for r in store.frames(kind="object", product=NOT_NULL)]
     after = [fits.getdata(r["product"], "MASK") for r in rows]
     assert not np.logical_and.reduce([(m & 4) != 0 for m in after]).any()
     # the true hot pixels of the night are among the defects found

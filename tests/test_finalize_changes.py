@@ -22,6 +22,7 @@ from photowatch.core.config import Settings
 from photowatch.run.batch import reduce_directory
 from photowatch.run.finalize import rebuild_masters
 from photowatch.sim.night import simulate_night
+from photowatch.state.store import NOT_NULL
 
 QUIET = {"quicklook_png": False}
 
@@ -61,7 +62,7 @@ def night(reduced, tmp_path):
 
 
 def science(store) -> dict:
-    return {r["raw_name"]: r for r in store.frames("kind='object' AND product IS NOT NULL")}
+    return {r["raw_name"]: r for r in store.frames(kind="object", product=NOT_NULL)}
 
 
 def test_masters_that_barely_change_re_reduce_nothing_and_products_are_marked_final(
@@ -108,7 +109,7 @@ def test_a_final_master_that_changes_beyond_the_tolerance_re_reduces_its_frames(
     before = science(store)
     settings = settings_for(out)
     rebuild_masters(settings)
-    flat = store.masters("kind='flat' AND filter='SDSS-I' AND final=1")[-1]
+    flat = store.masters(kind="flat", filter="SDSS-I", final=1)[-1]
     with fits.open(flat["path"], mode="update") as h:
         ny, nx = h["SCI"].data.shape
         h["SCI"].data *= (1 + amplitude * np.arange(nx) / nx).astype(np.float32)

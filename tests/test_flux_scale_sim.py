@@ -25,7 +25,7 @@ def test_flux_scale_follows_thin_clouds_on_a_sparse_short_night(tmp_path):
     settings = Settings().with_overrides(paths={"output_dir": str(tmp_path / "out")})
     reduce_directory(night.raw_dir, settings, progress=False)
     truth = {f.raw_name: f for f in night.objects()}
-    rows = Store(tmp_path / "out" / "state.sqlite").frames("kind='object' AND state='reduced'")
+    rows = Store(tmp_path / "out" / "state.sqlite").frames(kind="object", state="reduced")
     by_std = {r["name"]: r for r in rows}
     checked, apcors = 0, []
     for r in rows:

@@ -37,7 +37,7 @@ def reduce(sim, raw, out):
     store = Store(out / "state.sqlite")
     truth = {f.raw_name.split(".")[1]: f for f in sim.frames}
     zp_err = {}
-    for row in store.frames("kind='object'"):
+    for row in store.frames(kind="object"):
         f = truth[row["raw_name"].split(".")[1]]
         assert row["state"] == "reduced", (row["raw_name"], row["reason"])
         zp_err[f.raw_name] = read_product(row["product"]).header["MAGZP"] - f.zp_true
@@ -69,7 +69,7 @@ def test_style_reduces_like_lmi(night, style):
         assert len(ptc) == 1 and ptc[0]["gain"], ptc
         assert ptc[0]["gain"] == pytest.approx(GAIN, rel=0.05)
         assert ptc[0]["read_noise_e"] == pytest.approx(READ_NOISE_E, rel=0.05)
-        row = store.frames("kind='object'")[0]
+        row = store.frames(kind="object")[0]
         hdr = read_product(row["product"]).header
         assert hdr["GAINSRC"] == "measured"
     if style in ("saao", "lco"):  # header gain and read noise, compared with measured ones
@@ -83,7 +83,7 @@ def test_style_reduces_like_lmi(night, style):
     if style == "issue":  # biases typed DARK, flats typed OBJECT: decided and recorded
         kinds = {r["kind"] for r in store.frames()}
         assert kinds == {"bias", "flat", "object"}
-        flat = store.frames("kind='flat'")[0]
+        flat = store.frames(kind="flat")[0]
         assert "names a flat" in json.loads(flat["info_json"])["type_reason"]
 
 
@@ -117,11 +117,11 @@ def test_science_night_uses_masters_of_ten_nights_earlier(night):
     restyle(sim.raw_dir, raw, "issue", calib_days_earlier=10)
     out = root / "out_earlier"
     store, err = reduce(sim, raw, out)
-    nights = {r["night"] for r in store.frames("kind='object'")}
-    cal_nights = {r["night"] for r in store.frames("kind IN ('bias','flat')")}
+    nights = {r["night"] for r in store.frames(kind="object")}
+    cal_nights = {r["night"] for r in store.frames(kind=("bias", "flat"))}
     assert len(nights) == 1 and len(cal_nights) == 1 and nights != cal_nights
     (science_night,), (cal_night,) = nights, cal_nights
-    for row in store.frames("kind='object'"):
+    for row in store.frames(kind="object"):
         used = json.loads(row["masters_json"])
         assert used["bias"]["night"] == cal_night and used["flat"]["night"] == cal_night
         hdr = read_product(row["product"]).header
@@ -158,7 +158,7 @@ def test_science_only_night_uses_the_calibration_library(night):
     summary = reduce_directory(raw, settings, catalog=str(sim.catalog_path), progress=False)
     assert summary.ok
     store = Store(out / "state.sqlite")
-    rows = store.frames("kind='object'")
+    rows = store.frames(kind="object")
     assert len(rows) == len(sim.objects()) and all(r["state"] == "reduced" for r in rows), \
         [r["reason"] for r in rows]
     cal_night = json.loads(rows[0]["masters_json"])["bias"]["night"]

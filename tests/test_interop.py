@@ -51,7 +51,7 @@ def night(tmp_path_factory):
     assert summary.ok, summary.problems
     result = finalize(settings)
     assert result.ok, result.problems
-    rows = {r["raw_name"]: r for r in Store(out / "state.sqlite").frames("kind='object'")}
+    rows = {r["raw_name"]: r for r in Store(out / "state.sqlite").frames(kind="object")}
     good = [rows[f.raw_name] for f in sim.objects(good_only=True)]
     nosolve = next(rows[f.raw_name] for f in sim.frames if f.expect == "nosolve")
     (coadd,) = Store(out / "state.sqlite").coadds()
@@ -364,27 +364,27 @@ def test_a_frame_without_a_zero_point_stays_out_of_a_calibrated_coadd(tmp_path, 
     """Issue 17 item 5: the catalogue is unavailable for one frame of a calibrated night. It
     is registered relatively, gets no zero point, its mag is NaN, and it is not stacked: a
     coadd on a zero point never takes a frame scaled to another reference."""
-    import photowatch.run.science as science
+    from photowatch.run.engine import Engine
 
     sim = simulate_night(tmp_path / "sim", size=512, binning=4, filters=("SDSS-R",), seed=53,
                          n_bias=3, n_dark=0, n_flat=4, n_science=4)
     objects = sim.objects(good_only=True)
     victim = objects[-1].raw_name
-    real = science._reference_stars
+    real = Engine.reference_stars  # the night context's catalogue provider
 
     def flaky(engine, info, *args, **kwargs):
         if info.raw_name == victim:
             raise OSError("catalogue server down")
         return real(engine, info, *args, **kwargs)
 
-    monkeypatch.setattr(science, "_reference_stars", flaky)
+    monkeypatch.setattr(Engine, "reference_stars", flaky)
     out = tmp_path / "out"
     settings = Settings().with_overrides(paths={"output_dir": str(out)})
     summary = reduce_directory(sim.raw_dir, settings, catalog=str(sim.catalog_path),
                                progress=False)
     assert summary.ok, summary.problems
     store = Store(out / "state.sqlite")
-    rows = {r["raw_name"]: r for r in store.frames("kind='object'")}
+    rows = {r["raw_name"]: r for r in store.frames(kind="object")}
     row = rows[victim]
     with fits.open(row["product"]) as h:
         assert h["SCI"].header["ABSCAL"] is False and "MAGZP" not in h["SCI"].header

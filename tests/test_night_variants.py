@@ -82,7 +82,7 @@ def test_a_solution_unlike_its_neighbours_is_flagged(flipped, monkeypatch):
     settings = run(sim, out, str(sim.catalog_path))
     store = Store(out / "state.sqlite")
     flagged = []
-    for row in store.frames("kind = ?", ("object",)):
+    for row in store.frames(kind="object"):
         if row["product"]:
             note = read_product(row["product"]).header.get("ASTREASN", "")
             if note.startswith("suspect"):

@@ -3,41 +3,26 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.stats import mad_std
 from astropy.table import Table
-from scipy.special import erf
 
+from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
 from photowatch.coadd.stack import CoaddGrid, Member, make_grid, member_weight, write_coadd
-from photowatch.stages.photometry import (
-    LOWWEIGHT,
-    catalog_path,
-    coadd_catalog,
-    effective_gain,
-    merge_bands,
-    write_catalog,
-)
+from photowatch.core.config import Settings
+from photowatch.run import finalize
+from photowatch.sim.psf import gaussian_stars
+from photowatch.stages.photometry import LOWWEIGHT, effective_gain, merge_bands
 
 RA0, DEC0 = 30.0, -20.0
 SCALE = 0.3
 SIGMA = 1.5  # px
 MAGZP = 27.0
 NOISE = 6.0  # e- per pixel where WHT = 1 / NOISE**2
-
-
-def render(shape, xs, ys, fluxes, sigma=SIGMA):
-    img = np.zeros(shape)
-    r = int(math.ceil(7 * sigma))
-    for x, y, f in zip(xs, ys, fluxes):
-        ix, iy = int(round(x)), int(round(y))
-        x0, x1 = max(ix - r, 0), min(ix + r + 1, shape[1])
-        y0, y1 = max(iy - r, 0), min(iy + r + 1, shape[0])
-        px = np.diff(0.5 * erf((np.arange(x0, x1 + 1) - 0.5 - x) / (math.sqrt(2) * sigma)))
-        py = np.diff(0.5 * erf((np.arange(y0, y1 + 1) - 0.5 - y) / (math.sqrt(2) * sigma)))
-        img[y0:y1, x0:x1] += f * np.outer(py, px)
-    return img
 
 
 def tan_grid(shape):
@@ -66,7 +51,7 @@ def synthetic_coadd(path, *, seed=3, shift_px=(0.0, 0.0), magzp=MAGZP, low_weigh
     wht = np.full(grid.shape, 1 / NOISE**2, np.float32)
     if low_weight_band:
         wht[300:345] *= 0.25  # e.g. covered by fewer frames
-    sci = render(grid.shape, xs, ys, flux)
+    sci = gaussian_stars(grid.shape, xs, ys, flux, sigma_px=SIGMA)
     # white sky noise plus source Poisson noise (effective gain 2 for the two members)
     sci += rng.standard_normal(grid.shape) / np.sqrt(wht)
     sci += rng.standard_normal(grid.shape) * np.sqrt(np.maximum(sci, 0) / 2.0)
@@ -123,7 +108,7 @@ def test_magnitude_errors_match_the_scatter(coadd):
     clean = (cat["flags"][i] == 0) & np.isfinite(cat["magerr"][i])
     pull = (cat["flux"][i] - truth["flux"][j]) / cat["fluxerr"][i]
     # the aperture correction adds a small common offset; the scatter is what matters
-    spread = 1.4826 * np.median(np.abs(pull[clean] - np.median(pull[clean])))
+    spread = mad_std(pull[clean])
     assert 0.7 < spread < 1.4
     assert cat.meta["NOISECOR"] == pytest.approx(1.0, abs=0.1)  # white noise here
     assert cat.meta["GAINEFF"] == pytest.approx(2.0)
@@ -197,3 +182,29 @@ def test_effective_gain_and_paths():
     assert effective_gain(None) == 1.0
     assert catalog_path("/x/coadd_A_R.fits").name == "coadd_A_R.cat.fits"
     assert isinstance(tan_grid((11, 13)), CoaddGrid)
+
+
+def test_finalize_measures_coadds_with_the_sources_settings(coadd, monkeypatch):
+    """finalize's coadd catalogues use [stages.sources] (aperture size, minimum area,
+    aperture-correction radius), not built-in defaults: a wider aperture setting
+    gives a proportionally wider aperture on the coadd."""
+    path, _, _ = coadd
+    seen = {}
+
+    class Measured(Exception):
+        pass
+
+    def measure_then_stop(p, **kwargs):  # the real measurement; stop before the store
+        seen["table"] = coadd_catalog(p, **kwargs)
+        raise Measured
+
+    monkeypatch.setattr(finalize, "coadd_catalog", measure_then_stop)
+    default = coadd_catalog(path, detect_sigma=5.0)
+    for aperture_fwhm in (1.5, 3.0):
+        settings = Settings(stages={"sources": {"aperture_fwhm": aperture_fwhm}},
+                            coadd={"detect_sigma": 5.0})
+        engine = SimpleNamespace(settings=settings)
+        with pytest.raises(Measured):
+            finalize._catalogues(engine, "2026-01-01", {"T1": {"SDSS-R": (path, None, True)}})
+        ratio = seen["table"].meta["APRAD"] / default.meta["APRAD"]
+        assert ratio == pytest.approx(aperture_fwhm / 2.0, rel=0.05)

@@ -64,7 +64,7 @@ def test_every_frame_terminal_and_raw_untouched(ratir):
 
 def test_products_say_not_absolutely_calibrated(ratir):
     _, out, _ = ratir
-    for row in Store(out / "state.sqlite").frames("kind='object'"):
+    for row in Store(out / "state.sqlite").frames(kind="object"):
         prod = read_product(row["product"])
         h = prod.header
         assert h["ABSCAL"] is False and "MAGZP" not in h  # no zero point invented
@@ -81,7 +81,7 @@ def test_relative_registration_better_than_a_tenth_of_a_pixel(ratir):
     """Frames of one pointing land on their reference frame's stars: the solution's offset
     at the common stars (S/N-weighted mean) is below 0.1 px."""
     _, out, _ = ratir
-    rows = [r for r in Store(out / "state.sqlite").frames("kind='object' AND state='reduced'")]
+    rows = [r for r in Store(out / "state.sqlite").frames(kind="object", state="reduced")]
     groups: dict[str, list] = {}
     for r in rows:
         groups.setdefault(json.loads(r["qc_json"])["astref"], []).append(r)
@@ -176,7 +176,7 @@ def test_flux_scale_agrees_with_plain_aperture_photometry(ratir):
     trim = load_profile("ratir").cameras["C1"]["trimsec"].strip("[]").split(",")
     x0, y0 = (int(t.split(":")[0]) - 1 for t in trim)
     plain = _plain_photometry(raw)
-    rows = Store(out / "state.sqlite").frames("kind='object' AND state='reduced'")
+    rows = Store(out / "state.sqlite").frames(kind="object", state="reduced")
     sky = {}
     for r in rows:
         prod = read_product(r["product"])
@@ -205,7 +205,7 @@ def test_aperture_correction_steady_and_never_below_one(ratir):
     """Issue 17: APCOR >= 1, with APCORERR and APCORN in the header; frames within 10 %
     of each other's seeing agree to 3 %."""
     _, out, _ = ratir
-    rows = Store(out / "state.sqlite").frames("kind='object' AND state='reduced'")
+    rows = Store(out / "state.sqlite").frames(kind="object", state="reduced")
     values = []
     for r in rows:
         h = read_product(r["product"]).header

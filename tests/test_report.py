@@ -360,3 +360,128 @@ def test_renders_in_chromium(night, tmp_path):
     assert rgb.std() > 10  # not a blank page
     # the dark page background dominates; bright text and images are present
     assert np.median(rgb) < 60 and (rgb.max(axis=2) > 200).mean() > 0.001
+
+
+# ---------------------------------------------------------------------------- issue 19 (report)
+
+def test_values_are_escaped_by_the_templates(night):
+    """Text from files and the store is shown as text, never as markup (autoescape)."""
+    out, store, settings = night
+    evil = "<script>alert('x')</script> & \"quoted\""
+    fid, _ = store.add_frame(path=str(out.parent / "raw" / "evil.fits"), sha256="e" * 64,
+                             size=1, mtime=1.0, info=_info("object", 50, filt="SDSS-R",
+                                                           target="<b>M1</b>"),
+                             state="quarantined", reason=evil)
+    store.event("bug", frame_id=fid, file="evil.fits", level="error", message=evil,
+                action="<i>none</i>")
+    index = write_report(out, store, NIGHT, settings, final=True)
+    text = index.read_text(encoding="utf-8")
+    page = check_page(index)
+    assert page.tags.count("script") == 1  # the table-sorting script only
+    assert "&lt;script&gt;alert(" in text and "<script>alert(" not in text
+    assert "&lt;b&gt;M1&lt;/b&gt;" in text and "&lt;i&gt;none&lt;/i&gt;" in text
+    shown = "".join(page.text)
+    assert evil in shown and "<b>M1</b>" in shown  # the reader sees the text as it is
+    facts = json.loads((index.parent / "night.json").read_text())
+    assert any(f["reason"] == evil for f in facts["frames"])
+
+
+def test_report_imports_no_run_layer():
+    """report/ sits below run/: run/status.py imports the status facts from report/."""
+    import ast
+
+    import photowatch.report
+
+    folder = Path(photowatch.report.__file__).parent
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("photowatch.run") for n in names), (path, names)
+            assert not (isinstance(node, ast.Attribute) and node.attr == "execute"), path
+
+
+def test_status_json_and_night_json_share_the_frame_entries(night):
+    from photowatch.run.status import status_data
+
+    out, store, settings = night
+    status = status_data(out, NIGHT)
+    index = write_report(out, store, NIGHT, settings, final=False)
+    facts = json.loads((index.parent / "night.json").read_text())
+    by_name = {f["file"]: f for f in facts["frames"]}
+    assert status["frames"] and len(status["frames"]) < len(facts["frames"])  # + unclassified
+    for entry in status["frames"]:
+        assert set(entry) == {"file", "path", "name", "type", "filter", "target", "night",
+                              "obs_time", "state", "reason", "product", "stale",
+                              "provisional", "coadd", "fwhm_arcsec", "zp", "astrometry"}
+        assert {k: by_name[entry["file"]][k] for k in entry} == entry
+    assert facts["counts"]["total"] == status["total"] + 1  # junk.fits has no night
+
+
+def test_store_report_queries(tmp_path):
+    """The report lane's named store queries against hand-made frames, events and masters."""
+    store = Store(tmp_path / "state.sqlite", command="test")
+
+    def add(i, night, minute, state="received"):
+        info = None if night is None else {**_info("object", minute, filt="g"), "night": night}
+        return store.add_frame(path=str(tmp_path / f"f{i}.fits"), sha256=f"{i:064x}", size=1,
+                               mtime=1.0, info=info, state=state,
+                               header={"TELESCOP": f"T{i}"} if night else None)[0]
+
+    a = add(1, "2021-01-01", 30)
+    b = add(2, "2021-01-01", 10)
+    orphan1 = add(3, None, 0, state="quarantined")  # nearest: b (id 2)
+    c = add(4, "2021-01-02", 5)
+    add(5, "2021-01-02", 6)
+    orphan2 = add(6, None, 0, state="quarantined")  # nearest: id 5, the 2nd night
+    assert [r["id"] for r in store.frames_of_night("2021-01-01")] == [b, a]  # by obs_time
+    assert len(store.frames_of_night()) == 6
+    assert [r["id"] for r in store.unclassified_frames_of_night("2021-01-01")] == [orphan1]
+    assert [r["id"] for r in store.unclassified_frames_of_night("2021-01-02")] == [orphan2]
+    assert [r["id"] for r in store.frames_by_ids([a, orphan1, b])] == [orphan1, b, a]
+    assert store.night_header_value("2021-01-01", "TELESCOP") in ("T1", "T2")
+    assert store.night_header_value("2021-01-01", "NOSUCH") is None
+    assert {r["id"] for r in store.problem_state_frames("2021-01-02")} == {orphan1, orphan2}
+    assert store.transition(c, ["received"], "processing")
+    assert store.transition(c, ["processing"], "reduced")
+    done = store.first_terminal_times([a, c, orphan1])
+    assert set(done) == {c, orphan1} and done[c] >= done[orphan1]
+    m1 = store.add_master(kind="bias", camera="C0", filter="", binning="1x1", readout="",
+                          night="2021-01-01", version=1, ninputs=1, inputs=[b],
+                          path=str(tmp_path / "m1.fits"), provisional=False, method="mean")
+    store.add_master(kind="bias", camera="C0", filter="", binning="1x1", readout="",
+                     night="2021-01-02", version=1, ninputs=1, inputs=[c],
+                     path=str(tmp_path / "m2.fits"), provisional=False, method="mean")
+    assert len(store.masters_of_night("2021-01-02")) == 1 and len(store.masters_of_night()) == 2
+    assert [m["night"] for m in store.masters_from_other_nights(
+        "2021-01-02", [m1, None, 99])] == ["2021-01-01"]
+    assert store.masters_from_other_nights("2021-01-01", [m1]) == []
+    store.event("oops", level="error", message="no frame")
+    store.event("oops", frame_id=orphan2, level="warning", message="orphan")
+    store.event("oops", frame_id=c, level="error", message="other night")
+    msgs = [e["message"] for e in store.night_problem_events("2021-01-01", [orphan1], None)]
+    assert "other night" not in msgs and "orphan" not in msgs and "no frame" not in msgs
+    msgs = [e["message"] for e in store.night_problem_events(
+        "2021-01-02", [orphan2], ("2000-01-01", "2999-01-01"))]
+    assert {"orphan", "other night", "no frame"} <= set(msgs)
+    assert store.duplicate_files() == []
+    store.add_frame(path=str(tmp_path / "copy.fits"), sha256=f"{1:064x}", size=1, mtime=1.0)
+    assert [(r["path"], r["frame_id"]) for r in store.duplicate_files()] == [
+        (str(tmp_path / "copy.fits"), a)]
+    store.close()
+
+
+def test_first_screen_has_blocks_for_later_panels(night):
+    """Issue 21's panels go into the blocks of report.html.j2 (a child template fills them)."""
+    from photowatch.report.facts import collect_facts
+    from photowatch.report.render import environment, page_context
+
+    out, store, settings = night
+    facts = collect_facts(out, store, NIGHT, settings, final=False)
+    child = environment().from_string(
+        '{% extends "report.html.j2" %}{% block latest_frame %}<section id="latest">'
+        "{{ facts.frames[-1].file }}</section>{% endblock %}"
+        "{% block candidates %}<section id=cand></section>{% endblock %}")
+    page = child.render(**page_context(facts, {}, out / "report" / NIGHT, settings))
+    assert page.index('id="latest"') < page.index("id=cand") < page.index('id="problems"')
+    assert page.index("class=\"cards\"") < page.index('id="latest"')

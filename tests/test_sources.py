@@ -6,33 +6,14 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from scipy.spatial import cKDTree
-from scipy.special import erf
 
 from photowatch.core.config import Sources
 from photowatch.core.frame import Frame, Mask
+from photowatch.sim.psf import gaussian_stars
 from photowatch.stages.sources import COLUMNS, SourceFlag, extract_sources
 
 SIGMA = 1.5  # px; FWHM 3.53 px
 SKY_VAR = 100.0  # e-^2 per pixel
-
-
-def gaussian_stars(shape, x, y, flux, sigma=SIGMA, half=12):
-    """Pixel-integrated circular Gaussians (exact), electrons."""
-    img = np.zeros(shape, np.float64)
-    ny, nx = shape
-    off = np.arange(-half, half + 1)
-    for xc, yc, f in zip(x, y, flux):
-        xi, yi = int(round(xc)), int(round(yc))
-        xs, ys = xi + off, yi + off
-        gx = 0.5 * (erf((xs + 0.5 - xc) / (np.sqrt(2) * sigma))
-                    - erf((xs - 0.5 - xc) / (np.sqrt(2) * sigma)))
-        gy = 0.5 * (erf((ys + 0.5 - yc) / (np.sqrt(2) * sigma))
-                    - erf((ys - 0.5 - yc) / (np.sqrt(2) * sigma)))
-        stamp = f * np.outer(gy, gx)
-        okx = (xs >= 0) & (xs < nx)
-        oky = (ys >= 0) & (ys < ny)
-        img[np.ix_(ys[oky], xs[okx])] += stamp[np.ix_(oky, okx)]
-    return img
 
 
 def make_frame(seed=0, n=512, nstars=120, mask=None, extra=None):
@@ -40,7 +21,7 @@ def make_frame(seed=0, n=512, nstars=120, mask=None, extra=None):
     x = rng.uniform(20, n - 20, nstars)
     y = rng.uniform(20, n - 20, nstars)
     flux = 10 ** rng.uniform(3.3, 5.3, nstars)
-    model = gaussian_stars((n, n), x, y, flux)
+    model = gaussian_stars((n, n), x, y, flux, sigma_px=SIGMA, radius=12)
     if extra is not None:
         model += extra
     var = (SKY_VAR + model).astype(np.float32)
@@ -99,7 +80,7 @@ def test_flags_saturation_masks_cosmics_edges_and_hot_pixels():
                "clean": (190.5, 190.5), "edge": (2.2, 128.0), "badcore": (125.4, 60.3)}
     xs = np.array([p[0] for p in special.values()])
     ys = np.array([p[1] for p in special.values()])
-    model = gaussian_stars((n, n), xs, ys, np.full(len(xs), 3e5))
+    model = gaussian_stars((n, n), xs, ys, np.full(len(xs), 3e5), sigma_px=SIGMA, radius=12)
     mask[59:63, 59:63] |= int(Mask.SATURATED)
     mask[62, 186] |= int(Mask.BAD)  # inside the aperture of "bad", off its core
     mask[60, 125] |= int(Mask.BAD)  # the core of "badcore"
@@ -133,7 +114,7 @@ def test_flags_saturation_masks_cosmics_edges_and_hot_pixels():
 
 def test_masked_pixels_are_not_detected_and_nan_is_survivable():
     n = 200
-    blob = gaussian_stars((n, n), [100.0], [100.0], [1e6], sigma=3.0)
+    blob = gaussian_stars((n, n), [100.0], [100.0], [1e6], sigma_px=3.0, radius=12)
     mask = np.zeros((n, n), np.uint16)
     mask[80:120, 80:120] = Mask.NODATA
     frame, *_ = make_frame(seed=2, n=n, nstars=10, mask=mask, extra=blob)

@@ -23,7 +23,7 @@ def add(store, i, kind="object"):
 
 def test_schema_and_wal(tmp_path):
     s = Store(tmp_path / "state.sqlite")
-    assert s.schema_version == 2  # v2: the forced table (issue 21)
+    assert s.schema_version == 3  # v2: files(frame_id) index (sealed store); v3: forced (issue 21)
     assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # reopening migrates nothing and keeps data
     add(s, 1)
@@ -165,8 +165,8 @@ def test_masters_and_stale(tmp_path):
                          night="2020-01-28", version=1, ninputs=1, inputs=[5], path="/m.fits",
                          provisional=True)
     assert mid == again
-    assert s.mark_stale("id=?", (fid,), "better master") == 1
-    assert s.mark_stale("id=?", (fid,), "better master") == 0
+    assert s.mark_stale([fid], "better master") == 1
+    assert s.mark_stale([fid], "better master") == 0
     row = s.claim_stale()
     assert row["id"] == fid and row["state"] == "processing"
 

@@ -117,12 +117,12 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
     sim, out = night_copy
     store = Store(out / "state.sqlite")
     before = quicklook_members(store)
-    from photowatch.run import science
     from photowatch.stages import astrometry as ast
+    from photowatch.stages import solve
 
     monkeypatch.setattr(ast, "solve_astrometry", _solve_only_from(
         lambda kw: kw.get("previous") is not None and kw["previous"] is kw["wcs_guess"]))
-    real = science.quicklook_fallback
+    real = solve.quicklook_fallback
     lost = []
 
     def fallback(sources, shape, quicklook, reference, settings, failed=""):
@@ -131,7 +131,7 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
             return None
         return real(sources, shape, quicklook, reference, settings, failed=failed)
 
-    monkeypatch.setattr(science, "quicklook_fallback", fallback)
+    monkeypatch.setattr(solve, "quicklook_fallback", fallback)
     # every frame is re-reduced (the final masters barely change them: by default they
     # would be kept as they are, and nothing re-solved)
     config = out.parent / "rereduce-all.toml"
@@ -140,12 +140,12 @@ def test_a_lost_frame_starts_again_from_its_quicklook_solution_else_exit_3(
     printed = capsys.readouterr().out
     assert "done with problems" in printed and "1 incomplete final coadd" in printed
     assert "INCOMPLETE" in printed and "from their quick-look solution" in printed
-    failed = [r for r in store.frames("kind='object'")
+    failed = [r for r in store.frames(kind="object")
               if json.loads(r["qc_json"] or "{}").get("aststat") == "failed"
               and r["name"] in set().union(*before.values())]
     assert len(failed) == 1, [r["raw_name"] for r in failed]
     lost_row = failed[0]
-    rescued = store.frames("kind='object' AND state='reduced'")
+    rescued = store.frames(kind="object", state="reduced")
     assert len(rescued) == sum(len(v) for v in before.values()) - 1
     for row in rescued:
         qc = json.loads(row["qc_json"])
@@ -187,14 +187,14 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     from astropy.table import Table
     from astropy.wcs import WCS
 
-    from photowatch.run import science
     from photowatch.stages import astrometry as ast
+    from photowatch.stages import solve
 
     sim, out = night_copy
     settings = settings_for(out).stages.astrometry
     monkeypatch.setattr(ast, "solve_astrometry", _solve_only_from(lambda kw: False))
     reference = Table.read(sim.catalog_path)
-    row = Store(out / "state.sqlite").frames("kind='object' AND state='reduced'")[0]
+    row = Store(out / "state.sqlite").frames(kind="object", state="reduced")[0]
     with fits.open(row["product"]) as h:
         wcs = WCS(h["SCI"].header)
         shape = h["SCI"].data.shape
@@ -202,7 +202,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     from photowatch.core.schema import XY_ORIGIN  # files are 1-based (FITS), the code 0-based
     sources["x"] = sources["x"] - XY_ORIGIN
     sources["y"] = sources["y"] - XY_ORIGIN
-    kept = science.quicklook_fallback(sources, shape, (wcs, "ok"), reference, settings,
+    kept = solve.quicklook_fallback(sources, shape, (wcs, "ok"), reference, settings,
                                       failed="injected")
     assert kept is not None and kept.method == "quicklook-kept" and kept.status == "ok"
     assert kept.nstar >= settings.min_matches and kept.rms_arcsec <= settings.max_rms_arcsec
@@ -210,7 +210,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
     shifted = wcs.deepcopy()
     shifted.wcs.crval = shifted.wcs.crval + [20 / 3600 / np.cos(np.radians(wcs.wcs.crval[1])),
                                              0]
-    assert science.quicklook_fallback(sources, shape, (shifted, "ok"), reference,
+    assert solve.quicklook_fallback(sources, shape, (shifted, "ok"), reference,
                                       settings) is None
 
 
@@ -218,7 +218,7 @@ def test_a_quicklook_solution_is_kept_only_while_it_still_fits(night_copy, monke
 def test_requeue_takes_a_frame_back_past_the_duplicate_rule(night_copy, capsys):
     sim, out = night_copy
     store = Store(out / "state.sqlite")
-    row = store.frames("kind='object' AND state='reduced'")[0]
+    row = store.frames(kind="object", state="reduced")[0]
     product, version = Path(row["product"]), row["product_version"]
     store.transition(row["id"], ["reduced"], "quarantined", reason="a wrong verdict")
     args = ["requeue", "--out", str(out), "--state", "quarantined", "--reason", "fixed by hand"]
@@ -247,14 +247,14 @@ def test_a_deterministic_failure_ends_rejected_after_max_tries(night_copy, monke
                                                                capsys):
     sim, out = night_copy
     store = Store(out / "state.sqlite")
-    row = store.frames("kind='object' AND state='reduced'")[0]
+    row = store.frames(kind="object", state="reduced")[0]
     assert store.requeue(row["id"], "test", from_states=["reduced"])
     from photowatch.run import science
 
     calls = []
 
-    def broken(engine, row, *args, **kwargs):
-        calls.append(row["id"])
+    def broken(ctx, *args, **kwargs):  # reduce_object(NightContext, raw, header, ...)
+        calls.append(ctx.frame_id)
         raise StageFailed("sources: the same deterministic failure")
 
     monkeypatch.setattr(science, "reduce_object", broken)
@@ -275,7 +275,7 @@ def test_disk_full_then_read_only_during_a_live_night_then_resumes(night_copy):
     engine = Engine(settings, command="watch")
     engine.startup()
     store = engine.store
-    rows = store.frames("kind='object' AND state='reduced'")[:2]
+    rows = store.frames(kind="object", state="reduced")[:2]
     versions = {r["id"]: r["product_version"] for r in rows}
     stop = threading.Event()
     with inject_fault(str(out / "reduced" / "*"), errno.ENOSPC):
@@ -350,7 +350,7 @@ def test_the_engine_survives_a_full_state_store(night_copy, monkeypatch):
     engine = Engine(settings, command="watch")
     engine.startup()
     store = engine.store
-    row = store.frames("kind='object' AND state='reduced'")[0]
+    row = store.frames(kind="object", state="reduced")[0]
     assert store.requeue(row["id"], "test", from_states=["reduced"])
     real = engine.handle
     failures = []

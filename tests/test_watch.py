@@ -18,7 +18,8 @@ import pytest
 
 from photowatch.core.config import Daemon as DaemonSettings
 from photowatch.io.fits import fits_incomplete_reason
-from photowatch.run.watch import Watcher, is_candidate
+from photowatch.io.rawfiles import find_raw_files, is_raw_file
+from photowatch.run.watch import Watcher
 
 PATTERNS = DaemonSettings().patterns
 
@@ -90,20 +91,37 @@ def watching(tmp_path):
 
 
 # ------------------------------------------------------------------------------ names
-@pytest.mark.parametrize(("rel", "taken"), [
+NAMES = [
     ("a.fits", True), ("night/a.fits", True), ("A.FITS", True), ("a.fit", True),
     ("a.fts", True), ("a.fits.fz", True), ("a.fits.gz", True), ("a.fz", True),
     (".a.fits", False), (".x.fits.tmp", False), ("a.fits.tmp", False), ("a.fits.part", False),
     ("a.part", False), (".hidden/a.fits", False), ("a.txt", False), ("a.fits~", False),
     ("out/reduced/x.fits", False),
-])
+]
+
+
+@pytest.mark.parametrize(("rel", "taken"), NAMES)
 def test_candidate_names(tmp_path, rel, taken):
     raw = tmp_path.resolve()
-    assert is_candidate(raw / rel, raw, PATTERNS, exclude=raw / "out") is taken
+    assert is_raw_file(raw / rel, raw, PATTERNS, exclude=raw / "out") is taken
+
+
+def test_reduce_and_watch_take_the_same_files(tmp_path):
+    """One raw-file rule: the folder scan of ``reduce``/``replay`` (find_raw_files) takes
+    exactly the names the watcher takes, whether RAWDIR is given resolved or not."""
+    raw = tmp_path / "raw"
+    for rel, _ in NAMES:
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(b"x")
+    expected = sorted(raw / rel for rel, taken in NAMES if taken)
+    assert find_raw_files(raw, PATTERNS, exclude=raw / "out") == expected
+    relative = Path(os.path.relpath(raw))
+    assert find_raw_files(relative, PATTERNS, exclude=raw / "out") == \
+        sorted(relative / rel for rel, taken in NAMES if taken)
 
 
 def test_outside_rawdir_is_not_a_candidate(tmp_path):
-    assert not is_candidate(tmp_path / "elsewhere.fits", tmp_path / "raw", PATTERNS)
+    assert not is_raw_file(tmp_path / "elsewhere.fits", tmp_path / "raw", PATTERNS)
 
 
 # ------------------------------------------------------------------------------ arrivals

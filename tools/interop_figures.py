@@ -52,7 +52,7 @@ def main() -> None:
         reduce_directory(sim.raw_dir, settings, catalog=str(sim.catalog_path), progress=False)
         finalize(settings)
         store = Store(root / "out" / "state.sqlite")
-        rows = store.frames("kind='object' AND state='reduced'")
+        rows = store.frames(kind="object", state="reduced")
         dmag, ratio, dpos, dauto = [], [], [], []
         for row in rows:
             path = row["product"]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy.stats import mad_std
 
 #: frames held back before the running sums start
 N_START = 3
@@ -241,8 +242,7 @@ def robust_level(data: np.ndarray, mask: np.ndarray | None = None,
     if sub.size == 0:
         return float("nan"), float("nan")
     med = float(np.median(sub))
-    mad = float(np.median(np.abs(sub - med)))
-    return med, 1.4826 * mad
+    return med, float(mad_std(sub))
 
 
 def stack_sources(frames: Sequence[tuple[np.ndarray, np.ndarray]]):

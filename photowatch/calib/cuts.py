@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy.stats import mad_std
 
 from photowatch.calib.combine import RunningMean, robust_level
 from photowatch.core.classify import FrameInfo
@@ -28,7 +29,7 @@ def _group_stats(values: list[float]) -> tuple[float, float] | None:
     if vals.size < 2:
         return None
     med = float(np.median(vals))
-    return med, 1.4826 * float(np.median(np.abs(vals - med)))
+    return med, float(mad_std(vals))
 
 
 def judge(kind: str, info: FrameInfo, *, data: np.ndarray, var: np.ndarray,
@@ -104,7 +105,7 @@ def judge(kind: str, info: FrameInfo, *, data: np.ndarray, var: np.ndarray,
         step = max(1, data.shape[0] // 512)
         sub = data[::step, ::step] - mean[::step, ::step]
         subvar = var[::step, ::step] + mvar[::step, ::step]
-        ratio = float(np.median(np.abs(sub - np.median(sub)))) * 1.4826 / float(
+        ratio = float(mad_std(sub)) / float(
             np.sqrt(np.median(subvar)))
         levels["noise_ratio"] = ratio
         if kind == "bias" and ratio > settings.bias_noise_factor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from astropy.stats import mad_std
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def clipped_stats(values: np.ndarray, sigma: float = 5.0, iters: int = 3
     for _ in range(iters):
         sub = v[keep]
         med = np.median(sub)
-        std = 1.4826 * np.median(np.abs(sub - med))
+        std = mad_std(sub)
         if not np.isfinite(std) or std <= 0:
             break
         new = keep & (np.abs(v - med) < sigma * std)

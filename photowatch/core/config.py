@@ -360,3 +360,15 @@ def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_settings(data, str(path))
+
+
+def default_workers(settings: Settings) -> int:
+    """Worker threads of the engine: ``daemon.workers``, else one per core."""
+    return settings.daemon.workers or (os.cpu_count() or 1)
+
+
+def threads_per_worker(settings: Settings) -> int:
+    """Threads each worker's numeric libraries (and resampling) may use."""
+    if settings.daemon.threads_per_worker:
+        return settings.daemon.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // default_workers(settings))

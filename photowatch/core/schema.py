@@ -23,6 +23,7 @@ astropy's ``CCDData`` reads as ``u.electron``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,6 +161,13 @@ KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
     Keyword("MATCHRAD", "match radius of the band merge", "arcsec", _CCAT),
 )}
 
+#: provenance of a reduced frame: one card per step of the science chain, in order,
+#: 'name version settings-digest' (:mod:`photowatch.stages.chain`)
+STEP_CARDS = 12
+KEYWORDS.update({f"PWSTEP{i:02d}": Keyword(
+    f"PWSTEP{i:02d}", f"chain step {i}: name version settings-digest", "", _F)
+    for i in range(1, STEP_CARDS + 1)})
+
 
 def comment_for(key: str) -> str:
     """The table's comment for ``key`` ("" for a keyword not in the table)."""
@@ -185,10 +193,43 @@ def fit_comment(value, comment: str) -> str:
     return comment if len(comment) <= room else comment[:max(room, 0)].rstrip()
 
 
+#: WCS keywords (removed before a new solution is written)
+WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CD1_", "CD2_", "CDELT", "CROTA", "PC1_", "PC2_",
+                "CUNIT", "A_", "B_", "AP_", "BP_", "PV1_", "PV2_", "LONPOLE", "LATPOLE",
+                "WCSAXES", "A_ORDER", "B_ORDER", "AP_ORDER", "BP_ORDER", "RADESYS", "EQUINOX",
+                "MJDREF", "WCSNAME")
+
+
+def strip_wcs(header) -> None:
+    """Remove every WCS keyword from a header, in place."""
+    for key in list(header.keys()):
+        if key.startswith(WCS_PREFIXES):
+            header.remove(key, ignore_missing=True, remove_all=True)
+
+
+def set_key(header, key: str, value, comment: str = "") -> None:
+    """Set a header keyword, skipping None and non-finite floats (FITS has no NaN)."""
+    if isinstance(value, tuple):
+        value, comment = value
+    comment = comment or comment_for(key)
+    if value is None:
+        return
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str) and len(value) > 1000:
+        value = value[:997] + "..."
+    comment = fit_comment(value, comment)
+    # longer strings than a card holds go on CONTINUE cards (the FITS long-string
+    # convention, read by astropy, DS9 and CFITSIO): a reason is never cut mid-sentence
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        header[key] = (value, comment) if comment else value
+
+
 def annotate(header) -> None:
     """Give every card of :data:`KEYWORDS` with an empty comment the table's comment."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a long value leaves room for part of the comment
         for card in header.cards:
@@ -297,8 +338,6 @@ def catalog_hdu(table, name: str = "CAT"):
     header keywords with the comments of :data:`KEYWORDS`.
     """
     from astropy.io import fits
-
-    from photowatch.io.products import set_key
 
     out = file_table(table)
     meta = dict(out.meta)

@@ -44,6 +44,10 @@ import numpy as np
 
 from photowatch.core.config import Catalog
 from photowatch.core.errors import ConfigError, StageFailed
+from photowatch.stages.matching import (  # noqa: F401  (re-exported)
+    angular_distance_deg,
+    brightness_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +73,6 @@ class Provider(Protocol):
 
 # ---------------------------------------------------------------------------
 # geometry helpers
-
-
-def angular_distance_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
-    """Great-circle distance (degrees) between points given in degrees (haversine)."""
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, dtype=np.float64))
-                            for v in (ra1, dec1, ra2, dec2))
-    s = (np.sin((dec2 - dec1) / 2) ** 2
-         + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2)
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))
 
 
 def cone_cut(table, ra_deg: float, dec_deg: float, radius_deg: float, *, box: bool = False):
@@ -588,23 +583,6 @@ def open_photometry_catalog(settings: Catalog, path_override: str | os.PathLike 
                             ) -> Provider | None:
     """The photometric reference catalogue (``settings.photometry_provider``), or None."""
     return _open(settings.photometry_provider, settings, path_override, cache_dir)
-
-
-def brightness_order(table, column: str | None = None) -> np.ndarray:
-    """Row indices of a catalogue from bright to faint.
-
-    Uses ``column``, else ``mag``, else the first of ``meta['bands']``, else
-    ``flux`` (descending); a table without any keeps its order.
-    """
-    names = table.colnames
-    for col in [c for c in (column, "mag", *(table.meta.get("bands") or [])) if c]:
-        if col in names:
-            mag = _as_float(table[col])
-            return np.argsort(np.where(np.isfinite(mag), mag, np.inf), kind="stable")
-    if "flux" in names:
-        flux = _as_float(table["flux"])
-        return np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
-    return np.arange(len(table))
 
 
 __all__ = ["CatalogUnavailable", "LocalCatalog", "OnlineCatalog", "Provider", "VIZIER",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.core.classify import _lenient_section
 from photowatch.core.errors import BadInput
 
 BLOCK = 2880
@@ -211,8 +212,6 @@ def _merged(header, primary):
 
 
 def _section_of(text, what: str):
-    from photowatch.core.classify import _lenient_section
-
     m = None
     with contextlib.suppress(ValueError):
         m = _lenient_section(text)
@@ -340,8 +339,6 @@ def _inline_amps(header) -> list[dict] | None:
     """The amplifiers of a single image read out by several amplifiers (DECam DATASECA/B,
     BIASSECA/B, GAINA/B; MegaPrime DSECA/B, BSECA/B), when each has a data section, an
     overscan section and a usable gain; else None."""
-    from photowatch.core.classify import _lenient_section
-
     ny, nx = int(header.get("NAXIS2", 0) or 0), int(header.get("NAXIS1", 0) or 0)
     for dkey, bkey in _INLINE_AMP_KEYS:
         amps = []

@@ -29,8 +29,15 @@ import numpy as np
 
 from photowatch import __version__
 from photowatch.core.frame import Frame
-from photowatch.core.schema import annotate, catalog_hdu, comment_for, fit_comment
-from photowatch.io.fits import write_hdul
+from photowatch.core.schema import (  # noqa: F401  (set_key, strip_wcs: re-exported)
+    WCS_PREFIXES,
+    annotate,
+    catalog_hdu,
+    comment_for,
+    set_key,
+    strip_wcs,
+)
+from photowatch.io.fits import write_bytes, write_hdul
 from photowatch.stages.astrometry import add_mjd_obs
 
 #: raw keywords that no longer describe the reduced image
@@ -40,11 +47,6 @@ RAW_ONLY_KEYS = ("DATASEC", "BIASSEC", "TRIMSEC", "CCDSEC", "DETSEC", "BSCALE", 
 ESSENTIAL_KEYS = ("INSTRUME", "TELESCOP", "OBSERVAT", "OBJECT", "OBJNAME", "TARGNAME", "FILTER",
                   "FILTER1", "FILTER2", "EXPTIME", "DATE-OBS", "MJD-OBS", "AIRMASS", "CCDSUM",
                   "BINNING", "OBSTYPE", "RA", "DEC", "EQUINOX", "RADESYS")
-#: WCS keywords (removed before a new solution is written)
-WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CD1_", "CD2_", "CDELT", "CROTA", "PC1_", "PC2_",
-                "CUNIT", "A_", "B_", "AP_", "BP_", "PV1_", "PV2_", "LONPOLE", "LATPOLE",
-                "WCSAXES", "A_ORDER", "B_ORDER", "AP_ORDER", "BP_ORDER", "RADESYS", "EQUINOX",
-                "MJDREF", "WCSNAME")
 
 MASK_DOC = {
     "MASKB1": "bad pixel (hot, dead, bad column)",
@@ -53,13 +55,6 @@ MASK_DOC = {
     "MASKB8": "no data",
     "MASKB16": "low flat",
 }
-
-
-def strip_wcs(header) -> None:
-    """Remove every WCS keyword from a header, in place."""
-    for key in list(header.keys()):
-        if key.startswith(WCS_PREFIXES):
-            header.remove(key, ignore_missing=True, remove_all=True)
 
 
 def primary_header(raw_header, extra: dict | None = None):
@@ -80,27 +75,6 @@ def primary_header(raw_header, extra: dict | None = None):
         set_key(hdr, key, value)
     add_mjd_obs(hdr)
     return hdr
-
-
-def set_key(header, key: str, value, comment: str = "") -> None:
-    """Set a header keyword, skipping None and non-finite floats (FITS has no NaN)."""
-    if isinstance(value, tuple):
-        value, comment = value
-    comment = comment or comment_for(key)
-    if value is None:
-        return
-    if isinstance(value, float | np.floating) and not np.isfinite(value):
-        return
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, str) and len(value) > 1000:
-        value = value[:997] + "..."
-    comment = fit_comment(value, comment)
-    # longer strings than a card holds go on CONTINUE cards (the FITS long-string
-    # convention, read by astropy, DS9 and CFITSIO): a reason is never cut mid-sentence
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        header[key] = (value, comment) if comment else value
 
 
 def sci_header(frame: Frame, wcs_header=None, extra: dict | None = None):
@@ -207,8 +181,6 @@ def write_regions(path: str | Path, cat, *, trusted: bool, radius_px: float | No
     ra/dec are known; otherwise image circles, 1-based as DS9 counts. Green:
     unflagged stellar sources; cyan: unflagged extended ones; red: flagged.
     """
-    from photowatch.io.fits import write_bytes
-
     meta = getattr(cat, "meta", {}) or {}
     r_px = float(radius_px or meta.get("APRAD") or 5.0)
     n = len(cat) if cat is not None else 0

@@ -103,3 +103,22 @@ def plot_lightcurves(facts: dict, path: Path, *, colours: dict | None = None,
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, facecolor=bg)
     return write_bytes(Path(path), buf.getvalue(), fsync=False)  # atomic
+
+
+def lightcurve_plot(lightcurves: dict, img: Path, cache) -> Path | None:
+    """``img/lightcurves.png`` for the report, remade only when a point changed
+    (``cache``: the report's image cache)."""
+    import hashlib
+    import json
+
+    if not lightcurves:
+        return None
+    name = "lightcurves.png"
+    stamp = hashlib.sha1(json.dumps(lightcurves, sort_keys=True, default=str).encode()
+                         ).hexdigest()
+    if cache.fresh(name, stamp):
+        return img / name
+    path = plot_lightcurves(lightcurves, img / name)
+    if path is not None:
+        cache.record(name, stamp)
+    return path

@@ -10,35 +10,21 @@ them up again.
 
 from __future__ import annotations
 
-import fnmatch
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
+from photowatch.io.rawfiles import find_raw_files
 from photowatch.run.engine import Engine, OutputError
 from photowatch.run.ingest import ingest_file
+from photowatch.state.store import startswith
 
 log = get_logger("photowatch.run.batch")
 
 #: prefix of the reason given to frames that waited for masters until the run ended
 NO_MASTER = "no usable master by the end of the run: "
-
-
-def find_raw_files(rawdir: Path, patterns: list[str], exclude: Path | None = None) -> list[Path]:
-    """Raw FITS files below ``rawdir`` (hidden files and temporaries skipped), sorted."""
-    found = []
-    exclude = exclude.resolve() if exclude else None
-    for path in sorted(rawdir.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in
-                                     path.relative_to(rawdir).parts):
-            continue
-        if exclude is not None and exclude in path.resolve().parents:
-            continue
-        if any(fnmatch.fnmatch(path.name.lower(), pat.lower()) for pat in patterns):
-            found.append(path)
-    return found
 
 
 @dataclass
@@ -62,7 +48,7 @@ class Summary:
 def close_waiting(engine: Engine, why: str = NO_MASTER) -> int:
     """Make frames still waiting for masters terminal (rejected, with the reason)."""
     n = 0
-    for row in engine.store.frames("state='waiting'"):
+    for row in engine.store.frames(state="waiting"):
         reason = why + (row["reason"] or "masters missing")
         if engine.store.transition(row["id"], ["waiting"], "rejected", reason=reason,
                                    message=reason, level="warning", action="rejected"):
@@ -75,7 +61,7 @@ def close_waiting(engine: Engine, why: str = NO_MASTER) -> int:
 def reopen_unmastered(engine: Engine) -> int:
     """Frames rejected by an earlier run for want of masters are queued again."""
     n = 0
-    for row in engine.store.frames("state='rejected' AND reason LIKE ?", (NO_MASTER + "%",)):
+    for row in engine.store.frames(state="rejected", reason=startswith(NO_MASTER)):
         if engine.store.transition(row["id"], ["rejected"], "received", reason=None,
                                    message="retried: masters may exist now"):
             n += 1

@@ -14,15 +14,16 @@ import shutil
 import time
 from pathlib import Path
 
+from photowatch.core.config import load_settings
+from photowatch.core.logs import setup_logging
+from photowatch.run.batch import reduce_directory
+from photowatch.run.engine import limit_threads, threads_per_worker
+from photowatch.run.finalize import finalize
+from photowatch.sim.night import simulate_night
+from photowatch.state.store import NOT_NULL, Store
+
 
 def run_demo(folder: Path, *, size: int = 512, config: str | None = None) -> int:
-    from photowatch.core.config import load_settings
-    from photowatch.core.logs import setup_logging
-    from photowatch.run.batch import reduce_directory
-    from photowatch.run.engine import limit_threads, threads_per_worker
-    from photowatch.run.finalize import finalize
-    from photowatch.sim.night import simulate_night
-
     t0 = time.perf_counter()
     folder = Path(folder).resolve()
     out = folder / "out"
@@ -56,12 +57,10 @@ def _truth_check(out: Path, night) -> None:
     """A few lines comparing products with the simulator's truth."""
     import numpy as np
 
-    from photowatch.state.store import Store
-
     store = Store(out / "state.sqlite", command="demo")
     truth = {f.raw_name: f for f in night.frames}
     dzp = []
-    for row in store.frames("kind='object' AND qc_json IS NOT NULL"):
+    for row in store.frames(kind="object", qc_json=NOT_NULL):
         qc = json.loads(row["qc_json"])
         t = truth.get(row["raw_name"])
         if t is not None and t.zp_true is not None and qc.get("zp") is not None:

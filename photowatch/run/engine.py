@@ -5,9 +5,12 @@ compare-and-set a ``received`` frame to ``processing`` and handle it:
 
 - calibration frame → :class:`~photowatch.state.masters.MasterBook` (cuts,
   incremental master, new version) → ``used`` or ``rejected``;
-- object frame → masters selected (or ``waiting``) → the pure chain in
-  :mod:`photowatch.stages.chain` plus the night's state (master sky, field
-  references) → product written atomically → ``reduced`` → coadd updated.
+- object frame → :meth:`Engine.night_context` (masters selected, or ``waiting``;
+  master-sky view, field references, earlier solutions, catalogue, quality peers)
+  → the declared chain of :mod:`photowatch.stages.chain`, whose updates to the
+  night (sky contribution, new references, solutions, stale marks) the engine
+  applies (:meth:`Engine.apply_update`) → product written atomically →
+  ``reduced`` → coadd updated.
 
 Bad input and failures never stop the engine: each ends as one store event and
 one log line naming the file, the problem and what was done
@@ -35,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from photowatch.calib.select import Candidate
 from photowatch.core.classify import FrameInfo
-from photowatch.core.config import Settings
+from photowatch.core.config import Settings, default_workers, threads_per_worker
 from photowatch.core.errors import (
     FrameIgnored,
     OutputError,
@@ -45,8 +49,17 @@ from photowatch.core.errors import (
 )
 from photowatch.core.instruments import Profile, load_profile
 from photowatch.core.logs import get_logger
+from photowatch.io.catalogs import field_cone, open_catalog
 from photowatch.io.fits import read_raw, remove_stale_temporaries
+from photowatch.report.html import write_report
+from photowatch.run import science  # science.reduce_object is patched in tests
+from photowatch.run.requeue import retake_held
+from photowatch.stages.astrometry import AstrometryResult, wcs_geometry
+from photowatch.stages.context import NightContext
+from photowatch.stages.quality import Peer
+from photowatch.state.coadds import CoaddBook
 from photowatch.state.masters import MasterBook
+from photowatch.state.refs import FieldRefs
 from photowatch.state.skies import SkyBook
 from photowatch.state.store import Store
 
@@ -57,16 +70,6 @@ __all__ = ["Engine", "OutputError", "default_workers", "limit_threads", "threads
 
 #: prefix of the reason of a frame rejected after ``max_tries`` deterministic failures
 GAVE_UP = "failed the same way"
-
-
-def default_workers(settings: Settings) -> int:
-    return settings.daemon.workers or (os.cpu_count() or 1)
-
-
-def threads_per_worker(settings: Settings) -> int:
-    if settings.daemon.threads_per_worker:
-        return settings.daemon.threads_per_worker
-    return max(1, (os.cpu_count() or 1) // default_workers(settings))
 
 
 def limit_threads(n: int) -> None:
@@ -111,7 +114,6 @@ class Engine:
         self.workers = workers or default_workers(settings)
         self.book = MasterBook(self.store, self.out, settings, self.profile)
         self.skies = SkyBook(self.book, settings)
-        from photowatch.state.refs import FieldRefs
 
         self.refs = FieldRefs(self.out)
         # the catalogue of an output directory is remembered, so finalize (and a restarted
@@ -122,8 +124,13 @@ class Engine:
             self.store.set_meta("catalog_path", str(Path(catalog_path).resolve()))
         self._catalog = None
         self._catalog_cache: dict = {}
-        # (night, target, camera) -> the last solutions (ra, dec, AstrometryResult)
+        # (night, target, camera) -> the last solutions (ra, dec, AstrometryResult); a field
+        # not seen by this process is rebuilt from the store (:meth:`field_solutions`)
         self._field_solutions: dict = {}
+        self._solutions_guard = threading.Lock()
+        #: frame id -> its quick-look solution (WCS, status), set by finalize before it
+        #: re-reduces the night (the warm start of a re-solve that fails)
+        self.quicklook_solutions: dict = {}
         self._coadds = None
         self._wake = threading.Condition()
         self._busy = 0
@@ -153,7 +160,6 @@ class Engine:
     def catalog(self):
         """The reference catalogue provider, or None (relative calibration only)."""
         if self._catalog is None:
-            from photowatch.io.catalogs import open_catalog
 
             self._catalog = open_catalog(self.settings.catalog, path_override=self.catalog_path,
                                          cache_dir=self.out / "catalogs") or False
@@ -162,9 +168,12 @@ class Engine:
     @property
     def coadds(self):
         if self._coadds is None:
-            from photowatch.state.coadds import CoaddBook
 
-            self._coadds = CoaddBook(self)
+            self._coadds = CoaddBook(store=self.store, refs=self.refs,
+                                     settings=self.settings.coadd, out=self.out,
+                                     in_background=self.in_background,
+                                     threads=threads_per_worker(self.settings),
+                                     lightcurves=self.lightcurves)
         return self._coadds
 
     def in_background(self, fn, *args, **kwargs) -> None:
@@ -215,12 +224,10 @@ class Engine:
             remove_stale_temporaries(self.out / sub)
         self.retake_held()
         # a coadd addition cut short: the coadd file says whether the frame got in
-        with self.store.transaction() as conn:
-            conn.execute("UPDATE frames SET coadd='pending' WHERE coadd='adding'")
+        self.store.resume_coadd_additions()
 
     def retake_held(self) -> int:
         """Held frames tried again with the configuration as it is now (requeue.retake_held)."""
-        from photowatch.run.requeue import retake_held
 
         try:
             n = retake_held(self.store, self.settings, self.instrument)
@@ -330,9 +337,7 @@ class Engine:
         could not be recorded: the store was full) go back to ``received``."""
         with self._busy_guard:
             inflight = set(self._inflight)
-        rows = self.store.conn.execute(
-            "SELECT id FROM frames WHERE state='processing' AND owner=?",
-            (self.store.owner,)).fetchall()
+        rows = self.store.processing_here()
         for row in rows:
             if row["id"] not in inflight:
                 self.store.transition(row["id"], ["processing"], "received", level="warning",
@@ -480,8 +485,7 @@ class Engine:
         the number of tries (it would loop forever otherwise).
         """
         if pause:
-            with self.store.transaction() as conn:  # the try does not count
-                conn.execute("UPDATE frames SET tries=MAX(tries-1, 0) WHERE id=?", (fid,))
+            self.store.uncount_try(fid)  # the try does not count
             wait = self.backoff_s
             # error_class says what failed: 'output' (products cannot be written) or
             # 'transient' (a lock timeout...); the action says it is transient
@@ -494,13 +498,10 @@ class Engine:
             return
         row = self.store.frame(fid)
         tries = row["tries"] if row is not None else 1
-        last = self.store.conn.execute(
-            "SELECT message FROM events WHERE frame_id=? AND error_class='stage' "
-            "ORDER BY id DESC LIMIT 1", (fid,)).fetchone()
+        last = self.store.last_stage_error(fid)
         if last is not None and last["message"] != problem and tries > 1:
             tries = 1  # it failed differently before: count again from this failure
-            with self.store.transaction() as conn:
-                conn.execute("UPDATE frames SET tries=1 WHERE id=?", (fid,))
+            self.store.reset_tries(fid, tries=1)
         max_tries = self.settings.daemon.max_tries
         if tries >= max_tries:
             reason = f"{problem} ({GAVE_UP} {tries} times; not retried)"
@@ -531,7 +532,7 @@ class Engine:
         cand = outcome.candidate
         if cand is not None:
             self.book.mark_stale(cand)
-        woken = self.store.wake_waiting("camera=? AND binning=?", (info.camera, info.binning))
+        woken = self.store.wake_waiting(camera=info.camera, binning=info.binning)
         if woken:
             self.notify()
 
@@ -544,14 +545,17 @@ class Engine:
         ``reduced``, a restart redoes the frame; the coadd file names the
         member versions it holds, so nothing is added twice.
         """
-        from photowatch.run.science import reduce_object, write_outputs
 
         t0 = time.perf_counter()
-        result = reduce_object(self, row, info, raw, header, profile, blog)
+        timings: dict = {}
+        t_ctx = time.perf_counter()
+        ctx = self.night_context(row, info, profile)
+        timings["masters"] = time.perf_counter() - t_ctx
+        result = science.reduce_object(ctx, raw, header, apply=self.apply_update, timings=timings)
         if rereduce:
             self.coadds.remove_old(row)
         t1 = time.perf_counter()
-        paths = write_outputs(self, row, info, header, result)
+        paths = science.write_outputs(self, row, info, header, result)
         result.timings["write"] = time.perf_counter() - t1
         version = row["product_version"] + 1
         stackable = result.accepted and result.wcs is not None and self.settings.coadd.enabled
@@ -618,6 +622,110 @@ class Engine:
         self._record_memory()
         self.maybe_update_report()
 
+    # ------------------------------------------------------------------ the night context
+    def night_context(self, row, info: FrameInfo, profile: Profile):
+        """The immutable view of the night one object frame is reduced with: its masters
+        (WaitForMasters if one is missing), the master-sky view, field references, the
+        field's earlier solutions, the catalogue, the night's quality peers, settings."""
+
+        masters = self.book.masters_for(info, profile)
+        images = {k: img for k, (c, img) in masters.items()}
+        bpm = self.book.bpm(images.get("dark"), images.get("flat"))
+        peers = tuple(Peer.from_qc(r["id"], r["filter"], r["target"], r["camera"], r)
+                      for r in self.store.night_quality(info.night, info.filter))
+        return NightContext(
+            settings=self.settings, info=info, profile=profile, frame_id=row["id"],
+            member=row["name"], masters=images, bpm=bpm, sky_view=self.skies.view,
+            refs=self.refs, solutions=self.field_solutions((info.night, info.target,
+                                                            info.camera)),
+            reference_stars=self.reference_stars, quicklook=self.quicklook_solutions.get(
+                row["id"]), peers=peers,
+            master_records={k: c for k, (c, img) in masters.items()},
+            sky_key=self.skies.key(info))
+
+    def apply_update(self, update) -> bool:
+        """Apply what a frame changes in the night (:class:`photowatch.stages.context.Update`);
+        False when a claim was won by another frame meanwhile (the stage runs again)."""
+        a = update.args
+        if update.kind == "sky":
+            self.skies.add(a["member"], a["info"], a["pattern"], a["pointing"])
+        elif update.kind == "sky_used":
+
+            sky = a["sky"]
+            self.skies.save_used(a["member"], a["info"], sky)
+            key = self.skies.key(a["info"])
+            self.book.mark_stale(Candidate(
+                kind="sky", camera=key.camera, filter=key.filter, binning=key.binning,
+                readout=key.readout, night=key.night, version=sky.version,
+                ninputs=sky.version, final=False, path=sky.label, target=key.target))
+        elif update.kind == "solution":
+            from collections import deque
+
+            with self._solutions_guard:
+                self._field_solutions.setdefault(a["field_key"], deque(maxlen=16)).append(
+                    (a["ra"], a["dec"], a["result"]))
+        elif update.kind == "field":  # atomic: two workers never found two fields
+            _, won = self.refs.claim_field(a["night"], a["target"], a["filt"], a["kind"],
+                                           a["table"], a["ra"], a["dec"], a["radius_deg"])
+            return won
+        elif update.kind == "zpref":  # the first writer wins
+            ref = self.refs.set_if_absent(a["night"], a["target"], a["filt"], "zpref",
+                                          a["table"])
+            return ref is a["table"] or dict(ref.meta) == dict(a["table"].meta)
+        else:
+            raise ValueError(f"unknown night update {update.kind!r}")
+        return True
+
+    def reference_stars(self, info: FrameInfo, profile: Profile, wcs0, shape):
+        """Catalogue stars around the frame (cached per field), or None; and the catalogue's
+        name (the context's catalogue provider)."""
+        provider = self.catalog
+        if provider is None:
+            return None, None
+
+        ra, dec, radius = field_cone(wcs0, shape, margin=self.settings.catalog.radius_margin,
+                                     extra_arcsec=self.settings.stages.astrometry
+                                     .max_pointing_error_arcsec)
+        band = profile.band_for(info.filter)
+        key = (info.night, info.target, round(ra, 3), round(dec, 3), band)
+        cached = self._catalog_cache.get(key)
+        if cached is None:
+            bands = [band] if band else []
+            table = provider.query(ra, dec, radius, bands=bands)
+            if band and band in table.colnames and "mag" not in table.colnames:
+                table["mag"] = table[band]
+            cached = table
+            self._catalog_cache[key] = cached
+        return cached, getattr(provider, "name", "catalogue")
+
+    def field_solutions(self, field_key: tuple) -> tuple:
+        """The field's remembered solutions, (ra, dec, AstrometryResult) oldest first, as a
+        snapshot. A field this process has not seen yet (a restart, finalize) is rebuilt
+        from the store: the newest solved frames' product WCS and their recorded qc."""
+        from collections import deque
+
+        with self._solutions_guard:
+            known = self._field_solutions.get(field_key)
+            if known is not None:
+                return tuple(known)
+        rebuilt = deque(self._rebuild_solutions(field_key), maxlen=16)
+        with self._solutions_guard:
+            known = self._field_solutions.setdefault(field_key, rebuilt)
+            return tuple(known)
+
+    def _rebuild_solutions(self, field_key: tuple) -> list:
+        night, target, camera = field_key
+        out = []
+        for rec in self.store.field_solutions(night, target, camera):
+            try:
+                sol = solution_from_product(rec["product"], rec["qc"])
+            except Exception as exc:  # an unreadable product: the field forgets that one
+                log.debug("solution_not_rebuilt", file=rec["product"], problem=str(exc))
+                continue
+            if sol is not None:
+                out.append(sol)
+        return out
+
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> dict:
         """MB held by each long-lived part of this process, and its resident set now / peak.
@@ -669,7 +777,6 @@ class Engine:
             log.warning("report_failed", problem=str(exc), action="skipped")
 
     def update_report(self, force: bool = False, night: str | None = None) -> None:
-        from photowatch.report.html import write_report
 
         nights = [night] if night else self.store.nights()[-1:]
         for n in nights:
@@ -677,6 +784,39 @@ class Engine:
 
     def _coadd_pending(self, nights) -> bool:
         return self.coadds.process_pending(nights)
+
+
+def solution_from_product(product: str, qc: dict):
+    """(ra, dec, AstrometryResult) of a reduced frame, from its product's WCS and its qc
+    (what :func:`photowatch.stages.astrometry.check_neighbours` compares); None when the
+    qc predates the recorded offsets."""
+    import math
+    import warnings
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+
+    east, north = qc.get("astoffset_east_arcsec"), qc.get("astoffset_north_arcsec")
+    if east is None or north is None:
+        return None
+    header = fits.getheader(product, "SCI")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wcs = WCS(header, naxis=2)
+    if not wcs.has_celestial:
+        return None
+    ny, nx = int(header["NAXIS2"]), int(header["NAXIS1"])
+    ra, dec = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
+    scale, pa, flipped = wcs_geometry(wcs)
+    nan = math.nan
+    result = AstrometryResult(
+        wcs=wcs, status=qc.get("aststat"), method=qc.get("astmethod") or "",
+        rms_arcsec=qc.get("astrms_arcsec") or nan, nstar=int(qc.get("astnstar") or 0),
+        offset_arcsec=qc.get("astoffset_arcsec") or nan, offset_east_arcsec=east,
+        offset_north_arcsec=north, rotation_deg=pa, scale_arcsec=scale, flipped=flipped,
+        reason=qc.get("astreason") or "", suspect=bool(qc.get("astsuspect")))
+    return float(ra[0]), float(dec[0]), result
 
 
 def _rss_mb() -> dict:

@@ -22,7 +22,7 @@ notes, per frame, the astrometric and photometric status and, per quick-look
 coadd, its members, exposure and depth. A frame that solved in the quick-look
 pass and fails in re-reduction starts again from its own quick-look solution
 (the product's WCS: same pixels, solved hours earlier) and keeps it when that
-solution still fits the stars (``science.astrometry``). A frame still lost
+solution still fits the stars (``stages.solve.astrometry``, via the night context). A frame still lost
 leaves its FINAL coadd with ``FINALSTAT = 'INCOMPLETE'`` and the reason
 (``FINALRSN``); the report lists it in Problems and counts it in "Needs
 attention", and ``photowatch finalize`` exits with status 3. The comparison
@@ -41,10 +41,25 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.calib.drift import block_mean, frame_change, pair_change
+from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
+from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
+from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
+from photowatch.io.catalogs import field_cone
+from photowatch.io.fits import atomic_write
+from photowatch.io.previews import save_png
+from photowatch.report.html import write_report
+from photowatch.run.batch import close_waiting
+from photowatch.run.defects import mark_night_defects
 from photowatch.run.engine import Engine, OutputError
-from photowatch.stages.quality import assess
+from photowatch.stages.photometry import merge_bands
+from photowatch.stages.quality import Peer, assess, night_context
+from photowatch.stages.zeropoint import calibrate_zeropoint, match_sky
+from photowatch.state.coadds import _wcs
+from photowatch.state.masters import KINDS, read_master
+from photowatch.state.store import NOT_NULL
 
 log = get_logger("photowatch.run.finalize")
 
@@ -135,9 +150,8 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     bar.update()
 
     # 3. frames waiting for masters: a last chance, then rejected with the reason
-    if store.wake_waiting("night=?", (night,)):
+    if store.wake_waiting(night=night):
         _drain(engine, night, rereduce=False)
-    from photowatch.run.batch import close_waiting
 
     n_closed = close_waiting(engine, why="no usable master by the end of the night: ")
     if n_closed:
@@ -145,16 +159,14 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     bar.update()
 
     # 4. re-reduce what used provisional or superseded masters
-    n_stale = len(store.frames("night=? AND stale=1", (night,)))
+    n_stale = store.count_frames(night=night, stale=1)
     _drain(engine, night, rereduce=True)
-    left = len(store.frames("night=? AND stale=1", (night,)))
+    left = store.count_frames(night=night, stale=1)
     result.done.append(f"re-reduced {n_stale - left} frame(s) with better masters")
     if left:
         result.ok = False
         result.problems.append(f"{left} stale frame(s) could not be re-reduced")
     bar.update()
-
-    from photowatch.calib.defects import mark_night_defects
 
     result.done += mark_night_defects(engine, night)  # COSMIC in most frames: defects
 
@@ -176,7 +188,6 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     bar.update()
 
     # 7. the report
-    from photowatch.report.html import write_report
 
     report = write_report(engine.out, store, night, engine.settings, final=True)
     result.report = str(report)
@@ -203,10 +214,6 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     stale or provisional, with ``qc_json['calfinal']`` naming the final masters it
     stands for. Returns (frames kept, the largest change among them).
     """
-    from photowatch.calib.drift import block_mean, frame_change, pair_change
-    from photowatch.core.classify import FrameInfo
-    from photowatch.state.masters import KINDS, read_master
-    from photowatch.state.store import utcnow
 
     tol = engine.settings.calibration.final_tolerance
     if tol <= 0:
@@ -228,12 +235,12 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
 
     def used_path(entry: dict) -> str | None:
         mid = entry.get("master_id")
-        rows = store.masters("id=?", (mid,)) if mid is not None else []
+        rows = store.masters(id=mid) if mid is not None else []
         return rows[0]["path"] if rows else None
 
     kept, worst = 0, 0.0
-    for row in store.frames("night=? AND kind='object' AND stale=1 AND product IS NOT NULL "
-                            "AND state IN ('reduced', 'rejected')", (night,)):
+    for row in store.frames_of_night(night, kind="object", stale=1, product=NOT_NULL,
+                                     state=("reduced", "rejected")):
         info = FrameInfo.from_summary(json.loads(row["info_json"]))
         used = json.loads(row["masters_json"] or "{}")
         qc = json.loads(row["qc_json"] or "{}")
@@ -293,15 +300,7 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
                           "changes": {k: round(v, 6) for k, v in changes.items()}}
         message = (f"kept as final: the final masters change it by {dev:.3f} x its sky noise "
                    f"(at most {tol:g})")
-        with store.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE frames SET stale=0, stale_reason=NULL, provisional=0, qc_json=?, "
-                "updated_at=? WHERE id=? AND stale=1 AND state=?",
-                (json.dumps(qc), utcnow(), row["id"], row["state"]))
-            if cur.rowcount:
-                store._event(conn, "kept_final", frame_id=row["id"], file=row["raw_name"],
-                             message=message, action="product kept, marked final")
-        if not cur.rowcount:
+        if not store.keep_final(row["id"], row["state"], qc, message):
             continue  # another process took it meanwhile
         _mark_product_final(row["product"], dev, tol)
         kept += 1
@@ -386,7 +385,7 @@ def snapshot(engine: Engine, night: str) -> dict:
     store = engine.store
     frames = {}
     solutions = {}
-    for row in store.frames("night=? AND kind='object' AND product IS NOT NULL", (night,)):
+    for row in store.frames_of_night(night, kind="object", product=NOT_NULL):
         status = _frame_status(row)
         frames[row["id"]] = status
         if status["aststat"] in ("ok", "relative") and Path(row["product"]).exists():
@@ -524,11 +523,9 @@ def _fmt_tally(t: dict) -> str:
 
 def _write_bpms(engine: Engine, night: str) -> None:
     """Write each camera's bad-pixel mask from its final dark and flat (for people and DS9)."""
-    from photowatch.core.classify import FrameInfo
 
     seen = set()
-    for row in engine.store.frames("night=? AND kind='object' AND info_json IS NOT NULL",
-                                   (night,)):
+    for row in engine.store.frames_of_night(night, kind="object", info_json=NOT_NULL):
         info = FrameInfo.from_summary(json.loads(row["info_json"]))
         key = (info.camera, info.binning, info.readout)
         if key in seen:
@@ -543,23 +540,21 @@ def _write_bpms(engine: Engine, night: str) -> None:
 
 def reassess(engine: Engine, night: str) -> int:
     """Judge every reduced object frame again against the whole night; returns changes."""
+
     store = engine.store
     changed = 0
-    rows = store.frames("night=? AND kind='object' AND product IS NOT NULL AND "
-                        "state IN ('reduced', 'rejected')", (night,))
+    rows = store.frames_of_night(night, kind="object", product=NOT_NULL,
+                                 state=("reduced", "rejected"))
+    # the one night-quality context the engine judges each frame with, here of the whole night
+    judged = {r["id"] for r in rows}
+    peers = tuple(Peer.from_qc(r["id"], r["filter"], r["target"], r["camera"], r)
+                  for r in store.night_quality(night) if r["id"] in judged)
     for row in rows:
         qc = json.loads(row["qc_json"] or "{}")
-        key = "zp_per_s" if qc.get("zp_per_s") is not None else "transparency_mag"
-        peers = [json.loads(r["qc_json"] or "{}").get(key) for r in rows
-                 if r["filter"] == row["filter"] and (key == "zp_per_s" or
-                                                      r["target"] == row["target"])]
-        peers = [p for p in peers if p is not None]
-        fwhms = [json.loads(r["qc_json"] or "{}").get("fwhm_arcsec") for r in rows
-                 if r["filter"] == row["filter"] and r["id"] != row["id"]]
-        fwhms = [f for f in fwhms if f is not None]
-        verdict = assess(qc, best_transparency_mag=max(peers) if peers else None,
-                         settings=engine.settings.quality,
-                         night_fwhm_arcsec=float(np.median(fwhms)) if len(fwhms) >= 3 else None)
+        night_q = night_context(peers, frame_id=row["id"], filt=row["filter"],
+                                target=row["target"], qc=qc)
+        verdict = assess(qc, best_transparency_mag=night_q.best_transparency,
+                         settings=engine.settings.quality, night_fwhm_arcsec=night_q.fwhm)
         accepted = int(verdict.accepted)
         if accepted == (row["accepted"] or 0) and (verdict.reason or None) == row["reason"]:
             continue
@@ -589,15 +584,14 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
     """
     baseline = baseline or {}
     incomplete = incomplete if incomplete is not None else {}
-    from photowatch.coadd.stack import FinalMember, final_coadd
 
     store = engine.store
     settings = engine.settings.coadd
     done = []
     if not settings.enabled:
         return done
-    rows = store.frames("night=? AND kind='object' AND state='reduced' AND accepted=1 AND "
-                        "product IS NOT NULL", (night,))
+    rows = store.frames_of_night(night, kind="object", state="reduced", accepted=1,
+                                 product=NOT_NULL)
     groups: dict[tuple, list] = {}
     for row in rows:
         qc = json.loads(row["qc_json"] or "{}")
@@ -654,7 +648,6 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             if settings.quicklook_png:
                 from astropy.io import fits
 
-                from photowatch.io.previews import save_png
 
                 png = path.with_suffix(".png")
                 save_png(fits.getdata(path, "SCI"), png, max_size=1024)
@@ -683,8 +676,7 @@ def _lost_frames(store, night: str, quick: dict, final_names: set) -> dict[str, 
     for name in quick.get("members") or []:
         if name in final_names:
             continue
-        row = store.conn.execute("SELECT raw_name, state, reason, qc_json FROM frames WHERE "
-                                 "name=? AND night=?", (name, night)).fetchone()
+        row = store.frame_named(name, night)
         if row is None:
             lost[name] = "no longer in the store"
             continue
@@ -701,7 +693,6 @@ def _keep_copy(src: Path, dst: Path) -> None:
     """Copy a file atomically (the quick-look coadd a worse FINAL one replaces)."""
     import shutil
 
-    from photowatch.io.fits import atomic_write
 
     def write(fh):
         with open(src, "rb") as inp:
@@ -714,8 +705,6 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
     """The night's grid of a coadd, grown if needed to cover every member frame."""
     from astropy.io import fits
 
-    from photowatch.coadd.stack import CoaddGrid
-    from photowatch.state.coadds import _wcs
 
     grid = None
     if row is not None and row["grid_json"]:
@@ -733,8 +722,6 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
 
 
 def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
-    from photowatch.stages.photometry import catalog_path, coadd_catalog, merge_bands, write_catalog
-
     done = []
     for target, per_filter in catalogs.items():
         fresh = any(changed or not catalog_path(path).exists()
@@ -746,7 +733,8 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
             cat_path = catalog_path(path)
             table = coadd_catalog(path, magzp=magzp,
                                   detect_sigma=engine.settings.coadd.detect_sigma,
-                                  max_sources=engine.settings.coadd.max_sources)
+                                  max_sources=engine.settings.coadd.max_sources,
+                                  settings=engine.settings.stages.sources)
             if magzp is not None:
                 _calibrate_catalogue(engine, night, target, filt, path, table)
             tables[filt] = (table, cat_path)
@@ -758,8 +746,7 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
                 table = _with_bands(table, merged, engine.settings.coadd.merge_radius_arcsec)
             write_catalog(table, cat_path)
             row = engine.store.coadd(night, target, filt)
-            with engine.store.transaction() as conn:
-                conn.execute("UPDATE coadds SET catalog=? WHERE id=?", (str(cat_path), row["id"]))
+            engine.store.set_coadd_catalog(row["id"], str(cat_path))
             done.append(f"catalogue {cat_path.name}: {len(table)} sources")
     return done
 
@@ -775,14 +762,9 @@ def _calibrate_catalogue(engine: Engine, night: str, target: str, filt: str, pat
     """
     from astropy.io import fits
 
-    from photowatch.core.classify import FrameInfo
-    from photowatch.io.catalogs import field_cone
-    from photowatch.stages.zeropoint import calibrate_zeropoint
-    from photowatch.state.coadds import _wcs
 
     provider = engine.catalog
-    rows = engine.store.frames("night=? AND target=? AND filter=? AND kind='object'",
-                               (night, target, filt))
+    rows = engine.store.frames_of_night(night, target=target, filter=filt, kind="object")
     if provider is None or not rows:
         return
     info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))
@@ -816,7 +798,6 @@ def _with_bands(table, merged, radius: float = 1.0):
     """Add the per-band columns of the merged catalogue to one filter's catalogue (by position)."""
     import numpy as np
 
-    from photowatch.stages.zeropoint import match_sky
 
     a, b = match_sky(table["ra"], table["dec"], merged["ra"], merged["dec"], radius)
     out = table.copy()

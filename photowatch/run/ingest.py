@@ -27,7 +27,8 @@ from photowatch.core.errors import (
 from photowatch.core.instruments import Profile, detect_profile, load_profile
 from photowatch.core.logs import get_logger
 from photowatch.io.fits import fits_incomplete_reason, raw_level, read_header, sha256_file
-from photowatch.state.store import Store
+from photowatch.state.masters import GAIN_WAIT
+from photowatch.state.store import Store, startswith
 
 log = get_logger("photowatch.run.ingest")
 
@@ -95,8 +96,7 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
         # the partial content's hash plus the path: two empty files are two frames
         return _record(store, spath, f"bad:{sha}:{spath}", size, st.st_mtime, arrived_at,
                        None, None, "quarantined", reason)
-    row = store.conn.execute("SELECT id, state, reason FROM frames WHERE sha256=?",
-                             (sha,)).fetchone()
+    row = store.frame_by_hash(sha)
     if row is not None:  # a duplicate: record the path, do not read again
         frame_id, _ = store.add_frame(path=spath, sha256=sha, size=size, mtime=st.st_mtime)
         return Ingested(frame_id, False, row["state"], row["reason"])
@@ -108,10 +108,8 @@ def ingest_file(store: Store, path: str | os.PathLike, settings: Settings, *,
     if (info is not None and info.kind in ("bias", "flat") and result.new
             and "measure" in (info.gain_source, info.read_noise_source)):
         # frames waiting for the night's gain measurement may have what they need now
-        from photowatch.state.masters import GAIN_WAIT
 
-        store.wake_waiting("night=? AND camera=? AND reason LIKE ?",
-                           (info.night, info.camera, GAIN_WAIT + "%"))
+        store.wake_waiting(night=info.night, camera=info.camera, reason=startswith(GAIN_WAIT))
     return result
 
 

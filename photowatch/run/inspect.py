@@ -19,7 +19,9 @@ from pathlib import Path
 
 from photowatch.core.classify import _first, classify, safe_name
 from photowatch.core.errors import BadInput, ConfigError, FrameIgnored, FrameRejected
-from photowatch.core.instruments import Profile, load_profile
+from photowatch.core.instruments import Profile, load_profile, load_profile_file
+from photowatch.io.fits import read_header
+from photowatch.run.ingest import choose_profile
 
 HEADER_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fit.fz", ".fz", ".fits.gz",
                    ".fit.gz", ".hdr")
@@ -47,8 +49,6 @@ def header_files(rawdir: Path) -> list[Path]:
 def read_any_header(path: Path):
     from astropy.io import fits
 
-    from photowatch.io.fits import read_header
-
     if path.name.lower().endswith(".hdr"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -59,8 +59,6 @@ def read_any_header(path: Path):
 def inspect_dir(rawdir: str | Path, settings, instrument: str | None = None,
                 profile: Profile | None = None) -> list[Row]:
     """Classify every header of ``rawdir`` (nothing is written, no pixels read)."""
-    from photowatch.run.ingest import choose_profile
-
     rows = []
     for path in header_files(Path(rawdir)):
         row = Row(file=str(path.relative_to(rawdir)))
@@ -202,8 +200,6 @@ def profile_from(rows: list[Row], base: Profile, name: str | None = None
 
 def write_profile(rows: list[Row], path: str | Path, base: Profile | None = None,
                   name: str | None = None) -> Path:
-    from photowatch.core.instruments import load_profile_file
-
     base = base or load_profile("generic")
     data, comments = profile_from(rows, base, name)
     path = Path(path)

@@ -27,7 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from photowatch.core.config import Daemon
-from photowatch.run.batch import find_raw_files
+from photowatch.core.errors import BadInput
+from photowatch.io.fits import read_header
+from photowatch.io.rawfiles import find_raw_files
 
 #: a chunked write takes about this long, like a camera writing out its readout (s)
 CHUNKED_DURATION_S = 0.5
@@ -42,9 +44,6 @@ class RawFile:
 
 
 def _date_obs(path: Path) -> datetime | None:
-    from photowatch.core.errors import BadInput
-    from photowatch.io.fits import read_header
-
     try:
         value = read_header(path).get("DATE-OBS")
     except (BadInput, OSError):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from photowatch.core.config import Settings
+from photowatch.core.instruments import _load_all
 from photowatch.core.logs import get_logger
 from photowatch.io.fits import fits_incomplete_reason, sha256_file
 from photowatch.run.ingest import interpret
@@ -49,12 +50,7 @@ def select_frames(store: Store, *, states: list[str] | None = None, night: str |
                   files: list[str] | None = None) -> list:
     """Frames in ``states`` (default: quarantined, rejected, held), of a night, by file."""
     states = states or ["quarantined", "rejected", "held"]
-    where = [f"state IN ({','.join('?' * len(states))})"]
-    args: list = list(states)
-    if night:
-        where.append("night=?")
-        args.append(night)
-    rows = store.frames(" AND ".join(where), tuple(args))
+    rows = store.frames(state=list(states), **({"night": night} if night else {}))
     if files:
         wanted = {str(Path(f).resolve()) for f in files} | {Path(f).name for f in files}
         rows = [r for r in rows if r["path"] in wanted or r["raw_name"] in wanted
@@ -135,10 +131,9 @@ def requeue(store: Store, settings: Settings, *, reason: str, states: list[str] 
 def retake_held(store: Store, settings: Settings, instrument: str | None = None) -> int:
     """Held frames read again with the configuration as it is now; returns how many left
     ``held`` (taken up: received, or another final verdict)."""
-    rows = store.frames("state='held'")
+    rows = store.frames(state="held")
     if not rows:
         return 0
-    from photowatch.core.instruments import _load_all
 
     _load_all.cache_clear()  # a profile fixed on disk is read again
     n = 0

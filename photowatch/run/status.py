@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from photowatch.report.facts import status_facts
 from photowatch.state.store import Store
 
 
@@ -19,47 +20,13 @@ def _store(out: Path) -> Store:
 
 
 def status_data(out: Path, night: str | None = None) -> dict:
+    """What ``OUT`` holds now (``photowatch status --json``): see
+    :func:`photowatch.report.facts.status_facts`."""
     store = _store(out)
-    where, args = ("night=?", (night,)) if night else ("1=1", ())
-    frames = store.frames(where, args)
-    counts = store.counts(night)
-    entries = []
-    for r in frames:
-        qc = json.loads(r["qc_json"] or "{}")
-        entries.append({
-            "file": r["raw_name"], "path": r["path"], "name": r["name"], "type": r["kind"],
-            "filter": r["filter"], "target": r["target"], "night": r["night"],
-            "obs_time": r["obs_time"], "state": r["state"], "reason": r["reason"],
-            "product": r["product"], "stale": bool(r["stale"]),
-            "provisional": bool(r["provisional"]), "coadd": r["coadd"],
-            "fwhm_arcsec": qc.get("fwhm_arcsec"), "zp": qc.get("zp"),
-            "astrometry": qc.get("aststat"),
-            "limmag": qc.get("limmag"),  # issue 21: 5-sigma depth
-        })
-    duplicates = [dict(path=r["path"], of=r["frame_id"]) for r in store.conn.execute(
-        "SELECT path, frame_id FROM files WHERE duplicate=1 ORDER BY seen_at").fetchall()]
-    masters = [dict(kind=m["kind"], camera=m["camera"], filter=m["filter"] or None,
-                    binning=m["binning"], night=m["night"], version=m["version"],
-                    ninputs=m["ninputs"], provisional=bool(m["provisional"]),
-                    final=bool(m["final"]), path=m["path"])
-               for m in store.latest_masters(night)]
-    coadds = [dict(night=c["night"], target=c["target"], filter=c["filter"], path=c["path"],
-                   stacktype=c["stacktype"], ncombine=c["ncombine"], exptime=c["exptime"],
-                   magzp=c["magzp"], limmag=c["limmag"]) for c in store.coadds(night)]
-    errors = [dict(time=e["time"], file=e["file"], event=e["event"], message=e["message"],
-                   action=e["action"]) for e in store.events(level="problems", limit=20)]
-    processes = [dict(r) for r in store.conn.execute(
-        "SELECT owner, command, started_at, heartbeat, status FROM processes").fetchall()]
-    nights = store.nights()
-    store.close()
-    report_night = night or (nights[-1] if nights else None)
-    report = out / "report" / report_night / "index.html" if report_night else None
-    return {
-        "out": str(out), "schema": store.schema_version, "nights": nights, "counts": counts,
-        "total": sum(counts.values()), "frames": entries, "duplicates": duplicates,
-        "masters": masters, "coadds": coadds, "errors": errors, "processes": processes,
-        "report": str(report) if report and report.exists() else None,
-    }
+    try:
+        return status_facts(store, out, night)
+    finally:
+        store.close()
 
 
 def status(out: Path, *, as_json: bool = False, night: str | None = None) -> str:
@@ -122,9 +89,8 @@ def problem_frames(store, night: str | None = None) -> dict[str, list]:
     frame) are the data's verdict, not a problem of the run.
     """
     # frames never classified have no night: they belong to every night's account
-    where, args = ("(night=? OR night IS NULL)", (night,)) if night else ("1=1", ())
     out: dict[str, list] = {"quarantined": [], "held": [], "rejected": []}
-    for row in store.frames(f"state IN ('quarantined', 'held', 'rejected') AND {where}", args):
+    for row in store.problem_state_frames(night):
         reason = row["reason"] or ""
         if row["state"] == "rejected" and not (reason.startswith(FAILURE_REASONS)
                                                or any(m in reason for m in FAILURE_MARKS)):
@@ -147,17 +113,15 @@ def problem_summary(store, night: str | None = None, extra: list[str] | None = N
 
 def masters_listing(out: Path, *, as_json: bool = False, night: str | None = None) -> str:
     store = _store(out)
-    where, args = ("night=?", (night,)) if night else ("1=1", ())
-    rows = store.masters(where, args)
+    rows = store.masters_of_night(night)
     users: dict[str, list[str]] = {}
-    for f in store.frames("masters_json IS NOT NULL AND kind='object'"):
+    for f in store.object_frames_with_masters():
         for used in json.loads(f["masters_json"]).values():
             users.setdefault(used.get("path", ""), []).append(f["raw_name"])
     items = []
     for m in rows:
         inputs = json.loads(m["inputs_json"] or "[]")
-        names = [r["raw_name"] for r in store.frames(
-            f"id IN ({','.join('?' * len(inputs))})", tuple(inputs))] if inputs else []
+        names = [r["raw_name"] for r in store.frames_by_ids(inputs)]
         items.append(dict(kind=m["kind"], camera=m["camera"], filter=m["filter"] or None,
                           target=m["target"] or None, binning=m["binning"],
                           readout=m["readout"] or None, night=m["night"], version=m["version"],

@@ -37,7 +37,6 @@ store is transactional and products are written atomically.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import queue
@@ -54,15 +53,12 @@ from photowatch.core.config import Daemon as DaemonSettings
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
 from photowatch.io.fits import NOT_FITS, fits_incomplete_reason
+from photowatch.io.rawfiles import find_raw_files, is_raw_file
 from photowatch.run import sdnotify
-from photowatch.run.batch import find_raw_files
 from photowatch.run.engine import Engine
 from photowatch.run.ingest import ingest_file
 
 log = get_logger("photowatch.run.watch")
-
-#: names a writer uses before the file is in place: never taken, even if they match a pattern
-TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", ".swp", "~")
 
 #: how often the watcher looks at files it is waiting for (s)
 TICK_S = 0.1
@@ -73,27 +69,6 @@ STATUS_INTERVAL_S = 5.0
 def iso_utc(timestamp: float) -> str:
     """A Unix time as the store writes times (ISO 8601, UTC, milliseconds)."""
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
-
-
-def is_candidate(path: Path, rawdir: Path, patterns: list[str],
-                 exclude: Path | None = None) -> bool:
-    """True for a raw file name the watcher takes (``path`` and ``rawdir`` resolved).
-
-    Hidden names (any component starting with ``.``), temporary suffixes and
-    anything below ``exclude`` (the output directory, if inside RAWDIR) are not.
-    """
-    try:
-        rel = path.relative_to(rawdir)
-    except ValueError:
-        return False
-    if not rel.parts or any(part.startswith(".") for part in rel.parts):
-        return False
-    name = path.name.lower()
-    if name.endswith(TEMPORARY_SUFFIXES):
-        return False
-    if exclude is not None and (path == exclude or exclude in path.parents):
-        return False
-    return any(fnmatch.fnmatch(name, pattern.lower()) for pattern in patterns)
 
 
 @dataclass
@@ -318,7 +293,7 @@ class Watcher:
         if kind in ("deleted", "gone"):
             self.pending.pop(path, None)
             return
-        if not is_candidate(path, self.rawdir, self.settings.patterns, self.exclude):
+        if not is_raw_file(path, self.rawdir, self.settings.patterns, self.exclude):
             return
         item = self._track(path)
         if item is not None and kind in ("closed", "moved"):
@@ -423,7 +398,7 @@ class Watcher:
             if stop is not None and stop.is_set():
                 break
             self.scan_progress = (i + 1, len(files))
-            if path in self.pending or not is_candidate(path, self.rawdir, self.settings.patterns,
+            if path in self.pending or not is_raw_file(path, self.rawdir, self.settings.patterns,
                                                         self.exclude):
                 continue
             if self._track(path, scanned=True) is None:
@@ -580,9 +555,7 @@ class Daemon:
             return None
         if not self.engine._busy:
             return None
-        row = self.engine.store.conn.execute(
-            "SELECT raw_name, started_at FROM frames WHERE state='processing' AND owner=? "
-            "ORDER BY started_at LIMIT 1", (self.engine.store.owner,)).fetchone()
+        row = next(iter(self.engine.store.processing_here()), None)
         if row is None or not row["started_at"]:
             return None
         since = time.time() - datetime.fromisoformat(row["started_at"]).timestamp()
@@ -626,9 +599,7 @@ class Daemon:
                 break
         abandoned = thread is not None and thread.is_alive()
         if abandoned:
-            held = self.engine.store.conn.execute(
-                "SELECT raw_name FROM frames WHERE state='processing' AND owner=?",
-                (self.engine.store.owner,)).fetchall()
+            held = self.engine.store.processing_here()
             if held:
                 log.warning("frames_abandoned", files=[r["raw_name"] for r in held],
                             action="left processing; taken up again at the next start")

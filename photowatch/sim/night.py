@@ -49,14 +49,25 @@ Randomness comes only from ``numpy.random.default_rng``: night-level
 structures from ``default_rng([seed, 1_000_000 + k])`` and frame ``i`` (0-based
 observation order) from ``default_rng([seed, i])``, so a seed gives the same
 files byte for byte.
+
+Where the code is: this module holds the truth records (:class:`SimFrame`,
+:class:`SimNight`) and the night's orchestration (:func:`simulate_night`);
+the pieces it assembles live beside it::
+
+    sim/camera.py     constants of the camera, site, sky and star counts
+    sim/field.py      time, airmass, coordinates, the true WCS, the star field
+    sim/psf.py        the Moffat PSF and the star renderer (render_stars)
+    sim/detector.py   bias, dark, flat, sky pattern, noise, cosmic rays, readout, header
+
+Their public names stay importable from here.
 """
+
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -65,40 +76,65 @@ from pathlib import Path
 
 import numpy as np
 
-# --- the camera -------------------------------------------------------------------------------
-INSTRUMENT = "LMI"
-TELESCOPE = "LDT"
-CAMERA = "C0"
-GAIN = 2.89  #: e-/ADU
-READ_NOISE_E = 6.0
-SATURATE_ADU = 65000.0  #: header SATURATE
-ADC_MAX = 65535  #: raw values are clipped here (uint16)
-FULL_WELL_E = 200000.0  #: charge above this bleeds along the column
-BIAS_LEVEL_ADU = 1000.0
-OVERSCAN_COLS = 32
-UNBINNED_SCALE_ARCSEC = 0.12
-PIXEL_SIZE_CM = 15e-4  #: unbinned pixel
-SITE_LAT_DEG = 34.7444
-SITE_LON_DEG = -111.4223
-MOFFAT_BETA = 3.0
-
-# --- the sky and the stars ---------------------------------------------------------------------
-BANDS = ("g", "r", "i", "z")
-FILTER_BAND = {"SDSS-G": "g", "SDSS-R": "r", "SDSS-I": "i", "SDSS-Z": "z"}
-ZP1 = {"g": 25.6, "r": 25.5, "i": 25.3, "z": 24.6}  #: mag giving 1 e-/s above the atmosphere
-EXTINCTION = {"g": 0.18, "r": 0.10, "i": 0.07, "z": 0.06}  #: mag per airmass
-SKY_RATES = {"g": 8.0, "r": 15.0, "i": 25.0, "z": 30.0}  #: e-/s per 0.24" pixel
-SKY_PATTERN_AMP = {"g": 0.008, "r": 0.012, "i": 0.018, "z": 0.022}  #: max |p|
-VIGNETTING = {"g": 0.05, "r": 0.04, "i": 0.035, "z": 0.03}  #: loss in the corners
-DARK_RATE_E_S = 0.003
-HOT_FRACTION = 0.001
-COUNT_SLOPE = 0.3  #: d log10 N(<m) / dm
-BRIGHT_MAG, FAINT_MAG_DEFAULT = 12.0, 23.5
-
-FLAT_FAINT_FRACTION = 0.13  #: of SATURATE, median of the too-faint flat
-FLAT_SATURATED_FRACTION = 1.3  #: of SATURATE, the saturated flat (clipped at 65535)
-FLAT_GOOD_FRACTIONS = (0.30, 0.65)  #: range of the good flats
-CR_SIGMA = 5.0
+from photowatch.sim.camera import (
+    ADC_MAX,
+    BANDS,
+    BIAS_LEVEL_ADU,
+    CAMERA,
+    CR_SIGMA,
+    DARK_RATE_E_S,
+    EXTINCTION,
+    FAINT_MAG_DEFAULT,
+    FILTER_BAND,
+    FLAT_FAINT_FRACTION,
+    FLAT_GOOD_FRACTIONS,
+    FLAT_SATURATED_FRACTION,
+    FULL_WELL_E,
+    GAIN,
+    MOFFAT_BETA,
+    OVERSCAN_COLS,
+    READ_NOISE_E,
+    SATURATE_ADU,
+    SITE_LAT_DEG,
+    SITE_LON_DEG,
+    SKY_PATTERN_AMP,
+    SKY_RATES,
+    UNBINNED_SCALE_ARCSEC,
+    ZP1,
+)
+from photowatch.sim.detector import (
+    _bias_structure,
+    _bleed,
+    _cosmics,
+    _dark_map,
+    _flat_field,
+    _photon_noise,
+    _raw_header,
+    _readout,
+    _row_pattern,
+    _sky_pattern,
+    _write_fits,
+)
+from photowatch.sim.field import (
+    _make_stars,
+    _name_key,
+    _offset_radec,
+    _rng,
+    _sip_coefficients,
+    _sky_offset_arcsec,
+    airmass,
+    catalog_error,
+    format_dec,
+    format_ra,
+    local_sidereal_deg,
+    parse_sexagesimal,
+    wcs_header,
+)
+from photowatch.sim.psf import (
+    _Psf,
+    _render_varying,
+    render_stars,
+)
 
 
 # ==============================================================================================
@@ -265,527 +301,8 @@ class SimNight:
 # ==============================================================================================
 # Small helpers
 # ==============================================================================================
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *key])
 
 
-def _name_key(text: str) -> int:
-    return zlib.crc32(text.encode())
-
-
-def _jd(t: datetime) -> float:
-    return t.timestamp() / 86400.0 + 2440587.5
-
-
-def local_sidereal_deg(t: datetime, lon_deg: float = SITE_LON_DEG) -> float:
-    gmst_h = 18.697374558 + 24.06570982441908 * (_jd(t) - 2451545.0)
-    return (gmst_h * 15.0 + lon_deg) % 360.0
-
-
-def airmass(t: datetime, ra_deg: float, dec_deg: float) -> float:
-    """Kasten & Young airmass at the LDT (altitude floored at 5 deg)."""
-    ha = math.radians(local_sidereal_deg(t) - ra_deg)
-    lat, dec = math.radians(SITE_LAT_DEG), math.radians(dec_deg)
-    sin_alt = math.sin(lat) * math.sin(dec) + math.cos(lat) * math.cos(dec) * math.cos(ha)
-    alt = max(math.degrees(math.asin(max(-1.0, min(1.0, sin_alt)))), 5.0)
-    z = 90.0 - alt
-    return 1.0 / (math.cos(math.radians(z)) + 0.50572 * (96.07995 - z) ** -1.6364)
-
-
-def format_ra(ra_deg: float) -> str:
-    cs = round((ra_deg % 360.0) / 15.0 * 3600 * 100) % (24 * 3600 * 100)
-    h, rest = divmod(cs, 3600 * 100)
-    m, s = divmod(rest, 60 * 100)
-    return f"{h:02d}:{m:02d}:{s // 100:02d}.{s % 100:02d}"
-
-
-def format_dec(dec_deg: float) -> str:
-    sign = "-" if dec_deg < 0 else "+"
-    ds = round(abs(dec_deg) * 3600 * 10)
-    d, rest = divmod(ds, 3600 * 10)
-    m, s = divmod(rest, 60 * 10)
-    return f"{sign}{d:02d}:{m:02d}:{s // 10:02d}.{s % 10:d}"
-
-
-def parse_sexagesimal(text: str, hours: bool) -> float:
-    sign = -1.0 if text.strip().startswith("-") else 1.0
-    a, b, c = (abs(float(p)) for p in text.strip().split(":"))
-    value = sign * (a + b / 60 + c / 3600)
-    return value * 15.0 if hours else value
-
-
-def format_time(t: datetime) -> str:
-    return f"{t:%Y-%m-%dT%H:%M:%S}.{t.microsecond // 1000:03d}"
-
-
-def _offset_radec(ra: float, dec: float, east_arcsec: float, north_arcsec: float):
-    """A position offset by (east, north) arcsec in the tangent plane at (ra, dec)."""
-    xi, eta = math.radians(east_arcsec / 3600), math.radians(north_arcsec / 3600)
-    ra_out, dec_out = _deproject(np.array([xi]), np.array([eta]), ra, dec)
-    return float(ra_out[0]), float(dec_out[0])
-
-
-def _deproject(xi: np.ndarray, eta: np.ndarray, ra0: float, dec0: float):
-    """Gnomonic: tangent-plane (xi east, eta north; radians) → ra, dec (deg)."""
-    d0 = math.radians(dec0)
-    denom = math.cos(d0) - eta * math.sin(d0)
-    ra = np.degrees(np.arctan2(xi, denom)) + ra0
-    dec = np.degrees(np.arctan2(math.sin(d0) + eta * math.cos(d0), np.hypot(xi, denom)))
-    return ra % 360.0, dec
-
-
-def _sky_offset_arcsec(ra, dec, ra0, dec0):
-    """(east, north) arcsec of (ra, dec) from (ra0, dec0), small-angle."""
-    dra = (np.asarray(ra) - ra0 + 180.0) % 360.0 - 180.0
-    return dra * math.cos(math.radians(dec0)) * 3600.0, (np.asarray(dec) - dec0) * 3600.0
-
-
-# ==============================================================================================
-# World coordinates
-# ==============================================================================================
-def _sip_coefficients(n: int, distortion: float):
-    """Radial SIP (A, B) of order 3 and a fitted inverse (AP, BP).
-
-    dx = k u r^2, dy = k v r^2 (u, v from CRPIX), with k such that the
-    relative distortion k r^2 equals ``distortion`` at the frame corner.
-    """
-    k = distortion / (2 * (n / 2.0) ** 2) if n > 0 else 0.0
-    a = np.zeros((4, 4))
-    b = np.zeros((4, 4))
-    a[3, 0] = a[1, 2] = k
-    b[2, 1] = b[0, 3] = k
-    # inverse: fit u - f as a cubic polynomial of the distorted f
-    g = np.linspace(-0.72 * n, 0.72 * n, 41)
-    u, v = (m.ravel() for m in np.meshgrid(g, g))
-    r2 = u * u + v * v
-    fu, fv = u + k * u * r2, v + k * v * r2
-    terms = [(p, q) for p in range(4) for q in range(4) if 1 <= p + q <= 3]
-    design = np.stack([fu ** p * fv ** q for p, q in terms], axis=1)
-    scale = np.abs(design).max(axis=0)
-    cu = np.linalg.lstsq(design / scale, u - fu, rcond=None)[0] / scale
-    cv = np.linalg.lstsq(design / scale, v - fv, rcond=None)[0] / scale
-    ap = np.zeros((4, 4))
-    bp = np.zeros((4, 4))
-    for (p, q), x, y in zip(terms, cu, cv):
-        ap[p, q], bp[p, q] = x, y
-    return a, b, ap, bp
-
-
-def wcs_header(n: int, scale_arcsec: float, rotation_deg: float, flip: bool,
-               ra_deg: float, dec_deg: float, sip=None):
-    """A TAN-SIP FITS header: CRPIX at the centre of an n x n data section.
-
-    ``rotation_deg`` is the sky position angle of the +y axis (east of north);
-    normal parity has east to the left (x increases westwards) when north is
-    up; ``flip`` mirrors it (x increases eastwards).
-    """
-    from astropy.io import fits
-
-    s = scale_arcsec / 3600.0
-    th = math.radians(rotation_deg)
-    sx = 1.0 if flip else -1.0
-    cd = [[sx * s * math.cos(th), s * math.sin(th)],
-          [-sx * s * math.sin(th), s * math.cos(th)]]
-    hdr = fits.Header()
-    hdr["WCSAXES"] = 2
-    hdr["CTYPE1"] = "RA---TAN-SIP" if sip else "RA---TAN"
-    hdr["CTYPE2"] = "DEC--TAN-SIP" if sip else "DEC--TAN"
-    hdr["CUNIT1"] = "deg"
-    hdr["CUNIT2"] = "deg"
-    hdr["CRPIX1"] = (n + 1) / 2.0
-    hdr["CRPIX2"] = (n + 1) / 2.0
-    hdr["CRVAL1"] = ra_deg
-    hdr["CRVAL2"] = dec_deg
-    hdr["CD1_1"], hdr["CD1_2"] = cd[0]
-    hdr["CD2_1"], hdr["CD2_2"] = cd[1]
-    hdr["RADESYS"] = "ICRS"
-    hdr["EQUINOX"] = 2000.0
-    if sip:
-        for name, coef, low in (("A", sip[0], 2), ("B", sip[1], 2), ("AP", sip[2], 1),
-                                ("BP", sip[3], 1)):
-            hdr[f"{name}_ORDER"] = 3
-            for p in range(4):
-                for q in range(4):
-                    # skip terms below 1e-8 px at the frame edge (fit noise)
-                    if low <= p + q <= 3 and abs(coef[p, q]) * (n / 2) ** (p + q) > 1e-8:
-                        hdr[f"{name}_{p}_{q}"] = float(coef[p, q])
-    return hdr
-
-
-# ==============================================================================================
-# Point-spread function
-# ==============================================================================================
-class _Psf:
-    """A pixel-integrated Moffat (optionally trailed) tabulated on a fine grid.
-
-    The table ``P`` holds the PSF integrated over a whole pixel, sampled every
-    1/K pixel (K sub-samples per pixel for the integration, more than the 3x
-    oversampling the stamps need). A star's stamp at any sub-pixel position is
-    a bilinear interpolation between four phase-shifted samplings of ``P``, and
-    is then scaled to sum exactly to the star's flux. The stamp radius is at
-    least 5 FWHM.
-    """
-
-    def __init__(self, fwhm_px: float, beta: float = MOFFAT_BETA,
-                 trail_px: float = 0.0, trail_angle_deg: float = 0.0):
-        core = max(math.ceil(5.0 * fwhm_px), 4)
-        radius = core + (math.ceil(trail_px / 2) + 1 if trail_px else 0)
-        k = 32 if radius <= 16 else 16 if radius <= 40 else 8 if radius <= 100 else 4
-        m0 = (radius + 2) * k
-        pts = (np.arange(-m0, m0) + 0.5) / k
-        alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-        r2 = pts[:, None] ** 2 + pts[None, :] ** 2
-        moffat = (1.0 + r2 / alpha ** 2) ** (-beta)
-        if trail_px:
-            from scipy.signal import fftconvolve
-
-            n = max(int(round(trail_px * k)), 1)
-            steps = (np.arange(n + 1) / n - 0.5) * trail_px * k
-            ang = math.radians(trail_angle_deg)
-            half = int(math.ceil(trail_px * k / 2)) + 2
-            kern = np.zeros((2 * half + 1, 2 * half + 1))
-            fx, fy = steps * math.cos(ang) + half, steps * math.sin(ang) + half
-            ix, iy = np.floor(fx).astype(int), np.floor(fy).astype(int)
-            tx, ty = fx - ix, fy - iy
-            for dy, dx, w in ((0, 0, (1 - tx) * (1 - ty)), (0, 1, tx * (1 - ty)),
-                              (1, 0, (1 - tx) * ty), (1, 1, tx * ty)):
-                np.add.at(kern, (iy + dy, ix + dx), w)
-            moffat = fftconvolve(moffat, kern / kern.sum(), mode="same")
-        cs = np.zeros((2 * m0 + 1, 2 * m0))
-        np.cumsum(moffat, axis=0, out=cs[1:])
-        box = cs[k:] - cs[:-k]
-        cs = np.zeros((box.shape[0], box.shape[1] + 1))
-        np.cumsum(box, axis=1, out=cs[:, 1:])
-        self.table = (cs[:, k:] - cs[:, :-k]).astype(np.float32)
-        self.k = k
-        self.radius = radius
-        self.centre = m0 - k // 2
-        self.span = 2 * radius * k + 1
-
-    def stamp(self, fx: float, fy: float) -> np.ndarray:
-        """Unnormalised (2R+1)^2 stamp for a star at offset (fx, fy) in [-0.5, 0.5) px."""
-        k, r, c, span, p = self.k, self.radius, self.centre, self.span, self.table
-        gx, gy = fx * k, fy * k
-        qx, qy = math.floor(gx), math.floor(gy)
-        tx, ty = gx - qx, gy - qy
-        sx, sy = c - r * k - qx, c - r * k - qy
-        a = p[sy:sy + span:k, sx:sx + span:k]
-        b = p[sy:sy + span:k, sx - 1:sx - 1 + span:k]
-        cc = p[sy - 1:sy - 1 + span:k, sx:sx + span:k]
-        d = p[sy - 1:sy - 1 + span:k, sx - 1:sx - 1 + span:k]
-        return ((1 - ty) * ((1 - tx) * a + tx * b) + ty * ((1 - tx) * cc + tx * d))
-
-
-def render_stars(shape: tuple[int, int], psf: _Psf, x: np.ndarray, y: np.ndarray,
-                 flux: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Add stars (0-based pixel positions, total fluxes) to a float32 image."""
-    img = np.zeros(shape, np.float32) if out is None else out
-    ny, nx = shape
-    r = psf.radius
-    ix = np.floor(np.asarray(x) + 0.5).astype(int)
-    iy = np.floor(np.asarray(y) + 0.5).astype(int)
-    fxs, fys = np.asarray(x) - ix, np.asarray(y) - iy
-    for cx, cy, fx, fy, f in zip(ix.tolist(), iy.tolist(), fxs.tolist(), fys.tolist(),
-                                 np.asarray(flux, float).tolist()):
-        x0, y0 = cx - r, cy - r
-        xa, ya = max(x0, 0), max(y0, 0)
-        xb, yb = min(cx + r + 1, nx), min(cy + r + 1, ny)
-        if xa >= xb or ya >= yb:
-            continue
-        st = psf.stamp(fx, fy)
-        st *= f / float(st.sum())
-        img[ya:yb, xa:xb] += st[ya - y0:yb - y0, xa - x0:xb - x0]
-    return img
-
-
-def _render_varying(shape, fwhm_px: float, beta: float, variation: float, x, y, flux,
-                    zones: int = 6) -> np.ndarray:
-    """Stars whose FWHM grows as ``1 + variation (r / r_corner)**2`` from the centre,
-    rendered in ``zones`` rings of (r / r_corner)**2, each with its own PSF (at its mid)."""
-    ny, nx = shape
-    rc2 = ((nx - 1) / 2) ** 2 + ((ny - 1) / 2) ** 2
-    q = ((np.asarray(x) - (nx - 1) / 2) ** 2 + (np.asarray(y) - (ny - 1) / 2) ** 2) / rc2
-    zone = np.clip((q * zones).astype(int), 0, zones - 1)
-    img = np.zeros(shape, np.float32)
-    for k in np.unique(zone).tolist():
-        sel = zone == k
-        psf = _Psf(fwhm_px * (1.0 + variation * (k + 0.5) / zones), beta=beta)
-        render_stars(shape, psf, np.asarray(x)[sel], np.asarray(y)[sel],
-                     np.asarray(flux)[sel], out=img)
-    return img
-
-
-# ==============================================================================================
-# Detector structures (fixed for the night)
-# ==============================================================================================
-def _bias_structure(rng, n: int) -> np.ndarray:
-    """Fixed 2-D bias in ADU above the overscan: offset, gradients, column pattern, edge glow."""
-    x = np.arange(n, dtype=np.float32) / max(n, 1)
-    y = np.arange(n, dtype=np.float32) / max(n, 1)
-    cols = rng.normal(0.0, 0.8, n).astype(np.float32)
-    cols[rng.choice(n, size=max(1, n // 500), replace=False)] += 4.0  # warm columns
-    per_col = 1.2 + 2.5 * x + cols + 3.0 * np.exp(-x / 0.02)
-    return (per_col[None, :] - 1.0 * y[:, None]).astype(np.float32)
-
-
-def _row_pattern(n: int, index: int, phases, rng) -> np.ndarray:
-    """Overscan level per row (ADU): ~1000 plus a smooth pattern that drifts frame to frame."""
-    y = np.arange(n, dtype=np.float64) / max(n, 1)
-    level = BIAS_LEVEL_ADU + 1.5 * math.sin(2 * math.pi * index / 17.0) + rng.normal(0, 0.3)
-    pattern = (2.0 * np.sin(2 * np.pi * 1.3 * y + phases[0] + 0.02 * index)
-               + 0.6 * np.cos(2 * np.pi * 3.1 * y + phases[1] - 0.015 * index)
-               + 1.5 * (y - 0.5) ** 2)
-    return (level + pattern).astype(np.float32)
-
-
-def _dark_map(rng, n: int) -> np.ndarray:
-    dark = np.full((n, n), DARK_RATE_E_S, np.float32)
-    nhot = max(1, int(round(HOT_FRACTION * n * n)))
-    idx = rng.choice(n * n, size=nhot, replace=False)
-    dark.ravel()[idx] = np.exp(rng.uniform(math.log(0.5), math.log(50.0), nhot))
-    return dark
-
-
-def _donut(flat: np.ndarray, xc: float, yc: float, radius: float, depth: float) -> None:
-    """Multiply a dust donut (dark ring, lighter centre) into ``flat`` in place."""
-    n = flat.shape[0]
-    r_out = radius + 3
-    x0, x1 = max(int(xc - r_out), 0), min(int(xc + r_out) + 1, n)
-    y0, y1 = max(int(yc - r_out), 0), min(int(yc + r_out) + 1, n)
-    if x0 >= x1 or y0 >= y1:
-        return
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    r = np.hypot(xx - xc, yy - yc)
-    edge = 1.0
-    outer = 1.0 / (1.0 + np.exp((r - radius) / edge))
-    inner = 1.0 / (1.0 + np.exp((r - 0.55 * radius) / edge))
-    shadow = depth * (outer - 0.6 * inner)
-    flat[y0:y1, x0:x1] *= (1.0 - shadow).astype(np.float32)
-
-
-def _flat_field(n: int, binning: int, band: str, common, filt_rng) -> np.ndarray:
-    """True flat (mean 1): vignetting, dust donuts, pixel response, a bad column."""
-    x = (np.arange(n, dtype=np.float32) - (n - 1) / 2 - common["vig_dx"] * n)
-    y = (np.arange(n, dtype=np.float32) - (n - 1) / 2 - common["vig_dy"] * n)
-    rc2 = 2 * (n / 2.0) ** 2
-    vig = VIGNETTING.get(band, 0.04) * filt_rng.uniform(0.9, 1.1)
-    flat = 1.0 - vig * (x[None, :] ** 2 + y[:, None] ** 2) / rc2
-    flat = flat.astype(np.float32)
-    flat *= common["p2p"]
-    flat *= 1.0 + filt_rng.normal(0, 0.003, (n, n)).astype(np.float32)
-    for xc, yc, rad, depth in common["donuts"]:
-        _donut(flat, xc, yc, rad, depth)
-    for _ in range(2):  # dust on the filter
-        rad = filt_rng.uniform(60, 200) / binning
-        _donut(flat, filt_rng.uniform(0, n), filt_rng.uniform(0, n), rad,
-               filt_rng.uniform(0.01, 0.05))
-    flat[:, common["bad_column"]] *= 0.2 / float(np.mean(flat[:, common["bad_column"]]))
-    flat /= np.float32(flat.mean(dtype=np.float64))
-    return flat
-
-
-def _sky_pattern(rng, n: int, amp: float) -> np.ndarray:
-    """A smooth additive sky pattern (fringes/illumination): zero mean, max |p| = amp."""
-    x = np.arange(n, dtype=np.float32) / np.float32(max(n, 1))
-    l1, l2, l3, l4 = (np.float32(v) for v in rng.uniform(0.4, 0.8, 4))
-    p1, p2, p3 = (np.float32(v) for v in rng.uniform(0, 2 * np.pi, 3))
-    two_pi = np.float32(2 * np.pi)
-    ax, ay = two_pi * x / l1, two_pi * x / l2 + p1
-    # sin(a+b) = sin a cos b + cos a sin b, built from outer products
-    wave = np.outer(np.cos(ay), np.sin(ax)) + np.outer(np.sin(ay), np.cos(ax))
-    wave *= np.float32(0.7)
-    wave += np.outer(np.float32(0.5) * np.cos(two_pi * x / l4 + p3), np.sin(two_pi * x / l3 + p2))
-    wave -= np.float32(wave.mean(dtype=np.float64))
-    wave *= np.float32(amp / np.abs(wave).max())
-    return wave
-
-
-# ==============================================================================================
-# Stars and catalogue
-# ==============================================================================================
-def _make_stars(rng, ra0: float, dec0: float, half_deg: float, density: float,
-                faint_mag: float, n_bright: int, bright_half_deg: float):
-    """Uniform positions in a square (tangent plane) and power-law r magnitudes."""
-    area = (2 * half_deg) ** 2
-    lo, hi = 10 ** (COUNT_SLOPE * (BRIGHT_MAG - 22)), 10 ** (COUNT_SLOPE * (faint_mag - 22))
-    n = int(rng.poisson(density * area * (hi - lo)))
-    r = np.log10(lo + rng.random(n) * (hi - lo)) / COUNT_SLOPE + 22
-    xi = rng.uniform(-half_deg, half_deg, n)
-    eta = rng.uniform(-half_deg, half_deg, n)
-    if n_bright:
-        r = np.concatenate([rng.uniform(11.5, 13.5, n_bright), r])
-        xi = np.concatenate([rng.uniform(-bright_half_deg, bright_half_deg, n_bright), xi])
-        eta = np.concatenate([rng.uniform(-bright_half_deg, bright_half_deg, n_bright), eta])
-    ra, dec = _deproject(np.radians(xi), np.radians(eta), ra0, dec0)
-    gr = rng.uniform(0.2, 1.2, r.size)
-    ri = 0.45 * gr - 0.05 + rng.normal(0, 0.03, r.size)
-    iz = 0.25 * gr - 0.02 + rng.normal(0, 0.03, r.size)
-    return {"id": np.arange(1, r.size + 1), "ra": ra, "dec": dec,
-            "g": r + gr, "r": r, "i": r - ri, "z": r - ri - iz}
-
-
-def catalog_error(mag: np.ndarray) -> np.ndarray:
-    """Reference-catalogue 1-sigma error: 0.005 + 0.045 * 10**(0.2 (m - 21))."""
-    return 0.005 + 0.045 * 10 ** (0.2 * (np.asarray(mag) - 21.0))
-
-
-# ==============================================================================================
-# Charge: noise, cosmic rays, bleeding, readout
-# ==============================================================================================
-def _photon_noise(rng, lam: np.ndarray) -> np.ndarray:
-    """Poisson electrons (Gaussian approximation where the mean is >= 64)."""
-    lam = np.maximum(lam, 0, dtype=np.float32)
-    out = rng.standard_normal(lam.shape, dtype=np.float32)
-    out *= np.sqrt(lam)
-    out += lam
-    small = lam < 64
-    if small.any():
-        out[small] = rng.poisson(lam[small])
-    return out
-
-
-def _cosmics(rng, n: int, binning: int, exptime_s: float, rate: float):
-    """Cosmic-ray charge: (flat pixel indices, e- per pixel, number of events)."""
-    area_cm2 = (n * binning * PIXEL_SIZE_CM) ** 2
-    nev = int(rng.poisson(rate * area_cm2 * exptime_s / 60.0))
-    xs, ys, ws = [], [], []
-    for _ in range(nev):
-        energy = math.exp(rng.uniform(math.log(300.0), math.log(20000.0)))
-        kind = rng.random()
-        x0, y0 = rng.uniform(0, n - 1), rng.uniform(0, n - 1)
-        if kind < 0.4:  # a spot: mostly one pixel, some sharing
-            px = np.array([round(x0) + rng.normal(0, 0.12)])
-            py = np.array([round(y0) + rng.normal(0, 0.12)])
-            w = np.array([1.0])
-        elif kind < 0.8:  # a straight track
-            length = rng.uniform(2.0, 15.0)
-            ang = rng.uniform(0, 2 * np.pi)
-            s = np.arange(0.0, length + 1e-9, 0.25)
-            px, py = x0 + s * math.cos(ang), y0 + s * math.sin(ang)
-            w = rng.gamma(3.0, 1.0, s.size)
-        else:  # a worm (low-energy electron): a wandering path
-            length = rng.uniform(3.0, 10.0)
-            steps = int(length / 0.25)
-            ang = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.35, steps))
-            px = x0 + np.cumsum(0.25 * np.cos(ang))
-            py = y0 + np.cumsum(0.25 * np.sin(ang))
-            w = rng.gamma(4.0, 1.0, steps)
-        w = energy * w / w.sum()
-        xs.append(px)
-        ys.append(py)
-        ws.append(w)
-    if not nev:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32), 0
-    px, py, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
-    ix, iy = np.floor(px).astype(int), np.floor(py).astype(int)
-    tx, ty = px - ix, py - iy
-    idx, val = [], []
-    for dx, dy, ww in ((0, 0, (1 - tx) * (1 - ty)), (1, 0, tx * (1 - ty)),
-                       (0, 1, (1 - tx) * ty), (1, 1, tx * ty)):
-        xx, yy = ix + dx, iy + dy
-        ok = (xx >= 0) & (xx < n) & (yy >= 0) & (yy < n) & (ww > 0)
-        idx.append(yy[ok] * n + xx[ok])
-        val.append(w[ok] * ww[ok])
-    idx, val = np.concatenate(idx), np.concatenate(val)
-    uniq, inv = np.unique(idx, return_inverse=True)
-    return uniq, np.bincount(inv, weights=val).astype(np.float32), nev
-
-
-def _spill(seg: np.ndarray, amount: float, full_well: float) -> None:
-    cap = np.maximum(full_well - seg, 0.0)
-    cs = np.cumsum(cap, dtype=np.float64)
-    k = int(np.searchsorted(cs, amount))
-    seg[:k] = np.maximum(seg[:k], full_well)
-    if k < seg.size:
-        seg[k] += amount - (cs[k - 1] if k else 0.0)
-
-
-def _bleed(q: np.ndarray, full_well: float = FULL_WELL_E) -> None:
-    """Charge above full well spills up and down its column (in place)."""
-    ny = q.shape[0]
-    cols = np.flatnonzero((q > full_well).any(axis=0))
-    for c in cols.tolist():
-        col = q[:, c]
-        over = np.flatnonzero(col > full_well)
-        if over.size > ny // 2:
-            np.minimum(col, full_well, out=col)
-            continue
-        breaks = np.flatnonzero(np.diff(over) > 1)
-        starts = np.r_[over[0], over[breaks + 1]]
-        ends = np.r_[over[breaks], over[-1]] + 1
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            excess = float((col[a:b] - full_well).clip(0).sum())
-            col[a:b] = np.minimum(col[a:b], full_well)
-            if a > 0:
-                _spill(col[a - 1::-1], excess / 2, full_well)
-            if b < ny:
-                _spill(col[b:], excess / 2, full_well)
-
-
-def _readout(rng, electrons: np.ndarray | None, n: int, row_adu: np.ndarray,
-             bias_adu: np.ndarray) -> np.ndarray:
-    """Raw uint16 frame (n, n + 32): data + overscan, read noise, rounding, clipping."""
-    raw = np.empty((n, n + OVERSCAN_COLS), np.float32)
-    if electrons is None:
-        raw[:, :n] = bias_adu
-    else:
-        np.multiply(electrons, np.float32(1.0 / GAIN), out=raw[:, :n])
-        raw[:, :n] += bias_adu
-    raw[:, n:] = 0.0
-    raw += row_adu[:, None]
-    noise = rng.standard_normal(raw.shape, dtype=np.float32)
-    noise *= np.float32(READ_NOISE_E / GAIN)
-    raw += noise
-    np.rint(raw, out=raw)
-    np.clip(raw, 0, ADC_MAX, out=raw)
-    return raw.astype(np.uint16)
-
-
-# ==============================================================================================
-# Files
-# ==============================================================================================
-def _write_fits(path: Path, data: np.ndarray, header=None) -> None:
-    """Write atomically (a hidden temporary name, then rename)."""
-    from astropy.io import fits
-
-    tmp = path.with_name(f".{path.name}.part")
-    fits.PrimaryHDU(data=data, header=header).writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
-
-
-def _raw_header(*, obstype: str, filt: str | None, exptime_s: float, obs_time: datetime,
-                objname: str, ra_deg: float, dec_deg: float, binning: int, n: int,
-                airmass_value: float):
-    from astropy.io import fits
-
-    hdr = fits.Header()
-    hdr["INSTRUME"] = (INSTRUMENT, "instrument")
-    hdr["TELESCOP"] = (TELESCOPE, "telescope")
-    hdr["OBSERVAT"] = ("LDT", "observatory")
-    hdr["ORIGIN"] = ("photowatch.sim.night", "simulated frame")
-    hdr["OBSTYPE"] = (obstype, "observation type")
-    hdr["FILTER1"] = (filt or "OPEN", "filter wheel 1")
-    hdr["FILTER2"] = ("OPEN", "filter wheel 2")
-    hdr["EXPTIME"] = (float(exptime_s), "[s] exposure time")
-    hdr["DATE-OBS"] = (format_time(obs_time), "UTC start of exposure")
-    hdr["OBJNAME"] = (objname, "target name")
-    hdr["OBJECT"] = (objname, "target name")
-    hdr["RA"] = (format_ra(ra_deg), "telescope RA (hours)")
-    hdr["DEC"] = (format_dec(dec_deg), "telescope Dec (deg)")
-    hdr["EQUINOX"] = 2000.0
-    hdr["AIRMASS"] = (round(airmass_value, 4), "airmass at mid-exposure")
-    hdr["CCDSUM"] = (f"{binning} {binning}", "on-chip binning")
-    hdr["DATASEC"] = (f"[1:{n},1:{n}]", "data section")
-    hdr["BIASSEC"] = (f"[{n + 1}:{n + OVERSCAN_COLS},1:{n}]", "overscan section")
-    hdr["GAIN"] = (GAIN, "[e-/ADU]")
-    hdr["RDNOISE"] = (READ_NOISE_E, "[e-] read noise")
-    hdr["SATURATE"] = (SATURATE_ADU, "[ADU] saturation")
-    return hdr
-
-
-# ==============================================================================================
-# The night
-# ==============================================================================================
 def simulate_night(
     out: str | Path,
     *,

@@ -57,9 +57,11 @@ from photowatch.core.config import Astrometry
 from photowatch.core.errors import StageDegraded
 from photowatch.core.frame import Frame
 from photowatch.core.instruments import Profile
+from photowatch.core.schema import set_key, strip_wcs
 from photowatch.stages.matching import (
     ARCSEC_PER_DEG,
     Refined,
+    brightness_order,
     chance_needed,
     deproject,
     find_similarity,
@@ -331,8 +333,6 @@ def _position_sigma_px(table) -> np.ndarray:
 
 
 def _brightness_rank(table) -> np.ndarray:
-    from photowatch.io.catalogs import brightness_order
-
     return brightness_order(table)
 
 
@@ -924,8 +924,6 @@ def apply_astrometry(frame: Frame, result: AstrometryResult, *, reference_name: 
     method), ASTOFFS (arcsec), ASTSTAT (ok/relative/failed) and ASTREASN. A
     failed result leaves no WCS in the header.
     """
-    from photowatch.io.products import set_key, strip_wcs
-
     header = frame.header.copy()
     strip_wcs(header)
     for key in ("ASTRMS", "ASTNSTAR", "ASTOFFS", "ASTREASN"):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from photowatch.core.config import MasterSky
+from photowatch.core.errors import StageFailed
 from photowatch.core.frame import Frame, Mask, MasterImage
 from photowatch.stages.skysub import source_mask
 
@@ -152,8 +153,6 @@ class SkyAccumulator:
 def apply_master_sky(frame: Frame, *, sky: MasterImage, level: float) -> Frame:
     """``sci − level × S``; the variance gains ``level² var_S``."""
     if sky.data.shape != frame.sci.shape:
-        from photowatch.core.errors import StageFailed
-
         raise StageFailed(f"master sky {sky.label} has shape {sky.data.shape}, "
                           f"the frame {frame.sci.shape}")
     lev = np.float32(level)

@@ -867,3 +867,34 @@ def refine(x, y, ra_ref, dec_ref, *, predict: Callable, crpix: tuple[float, floa
     ap, bp = _inverse_sip(sol.a, sol.b, sol.crpix, scale_px, shape, sol.degree)
     sol = dataclasses.replace(sol, ap=ap, bp=bp)
     return Refined(sol, ii[keep], jj[keep], res, rms, deg, "", history)
+
+
+def _float_column(column) -> np.ndarray:
+    """A column as float64 with masked or missing values as NaN."""
+    return np.ma.filled(np.ma.asarray(column).astype(np.float64), np.nan)
+
+
+def brightness_order(table, column: str | None = None) -> np.ndarray:
+    """Row indices of a catalogue from bright to faint.
+
+    Uses ``column``, else ``mag``, else the first of ``meta['bands']``, else
+    ``flux`` (descending); a table without any keeps its order.
+    """
+    names = table.colnames
+    for col in [c for c in (column, "mag", *(table.meta.get("bands") or [])) if c]:
+        if col in names:
+            mag = _float_column(table[col])
+            return np.argsort(np.where(np.isfinite(mag), mag, np.inf), kind="stable")
+    if "flux" in names:
+        flux = _float_column(table["flux"])
+        return np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
+    return np.arange(len(table))
+
+
+def angular_distance_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
+    """Great-circle distance (degrees) between points given in degrees (haversine)."""
+    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, dtype=np.float64))
+                            for v in (ra1, dec1, ra2, dec2))
+    s = (np.sin((dec2 - dec1) / 2) ** 2
+         + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2)
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))

@@ -20,6 +20,7 @@ import numpy as np
 
 from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Calibration, Prepare
+from photowatch.core.errors import StageFailed
 from photowatch.core.frame import Frame, Mask, MasterImage
 
 
@@ -179,8 +180,6 @@ def subtract_masters(el: Electrons, info: FrameInfo, *, bias: MasterImage | None
 
 def _check_shape(master: MasterImage, data: np.ndarray) -> None:
     if master.data.shape != data.shape:
-        from photowatch.core.errors import StageFailed
-
         raise StageFailed(f"master {master.kind} {master.label} has shape {master.data.shape}, "
                           f"the frame {data.shape}")
 
@@ -209,8 +208,6 @@ def prepare(raw: np.ndarray, header, info: FrameInfo, *, bias: MasterImage | Non
     mask = el.mask
     if bpm is not None:
         if bpm.shape != mask.shape:
-            from photowatch.core.errors import StageFailed
-
             raise StageFailed(f"bad-pixel mask has shape {bpm.shape}, the frame {mask.shape}")
         mask = mask | (bpm.astype(bool) * np.uint16(Mask.BAD))
     hdr = header.copy()

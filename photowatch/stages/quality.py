@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from photowatch.core.config import Quality
 
 
@@ -100,3 +102,59 @@ def assess(qc: dict, *, best_transparency_mag: float | None, settings: Quality,
     if reasons:
         return Verdict(False, "; ".join(reasons), tuple(checks))
     return Verdict(True, None, tuple(checks))
+
+
+# ---------------------------------------------------------------------------- the night
+
+@dataclass(frozen=True)
+class Peer:
+    """One object frame of the night as the quality judgement sees it (from its qc)."""
+
+    id: int
+    filter: str | None
+    target: str | None
+    camera: str | None
+    fwhm_arcsec: float | None = None
+    apcor_own: float | None = None
+    apcor_own_err: float | None = None
+    zp_per_s: float | None = None
+    transparency_mag: float | None = None
+
+    @classmethod
+    def from_qc(cls, id: int, filter, target, camera, qc: dict) -> Peer:
+        return cls(id, filter, target, camera, qc.get("fwhm_arcsec"), qc.get("apcor_own"),
+                   qc.get("apcor_own_err"), qc.get("zp_per_s"), qc.get("transparency_mag"))
+
+
+@dataclass(frozen=True)
+class NightQuality:
+    best_transparency: float | None  #: the night's best zero point per second (or transparency)
+    fwhm: float | None  #: median FWHM of the filter's other frames (None if fewer than 3)
+
+
+def night_context(peers, *, frame_id: int, filt: str | None, target: str | None, qc: dict,
+                  min_frames: int = 3, own_in_peers: bool = True) -> NightQuality:
+    """What a frame is judged against: the one night-quality context of the engine (each
+    frame as it is reduced) and of finalize (every frame again with the whole night).
+
+    ``peers``: the night's object frames with measurements (:class:`Peer`); the best
+    zero point per second is of the filter (relative photometry: of the target and
+    filter), this frame's own value included; the FWHM is of the filter's other frames.
+    ``own_in_peers`` is only informative (the frame's own old entry, if any, counts for
+    the best transparency as its new ``qc`` does)."""
+    key = "zp_per_s" if qc.get("zp_per_s") is not None else "transparency_mag"
+    same = [p for p in peers if filt is not None and p.filter == filt]
+    values = [getattr(p, key) for p in same
+              if key == "zp_per_s" or (target is not None and p.target == target)]
+    values = [v for v in (*values, qc.get(key)) if v is not None]
+    fwhms = [p.fwhm_arcsec for p in same if p.id != frame_id and p.fwhm_arcsec is not None]
+    return NightQuality(best_transparency=max(values) if values else None,
+                        fwhm=float(np.median(fwhms)) if len(fwhms) >= min_frames else None)
+
+
+def apcor_peers(peers, *, frame_id: int, filt: str | None, camera: str | None) -> list[tuple]:
+    """(apcor_own, apcor_own_err, fwhm_arcsec) of the night's other frames of the filter and
+    camera (:func:`photowatch.stages.sources.pool_aperture_correction`)."""
+    return [(p.apcor_own, p.apcor_own_err, p.fwhm_arcsec) for p in peers
+            if p.id != frame_id and filt is not None and p.filter == filt
+            and camera is not None and p.camera == camera]

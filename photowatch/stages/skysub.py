@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from astropy.stats import mad_std
 
 from photowatch.core.config import SkySub
 from photowatch.core.frame import Frame, Mask
@@ -121,7 +122,7 @@ def _surface(data, mask, order):
     for _ in range(5):
         coef, *_ = np.linalg.lstsq(design[keep], z[keep], rcond=None)
         res = z - design @ coef
-        sig = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
+        sig = mad_std(res[keep])
         new = np.abs(res) < 3 * max(sig, 1e-6)
         if np.array_equal(new, keep):
             break
@@ -164,8 +165,7 @@ def subtract_sky(frame: Frame, *, settings: SkySub, sources: np.ndarray | None =
     if sky.size > 500_000:
         sky = sky[:: sky.size // 500_000]
     if sky.size:
-        med = float(np.median(sky))
-        noise = 1.4826 * float(np.median(np.abs(sky - med)))
+        noise = float(mad_std(sky))
     else:
         noise = float("nan")
     # a master sky already removed most of the sky: report the whole level

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntFlag
 
 import numpy as np
+from astropy.stats import mad_std
 
 from photowatch.core.config import Sources
 from photowatch.core.frame import Frame, Mask
@@ -339,7 +340,7 @@ def _model_apcor(shapes, r_ap: float) -> tuple[float, float]:
     if not vals.size:
         return float("nan"), float("nan")
     med = float(np.median(vals))
-    mad = 1.4826 * float(np.median(np.abs(vals - med)))
+    mad = float(mad_std(vals))
     return med, max(1.2533 * mad / np.sqrt(vals.size), 0.005)
 
 
@@ -368,7 +369,7 @@ def _robust_median(values: np.ndarray, nsigma: float = 3.0) -> tuple[float, np.n
         if keep.sum() < 3:
             break
         med = np.median(values[keep])
-        mad = 1.4826 * np.median(np.abs(values[keep] - med))
+        mad = mad_std(values[keep])
         width = max(nsigma * mad, 0.05 * abs(med))
         keep = keep & (np.abs(values - med) <= width)
     if not keep.any():
@@ -467,7 +468,7 @@ def _aperture_correction(data, mask, var, x, y, r_ap, r_big, fwhm):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no sky, skipped
         for _ in range(3):  # 3-sigma clipping about the median, per star
             med = np.nanmedian(sky_vals, axis=1)
-            sig = 1.4826 * np.nanmedian(np.abs(sky_vals - med[:, None]), axis=1)
+            sig = mad_std(sky_vals, axis=1, ignore_nan=True)
             sky_vals = np.where(np.abs(sky_vals - med[:, None]) <=
                                 3 * np.maximum(sig, 1e-6)[:, None], sky_vals, np.nan)
         enough = np.count_nonzero(np.isfinite(sky_vals), axis=1) >= 20
@@ -490,7 +491,7 @@ def _aperture_correction(data, mask, var, x, y, r_ap, r_big, fwhm):
         return 1.0, 0.0, 0
     g = growth[:, good]
     med = np.median(g, axis=1)
-    mad = 1.4826 * np.median(np.abs(g - med[:, None]), axis=1)
+    mad = mad_std(g, axis=1)
     nk = g.shape[1]
     sem = np.maximum(1.2533 * mad / np.sqrt(nk), 5e-4)
     sem[1] = 1e-4

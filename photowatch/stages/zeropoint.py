@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from astropy.stats import mad_std
 
 from photowatch.core.config import ZeroPoint
 
@@ -121,7 +122,7 @@ def _robust_fit(design, y, w, clip_sigma, max_iter=10):
         coef, *_ = np.linalg.lstsq(design[keep] * sw[:, None], y[keep] * sw, rcond=None)
         res = y - design @ coef
         med = np.median(res[keep])
-        mad = 1.4826 * np.median(np.abs(res[keep] - med))
+        mad = mad_std(res[keep])
         new = np.abs(res - med) <= clip_sigma * max(mad, 1e-4)
         if np.array_equal(new, keep):
             break
@@ -193,7 +194,7 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
     if n < settings.min_stars:
         return ZeroPointResult("failed", n_matched=nmatch, band=band,
                                reason=f"{n} stars left after clipping, need {settings.min_stars}")
-    scatter = 1.4826 * float(np.median(np.abs(res[keep] - np.median(res[keep]))))
+    scatter = float(mad_std(res[keep]))
     formal = float(np.sqrt(1.0 / w[keep].sum()))
     err = max(formal, scatter / math.sqrt(n))
     return ZeroPointResult(

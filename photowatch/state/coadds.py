@@ -18,8 +18,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from photowatch.coadd.stack import (
+    Accumulator,
+    CoaddGrid,
+    coadd_filename,
+    grown_grid,
+    make_grid,
+    resample,
+)
 from photowatch.core.classify import FrameInfo
+from photowatch.core.errors import StageDegraded
+from photowatch.core.frame import Frame
 from photowatch.core.logs import get_logger
+from photowatch.io.previews import save_png
+from photowatch.io.products import read_product
 from photowatch.state.locking import NamedLocks
 
 log = get_logger("photowatch.coadd.stack")
@@ -30,17 +42,38 @@ def member_id(name: str, version: int) -> str:
 
 
 class CoaddBook:
-    def __init__(self, engine):
-        self.engine = engine
-        self.settings = engine.settings.coadd
-        self.root = engine.out / "coadds"
+    """The coadds of one output directory.
+
+    Parameters
+    ----------
+    store, refs
+        the state store and the night's field references (a coadd's MAGZP is ``zpref``'s)
+    settings
+        the ``[coadd]`` settings
+    out
+        the output directory (coadds go to ``out/coadds``)
+    in_background
+        ``fn(callable, *args, **kwargs)``: runs a best-effort side task (a PNG preview)
+    threads
+        threads each resampling may use (:func:`photowatch.core.config.threads_per_worker`)
+    """
+
+    def __init__(self, *, store, refs, settings, out: Path, in_background, threads: int = 1,
+                 lightcurves=None):
+        #: issue 21: the light-curve book (coadd LIMMAG, forced points), or None
+        self.lightcurves = lightcurves
+        self.store = store
+        self.refs = refs
+        self.settings = settings
+        self.in_background = in_background
+        self.threads = threads
+        self.root = Path(out) / "coadds"
         self._accs: dict[tuple, object] = {}
         self._dirty: set[tuple] = set()
         self._locks = NamedLocks()
 
     # ------------------------------------------------------------------ paths and locks
     def path(self, night: str, target: str, filt: str) -> Path:
-        from photowatch.coadd.stack import coadd_filename
 
         return self.root / night / coadd_filename(target, filt)
 
@@ -51,13 +84,12 @@ class CoaddBook:
     # ------------------------------------------------------------------ grid
     def grid(self, night: str, target: str, filt: str, wcs, shape):
         """The night's grid of a coadd: stored, shared by the target's filters, or made now."""
-        from photowatch.coadd.stack import CoaddGrid, make_grid
 
-        row = self.engine.store.coadd(night, target, filt)
+        row = self.store.coadd(night, target, filt)
         if row is not None and row["grid_json"]:
             return CoaddGrid.from_json(row["grid_json"])
         if not self.settings.per_filter_grid:
-            for other in self.engine.store.coadds(night):
+            for other in self.store.coadds(night):
                 if other["target"] == target and other["grid_json"]:
                     return CoaddGrid.from_json(other["grid_json"])
         ny, nx = shape
@@ -66,7 +98,6 @@ class CoaddBook:
                          shape, wcs, self.settings.margin_arcsec)
 
     def _accumulator(self, key: tuple, grid):
-        from photowatch.coadd.stack import Accumulator
 
         acc = self._accs.get(key)
         if acc is not None:
@@ -85,9 +116,7 @@ class CoaddBook:
         if acc is None:
             acc = Accumulator(grid, backing=self._backing(path))
             # a fresh accumulator: every frame of this coadd must be added again
-            self.engine.store.conn.execute(
-                "UPDATE frames SET coadd='pending' WHERE night=? AND target=? AND filter=? AND "
-                "coadd IN ('added', 'adding')", key)
+            self.store.readd_to_coadd(*key)
         self._accs[key] = acc
         return acc
 
@@ -97,12 +126,9 @@ class CoaddBook:
 
     def _resample(self, sci, var, mask, wcs, grid):
         """The frame on the grid (data only: the quick-look sums need no variance)."""
-        from photowatch.coadd.stack import resample
-        from photowatch.run.engine import threads_per_worker
 
         return resample(sci, None, mask, wcs, grid, step_px=self.settings.mapping_step_px,
-                        interpolation=self.settings.interpolation,
-                        workers=threads_per_worker(self.engine.settings))
+                        interpolation=self.settings.interpolation, workers=self.threads)
 
     # ------------------------------------------------------------------ updates
     def remove_old(self, row) -> None:
@@ -115,13 +141,12 @@ class CoaddBook:
         with self.lock(key):
             if key not in self._accs and not path.exists():
                 return
-            grid = self.grid(*key, None, None) if self.engine.store.coadd(*key) else None
+            grid = self.grid(*key, None, None) if self.store.coadd(*key) else None
             if grid is None:
                 return
             acc = self._accumulator(key, grid)
             if old not in acc:
                 return
-            from photowatch.io.products import read_product
 
             prod = read_product(row["product"])
             wcs = _wcs(prod.header)
@@ -129,7 +154,7 @@ class CoaddBook:
             acc.remove(old, res)
             # written with the new version's addition (or by flush, if it is not stacked)
             self._dirty.add(key)
-            self.engine.store.update_frame(row["id"], coadd="pending")
+            self.store.update_frame(row["id"], coadd="pending")
             log.info("coadd_swap_out", file=row["raw_name"], coadd=path.name,
                      action="old version removed; the new one follows")
 
@@ -157,15 +182,14 @@ class CoaddBook:
             skynoise = qc.get("skynoise_e")
             flx = qc.get("flxscale")
             if not (skynoise and skynoise > 0 and flx and flx > 0):
-                self.engine.store.update_frame(row["id"], coadd="excluded")
+                self.store.update_frame(row["id"], coadd="excluded")
                 return False
-            from photowatch.core.errors import StageDegraded
 
             try:
                 res = self._resample(frame.sci, frame.var, frame.mask, wcs, grid)
             except StageDegraded as exc:  # the frame misses the night's grid of its target
-                self.engine.store.update_frame(row["id"], coadd="excluded")
-                self.engine.store.event("coadd_skipped", frame_id=row["id"],
+                self.store.update_frame(row["id"], coadd="excluded")
+                self.store.event("coadd_skipped", frame_id=row["id"],
                                         file=row["raw_name"], level="warning",
                                         message=str(exc), action="left out of the coadd")
                 log.warning("coadd_skipped", file=row["raw_name"], problem=str(exc),
@@ -183,7 +207,6 @@ class CoaddBook:
     def covering(self, grid, wcs, shape, raw_name: str):
         """:func:`photowatch.coadd.stack.grown_grid` with the coadd settings: (grid, dy, dx), or
         None when ``grid`` covers the frame or the frame is too far off (said in the log)."""
-        from photowatch.coadd.stack import grown_grid
 
         try:
             return grown_grid(grid, wcs, shape, self.settings.margin_arcsec, 4 * max(shape))
@@ -205,7 +228,7 @@ class CoaddBook:
         return grid
 
     def _mark_added(self, key, acc, frame_id) -> None:
-        self.engine.store.update_frame(frame_id, coadd="added")
+        self.store.update_frame(frame_id, coadd="added")
 
     def _write(self, key: tuple, acc, *, grid=None, frame_updates=None) -> None:
         self._dirty.discard(key)
@@ -218,18 +241,17 @@ class CoaddBook:
         # cut loses it the engine rebuilds it from the reduced frames (its members are
         # queued again when the file is unreadable)
         # issue 21: LIMMAG into the header, forced photometry at the targets (after the row)
-        book = getattr(self.engine, "lightcurves", None)
+        book = self.lightcurves
         depth = book.coadd_hook(key, acc, header, magzp) if book is not None else {}
         acc.write(path, magzp=magzp, header_extra=header, fsync=False)
         png = None
         if self.settings.quicklook_png:
-            from photowatch.io.previews import save_png
 
             png = path.with_suffix(".png")
             sci = acc.images(byteorder=">")[0].copy()  # later adds change the cache
-            self.engine.in_background(save_png, sci, png, max_size=1024)
+            self.in_background(save_png, sci, png, max_size=1024)
         members = sorted(acc.members)
-        self.engine.store.upsert_coadd(
+        self.store.upsert_coadd(
             night=night, target=target, filter=filt, path=str(path), stacktype="QUICKLOOK",
             ncombine=len(acc), exptime=acc.exptime_s, magzp=magzp,
             grid=(grid or acc.grid).to_dict(), members=members,
@@ -238,7 +260,7 @@ class CoaddBook:
             book.after_coadd(key, acc, path, magzp, depth)
 
     def _magzp(self, key: tuple) -> float | None:
-        ref = self.engine.refs.get(key[0], key[1], key[2], "zpref")
+        ref = self.refs.get(key[0], key[1], key[2], "zpref")
         if ref is not None and "zp" in ref.meta:
             return float(ref.meta["zp"])
         return None
@@ -246,25 +268,14 @@ class CoaddBook:
     # ------------------------------------------------------------------ pending
     def process_pending(self, nights=None) -> bool:
         """Add one frame whose coadd update was interrupted (crash, restart); False if none."""
-        store = self.engine.store
-        where = "state='reduced' AND coadd='pending' AND accepted=1"
-        args: tuple = ()
-        if nights:
-            where += f" AND night IN ({','.join('?' * len(nights))})"
-            args = tuple(nights)
-        with store.transaction() as conn:
-            row = conn.execute(f"SELECT * FROM frames WHERE {where} ORDER BY obs_time LIMIT 1",
-                               args).fetchone()
-            if row is None:
-                return False
-            conn.execute("UPDATE frames SET coadd='adding' WHERE id=? AND coadd='pending'",
-                         (row["id"],))
+        store = self.store
+        row = store.claim_coadd_pending(nights)
+        if row is None:
+            return False
         try:
-            from photowatch.io.products import read_product
 
             info = FrameInfo.from_summary(json.loads(row["info_json"]))
             prod = read_product(row["product"])
-            from photowatch.core.frame import Frame
 
             frame = Frame(prod.sci, prod.var, prod.mask, prod.header, info)
             qc = json.loads(row["qc_json"] or "{}")

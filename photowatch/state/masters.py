@@ -36,6 +36,7 @@ from photowatch import __version__
 from photowatch.calib.bpm import bad_pixel_mask
 from photowatch.calib.combine import RunningMean, clipped_median_stack, robust_level
 from photowatch.calib.cuts import judge
+from photowatch.calib.ptc import photon_transfer
 from photowatch.calib.select import Candidate, is_better, select_master
 from photowatch.core.classify import FrameInfo, safe_name
 from photowatch.core.config import Settings
@@ -44,8 +45,9 @@ from photowatch.core.frame import MasterImage
 from photowatch.core.instruments import Profile
 from photowatch.core.logs import get_logger
 from photowatch.io.fits import read_raw, save_npz, write_hdul
-from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons
+from photowatch.stages.prepare import Electrons, subtract_masters, to_electrons, trim_slices
 from photowatch.state.locking import NamedLocks
+from photowatch.state.store import NOT_NULL, Not, contains
 
 KINDS = ("bias", "dark", "flat")
 #: reason of frames waiting (``watch``) for their night's gain and read noise to be measured
@@ -177,6 +179,7 @@ class MasterBook:
         self._locks = NamedLocks()
         self._images = _LRU(8)
         self._images_guard = threading.Lock()
+        self._missing: set[str] = set()  # master files found missing (said once each)
         self._bpms = _LRU(4)
         #: accumulators in memory, by state file: (mtime, RunningMean, meta)
         # one accumulator state in memory (the key of the frame just added): four 4k keys
@@ -223,10 +226,23 @@ class MasterBook:
                          master_id=row["id"], target=row["target"])
 
     def candidates(self, kind: str, info: FrameInfo) -> list[Candidate]:
-        rows = self.store.masters("kind=? AND camera=? AND binning=? AND readout=?",
-                                  (kind, info.camera, info.binning, info.readout))
-        return [self.candidate_from_row(r) for r in rows] + [
+        rows = self.store.masters(kind=kind, camera=info.camera, binning=info.binning,
+                                  readout=info.readout)
+        return [c for c in map(self.candidate_from_row, rows) if self._on_disk(c)] + [
             c for c in self.library() if c.kind == kind]
+
+    def _on_disk(self, cand: Candidate) -> bool:
+        """A master the store records but whose file is gone (an OUT folder moved or pruned,
+        a store carried to another machine) is not a candidate: frames take the next best
+        master or wait, instead of failing on a missing file. Said once per master."""
+        if os.path.exists(cand.path):
+            return True
+        if cand.path not in self._missing:
+            self._missing.add(cand.path)
+            log.warning("master_missing", file=cand.path, master_id=cand.master_id,
+                        problem="recorded in the store but the file is missing",
+                        action="not used; frames take the next best master")
+        return False
 
     def select(self, kind: str, info: FrameInfo, target: str = "") -> Candidate | None:
         return select_master(
@@ -370,12 +386,9 @@ class MasterBook:
         if m and m.get("gain"):
             return info.night, m
         prefix = self._ptc_key(info, "")
-        rows = self.store.conn.execute("SELECT key, value FROM meta WHERE key LIKE ?",
-                                       (prefix + "%",)).fetchall()
         others = []
-        for row in rows:
-            value = json.loads(row[1])
-            night = row[0][len(prefix):]
+        for mkey, value in self.store.meta_with_prefix(prefix).items():
+            night = mkey[len(prefix):]
             if value and value.get("gain") and night != info.night:
                 age = abs((datetime.fromisoformat(night) -
                            datetime.fromisoformat(info.night)).days)
@@ -404,19 +417,15 @@ class MasterBook:
         return None
 
     def _n_calib(self, info: FrameInfo) -> int:
-        return self.store.conn.execute(
-            "SELECT COUNT(*) FROM frames WHERE instrument=? AND camera=? AND binning=? AND "
-            "readout=? AND night=? AND kind IN ('bias','flat')",
-            (info.instrument, info.camera, info.binning, info.readout, info.night)).fetchone()[0]
+        return self.store.count_frames(instrument=info.instrument, camera=info.camera,
+                                       binning=info.binning, readout=info.readout,
+                                       night=info.night, kind=("bias", "flat"))
 
     def _measure(self, info: FrameInfo, key: str) -> dict:
-        from photowatch.calib.ptc import photon_transfer
-        from photowatch.stages.prepare import trim_slices
-
         rows = self.store.frames(
-            "instrument=? AND camera=? AND binning=? AND readout=? AND night=? AND "
-            "kind IN ('bias','flat') AND state NOT IN ('quarantined','ignored')",
-            (info.instrument, info.camera, info.binning, info.readout, info.night))
+            instrument=info.instrument, camera=info.camera, binning=info.binning,
+            readout=info.readout, night=info.night, kind=("bias", "flat"),
+            state=Not(("quarantined", "ignored")))
         biases, flats = [], []
         for row in rows:
             if (row["kind"] == "bias" and len(biases) >= 6) or (
@@ -462,10 +471,9 @@ class MasterBook:
 
     def _record_measured(self, info: FrameInfo) -> None:
         """Put the measured numbers into the info of the group's frame rows."""
-        rows = self.store.frames("instrument=? AND camera=? AND binning=? AND readout=? AND "
-                                 "night=? AND info_json IS NOT NULL",
-                                 (info.instrument, info.camera, info.binning, info.readout,
-                                  info.night))
+        rows = self.store.frames(instrument=info.instrument, camera=info.camera,
+                                 binning=info.binning, readout=info.readout, night=info.night,
+                                 info_json=NOT_NULL)
         for row in rows:
             finfo = FrameInfo.from_summary(json.loads(row["info_json"]))
             new = self.detector_numbers(finfo)
@@ -525,17 +533,13 @@ class MasterBook:
         self._states[path] = (path.stat().st_mtime_ns, acc, json.loads(json.dumps(meta)))
 
     def _next_version(self, key: MasterKey) -> int:
-        row = self.store.conn.execute(
-            "SELECT MAX(version) FROM masters WHERE kind=? AND camera=? AND filter=? AND "
-            "binning=? AND readout=? AND target=? AND night=?",
-            (key.kind, key.camera, key.filter, key.binning, key.readout, key.target,
-             key.night)).fetchone()
-        return (row[0] or 0) + 1
+        return self.store.next_master_version(
+            kind=key.kind, camera=key.camera, filter=key.filter, binning=key.binning,
+            readout=key.readout, target=key.target, night=key.night)
 
     def _master_paths(self, key: MasterKey, version: int) -> tuple[Path, Path]:
-        rows = self.store.masters(
-            "kind=? AND camera=? AND filter=? AND target=? AND night=?",
-            (key.kind, key.camera, key.filter, key.target, key.night))
+        rows = self.store.masters(kind=key.kind, camera=key.camera, filter=key.filter,
+                                  target=key.target, night=key.night)
         same = [r for r in rows if r["binning"] == key.binning and r["readout"] == key.readout]
         other = [r for r in rows if not (r["binning"] == key.binning
                                          and r["readout"] == key.readout)]
@@ -564,8 +568,8 @@ class MasterBook:
         current, versioned = self._master_paths(key, version)
         ninputs = len(inputs)
         provisional = (not final) and ninputs < self.cal.min_inputs
-        names = {r["id"]: r["raw_name"] for r in self.store.frames(
-            f"id IN ({','.join('?' * len(inputs))})", tuple(inputs))} if inputs else {}
+        names = {r["id"]: r["raw_name"] for r in self.store.frames(id=list(inputs))
+                 } if inputs else {}
         header = {"PWKIND": key.kind, "CAMERA": key.camera, "FILTER": key.filter or None,
                   "TARGET": key.target or None, "BINNING": key.binning,
                   "READOUT": key.readout or None, "NIGHT": key.night, "VERSION": version,
@@ -585,10 +589,9 @@ class MasterBook:
             ninputs=ninputs, inputs=inputs, path=str(versioned), provisional=provisional,
             final=final, obs_time=obs_time, method=method, stats=stats,
             frame_updates=frame_updates)
-        row = self.store.masters(
-            "kind=? AND camera=? AND filter=? AND binning=? AND readout=? AND target=? AND "
-            "night=? AND version=?", (key.kind, key.camera, key.filter, key.binning,
-                                      key.readout, key.target, key.night, version))[0]
+        row = self.store.masters(kind=key.kind, camera=key.camera, filter=key.filter,
+                                 binning=key.binning, readout=key.readout, target=key.target,
+                                 night=key.night, version=version)[0]
         self._prune(key, version)
         return self.candidate_from_row(row)
 
@@ -599,9 +602,7 @@ class MasterBook:
         current, _ = self._master_paths(key, version)
         for old in range(1, version - keep + 1):
             _, path = self._master_paths(key, old)
-            used = self.store.conn.execute(
-                "SELECT 1 FROM frames WHERE masters_json LIKE ? LIMIT 1",
-                (f'%{path.name}%',)).fetchone()
+            used = self.store.count_frames(masters_json=contains(path.name))
             if not used:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -663,13 +664,12 @@ class MasterBook:
         """Mark frames reduced with a worse master of ``cand``'s key as stale."""
         if self.cal.rereduce == "never":
             return 0
-        where = "night=? AND camera=? AND binning=? AND readout=? AND kind='object'"
-        args: tuple = (cand.night, cand.camera, cand.binning, cand.readout)
+        group = dict(night=cand.night, camera=cand.camera, binning=cand.binning,
+                     readout=cand.readout, kind="object")
         if cand.kind in ("flat", "sky"):
-            where += " AND filter=?"
-            args += (cand.filter,)
-        rows = self.store.frames(f"state IN ('reduced', 'rejected') AND product IS NOT NULL "
-                                 f"AND stale=0 AND {where}", args)
+            group["filter"] = cand.filter
+        rows = self.store.frames(state=("reduced", "rejected"), product=NOT_NULL, stale=0,
+                                 **group)
         when = self.cal.stale_when if cand.kind != "sky" else [
             w for w in self.cal.stale_when if w != "inputs_doubled"]
         stale = []
@@ -685,8 +685,7 @@ class MasterBook:
             return 0
         what = f"{cand.kind} {Path(cand.path).name} v{cand.version}" + (
             " (final)" if cand.final else "")
-        return self.store.mark_stale(f"id IN ({','.join('?' * len(stale))})", tuple(stale),
-                                     f"better master: {what}")
+        return self.store.mark_stale(stale, f"better master: {what}")
 
     # ------------------------------------------------------------------ final
     def final_masters(self, night: str, progress: Callable[[str], None] | None = None,
@@ -714,8 +713,7 @@ class MasterBook:
         inputs = json.loads(row["inputs_json"] or "[]")
         if not inputs:
             return None
-        frames = {r["id"]: r for r in self.store.frames(
-            f"id IN ({','.join('?' * len(inputs))})", tuple(inputs))}
+        frames = {r["id"]: r for r in self.store.frames(id=list(inputs))}
         scratch_dir = Path(scratch or (self.out / "tmp")) / f"final-{key.slug(long=True)}"
         scratch_dir.mkdir(parents=True, exist_ok=True)
         files = []

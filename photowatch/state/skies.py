@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photowatch.calib.drift import block_mean
 from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Settings
 from photowatch.core.frame import MasterImage
@@ -49,24 +50,36 @@ class SkyBook:
         self._cache[key.text] = acc
         return acc
 
-    def add_and_get(self, member: str, info: FrameInfo, pattern: SkyPattern,
-                    pointing: tuple[float, float]) -> MasterImage | None:
-        """Add a frame's pattern (once) and return the master sky without it, if usable."""
+    def view(self, member: str, info: FrameInfo, pattern: SkyPattern) -> MasterImage | None:
+        """The master sky without ``member`` (whose ``pattern`` is given), if usable; reads
+        only. The accumulator stays cached until :meth:`add` (the frame's next step) takes
+        its contribution, so the state file is read once per frame."""
         if not self.settings.enabled:
             return None
         key = self.key(info)
         with self.book.lock(key.slug(long=True), key.night):
             acc = self._load(key)
-            if acc.add(member, pattern, pointing):
+            usable = acc.n_dithered(self.settings.min_dither_arcsec, exclude=member)
+            if usable < self.settings.min_frames:
+                return None
+            n = len(acc.members) - (1 if member in acc.members else 0)
+            return acc.master(exclude=member, pattern=pattern, label=f"{key.slug()} (n={n})")
+
+    def add(self, member: str, info: FrameInfo, pattern: SkyPattern,
+            pointing: tuple[float, float]) -> bool:
+        """Add a frame's pattern to its accumulator (once); True if it was added now."""
+        if not self.settings.enabled:
+            return False
+        key = self.key(info)
+        with self.book.lock(key.slug(long=True), key.night):
+            acc = self._load(key)
+            added = acc.add(member, pattern, pointing)
+            if added:
                 save_npz(self._path(key), fsync=False, **acc.state())
             # not kept between frames: the state file (written above) is the accumulator,
             # and two 4k filters' sums held for the night cost 320 MB (issue 23)
             self._cache.pop(key.text, None)
-            usable = acc.n_dithered(self.settings.min_dither_arcsec, exclude=member)
-            if usable < self.settings.min_frames:
-                return None
-            return acc.master(exclude=member, pattern=pattern,
-                              label=f"{key.slug()} (n={len(acc.members) - 1})")
+            return added
 
     def _used_path(self, key: MasterKey, member: str) -> Path:
         return self.book.root / key.night / ".state" / "skyused" / key.slug(long=True) / \
@@ -77,8 +90,6 @@ class SkyBook:
 
         finalize compares them with the final sky to decide whether the frame
         needs re-reducing (:mod:`photowatch.calib.drift`)."""
-        from photowatch.calib.drift import block_mean
-
         path = self._used_path(self.key(info), member)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -97,8 +108,6 @@ class SkyBook:
     def final_sky(self, info: FrameInfo) -> tuple[SkyAccumulator, np.ndarray] | None:
         """The night's sky accumulator of ``info``'s key and the block means of its master
         sky (all members), or None when there is none."""
-        from photowatch.calib.drift import block_mean
-
         path = self._path(self.key(info))
         if not path.exists():
             return None
@@ -128,16 +137,14 @@ class SkyBook:
                 acc = SkyAccumulator.from_state({k: z[k] for k in z.files})
             if not acc.members:
                 continue
-            rows = self.book.store.frames(
-                f"name IN ({','.join('?' * len(acc.members))})", tuple(acc.members))
+            rows = self.book.store.frames(name=list(acc.members))
             if not rows:
                 continue
             info = FrameInfo.from_summary(json.loads(rows[0]["info_json"]))
             key = self.key(info)
             existing = self.book.store.masters(
-                "kind='sky' AND camera=? AND filter=? AND binning=? AND readout=? AND target=? "
-                "AND night=? AND final=1", (key.camera, key.filter, key.binning, key.readout,
-                                            key.target, key.night))
+                kind="sky", camera=key.camera, filter=key.filter, binning=key.binning,
+                readout=key.readout, target=key.target, night=key.night, final=1)
             if existing and existing[-1]["ninputs"] == len(acc.members):
                 continue
             if acc.n_dithered(self.settings.min_dither_arcsec) < self.settings.min_frames:

@@ -7,6 +7,11 @@ state changes are compare-and-set (``UPDATE ... WHERE state IN (...)``), so two
 workers can never both take a frame; every state change and every error is
 also written to the ``events`` table.
 
+The store is sealed: this is the only module with SQL. Callers use named methods or
+keyword filters on column names (``frames(kind="object", product=NOT_NULL)``), never
+WHERE text. Tables are created and rows inserted/upserted with sqlite-utils; the schema
+version is ``PRAGMA user_version`` and an older store is migrated when opened.
+
 Frame states::
 
     received ─► processing ─► used | reduced | rejected | quarantined | ignored
@@ -46,8 +51,6 @@ REQUEUABLE = ("quarantined", "rejected", "held", "ignored")
 #: order in which queued frames are taken: calibrations first, then objects
 KIND_PRIORITY = {"bias": 0, "dark": 1, "flat": 2, "object": 3}
 
-SCHEMA_VERSION = 2
-
 #: owner tokens of the stores opened by this process (a restarted daemon may get the pid of
 #: the one that died, e.g. as PID 1 in a container: the token, not the pid, tells them apart)
 _LIVE_OWNERS: set[str] = set()
@@ -61,169 +64,155 @@ def _json(value) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, default=str)
 
 
+# ---------------------------------------------------------------------------- filters
+# Callers select rows with keyword filters on column names, never with SQL text:
+#   store.frames(night=n, kind="object", product=NOT_NULL, state=("reduced", "rejected"))
+# A scalar is ``col = ?``, a list/tuple/set ``col IN (...)``, ``Not(...)`` ``col NOT IN``,
+# ``NULL``/``NOT_NULL`` ``IS [NOT] NULL``, ``Like(pattern)`` ``col LIKE ?`` (see
+# ``startswith``/``contains``). Column names are checked against the table.
+
+class _Null:
+    def __init__(self, negate: bool):
+        self.negate = negate
+
+    def __repr__(self) -> str:
+        return "NOT_NULL" if self.negate else "NULL"
+
+
+NULL = _Null(False)
+NOT_NULL = _Null(True)
+
+
+class Not(tuple):
+    """``col=Not(("a", "b"))``: ``col NOT IN ('a', 'b')``."""
+
+
+class Like(str):
+    """``col=Like("pattern%")``: ``col LIKE 'pattern%'``."""
+
+
+def startswith(prefix: str) -> Like:
+    return Like(prefix + "%")
+
+
+def contains(text: str) -> Like:
+    return Like(f"%{text}%")
+
+
+def _clause(column: str, value) -> tuple[str, list]:
+    if isinstance(value, _Null):
+        return f"{column} IS {'NOT ' if value.negate else ''}NULL", []
+    if isinstance(value, Like):
+        return f"{column} LIKE ?", [str(value)]
+    if isinstance(value, Not):
+        return (f"{column} NOT IN ({','.join('?' * len(value))})", list(value)) if value \
+            else ("1=1", [])
+    if isinstance(value, list | tuple | set | frozenset):
+        value = list(value)
+        return (f"{column} IN ({','.join('?' * len(value))})", value) if value else ("0", [])
+    if value is None:
+        raise TypeError(f"filter {column}=None: say NULL or NOT_NULL")
+    if isinstance(value, bool):
+        value = int(value)
+    return f"{column} = ?", [value]
+
+
 # ---------------------------------------------------------------------------- schema
 
-_SCHEMA_V1 = """
-CREATE TABLE frames (
-    id INTEGER PRIMARY KEY,
-    sha256 TEXT NOT NULL UNIQUE,
-    path TEXT NOT NULL,
-    raw_name TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    name TEXT UNIQUE,
-    instrument TEXT,
-    kind TEXT,
-    camera TEXT,
-    filter TEXT,
-    exptime REAL,
-    obs_time TEXT,
-    night TEXT,
-    target TEXT,
-    binning TEXT,
-    readout TEXT,
-    info_json TEXT,
-    header_json TEXT,
-    state TEXT NOT NULL,
-    reason TEXT,
-    owner TEXT,
-    tries INTEGER NOT NULL DEFAULT 0,
-    product TEXT,
-    product_version INTEGER NOT NULL DEFAULT 0,
-    quicklook TEXT,
-    masters_json TEXT,
-    stale INTEGER NOT NULL DEFAULT 0,
-    stale_reason TEXT,
-    provisional INTEGER NOT NULL DEFAULT 0,
-    qc_json TEXT,
-    accepted INTEGER,
-    coadd TEXT,
-    arrived_at TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    started_at TEXT,
-    finished_at TEXT,
-    updated_at TEXT NOT NULL
-);
-CREATE INDEX frames_state ON frames(state, kind, obs_time);
-CREATE INDEX frames_night ON frames(night, kind);
-CREATE TABLE files (
-    path TEXT PRIMARY KEY,
-    sha256 TEXT NOT NULL,
-    frame_id INTEGER NOT NULL REFERENCES frames(id),
-    size INTEGER NOT NULL,
-    mtime REAL,
-    duplicate INTEGER NOT NULL DEFAULT 0,
-    seen_at TEXT NOT NULL
-);
-CREATE TABLE masters (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    camera TEXT NOT NULL,
-    filter TEXT NOT NULL DEFAULT '',
-    binning TEXT NOT NULL,
-    readout TEXT NOT NULL DEFAULT '',
-    target TEXT NOT NULL DEFAULT '',
-    night TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    ninputs INTEGER NOT NULL,
-    inputs_json TEXT,
-    path TEXT NOT NULL,
-    provisional INTEGER NOT NULL,
-    final INTEGER NOT NULL DEFAULT 0,
-    obs_time TEXT,
-    method TEXT,
-    stats_json TEXT,
-    created_at TEXT NOT NULL,
-    UNIQUE(kind, camera, filter, binning, readout, target, night, version)
-);
-CREATE INDEX masters_key ON masters(kind, camera, binning, filter);
-CREATE TABLE coadds (
-    id INTEGER PRIMARY KEY,
-    night TEXT NOT NULL,
-    target TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    path TEXT NOT NULL,
-    stacktype TEXT NOT NULL,
-    ncombine INTEGER NOT NULL DEFAULT 0,
-    exptime REAL,
-    magzp REAL,
-    grid_json TEXT,
-    members_json TEXT,
-    catalog TEXT,
-    quicklook TEXT,
-    stats_json TEXT,
-    outdated INTEGER NOT NULL DEFAULT 0,
-    updated_at TEXT NOT NULL,
-    UNIQUE(night, target, filter)
-);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY,
-    time TEXT NOT NULL,
-    frame_id INTEGER,
-    file TEXT,
-    level TEXT NOT NULL,
-    event TEXT NOT NULL,
-    state_from TEXT,
-    state_to TEXT,
-    stage TEXT,
-    error_class TEXT,
-    message TEXT,
-    action TEXT,
-    owner TEXT
-);
-CREATE INDEX events_frame ON events(frame_id);
-CREATE TABLE processes (
-    owner TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    command TEXT,
-    started_at TEXT NOT NULL,
-    heartbeat REAL NOT NULL,
-    status TEXT
-);
-CREATE TABLE meta (
-    key TEXT PRIMARY KEY,
-    value TEXT
-);
-"""
+# The schema is built with sqlite-utils, one function per version. A store written by an
+# older release (``PRAGMA user_version`` = its version) runs the later steps when opened;
+# a step, once released, never changes (tests/fixtures/state-v1.sqlite is a v1 store).
+TEXT, INT, REAL = str, int, float
 
-#: issue 21 (lane live): forced photometry at targets (one row per target and frame, or per
-#: target and coadd: ``key`` is the frame's name or "coadd:<filter>"), the coadds' depth
-_SCHEMA_LIVE = """
-CREATE TABLE forced (
-    id INTEGER PRIMARY KEY,
-    night TEXT NOT NULL,
-    target TEXT NOT NULL,
-    key TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    frame_id INTEGER,
-    filter TEXT,
-    mjd REAL,
-    mjd_start REAL,
-    mjd_end REAL,
-    exptime REAL,
-    ra REAL,
-    dec REAL,
-    x REAL,
-    y REAL,
-    flux REAL,
-    fluxerr REAL,
-    snr REAL,
-    mag REAL,
-    magerr REAL,
-    limmag REAL,
-    uplim REAL,
-    detected INTEGER,
-    flags INTEGER,
-    source TEXT,
-    product TEXT,
-    updated_at TEXT NOT NULL,
-    UNIQUE(night, target, key)
-);
-CREATE INDEX forced_night_target ON forced(night, target);
-ALTER TABLE coadds ADD COLUMN limmag REAL
-"""
 
-MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_LIVE]
+def _schema_v1(db: sqlite_utils.Database) -> None:
+    """The tables of the first release (frames, files, masters, coadds, events, processes,
+    meta), as they were written by raw DDL until the store moved to sqlite-utils."""
+    db["frames"].create(
+        {"id": INT, "sha256": TEXT, "path": TEXT, "raw_name": TEXT, "size": INT, "name": TEXT,
+         "instrument": TEXT, "kind": TEXT, "camera": TEXT, "filter": TEXT, "exptime": REAL, "obs_time": TEXT,
+         "night": TEXT, "target": TEXT, "binning": TEXT, "readout": TEXT, "info_json": TEXT,
+         "header_json": TEXT, "state": TEXT, "reason": TEXT, "owner": TEXT, "tries": INT, "product": TEXT,
+         "product_version": INT, "quicklook": TEXT, "masters_json": TEXT, "stale": INT,
+         "stale_reason": TEXT, "provisional": INT, "qc_json": TEXT, "accepted": INT, "coadd": TEXT,
+         "arrived_at": TEXT, "received_at": TEXT, "started_at": TEXT, "finished_at": TEXT,
+         "updated_at": TEXT},
+        pk="id",
+        not_null=["sha256", "path", "raw_name", "size", "state", "tries", "product_version",
+                  "stale", "provisional", "arrived_at", "received_at", "updated_at"],
+        defaults={"tries": 0, "product_version": 0, "stale": 0, "provisional": 0})
+    db["frames"].create_index(["sha256"], unique=True)
+    db["frames"].create_index(["name"], unique=True)
+    db["frames"].create_index(["state", "kind", "obs_time"], index_name="frames_state")
+    db["frames"].create_index(["night", "kind"], index_name="frames_night")
+    db["files"].create(
+        {"path": TEXT, "sha256": TEXT, "frame_id": INT, "size": INT, "mtime": REAL, "duplicate": INT,
+         "seen_at": TEXT},
+        pk="path", foreign_keys=[("frame_id", "frames", "id")],
+        not_null=["sha256", "frame_id", "size", "duplicate", "seen_at"],
+        defaults={"duplicate": 0})
+    db["masters"].create(
+        {"id": INT, "kind": TEXT, "camera": TEXT, "filter": TEXT, "binning": TEXT, "readout": TEXT,
+         "target": TEXT, "night": TEXT, "version": INT, "ninputs": INT, "inputs_json": TEXT, "path": TEXT,
+         "provisional": INT, "final": INT, "obs_time": TEXT, "method": TEXT, "stats_json": TEXT,
+         "created_at": TEXT},
+        pk="id",
+        not_null=["kind", "camera", "filter", "binning", "readout", "target", "night",
+                  "version", "ninputs", "path", "provisional", "final", "created_at"],
+        defaults={"filter": "", "readout": "", "target": "", "final": 0})
+    db["masters"].create_index(["kind", "camera", "filter", "binning", "readout", "target",
+                                "night", "version"], unique=True)
+    db["masters"].create_index(["kind", "camera", "binning", "filter"],
+                               index_name="masters_key")
+    db["coadds"].create(
+        {"id": INT, "night": TEXT, "target": TEXT, "filter": TEXT, "path": TEXT, "stacktype": TEXT,
+         "ncombine": INT, "exptime": REAL, "magzp": REAL, "grid_json": TEXT, "members_json": TEXT,
+         "catalog": TEXT, "quicklook": TEXT, "stats_json": TEXT, "outdated": INT, "updated_at": TEXT},
+        pk="id",
+        not_null=["night", "target", "filter", "path", "stacktype", "ncombine", "outdated",
+                  "updated_at"],
+        defaults={"ncombine": 0, "outdated": 0})
+    db["coadds"].create_index(["night", "target", "filter"], unique=True)
+    db["events"].create(
+        {"id": INT, "time": TEXT, "frame_id": INT, "file": TEXT, "level": TEXT, "event": TEXT,
+         "state_from": TEXT, "state_to": TEXT, "stage": TEXT, "error_class": TEXT, "message": TEXT,
+         "action": TEXT, "owner": TEXT},
+        pk="id", not_null=["time", "level", "event"])
+    db["events"].create_index(["frame_id"], index_name="events_frame")
+    db["processes"].create(
+        {"owner": TEXT, "host": TEXT, "pid": INT, "command": TEXT, "started_at": TEXT, "heartbeat": REAL,
+         "status": TEXT},
+        pk="owner", not_null=["host", "pid", "started_at", "heartbeat"])
+    db["meta"].create({"key": TEXT, "value": TEXT}, pk="key")
+
+
+def _schema_v2(db: sqlite_utils.Database) -> None:
+    """An index on ``files(frame_id)``: the paths of a frame (its duplicates, the file a
+    re-read replaces) are looked up by frame, which scanned the whole table before."""
+    db["files"].create_index(["frame_id"], index_name="files_frame", if_not_exists=True)
+
+
+def _schema_v3(db: sqlite_utils.Database) -> None:
+    """Issue 21 (lane live): forced photometry at targets, one row per night, target and
+    frame (``key`` = the frame's name) or quick-look coadd (``key`` = ``coadd:<filter>``):
+    a re-reduction or a coadd update replaces its point; and each coadd's depth."""
+    db["forced"].create({
+        "id": int, "night": str, "target": str, "key": str, "kind": str, "frame_id": int,
+        "filter": str, "mjd": float, "mjd_start": float, "mjd_end": float, "exptime": float,
+        "ra": float, "dec": float, "x": float, "y": float, "flux": float, "fluxerr": float,
+        "snr": float, "mag": float, "magerr": float, "limmag": float, "uplim": float,
+        "detected": int, "flags": int, "source": str, "product": str, "updated_at": str,
+    }, pk="id", not_null={"night", "target", "key", "kind", "updated_at"}, if_not_exists=True)
+    db["forced"].create_index(["night", "target", "key"], index_name="forced_key",
+                              unique=True, if_not_exists=True)
+    db["forced"].create_index(["night", "target"], index_name="forced_night_target",
+                              if_not_exists=True)
+    if "limmag" not in db["coadds"].columns_dict:
+        db["coadds"].add_column("limmag", float)
+
+
+MIGRATIONS = [_schema_v1, _schema_v2, _schema_v3]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class Store:
@@ -307,25 +296,56 @@ class Store:
                     f"({len(MIGRATIONS)}); upgrade photowatch"
                 )
             for version in range(current, len(MIGRATIONS)):
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                MIGRATIONS[version](self.db)
                 conn.execute(f"PRAGMA user_version={version + 1}")
 
     @property
     def schema_version(self) -> int:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
+    def _update(self, table: str, pk, values: dict) -> bool:
+        """Set columns of one row (sqlite-utils); False if there is no such row."""
+        try:
+            self.db[table].update(pk, values)
+        except sqlite_utils.db.NotFoundError:
+            return False
+        return True
+
+    def _columns(self, table: str) -> frozenset[str]:
+        cache = self.__dict__.setdefault("_column_cache", {})
+        if table not in cache:
+            cache[table] = frozenset(self.db[table].columns_dict)
+        return cache[table]
+
+    def _where(self, table: str, filters: dict, *extra: str) -> tuple[str, list]:
+        """SQL condition and arguments for keyword ``filters`` (see ``_clause``)."""
+        columns = self._columns(table)
+        parts, args = list(extra), []
+        for column, value in filters.items():
+            if column not in columns:
+                raise ValueError(f"{table} has no column {column!r}")
+            sql, more = _clause(column, value)
+            parts.append(sql)
+            args += more
+        return " AND ".join(f"({p})" for p in parts) or "1=1", args
+
+    def _order(self, table: str, order: str) -> str:
+        columns = self._columns(table)
+        for part in order.split(","):
+            words = part.split()
+            if not (1 <= len(words) <= 2 and words[0] in columns
+                    and (len(words) == 1 or words[1].upper() in ("ASC", "DESC"))):
+                raise ValueError(f"cannot order {table} by {order!r}")
+        return order
+
     # ------------------------------------------------------------------ events
     def _event(self, conn, event: str, *, frame_id=None, file=None, level="info",
                state_from=None, state_to=None, stage=None, error_class=None, message=None,
                action=None) -> None:
-        conn.execute(
-            "INSERT INTO events(time, frame_id, file, level, event, state_from, state_to, stage,"
-            " error_class, message, action, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (utcnow(), frame_id, file, level, event, state_from, state_to, stage, error_class,
-             message, action, self.owner),
-        )
+        self.db["events"].insert(dict(
+            time=utcnow(), frame_id=frame_id, file=file, level=level, event=event,
+            state_from=state_from, state_to=state_to, stage=stage, error_class=error_class,
+            message=message, action=action, owner=self.owner))
 
     def event(self, event: str, **fields) -> None:
         """Record an event that is not a state change (an error, a master update...)."""
@@ -334,23 +354,21 @@ class Store:
 
     # ------------------------------------------------------------------ processes
     def register_process(self, status: str = "starting") -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO processes(owner, host, pid, command, started_at, heartbeat,"
-                " status) VALUES (?,?,?,?,?,?,?)",
-                (self.owner, self.host, os.getpid(), self.command, utcnow(), time.time(), status),
-            )
+        with self.transaction():
+            self.db["processes"].insert(dict(
+                owner=self.owner, host=self.host, pid=os.getpid(), command=self.command,
+                started_at=utcnow(), heartbeat=time.time(), status=status), replace=True)
 
     def heartbeat(self, status: str | None = None) -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "UPDATE processes SET heartbeat=?, status=COALESCE(?, status) WHERE owner=?",
-                (time.time(), status, self.owner),
-            )
+        values = {"heartbeat": time.time()}
+        if status is not None:
+            values["status"] = status
+        with self.transaction():
+            self._update("processes", self.owner, values)
 
     def unregister_process(self) -> None:
-        with self.transaction() as conn:
-            conn.execute("DELETE FROM processes WHERE owner=?", (self.owner,))
+        with self.transaction():
+            self.db["processes"].delete_where("owner = ?", [self.owner])
 
     def _owner_alive(self, conn, owner: str, stale_after_s: float) -> bool:
         if owner == self.owner:
@@ -401,8 +419,7 @@ class Store:
                             level="warning", state_from="processing", state_to=new,
                             message=reason, action=action)
                 recovered.append(row["id"])
-            conn.execute("DELETE FROM processes WHERE heartbeat < ?",
-                         (time.time() - 7 * 86400,))
+            self.db["processes"].delete_where("heartbeat < ?", [time.time() - 7 * 86400])
         return recovered
 
     # ------------------------------------------------------------------ files and frames
@@ -431,11 +448,9 @@ class Store:
             row = conn.execute("SELECT id, path FROM frames WHERE sha256=?", (sha256,)).fetchone()
             if row is not None:
                 dup = int(row["path"] != path)
-                conn.execute(
-                    "INSERT OR REPLACE INTO files(path, sha256, frame_id, size, mtime, duplicate,"
-                    " seen_at) VALUES (?,?,?,?,?,?,?)",
-                    (path, sha256, row["id"], size, mtime, dup, now),
-                )
+                self.db["files"].insert(dict(path=path, sha256=sha256, frame_id=row["id"],
+                                             size=size, mtime=mtime, duplicate=dup,
+                                             seen_at=now), replace=True)
                 if dup:
                     self._event(conn, "duplicate", frame_id=row["id"], file=raw_name,
                                 message=f"same content as {Path(row['path']).name}",
@@ -449,24 +464,17 @@ class Store:
                                                     "target", "binning", "readout", "night")}
                 fields["exptime"] = info.get("exptime_s")
                 fields["obs_time"] = info.get("obs_time")
-            cur = conn.execute(
-                "INSERT INTO frames(sha256, path, raw_name, size, name, instrument, kind, camera,"
-                " filter, exptime, obs_time, night, target, binning, readout, info_json,"
-                " header_json, state, reason, arrived_at, received_at, updated_at, finished_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (sha256, path, raw_name, size, name, fields.get("instrument"),
-                 fields.get("kind"), fields.get("camera"), fields.get("filter"),
-                 fields.get("exptime"), fields.get("obs_time"), fields.get("night"),
-                 fields.get("target"), fields.get("binning"), fields.get("readout"),
-                 _json(info), _json(header), state, reason, arrived_at or now, now, now,
-                 now if state in TERMINAL else None),
-            )
-            frame_id = cur.lastrowid
-            conn.execute(
-                "INSERT OR REPLACE INTO files(path, sha256, frame_id, size, mtime, duplicate,"
-                " seen_at) VALUES (?,?,?,?,?,0,?)",
-                (path, sha256, frame_id, size, mtime, now),
-            )
+            columns = ("instrument", "kind", "camera", "filter", "exptime", "obs_time", "night",
+                       "target", "binning", "readout")
+            frame_id = self.db["frames"].insert(dict(
+                sha256=sha256, path=path, raw_name=raw_name, size=size, name=name,
+                **{k: fields.get(k) for k in columns}, info_json=_json(info),
+                header_json=_json(header), state=state, reason=reason,
+                arrived_at=arrived_at or now, received_at=now, updated_at=now,
+                finished_at=now if state in TERMINAL else None)).last_rowid
+            self.db["files"].insert(dict(path=path, sha256=sha256, frame_id=frame_id,
+                                         size=size, mtime=mtime, duplicate=0, seen_at=now),
+                                    replace=True)
             self._event(conn, "received", frame_id=frame_id, file=raw_name, state_to=state,
                         level="info" if state == "received" else "warning", message=reason,
                         action=None if state == "received" else state)
@@ -527,9 +535,8 @@ class Store:
             return
         sets = {k: (_json(v) if k.endswith("_json") else v) for k, v in fields.items()}
         sets["updated_at"] = utcnow()
-        assign = ", ".join(f"{k}=?" for k in sets)
-        with self.transaction() as conn:
-            conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
+        with self.transaction():
+            self._update("frames", frame_id, sets)
 
     def claim_next(self, kinds: Iterable[str] | None = None, nights: Iterable[str] | None = None,
                    ) -> sqlite3.Row | None:
@@ -596,12 +603,12 @@ class Store:
                         message=row["stale_reason"])
             return conn.execute("SELECT * FROM frames WHERE id=?", (row["id"],)).fetchone()
 
-    def wake_waiting(self, where: str = "1=1", args: tuple = ()) -> int:
-        """Move waiting frames back to ``received`` (masters appeared); returns the count."""
+    def wake_waiting(self, **filters) -> int:
+        """Move waiting frames (matching keyword ``filters``) back to ``received`` (masters
+        appeared); returns the count."""
+        sql, args = self._where("frames", filters, "state='waiting'")
         with self.transaction() as conn:
-            rows = conn.execute(
-                f"SELECT id, raw_name FROM frames WHERE state='waiting' AND ({where})", args
-            ).fetchall()
+            rows = conn.execute(f"SELECT id, raw_name FROM frames WHERE {sql}", args).fetchall()
             for row in rows:
                 conn.execute("UPDATE frames SET state='received', updated_at=? WHERE id=? "
                              "AND state='waiting'", (utcnow(), row["id"]))
@@ -647,24 +654,85 @@ class Store:
                 sets["obs_time"] = info.get("obs_time")
                 if row["name"] is None:
                     sets["name"] = self._unique_name(conn, info["std_name"])
-            assign = ", ".join(f"{k}=?" for k in sets)
-            conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
-            conn.execute("UPDATE files SET sha256=?, size=?, mtime=? WHERE frame_id=? AND path=?",
-                         (sha256, size, mtime, frame_id, row["path"]))
+            self._update("frames", frame_id, sets)
+            if self.db["files"].count_where("path = ? AND frame_id = ?",
+                                            [row["path"], frame_id]):
+                self._update("files", row["path"], {"sha256": sha256, "size": size,
+                                                    "mtime": mtime})
             return None
 
-    def reset_tries(self, frame_id: int) -> None:
+    def reset_tries(self, frame_id: int, tries: int = 0) -> None:
+        with self.transaction():
+            self._update("frames", frame_id, {"tries": tries})
+
+    def uncount_try(self, frame_id: int) -> None:
+        """The frame's last try does not count (a transient fault, not the frame's doing)."""
         with self.transaction() as conn:
-            conn.execute("UPDATE frames SET tries=0 WHERE id=?", (frame_id,))
+            conn.execute("UPDATE frames SET tries=MAX(tries-1, 0) WHERE id=?", (frame_id,))
+
+    def keep_final(self, frame_id: int, state: str, qc: dict, message: str) -> bool:
+        """A stale product that the final masters barely change is kept and marked final
+        (compare-and-set on ``stale=1`` and ``state``); False if another process took it."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE frames SET stale=0, stale_reason=NULL, provisional=0, qc_json=?, "
+                "updated_at=? WHERE id=? AND stale=1 AND state=?",
+                (json.dumps(qc), utcnow(), frame_id, state))
+            if cur.rowcount:
+                row = conn.execute("SELECT raw_name FROM frames WHERE id=?",
+                                   (frame_id,)).fetchone()
+                self._event(conn, "kept_final", frame_id=frame_id, file=row["raw_name"],
+                            message=message, action="product kept, marked final")
+            return bool(cur.rowcount)
 
     # ------------------------------------------------------------------ queries
     def frame(self, frame_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM frames WHERE id=?", (frame_id,)).fetchone()
 
-    def frames(self, where: str = "1=1", args: tuple = (), order: str = "obs_time, id"
-               ) -> list[sqlite3.Row]:
-        return self.conn.execute(f"SELECT * FROM frames WHERE {where} ORDER BY {order}",
-                                 args).fetchall()
+    def frames(self, order: str = "obs_time, id", **filters) -> list[sqlite3.Row]:
+        """Frames matching keyword ``filters`` (column=value, see ``_clause``), in ``order``
+        (column names, checked against the table)."""
+        sql, params = self._where("frames", filters)
+        return self.conn.execute(
+            f"SELECT * FROM frames WHERE {sql} ORDER BY {self._order('frames', order)}",
+            params).fetchall()
+
+    def frames_of_night(self, night: str | None = None, **filters) -> list[sqlite3.Row]:
+        """The frames of a night (every night's when ``night`` is None) matching ``filters``,
+        by observation time."""
+        return self.frames(**({"night": night} if night else {}), **filters)
+
+    def products_of_night(self, night: str, kind: str = "object") -> list[sqlite3.Row]:
+        """Frames of a night (of ``kind``) that have a product."""
+        return self.frames(night=night, kind=kind, product=NOT_NULL)
+
+    def count_frames(self, **filters) -> int:
+        sql, params = self._where("frames", filters)
+        return self.conn.execute(f"SELECT COUNT(*) FROM frames WHERE {sql}", params).fetchone()[0]
+
+    def frame_by_hash(self, sha256: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM frames WHERE sha256=?", (sha256,)).fetchone()
+
+    def frame_named(self, name: str, night: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM frames WHERE name=? AND night=?",
+                                 (name, night)).fetchone()
+
+    def processing_here(self) -> list[sqlite3.Row]:
+        """Frames this process holds ``processing``, the longest-held first."""
+        return self.conn.execute(
+            "SELECT * FROM frames WHERE state='processing' AND owner=? ORDER BY started_at, id",
+            (self.owner,)).fetchall()
+
+    def last_stage_error(self, frame_id: int) -> sqlite3.Row | None:
+        """The frame's latest stage-failure event (None if it never failed)."""
+        return self.conn.execute(
+            "SELECT * FROM events WHERE frame_id=? AND error_class='stage' "
+            "ORDER BY id DESC LIMIT 1", (frame_id,)).fetchone()
+
+    def meta_with_prefix(self, prefix: str) -> dict[str, object]:
+        """Every meta key starting with ``prefix`` → its value."""
+        return {r["key"]: json.loads(r["value"])
+                for r in self.db["meta"].rows_where("key LIKE ?", [prefix + "%"])}
 
     def counts(self, night: str | None = None) -> dict[str, int]:
         sql = "SELECT state, COUNT(*) n FROM frames"
@@ -719,15 +787,12 @@ class Store:
             if row is not None:
                 master_id = row["id"]
             else:
-                cur = conn.execute(
-                    "INSERT INTO masters(kind, camera, filter, binning, readout, target, night,"
-                    " version, ninputs, inputs_json, path, provisional, final, obs_time, method,"
-                    " stats_json, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (kind, camera, filter, binning, readout, target, night, version, ninputs,
-                     _json(inputs), path, int(provisional), int(final), obs_time, method,
-                     _json(stats), utcnow()),
-                )
-                master_id = cur.lastrowid
+                master_id = self.db["masters"].insert(dict(
+                    kind=kind, camera=camera, filter=filter, binning=binning, readout=readout,
+                    target=target, night=night, version=version, ninputs=ninputs,
+                    inputs_json=_json(inputs), path=path, provisional=int(provisional),
+                    final=int(final), obs_time=obs_time, method=method, stats_json=_json(stats),
+                    created_at=utcnow())).last_rowid
                 self._event(conn, "master", message=(
                     f"{kind} {camera} {filter or ''} {binning} v{version}: {ninputs} inputs"
                     f"{' (provisional)' if provisional else ''}{' FINAL' if final else ''}"))
@@ -752,17 +817,26 @@ class Store:
                 sets["finished_at"] = sets["updated_at"]
                 sets["owner"] = None
                 sets["tries"] = 0
-        assign = ", ".join(f"{k}=?" for k in sets)
-        conn.execute(f"UPDATE frames SET {assign} WHERE id=?", (*sets.values(), frame_id))
+        self._update("frames", frame_id, sets)
         if state is not None and state != row["state"]:
             self._event(conn, event or state, frame_id=frame_id, file=row["raw_name"],
                         state_from=row["state"], state_to=state, message=message,
                         level="warning" if state in ("rejected", "quarantined") else "info")
 
-    def masters(self, where: str = "1=1", args: tuple = ()) -> list[sqlite3.Row]:
+    def masters(self, **filters) -> list[sqlite3.Row]:
+        """Masters matching keyword ``filters`` (column=value, see ``_clause``)."""
+        sql, params = self._where("masters", filters)
         return self.conn.execute(
-            f"SELECT * FROM masters WHERE {where} ORDER BY night, kind, camera, filter, version",
-            args).fetchall()
+            f"SELECT * FROM masters WHERE {sql} ORDER BY night, kind, camera, filter, version",
+            params).fetchall()
+
+    def next_master_version(self, *, kind: str, camera: str, filter: str, binning: str,
+                            readout: str, target: str, night: str) -> int:
+        row = self.conn.execute(
+            "SELECT MAX(version) FROM masters WHERE kind=? AND camera=? AND filter=? AND "
+            "binning=? AND readout=? AND target=? AND night=?",
+            (kind, camera, filter, binning, readout, target, night)).fetchone()
+        return (row[0] or 0) + 1
 
     def latest_masters(self, night: str | None = None) -> list[sqlite3.Row]:
         """The newest version of each master key (of a night, or all nights)."""
@@ -781,16 +855,16 @@ class Store:
     def master(self, master_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM masters WHERE id=?", (master_id,)).fetchone()
 
-    def mark_stale(self, where: str, args: tuple, reason: str) -> int:
+    def mark_stale(self, frame_ids: Iterable[int], reason: str) -> int:
         """Mark frames with a product stale (a better master exists); returns the count."""
+        sql, args = self._where("frames", {"id": list(frame_ids)},
+                                "state IN ('reduced', 'rejected')", "product IS NOT NULL",
+                                "stale=0")
         with self.transaction() as conn:
-            rows = conn.execute(
-                f"SELECT id, raw_name FROM frames WHERE state IN ('reduced', 'rejected') AND "
-                f"product IS NOT NULL AND stale=0 AND ({where})",
-                args).fetchall()
+            rows = conn.execute(f"SELECT id, raw_name FROM frames WHERE {sql}", args).fetchall()
             for row in rows:
-                conn.execute("UPDATE frames SET stale=1, stale_reason=?, updated_at=? WHERE id=?",
-                             (reason, utcnow(), row["id"]))
+                self._update("frames", row["id"], {"stale": 1, "stale_reason": reason,
+                                                   "updated_at": utcnow()})
                 self._event(conn, "stale", frame_id=row["id"], file=row["raw_name"],
                             message=reason, action="re-reduce")
             return len(rows)
@@ -812,16 +886,11 @@ class Store:
             if grid is not None:
                 values["grid_json"] = _json(grid)
             if row is None:
-                cols = ["night", "target", "filter", *values]
-                cur = conn.execute(
-                    f"INSERT INTO coadds({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
-                    (night, target, filter, *values.values()))
-                coadd_id = cur.lastrowid
+                coadd_id = self.db["coadds"].insert(dict(
+                    night=night, target=target, filter=filter, **values)).last_rowid
             else:
                 coadd_id = row["id"]
-                assign = ", ".join(f"{k}=?" for k in values)
-                conn.execute(f"UPDATE coadds SET {assign} WHERE id=?",
-                             (*values.values(), coadd_id))
+                self._update("coadds", coadd_id, values)
             for frame_id, update in (frame_updates or {}).items():
                 self._apply_frame_update(conn, frame_id, update)
             return coadd_id
@@ -836,15 +905,189 @@ class Store:
         return self.conn.execute("SELECT * FROM coadds WHERE night=? AND target=? AND filter=?",
                                  (night, target, filter)).fetchone()
 
+    def set_coadd_catalog(self, coadd_id: int, catalog: str) -> None:
+        with self.transaction():
+            self._update("coadds", coadd_id, {"catalog": catalog})
+
+    def readd_to_coadd(self, night: str, target: str, filter: str) -> None:
+        """A coadd started afresh: every frame already in it must be added again."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE frames SET coadd='pending' WHERE night=? AND target=? AND "
+                         "filter=? AND coadd IN ('added', 'adding')", (night, target, filter))
+
+    def resume_coadd_additions(self) -> None:
+        """A coadd addition cut short (crash): the frame goes back to ``pending``."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE frames SET coadd='pending' WHERE coadd='adding'")
+
+    def claim_coadd_pending(self, nights: Iterable[str] | None = None) -> sqlite3.Row | None:
+        """Take the earliest accepted frame whose coadd addition is pending (pending →
+        adding, compare-and-set); None if there is none."""
+        filters = {} if not nights else {"night": list(nights)}
+        sql, args = self._where("frames", filters, "state='reduced'", "coadd='pending'",
+                                "accepted=1")
+        with self.transaction() as conn:
+            row = conn.execute(f"SELECT * FROM frames WHERE {sql} ORDER BY obs_time LIMIT 1",
+                               args).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE frames SET coadd='adding' WHERE id=? AND coadd='pending'",
+                         (row["id"],))
+            return row
+
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default=None):
-        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        row = next(self.db["meta"].rows_where("key = ?", [key], select="value"), None)
+        return json.loads(row["value"]) if row else default
 
     def set_meta(self, key: str, value) -> None:
-        with self.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)",
-                         (key, json.dumps(value, default=str)))
+        with self.transaction():
+            self.db["meta"].upsert({"key": key, "value": json.dumps(value, default=str)},
+                                   pk="key")
+
+    # ---- report lane
+    # Named read-only queries of the report (report/facts.py) and of ``photowatch status``
+    # and ``photowatch masters`` (run/status.py): no SQL outside the store.
+    _FRAME_ORDER = "obs_time, id"
+    _MASTER_ORDER = "night, kind, camera, filter, version"
+
+    def frames_by_ids(self, ids) -> list[sqlite3.Row]:
+        """The frames with these ids, by observation time."""
+        ids = list(ids)
+        rows: list[sqlite3.Row] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows += self.conn.execute(
+                f"SELECT * FROM frames WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+        return sorted(rows, key=lambda r: (r["obs_time"] is not None, r["obs_time"] or "",
+                                           r["id"]))
+
+    def unclassified_frames_of_night(self, night: str) -> list[sqlite3.Row]:
+        """Frames without a night (unclassifiable) whose nearest frame by id has ``night``."""
+        rows = []
+        for row in self.conn.execute(
+                f"SELECT * FROM frames WHERE night IS NULL ORDER BY {self._FRAME_ORDER}"):
+            near = self.conn.execute(
+                "SELECT night FROM frames WHERE night IS NOT NULL ORDER BY ABS(id - ?), id "
+                "LIMIT 1", (row["id"],)).fetchone()
+            if near is not None and near["night"] == night:
+                rows.append(row)
+        return rows
+
+    def problem_state_frames(self, night: str | None = None) -> list[sqlite3.Row]:
+        """Quarantined, held and rejected frames of a night and the unclassified ones
+        (every night's when ``night`` is None)."""
+        sql = "SELECT * FROM frames WHERE state IN ('quarantined', 'held', 'rejected')"
+        args: tuple = ()
+        if night:
+            sql += " AND (night=? OR night IS NULL)"
+            args = (night,)
+        return self.conn.execute(f"{sql} ORDER BY {self._FRAME_ORDER}", args).fetchall()
+
+    def object_frames_with_masters(self) -> list[sqlite3.Row]:
+        """Science frames that recorded the masters they were reduced with."""
+        return self.conn.execute(
+            "SELECT * FROM frames WHERE masters_json IS NOT NULL AND kind='object' "
+            f"ORDER BY {self._FRAME_ORDER}").fetchall()
+
+    def first_terminal_times(self, ids) -> dict[int, str]:
+        """Time of each frame's first terminal state (its first product), from the events."""
+        ids = list(ids)
+        done: dict[int, str] = {}
+        marks = ",".join("?" * len(TERMINAL))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self.conn.execute(
+                f"SELECT frame_id, MIN(time) t FROM events WHERE state_to IN ({marks}) AND "
+                f"frame_id IN ({','.join('?' * len(chunk))}) GROUP BY frame_id",
+                (*TERMINAL, *chunk)).fetchall()
+            done.update({r["frame_id"]: r["t"] for r in rows})
+        return done
+
+    def night_problem_events(self, night: str, frame_ids=(), between=None,
+                             limit: int = 25) -> list[sqlite3.Row]:
+        """The newest warning/error events of a night: of its frames, of the frames
+        ``frame_ids`` (unclassified ones listed with it), and of no frame between the
+        two times ``between`` (first, last)."""
+        frame_ids = list(frame_ids)
+        where, args = ["f.night = ?"], [night]
+        if frame_ids:
+            where.append(f"e.frame_id IN ({','.join('?' * len(frame_ids))})")
+            args += frame_ids
+        if between:
+            where.append("(e.frame_id IS NULL AND e.time BETWEEN ? AND ?)")
+            args += [between[0], between[1]]
+        return self.conn.execute(
+            "SELECT e.* FROM events e LEFT JOIN frames f ON f.id = e.frame_id "
+            f"WHERE e.level IN ('warning', 'error') AND ({' OR '.join(where)}) "
+            "ORDER BY e.id DESC LIMIT ?", (*args, limit)).fetchall()
+
+    def night_header_value(self, night: str, key: str) -> str | None:
+        """The first value of header keyword ``key`` among a night's frames, or None."""
+        path = f"$.{key}"
+        row = self.conn.execute(
+            "SELECT json_extract(header_json, ?) v FROM frames WHERE night=? AND "
+            "json_extract(header_json, ?) IS NOT NULL LIMIT 1", (path, night, path)).fetchone()
+        return str(row["v"]) if row else None
+
+    def masters_of_night(self, night: str | None = None) -> list[sqlite3.Row]:
+        """Every version of every master of a night (of all nights when ``night`` is None)."""
+        if night:
+            return self.conn.execute(
+                f"SELECT * FROM masters WHERE night=? ORDER BY {self._MASTER_ORDER}",
+                (night,)).fetchall()
+        return self.conn.execute(f"SELECT * FROM masters ORDER BY {self._MASTER_ORDER}").fetchall()
+
+    def masters_from_other_nights(self, night: str, ids) -> list[sqlite3.Row]:
+        """The masters with these ids that were not made for ``night``."""
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            return []
+        return self.conn.execute(
+            f"SELECT * FROM masters WHERE night != ? AND id IN ({','.join('?' * len(ids))}) "
+            f"ORDER BY {self._MASTER_ORDER}", (night, *ids)).fetchall()
+
+    def duplicate_files(self) -> list[sqlite3.Row]:
+        """Files seen with the content of a frame already known (path, frame_id), oldest first."""
+        return self.conn.execute(
+            "SELECT path, frame_id FROM files WHERE duplicate=1 ORDER BY seen_at").fetchall()
+
+    def processes(self) -> list[sqlite3.Row]:
+        """The photowatch processes registered on this store."""
+        return self.conn.execute(
+            "SELECT owner, command, started_at, heartbeat, status FROM processes").fetchall()
+
+    # ---- chain lane
+    def night_quality(self, night: str, filt: str | None = None) -> list[dict]:
+        """The night's object frames with quality numbers (qc recorded), for the one
+        night-quality context (:func:`photowatch.stages.quality.night_context`): id,
+        filter, target, camera, state, has_product and the qc fields it reads."""
+        sql = ("SELECT id, filter, target, camera, state, product IS NOT NULL AS has_product, "
+               "json_extract(qc_json, '$.fwhm_arcsec') AS fwhm_arcsec, "
+               "json_extract(qc_json, '$.apcor_own') AS apcor_own, "
+               "json_extract(qc_json, '$.apcor_own_err') AS apcor_own_err, "
+               "json_extract(qc_json, '$.zp_per_s') AS zp_per_s, "
+               "json_extract(qc_json, '$.transparency_mag') AS transparency_mag "
+               "FROM frames WHERE night=? AND kind='object' AND qc_json IS NOT NULL")
+        args: tuple = (night,)
+        if filt is not None:
+            sql += " AND filter=?"
+            args += (filt,)
+        return [dict(r) for r in self.conn.execute(sql + " ORDER BY id", args).fetchall()]
+
+    def field_solutions(self, night: str, target: str | None, camera: str | None,
+                        limit: int = 16) -> list[dict]:
+        """The newest ``limit`` solved object frames of a field (night, target, camera),
+        oldest first: id, product, qc (dict); to rebuild the engine's remembered
+        solutions after a restart."""
+        rows = self.conn.execute(
+            "SELECT id, product, qc_json FROM frames WHERE night=? AND target IS ? AND "
+            "camera IS ? AND kind='object' AND product IS NOT NULL AND "
+            "json_extract(qc_json, '$.aststat') IN ('ok', 'relative') "
+            "ORDER BY obs_time DESC, id DESC LIMIT ?", (night, target, camera, limit)).fetchall()
+        return [{"id": r["id"], "product": r["product"], "qc": json.loads(r["qc_json"])}
+                for r in reversed(rows)]
 
     # ---- live lane (issue 21): forced photometry at targets, coadd depth
     FORCED_FIELDS = ("kind", "frame_id", "filter", "mjd", "mjd_start", "mjd_end", "exptime",

@@ -106,7 +106,7 @@ def test_master_flat_matches_truth_and_rejects_satellite(calib_night):
 
 def test_master_versions_and_provisional(calib_night):
     night, engine = calib_night
-    flats = engine.store.masters("kind='flat'")
+    flats = engine.store.masters(kind="flat")
     assert [m["version"] for m in flats] == list(range(1, len(flats) + 1))
     assert [bool(m["provisional"]) for m in flats][:3] == [True, True, False]
     for m in flats:
@@ -137,7 +137,7 @@ def test_final_rebuild_and_staleness(calib_night, tmp_path):
 def test_frame_added_once_after_crash(calib_night, tmp_path):
     """A frame already in a master's inputs (crash after the state was saved) is not added again."""
     night, engine = calib_night
-    bias = [r for r in engine.store.frames("kind='bias'")][0]
+    bias = [r for r in engine.store.frames(kind="bias")][0]
     from photowatch.core.classify import FrameInfo
     from photowatch.io.fits import read_raw
 

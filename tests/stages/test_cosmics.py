@@ -6,6 +6,7 @@ from astropy.io import fits
 
 from photowatch.core.config import Cosmics
 from photowatch.core.frame import Frame, Mask
+from photowatch.sim.psf import gaussian_stars
 from photowatch.stages.cosmics import (
     candidate_seeds,
     flag_cosmics,
@@ -29,10 +30,8 @@ def noise_frame(shape=(64, 64), seed=1, noise=SKY_SIGMA):
 
 
 def gaussian_star(shape, y0, x0, fwhm_px, flux):
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    sigma = fwhm_px / 2.3548
-    g = np.exp(-0.5 * ((yy - y0) ** 2 + (xx - x0) ** 2) / sigma**2)
-    return (flux * g / g.sum()).astype(np.float32)
+    """One star of the simulator's Gaussian renderer, float32 (row, column order)."""
+    return gaussian_stars(shape, [x0], [y0], [flux], sigma_px=fwhm_px / 2.3548).astype(np.float32)
 
 
 def with_star_and_hits(seed=1, shape=(64, 64)):

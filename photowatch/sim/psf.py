@@ -1,0 +1,156 @@
+"""Stars on pixels: a Moffat PSF integrated over pixels (:class:`_Psf`), its
+rendering (:func:`render_stars`, each stamp sums exactly to the flux) and a PSF that
+varies over the field. Tests that need stars use :func:`render_stars`.
+"""
+
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import erf
+
+from photowatch.sim.camera import (
+    MOFFAT_BETA,
+)
+
+
+class _Psf:
+    """A pixel-integrated Moffat (optionally trailed) tabulated on a fine grid.
+
+    The table ``P`` holds the PSF integrated over a whole pixel, sampled every
+    1/K pixel (K sub-samples per pixel for the integration, more than the 3x
+    oversampling the stamps need). A star's stamp at any sub-pixel position is
+    a bilinear interpolation between four phase-shifted samplings of ``P``, and
+    is then scaled to sum exactly to the star's flux. The stamp radius is at
+    least 5 FWHM.
+    """
+
+    def __init__(self, fwhm_px: float, beta: float = MOFFAT_BETA,
+                 trail_px: float = 0.0, trail_angle_deg: float = 0.0):
+        core = max(math.ceil(5.0 * fwhm_px), 4)
+        radius = core + (math.ceil(trail_px / 2) + 1 if trail_px else 0)
+        k = 32 if radius <= 16 else 16 if radius <= 40 else 8 if radius <= 100 else 4
+        m0 = (radius + 2) * k
+        pts = (np.arange(-m0, m0) + 0.5) / k
+        alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+        r2 = pts[:, None] ** 2 + pts[None, :] ** 2
+        moffat = (1.0 + r2 / alpha ** 2) ** (-beta)
+        if trail_px:
+            from scipy.signal import fftconvolve
+
+            n = max(int(round(trail_px * k)), 1)
+            steps = (np.arange(n + 1) / n - 0.5) * trail_px * k
+            ang = math.radians(trail_angle_deg)
+            half = int(math.ceil(trail_px * k / 2)) + 2
+            kern = np.zeros((2 * half + 1, 2 * half + 1))
+            fx, fy = steps * math.cos(ang) + half, steps * math.sin(ang) + half
+            ix, iy = np.floor(fx).astype(int), np.floor(fy).astype(int)
+            tx, ty = fx - ix, fy - iy
+            for dy, dx, w in ((0, 0, (1 - tx) * (1 - ty)), (0, 1, tx * (1 - ty)),
+                              (1, 0, (1 - tx) * ty), (1, 1, tx * ty)):
+                np.add.at(kern, (iy + dy, ix + dx), w)
+            moffat = fftconvolve(moffat, kern / kern.sum(), mode="same")
+        cs = np.zeros((2 * m0 + 1, 2 * m0))
+        np.cumsum(moffat, axis=0, out=cs[1:])
+        box = cs[k:] - cs[:-k]
+        cs = np.zeros((box.shape[0], box.shape[1] + 1))
+        np.cumsum(box, axis=1, out=cs[:, 1:])
+        self.table = (cs[:, k:] - cs[:, :-k]).astype(np.float32)
+        self.k = k
+        self.radius = radius
+        self.centre = m0 - k // 2
+        self.span = 2 * radius * k + 1
+
+    def stamp(self, fx: float, fy: float) -> np.ndarray:
+        """Unnormalised (2R+1)^2 stamp for a star at offset (fx, fy) in [-0.5, 0.5) px."""
+        k, r, c, span, p = self.k, self.radius, self.centre, self.span, self.table
+        gx, gy = fx * k, fy * k
+        qx, qy = math.floor(gx), math.floor(gy)
+        tx, ty = gx - qx, gy - qy
+        sx, sy = c - r * k - qx, c - r * k - qy
+        a = p[sy:sy + span:k, sx:sx + span:k]
+        b = p[sy:sy + span:k, sx - 1:sx - 1 + span:k]
+        cc = p[sy - 1:sy - 1 + span:k, sx:sx + span:k]
+        d = p[sy - 1:sy - 1 + span:k, sx - 1:sx - 1 + span:k]
+        return ((1 - ty) * ((1 - tx) * a + tx * b) + ty * ((1 - tx) * cc + tx * d))
+
+
+def render_stars(shape: tuple[int, int], psf: _Psf, x: np.ndarray, y: np.ndarray,
+                 flux: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Add stars (0-based pixel positions, total fluxes) to a float32 image."""
+    img = np.zeros(shape, np.float32) if out is None else out
+    ny, nx = shape
+    r = psf.radius
+    ix = np.floor(np.asarray(x) + 0.5).astype(int)
+    iy = np.floor(np.asarray(y) + 0.5).astype(int)
+    fxs, fys = np.asarray(x) - ix, np.asarray(y) - iy
+    for cx, cy, fx, fy, f in zip(ix.tolist(), iy.tolist(), fxs.tolist(), fys.tolist(),
+                                 np.asarray(flux, float).tolist()):
+        x0, y0 = cx - r, cy - r
+        xa, ya = max(x0, 0), max(y0, 0)
+        xb, yb = min(cx + r + 1, nx), min(cy + r + 1, ny)
+        if xa >= xb or ya >= yb:
+            continue
+        st = psf.stamp(fx, fy)
+        st *= f / float(st.sum())
+        img[ya:yb, xa:xb] += st[ya - y0:yb - y0, xa - x0:xb - x0]
+    return img
+
+
+def _render_varying(shape, fwhm_px: float, beta: float, variation: float, x, y, flux,
+                    zones: int = 6) -> np.ndarray:
+    """Stars whose FWHM grows as ``1 + variation (r / r_corner)**2`` from the centre,
+    rendered in ``zones`` rings of (r / r_corner)**2, each with its own PSF (at its mid)."""
+    ny, nx = shape
+    rc2 = ((nx - 1) / 2) ** 2 + ((ny - 1) / 2) ** 2
+    q = ((np.asarray(x) - (nx - 1) / 2) ** 2 + (np.asarray(y) - (ny - 1) / 2) ** 2) / rc2
+    zone = np.clip((q * zones).astype(int), 0, zones - 1)
+    img = np.zeros(shape, np.float32)
+    for k in np.unique(zone).tolist():
+        sel = zone == k
+        psf = _Psf(fwhm_px * (1.0 + variation * (k + 0.5) / zones), beta=beta)
+        render_stars(shape, psf, np.asarray(x)[sel], np.asarray(y)[sel],
+                     np.asarray(flux)[sel], out=img)
+    return img
+
+
+# ==============================================================================================
+# Detector structures (fixed for the night)
+# ==============================================================================================
+
+
+def moffat_stars(shape: tuple[int, int], x, y, flux, *, fwhm_px: float,
+                 beta: float = MOFFAT_BETA) -> np.ndarray:
+    """The simulator's stars (pixel-integrated Moffat, each summing exactly to its flux)
+    at 0-based positions, on a new float32 image."""
+    return render_stars(shape, _Psf(fwhm_px, beta), np.asarray(x, float),
+                        np.asarray(y, float), np.asarray(flux, float))
+
+
+def gaussian_stars(shape: tuple[int, int], x, y, flux, *, sigma_px: float,
+                   radius: int | None = None) -> np.ndarray:
+    """Pixel-integrated circular Gaussians at 0-based positions, on a new float64 image.
+
+    Exact: each pixel holds the Gaussian's integral over it (differences of ``erf``),
+    so a star's sum is its flux (less what falls off the image or beyond ``radius``,
+    default 7 sigma: < 1e-11) and its centroid is its position. For tests that need
+    an analytic profile (known FWHM, aperture fractions); stars like the simulator's
+    are :func:`moffat_stars`.
+    """
+    img = np.zeros(shape, np.float64)
+    ny, nx = shape
+    r = int(math.ceil(7 * sigma_px)) if radius is None else int(radius)
+    scale = math.sqrt(2) * sigma_px
+    for xc, yc, f in zip(np.atleast_1d(x).tolist(), np.atleast_1d(y).tolist(),
+                         np.atleast_1d(flux).tolist()):
+        ix, iy = int(math.floor(xc + 0.5)), int(math.floor(yc + 0.5))
+        x0, x1 = max(ix - r, 0), min(ix + r + 1, nx)
+        y0, y1 = max(iy - r, 0), min(iy + r + 1, ny)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        px = np.diff(0.5 * erf((np.arange(x0, x1 + 1) - 0.5 - xc) / scale))
+        py = np.diff(0.5 * erf((np.arange(y0, y1 + 1) - 0.5 - yc) / scale))
+        img[y0:y1, x0:x1] += f * np.outer(py, px)
+    return img
