@@ -403,6 +403,12 @@ def test_limmag_everywhere_and_one_point_per_frame(afterglow_night):
     docs = [json.loads(x) for x in (root / "alerts.jsonl").read_text().splitlines()]
     detected = [d for d in docs if d["event"] == "target_detected" and d["target"] == "NGC0001"]
     assert len(detected) == 1 and detected[0]["mag"] > 15
+    # the report: night.json's light curves and the plot in the page's first screen
+    report = next((out / "report").rglob("index.html"))
+    page = report.read_text()
+    assert "id=\"lightcurves\"" in page and "lightcurves.png" in page and "NGC0001" in page
+    facts = json.loads((report.parent / "night.json").read_text())
+    assert len(facts["lightcurves"]["NGC0001"]["points"]) == kinds["frame"] + kinds["coadd"]
 
 
 def test_rereduction_replaces_the_frames_point(afterglow_night, tmp_path):
