@@ -59,7 +59,9 @@ def status_facts(store, out: Path, night: str | None = None) -> dict:
                for m in store.latest_masters(night)]
     coadds = [dict(night=c["night"], target=c["target"], filter=c["filter"], path=c["path"],
                    stacktype=c["stacktype"], ncombine=c["ncombine"], exptime=c["exptime"],
-                   magzp=c["magzp"], limmag=c["limmag"]) for c in store.coadds(night)]
+                   magzp=c["magzp"],
+                   limmag=store.coadd_limmag(c["night"], c["target"], c["filter"]))
+              for c in store.coadds(night)]
     errors = [dict(time=e["time"], file=e["file"], event=e["event"], message=e["message"],
                    action=e["action"]) for e in store.events(level="problems", limit=20)]
     processes = [dict(r) for r in store.processes()]

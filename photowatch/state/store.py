@@ -207,8 +207,9 @@ def _schema_v3(db: sqlite_utils.Database) -> None:
                               unique=True, if_not_exists=True)
     db["forced"].create_index(["night", "target"], index_name="forced_night_target",
                               if_not_exists=True)
-    if "limmag" not in db["coadds"].columns_dict:
-        db["coadds"].add_column("limmag", float)
+    # the coadds' depth in a table of its own: the coadds rows stay as they were
+    db["coadd_depth"].create({"night": str, "target": str, "filter": str, "limmag": float},
+                             pk=("night", "target", "filter"), if_not_exists=True)
 
 
 MIGRATIONS = [_schema_v1, _schema_v2, _schema_v3]
@@ -1137,8 +1138,13 @@ class Store:
 
     def set_coadd_limmag(self, night: str, target: str, filter: str, limmag) -> None:
         with self.transaction() as conn:
-            conn.execute("UPDATE coadds SET limmag=? WHERE night=? AND target=? AND filter=?",
-                         (limmag, night, target, filter))
+            conn.execute("INSERT OR REPLACE INTO coadd_depth(night, target, filter, limmag) "
+                         "VALUES (?,?,?,?)", (night, target, filter, limmag))
+
+    def coadd_limmag(self, night: str, target: str, filter: str) -> float | None:
+        row = self.conn.execute("SELECT limmag FROM coadd_depth WHERE night=? AND target=? "
+                                "AND filter=?", (night, target, filter)).fetchone()
+        return row[0] if row else None
 
     def frame_qc_by_name(self, night: str, names) -> dict[str, dict]:
         """qc of the named frames of a night (``name`` -> qc dict)."""
