@@ -143,6 +143,13 @@ def preflight(settings, *, instrument: str | None = None, catalog: str | None = 
         why = _writable(Path(settings.paths.output_dir))
         if why:
             raise UsageError(f"--out {settings.paths.output_dir}: {why} (paths.output_dir)")
+    if settings.targets.file or settings.targets.positions:  # issue 21: bad targets, now
+        from photowatch.core.targets import parse_position, read_targets_file
+
+        if settings.targets.file:
+            read_targets_file(settings.targets.file)
+        for text in settings.targets.positions:
+            parse_position(text, "config")
 
 
 def _with_problems(store_out: Path, night: str | None, text: str, extra=None) -> int:
@@ -192,6 +199,28 @@ def _engine_opts(p):
                    "auto-detected from INSTRUME)")
     p.add_argument("--workers", type=int, metavar="N", help="frames processed at once "
                    "(default: config daemon.workers, 0 = number of cores)")
+    p.add_argument("--target", action="append", default=[], metavar="NAME=RA,DEC",
+                   help="forced photometry and a light curve at this position (degrees or "
+                   "hh:mm:ss,dd:mm:ss; repeatable; kept for finalize and restarts)")
+
+
+def _remember_targets(args, settings) -> None:
+    """``--target``: checked (a bad one is a usage error), kept in the store's meta."""
+    if not getattr(args, "target", None):
+        return
+    from photowatch.core.targets import parse_position
+    from photowatch.state.lightcurves import remember_cli_targets
+    from photowatch.state.store import Store
+
+    for text in args.target:
+        parse_position(text)
+    out = Path(settings.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "state.sqlite", command="photowatch targets")
+    try:
+        remember_cli_targets(store, args.target)
+    finally:
+        store.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,6 +381,7 @@ def cmd_reduce(args) -> int:
         raise UsageError(f"{rawdir}: not a directory")
     preflight(settings, instrument=args.instrument, catalog=args.catalog)
     settings, workers = _setup(args, settings, workers=args.workers)
+    _remember_targets(args, settings)
     summary = reduce_directory(rawdir, settings, catalog=args.catalog,
                                instrument=args.instrument, workers=workers)
     print(summary.text())
@@ -399,6 +429,7 @@ def cmd_watch(args) -> int:
         raise UsageError(f"{rawdir}: not a directory (paths.watch_dir)")
     preflight(settings, instrument=args.instrument, catalog=args.catalog)
     settings, workers = _setup(args, settings, workers=args.workers)
+    _remember_targets(args, settings)
     return run_daemon(Path(rawdir), settings, catalog=args.catalog, instrument=args.instrument,
                       workers=workers)
 

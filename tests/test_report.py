@@ -413,7 +413,8 @@ def test_status_json_and_night_json_share_the_frame_entries(night):
     for entry in status["frames"]:
         assert set(entry) == {"file", "path", "name", "type", "filter", "target", "night",
                               "obs_time", "state", "reason", "product", "stale",
-                              "provisional", "coadd", "fwhm_arcsec", "zp", "astrometry"}
+                              "provisional", "coadd", "fwhm_arcsec", "zp", "astrometry",
+                              "limmag"}  # issue 21: the frame's 5-sigma depth
         assert {k: by_name[entry["file"]][k] for k in entry} == entry
     assert facts["counts"]["total"] == status["total"] + 1  # junk.fits has no night
 

@@ -23,7 +23,7 @@ def add(store, i, kind="object"):
 
 def test_schema_and_wal(tmp_path):
     s = Store(tmp_path / "state.sqlite")
-    assert s.schema_version == 3  # v2: files(frame_id) index (sealed-store lane); v3: candidates (issue 21)
+    assert s.schema_version == 4  # v2: files(frame_id) index (sealed store); v3: candidates, v4: forced photometry (issue 21)
     assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # reopening migrates nothing and keeps data
     add(s, 1)

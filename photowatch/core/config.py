@@ -293,6 +293,33 @@ class Logging(Section):
     file: str = ""
 
 
+class Targets(Section):
+    """Positions of interest for forced photometry and light curves (issue 21)."""
+
+    #: ECSV or CSV with columns name, ra, dec (degrees or sexagesimal); relative to the cwd
+    file: str = ""
+    #: "NAME=RA,DEC" entries (``--target`` on reduce and watch adds to these)
+    positions: list[str] = []
+    #: measure at the header's target coordinates (profile keys target_ra/target_dec)
+    from_header: bool = True
+    #: significance of a detection, and of the upper limit given otherwise
+    nsigma: PositiveFloat = 5.0
+    #: target_faded alert: fainter than the previous detection by this many sigma
+    fade_sigma: PositiveFloat = 3.0
+
+
+class Alerts(Section):
+    """A command run on events (issue 21), one JSON document on its stdin."""
+
+    command: str = ""
+    timeout_s: PositiveFloat = 30.0
+    #: events waiting beyond this are dropped (oldest first, with a warning)
+    max_queue: Annotated[int, Field(ge=1)] = 100
+    #: events that run the command (all by default)
+    events: list[str] = ["target_detected", "target_faded", "new_candidate", "frame_rejected",
+                         "daemon_problem"]
+
+
 class Settings(Section):
     paths: Paths = Paths()
     instrument: Instrument = Instrument()
@@ -305,6 +332,8 @@ class Settings(Section):
     daemon: Daemon = Daemon()
     logging: Logging = Logging()
     changes: Changes = Changes()
+    targets: Targets = Targets()
+    alerts: Alerts = Alerts()
 
     #: where the settings came from (a path, or "built-in defaults")
     source: str = Field(default="built-in defaults", exclude=True)

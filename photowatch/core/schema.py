@@ -118,6 +118,8 @@ KEYWORDS: dict[str, Keyword] = {k.name: k for k in (
     Keyword("MAGZPSEC", "zero point for 1 s", "mag", _F),
     Keyword("MAGZPBND", "catalogue band of the zero point", "", _F),
     Keyword("MAGZPREF", "MAGZP of the coadd image (reference)", "mag", _CCAT),
+    Keyword("LIMMAG", "5-sigma point-source limit (CAT aperture, APCOR, MAGZP)", "mag", _FC),
+    Keyword("LIMFLUX", "5-sigma point-source flux (CAT aperture, APCOR)", "electron", _F),
     Keyword("ZPMETHOD", "how the catalogue was calibrated", "", _CCAT),
     Keyword("ZPSTAT", "zero point status", "", _F),
     Keyword("ABSCAL", "absolutely calibrated photometry", "", "frame, coadd, CAT"),

@@ -22,6 +22,7 @@ import numpy as np
 from photowatch import __version__
 from photowatch.report.candidates import candidate_facts
 from photowatch.report.latest import latest_frame_facts
+from photowatch.report.lightcurve import lightcurve_facts
 from photowatch.state.store import TERMINAL
 
 #: numbers of ``frames.qc_json`` copied into night.json
@@ -44,6 +45,7 @@ def status_entry(r) -> dict:
         "provisional": bool(r["provisional"]), "coadd": r["coadd"],
         "fwhm_arcsec": qc.get("fwhm_arcsec"), "zp": qc.get("zp"),
         "astrometry": qc.get("aststat"),
+        "limmag": qc.get("limmag"),  # issue 21: 5-sigma depth (LIMMAG)
     }
 
 
@@ -59,7 +61,9 @@ def status_facts(store, out: Path, night: str | None = None) -> dict:
                for m in store.latest_masters(night)]
     coadds = [dict(night=c["night"], target=c["target"], filter=c["filter"], path=c["path"],
                    stacktype=c["stacktype"], ncombine=c["ncombine"], exptime=c["exptime"],
-                   magzp=c["magzp"]) for c in store.coadds(night)]
+                   magzp=c["magzp"],
+                   limmag=store.coadd_limmag(c["night"], c["target"], c["filter"]))
+              for c in store.coadds(night)]
     errors = [dict(time=e["time"], file=e["file"], event=e["event"], message=e["message"],
                    action=e["action"]) for e in store.events(level="problems", limit=20)]
     processes = [dict(r) for r in store.processes()]
@@ -290,6 +294,7 @@ def collect_facts(out: Path, store, night: str, settings, *, final: bool) -> dic
         "stage_seconds": {k: _stats(v) for k, v in sorted(stage_s.items())},
         "frames": frames, "masters": _masters(store, night, frames),
         "coadds": _coadds(store, night), "errors": _errors(store, night, frames),
+        "lightcurves": lightcurve_facts(store, night),  # issue 21 (report/lightcurve.py)
         "duplicates": base.get("duplicates") or [],
         "finalize": store.get_meta(f"finalize:{night}") if final else None,
         "processes": [{k: p[k] for k in ("command", "started_at", "status")}

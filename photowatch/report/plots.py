@@ -20,6 +20,7 @@ import numpy as np
 
 from photowatch.io.fits import write_bytes
 from photowatch.report.facts import parse_time
+from photowatch.report.lightcurve import lightcurve_plot
 
 THUMB_PX = 240  #: longest side of a thumbnail
 PREVIEW_PX = 1024  #: longest side of a preview made from a FITS file
@@ -48,6 +49,7 @@ def make_images(facts: dict, folder: Path) -> dict:
         "conditions": _conditions_plot(facts["frames"], img, cache),
         "latency": _latency_plot(facts["frames"], img, cache),
         "latest": _latest_image(facts.get("latest"), img, cache),
+        "lightcurves": lightcurve_plot(facts.get("lightcurves") or {}, img, cache),
     }
     cache.save()
     return images

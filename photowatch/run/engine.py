@@ -146,6 +146,11 @@ class Engine:
         self.last_progress = time.time()
         self._background = None
         self._pending_background: list = []
+        from photowatch.state.lightcurves import LightCurveBook
+
+        #: issue 21: targets, forced-photometry points, light-curve files
+        self.lightcurves = LightCurveBook(store=self.store, out=self.out, settings=settings,
+                                          in_background=self.in_background)
 
     # ------------------------------------------------------------------ helpers
     def profile(self, name: str) -> Profile:
@@ -167,7 +172,8 @@ class Engine:
             self._coadds = CoaddBook(store=self.store, refs=self.refs,
                                      settings=self.settings.coadd, out=self.out,
                                      in_background=self.in_background,
-                                     threads=threads_per_worker(self.settings))
+                                     threads=threads_per_worker(self.settings),
+                                     lightcurves=self.lightcurves)
         return self._coadds
 
     def in_background(self, fn, *args, **kwargs) -> None:
@@ -187,7 +193,8 @@ class Engine:
                 fn(*args, **kwargs)
             except Exception as exc:
                 log.warning("background_task_failed", task=getattr(fn, "__name__", "?"),
-                            problem=str(exc), action="skipped (a preview)")
+                            problem=str(exc),
+                            action="skipped (a side product: preview, light-curve file)")
 
         self._pending_background.append(self._background.submit(task))
         self._pending_background = [f for f in self._pending_background if not f.done()]
@@ -235,6 +242,9 @@ class Engine:
 
     def shutdown(self) -> None:
         self.drain_background()
+        runner = getattr(self, "_alert_runner", None)
+        if runner is not None:  # queued alerts get a bounded time to go out
+            runner.drain(timeout=min(self.settings.alerts.timeout_s, 10.0))
         with contextlib.suppress(Exception):  # the store may be gone at exit: nothing to do
             self.store.unregister_process()
 
@@ -311,6 +321,10 @@ class Engine:
         (blog or log).error("not_done", problem=problem, transient=True,
                             action=("left received; " if blog is not None else "")
                             + f"processing paused, retried in {wait:.1f} s")
+        if self.paused is None:  # issue 21: one alert when a pause starts
+            from photowatch.run.alerts import alert
+
+            alert(self, "daemon_problem", {"problem": problem, "action": "processing paused"})
         self.last_retry = time.monotonic()
         with self._busy_guard:
             self._resume_at = time.monotonic() + wait
@@ -440,11 +454,25 @@ class Engine:
                                   action="quarantined" if final else "retried")
             blog.error("internal_error", problem=reason, action=state,
                        exc_info=(type(exc), exc, exc.__traceback__))
+            from photowatch.run.alerts import alert
+
+            alert(self, "daemon_problem", {"problem": reason, "frame": row["raw_name"],
+                                           "action": state})
 
     def _finish_bad(self, fid: int, state: str, reason: str, blog) -> None:
         self.store.transition(fid, ["processing"], state, reason=reason, message=reason,
                               level="warning", action=state)
         blog.warning("frame_" + state, problem=reason, action=state)
+        if state == "rejected":
+            self._alert_rejected(fid, reason)
+
+    def _alert_rejected(self, fid: int, reason: str) -> None:
+        from photowatch.run.alerts import alert
+
+        row = self.store.frame(fid)
+        alert(self, "frame_rejected", {"night": row["night"] if row else None,
+                                       "frame": row["raw_name"] if row else None,
+                                       "reason": reason})
 
     def _retry_later(self, fid: int, problem: str, blog, pause: bool,
                      exc: BaseException | None = None) -> None:
@@ -482,6 +510,7 @@ class Engine:
                                   action=f"rejected after {tries} tries")
             blog.error("frame_rejected", problem=problem, tries=tries,
                        action=f"rejected after {tries} tries (deterministic failure)")
+            self._alert_rejected(fid, reason)
             return
         self.store.transition(fid, ["processing"], "received", message=problem, level="error",
                               error_class="stage",
@@ -543,6 +572,23 @@ class Engine:
                 f"; not stacked: {result.reason}" if result.reason else ""),
             level="info" if result.accepted else "warning",
             action="stacked" if stackable else "kept out of the coadd")
+        from photowatch.run import live  # issue 21: forced photometry at the targets
+
+        t3 = time.perf_counter()
+        try:
+            live.measure_frame(self, {**dict(row), "product": paths["product"]}, info, header,
+                               profile, result, alerts=not rereduce)
+        except OSError:
+            raise
+        except Exception as exc:  # a light-curve point is a side product: keep the frame
+            blog.error("forced_photometry_failed", problem=str(exc),
+                       action="no light-curve point for this frame", exc_info=True)
+        result.timings["forced"] = time.perf_counter() - t3
+        if not result.accepted and not rereduce:
+            from photowatch.run.alerts import alert
+
+            alert(self, "frame_rejected", {"night": info.night, "frame": info.raw_name,
+                                           "reason": result.reason, "filter": info.filter})
         if result.accepted:
             self._changes(row, info, profile, result, blog)
         if stackable:
@@ -566,7 +612,8 @@ class Engine:
         # the whole frame's cost, coadd update included (for the night's report and benchmarks)
         qc["timings"].update({"read": round(read_s, 4), "total": round(total, 4),
                               "coadd": round(result.timings.get("coadd", 0.0), 4),
-                              "changes": round(result.timings.get("changes", 0.0), 4)})
+                              "changes": round(result.timings.get("changes", 0.0), 4),
+                              "forced": round(result.timings.get("forced", 0.0), 4)})
         self.store.update_frame(row["id"], qc_json=qc)
         blog.info("frame_reduced" if result.accepted else "frame_not_stacked",
                   name=row["name"], filter=info.filter, seconds=round(total, 2),

@@ -32,6 +32,7 @@ from photowatch.io.products import (
     write_product,
     write_regions,
 )
+from photowatch.run.live import depth_facts
 from photowatch.stages.chain import (
     MAX_STEPS,
     SCIENCE_CHAIN,
@@ -74,6 +75,7 @@ def reduce_object(ctx: NightContext, raw, header, *, apply=None, timings: dict |
     st = run.state
     frame, cat, wcs, qc, verdict, src = (st["frame"], st["cat"], st["wcs"], st["qc"],
                                          st["verdict"], st["src"])
+    qc.update(depth_facts(frame, src, qc, s.targets.nsigma))  # issue 21: LIMMAG
     provisional = any(img.provisional for img in ctx.masters.values())
     masters_used = {k: {"master_id": c.master_id, "path": Path(c.path).name, "key": c.key,
                         "night": c.night, "version": c.version, "ninputs": c.ninputs,
@@ -95,6 +97,10 @@ def reduce_object(ctx: NightContext, raw, header, *, apply=None, timings: dict |
     set_key(hdr, "APCORERR", (_round(src.aperture_correction_err, 5),
                               "aperture correction standard error"))
     set_key(hdr, "APCORN", (src.n_apcor, "stars of the aperture correction"))
+    set_key(hdr, "LIMMAG", (_round(qc.get("limmag"), 3) if qc.get("limmag") is not None
+                            else None, "[mag] 5-sigma point-source limit (CAT aperture)"))
+    set_key(hdr, "LIMFLUX", (_round(qc.get("limflux_e"), 2),
+                             "[electron] 5-sigma point-source flux (CAT aperture)"))
     set_key(hdr, "PWVERS", (__version__, "photowatch version"))
     set_key(hdr, "PROVISNL", (provisional, "reduced with a provisional master"))
     set_key(hdr, "QCSTATUS", ("accepted" if verdict.accepted else "rejected",

@@ -176,8 +176,7 @@ class SimFrame:
     n_cosmics: int | None = None  #: cosmic-ray events deposited
     flat_level_adu: float | None = None  #: intended raw median of a flat (ADU)
     psf_beta: float | None = None  #: Moffat beta when drawn per frame (``psf_beta_range``)
-    #: injected sources in this frame (``injections``): name, kind, ra, dec, x, y, mag, flux_e
-    injected: list | None = None
+    injected: list | None = None  #: injected sources' truth (sim/inject.py), object frames
 
     @property
     def raw_name(self) -> str:
@@ -412,10 +411,10 @@ def simulate_night(
     callback
         Called with each :class:`SimFrame` right after its raw file is in place.
     injections
-        Extra point sources (:mod:`photowatch.sim.movers`: an asteroid, a new source),
-        each with ``radec(mid)``, ``mag(mid, band)`` and ``truth()``; rendered like the
-        stars in every object frame where ``mag`` is not None, recorded per frame in
-        ``SimFrame.injected`` and for the night in ``params['injections']``.
+        Sources added to the object frames (:mod:`photowatch.sim.inject`: an afterglow,
+        a periodic variable, fake stars; ``sim/movers.py``: an asteroid), rendered like
+        the stars, never in the catalogue; truth in ``truth/injections.json`` and each
+        frame's ``injected``.
 
     Returns
     -------
@@ -513,6 +512,12 @@ def simulate_night(
         cat.meta["comment"] = ["photowatch simulated reference catalogue (AB mags)"]
         catalog_path = out / "catalog.ecsv"
         cat.write(catalog_path, format="ascii.ecsv", overwrite=True)
+
+    target_radec = (ra_deg, dec_deg)
+    if injections:  # sim/inject.py: injections choose their places among the true stars
+        from photowatch.sim.inject import place
+
+        target_radec = place(injections, stars, ra_deg, dec_deg)
 
     # --- the plan: every frame in observation order -------------------------------------------
     plan: list[dict] = []
@@ -618,7 +623,7 @@ def simulate_night(
                 write_crmasks=kind == "object" and write_crmasks,
                 write_crcharge=kind == "object" and write_crcharge,
                 write_models=kind == "object" and write_models, wcs_cls=WCS,
-                injections=injections)
+                injections=injections, target_radec=target_radec)
         _write_fits(path, raw, hdr)
         frames.append(frame)
         if callback is not None:
@@ -637,10 +642,13 @@ def simulate_night(
         "sip_k": float(sip[0][3, 0]), "n_stars": int(stars["r"].size),
         "n_catalog": int((stars["r"] < catalog_mag_limit).sum()) if catalog else 0,
         "site_lat_deg": SITE_LAT_DEG, "site_lon_deg": SITE_LON_DEG,
-        "injections": [obj.truth() for obj in injections],
     })
     night = SimNight(root=out, raw_dir=raw_dir, truth_dir=truth_dir, catalog_path=catalog_path,
                      frames=frames, params=params)
+    if injections:  # sim/inject.py: truth/injections.json
+        from photowatch.sim.inject import write_truth
+
+        write_truth(truth_dir, injections, frames)
     doc = {"params": params, "frames": [f.to_json(out) for f in frames]}
     tmp = truth_dir / ".night.json.part"
     tmp.write_text(json.dumps(doc, indent=1))
@@ -688,29 +696,12 @@ def _flat_frame(rng, n: int, scale: float, entry: dict, flat: np.ndarray, dark: 
     return _readout(rng, q, n, row_adu, bias_adu), float(sky_e)
 
 
-def _inject(frame: SimFrame, injections, mid, band, wcs, zp, x, y, flux):
-    """Append the injected sources of this frame to the star lists; record their truth."""
-    frame.injected = []
-    for obj in injections:
-        mag = obj.mag(mid, band)
-        if mag is None:
-            continue
-        ra, dec = obj.radec(mid)
-        px, py = (float(v[0]) for v in wcs.all_world2pix([ra], [dec], 0))
-        f = 10 ** (-0.4 * (mag - zp))
-        frame.injected.append({"name": obj.name, "kind": obj.kind, "ra": float(ra),
-                               "dec": float(dec), "x": px, "y": py, "mag": float(mag),
-                               "flux_e": float(f), "mid": mid.isoformat()})
-        x, y, flux = np.append(x, px), np.append(y, py), np.append(flux, f)
-    return x, y, flux
-
-
 def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, dec0,
                   dither_arcsec, pointing_error_arcsec, rotation_deg, flip, sip, fwhm_range,
                   stars, transparency_range, sky_rate, sky_variation, flat, pattern, dark,
                   row_adu, bias_adu, cr_rate, trail_px, truth_dir, write_crmasks, write_models,
                   wcs_cls, write_crcharge=False, psf_variation=0.0, psf_beta_range=None,
-                  clouds=None, seed=0, injections=()):
+                  clouds=None, seed=0, injections=(), target_radec=None):
     """A science (or focus) frame: stars through the true WCS, sky, dark, CRs, bleeding."""
     from astropy.io import fits
 
@@ -758,13 +749,16 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
     ok = (x > -r - 1) & (x < n + r) & (y > -r - 1) & (y < n + r)
     mags = stars[band][sel][ok]
     flux = 10 ** (-0.4 * (mags - zp))
-    x, y = x[ok], y[ok]
-    if injections:
-        x, y, flux = _inject(frame, injections, mid, band, wcs, zp, x, y, flux)
     if psf_variation:
-        model = _render_varying((n, n), fwhm / scale, beta, psf_variation, x, y, flux)
+        model = _render_varying((n, n), fwhm / scale, beta, psf_variation, x[ok], y[ok], flux)
     else:
-        model = render_stars((n, n), psf, x, y, flux)
+        model = render_stars((n, n), psf, x[ok], y[ok], flux)
+    if injections and frame.kind == "object":  # sim/inject.py, rendered as the stars are
+        from photowatch.sim.inject import render
+
+        frame.injected = render(injections, frame, frame.obs_time,
+                                frame.obs_time + timedelta(seconds=exptime), wcs, psf, zp,
+                                model, render_stars)
 
     background = pattern + np.float32(1.0)
     background *= np.float32(sky_e)
@@ -800,6 +794,10 @@ def _object_frame(rng, frame: SimFrame, *, n, scale, binning, mid, target, ra0, 
                       ra_deg=parse_sexagesimal(ra_txt, True),
                       dec_deg=parse_sexagesimal(dec_txt, False),
                       binning=binning, n=n, airmass_value=x_am)
+    if frame.kind == "object":  # the target's own coordinates (profile keys target_ra/_dec)
+        t_ra, t_dec = target_radec or (ra0, dec0)
+        hdr["OBJRA"] = (format_ra(t_ra), "target RA (hours)")
+        hdr["OBJDEC"] = (format_dec(t_dec), "target Dec (deg)")
     thdr = fits.Header(whdr)
     thdr["ORIGFILE"] = frame.raw_name
     sigma = np.sqrt(background.ravel()[idx] + dark.ravel()[idx] * exptime

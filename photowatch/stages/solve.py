@@ -250,6 +250,7 @@ def photometry(ctx: NightContext, frame: Frame, cat, ast_qc, reference, wcs, wcs
                   zp_scatter=_finite(zp.scatter), band=band)
         if zp.status == "ok":
             calibrated_magnitudes(cat, zp, frame.sci.shape)
+            qc["zp_spatial"] = [float(c) for c in zp.spatial] or None  # forced photometry
             zp_s = zp.magzp - 2.5 * math.log10(t)
             qc["zp_per_s"] = zp_s
             from astropy.table import Table

@@ -58,7 +58,10 @@ class CoaddBook:
         threads each resampling may use (:func:`photowatch.core.config.threads_per_worker`)
     """
 
-    def __init__(self, *, store, refs, settings, out: Path, in_background, threads: int = 1):
+    def __init__(self, *, store, refs, settings, out: Path, in_background, threads: int = 1,
+                 lightcurves=None):
+        #: issue 21: the light-curve book (coadd LIMMAG, forced points), or None
+        self.lightcurves = lightcurves
         self.store = store
         self.refs = refs
         self.settings = settings
@@ -235,6 +238,9 @@ class CoaddBook:
         # the quick-look coadd is not fsynced: the rename keeps it whole, and if a power
         # cut loses it the engine rebuilds it from the reduced frames (its members are
         # queued again when the file is unreadable)
+        # issue 21: LIMMAG into the header, forced photometry at the targets (after the row)
+        book = self.lightcurves
+        depth = book.coadd_hook(key, acc, header, magzp) if book is not None else {}
         acc.write(path, magzp=magzp, header_extra=header, fsync=False)
         png = None
         if self.settings.quicklook_png:
@@ -248,6 +254,8 @@ class CoaddBook:
             ncombine=len(acc), exptime=acc.exptime_s, magzp=magzp,
             grid=(grid or acc.grid).to_dict(), members=members,
             quicklook=str(png) if png else None, frame_updates=frame_updates)
+        if book is not None:
+            book.after_coadd(key, acc, path, magzp, depth)
 
     def _magzp(self, key: tuple) -> float | None:
         ref = self.refs.get(key[0], key[1], key[2], "zpref")

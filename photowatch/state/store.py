@@ -210,7 +210,27 @@ def _schema_candidates(db: sqlite_utils.Database) -> None:
     db["candidates"].create_index(["frame_id"], index_name="candidates_frame")
 
 
-MIGRATIONS = [_schema_v1, _schema_v2, _schema_candidates]
+def _schema_forced(db: sqlite_utils.Database) -> None:
+    """Issue 21 (lane live): forced photometry at targets, one row per night, target and
+    frame (``key`` = the frame's name) or quick-look coadd (``key`` = ``coadd:<filter>``):
+    a re-reduction or a coadd update replaces its point; and each coadd's depth."""
+    db["forced"].create({
+        "id": int, "night": str, "target": str, "key": str, "kind": str, "frame_id": int,
+        "filter": str, "mjd": float, "mjd_start": float, "mjd_end": float, "exptime": float,
+        "ra": float, "dec": float, "x": float, "y": float, "flux": float, "fluxerr": float,
+        "snr": float, "mag": float, "magerr": float, "limmag": float, "uplim": float,
+        "detected": int, "flags": int, "source": str, "product": str, "updated_at": str,
+    }, pk="id", not_null={"night", "target", "key", "kind", "updated_at"}, if_not_exists=True)
+    db["forced"].create_index(["night", "target", "key"], index_name="forced_key",
+                              unique=True, if_not_exists=True)
+    db["forced"].create_index(["night", "target"], index_name="forced_night_target",
+                              if_not_exists=True)
+    # the coadds' depth in a table of its own: the coadds rows stay as they were
+    db["coadd_depth"].create({"night": str, "target": str, "filter": str, "limmag": float},
+                             pk=("night", "target", "filter"), if_not_exists=True)
+
+
+MIGRATIONS = [_schema_v1, _schema_v2, _schema_candidates, _schema_forced]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1239,3 +1259,69 @@ class Store:
         return self.conn.execute(f"SELECT * FROM frames WHERE {sql} "
                                  "ORDER BY finished_at DESC, id DESC LIMIT 1",
                                  params).fetchone()
+
+    # ---- live lane (issue 21): forced photometry at targets, coadd depth
+    FORCED_FIELDS = ("kind", "frame_id", "filter", "mjd", "mjd_start", "mjd_end", "exptime",
+                     "ra", "dec", "x", "y", "flux", "fluxerr", "snr", "mag", "magerr",
+                     "limmag", "uplim", "detected", "flags", "source", "product")
+
+    def upsert_forced(self, night: str, target: str, key: str, **values) -> dict:
+        """Record a forced measurement; the point of the same (night, target, key) is
+        replaced (a re-reduced frame, an updated coadd), never added twice. Returns the
+        target's previous point of another key, kind and the same filter (by time), or
+        None, with ``others_detected``: how many other points of it were detected (read in
+        the same transaction as the write: workers racing see each other), for the alert
+        rules."""
+        cols = {k: values.get(k) for k in self.FORCED_FIELDS}
+        with self.transaction() as conn:
+            prev = conn.execute(
+                "SELECT * FROM forced WHERE night=? AND target=? AND key!=? AND filter IS ? "
+                "AND kind=? AND mjd < ? ORDER BY mjd DESC LIMIT 1",
+                (night, target, key, cols["filter"], cols["kind"],
+                 cols["mjd"] if cols["mjd"] is not None else 1e9)).fetchone()
+            others = conn.execute(
+                "SELECT COUNT(*) FROM forced WHERE night=? AND target=? AND key!=? AND "
+                "filter IS ? AND kind=? AND detected=1",
+                (night, target, key, cols["filter"], cols["kind"])).fetchone()[0]
+            names = ["night", "target", "key", *cols, "updated_at"]
+            conn.execute(
+                f"INSERT INTO forced({','.join(names)}) VALUES ({','.join('?' * len(names))}) "
+                "ON CONFLICT(night, target, key) DO UPDATE SET "
+                + ", ".join(f"{k}=excluded.{k}" for k in [*cols, "updated_at"]),
+                (night, target, key, *cols.values(), utcnow()))
+        return {"previous": dict(prev) if prev is not None else None,
+                "others_detected": int(others)}
+
+    def forced_points(self, night: str, target: str | None = None) -> list[dict]:
+        """Forced measurements of a night (one target or all), in time order."""
+        if target is None:
+            rows = self.conn.execute("SELECT * FROM forced WHERE night=? ORDER BY target, mjd",
+                                     (night,)).fetchall()
+        else:
+            rows = self.conn.execute("SELECT * FROM forced WHERE night=? AND target=? "
+                                     "ORDER BY mjd", (night, target)).fetchall()
+        return [dict(r) for r in rows]
+
+    def forced_targets(self, night: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT target FROM forced WHERE night=? ORDER BY target", (night,))]
+
+    def set_coadd_limmag(self, night: str, target: str, filter: str, limmag) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO coadd_depth(night, target, filter, limmag) "
+                         "VALUES (?,?,?,?)", (night, target, filter, limmag))
+
+    def coadd_limmag(self, night: str, target: str, filter: str) -> float | None:
+        row = self.conn.execute("SELECT limmag FROM coadd_depth WHERE night=? AND target=? "
+                                "AND filter=?", (night, target, filter)).fetchone()
+        return row[0] if row else None
+
+    def frame_qc_by_name(self, night: str, names) -> dict[str, dict]:
+        """qc of the named frames of a night (``name`` -> qc dict)."""
+        names = list(names)
+        if not names:
+            return {}
+        rows = self.conn.execute(
+            f"SELECT name, qc_json FROM frames WHERE night=? AND name IN "
+            f"({','.join('?' * len(names))})", (night, *names)).fetchall()
+        return {r["name"]: json.loads(r["qc_json"] or "{}") for r in rows}

@@ -63,6 +63,10 @@ class Keys(_Model):
     target_template: str = ""
     ra: list[str] = ["RA", "OBJRA", "TELRA"]
     dec: list[str] = ["DEC", "OBJDEC", "TELDEC"]
+    #: the target's own coordinates (not the pointing), for forced photometry (issue 21);
+    #: read with ``radec_format``; [] = the header has none
+    target_ra: list[str] = []
+    target_dec: list[str] = []
     radec_format: Literal["auto", "degrees", "sexagesimal"] = "auto"
     camera: list[str] = []
     camera_from_filename: bool = False

@@ -1,0 +1,187 @@
+"""Forced photometry at given sky positions (issue 21): the same aperture, aperture
+correction and zero point as the catalogue (CAT), measured whether or not a source was
+detected there.
+
+Per position: the aperture sum at the WCS position (no re-centring: a forced measurement
+must not wander onto a neighbour) less the local background (clipped median of an
+annulus, :func:`photowatch.stages.depth.local_background`: a target sits on whatever the
+sky subtraction left there), its error from the ERR plane (sky, read noise and the
+source's own Poisson noise) with the background part scaled by the frame's measured
+``noise_factor`` (:func:`photowatch.stages.depth.empty_aperture_noise`), S/N, the
+calibrated magnitude when detected (S/N >= nsigma) and always the ``nsigma`` upper limit
+at that position (``LIMMAG`` with the local noise). Pure: arrays and numbers in, a table
+out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from photowatch.core.frame import Mask
+
+#: a target whose aperture touches one of these pixels is flagged (its flux is kept)
+_FLAG_BITS = int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT | Mask.SATURATED)
+
+FLAG_OFFFRAME = 1  #: the position is not on the frame (no measurement)
+FLAG_MASKED = 2  #: a bad, no-data, low-flat or saturated pixel in the aperture
+FLAG_EDGE = 4  #: the aperture is cut by the frame's edge
+FLAG_NOWCS = 8  #: the frame has no astrometric solution
+FLAG_NOBKG = 16  #: no local background (annulus off the frame or masked): global sky kept
+FLAG_COSMIC = 32  #: cosmic-ray-cleaned pixels in the core (r < max(2, r_ap / 2)): a faint
+#: sharp source may have been taken for a cosmic ray and removed
+
+COLUMNS = ("name", "ra", "dec", "x", "y", "flux", "fluxerr", "snr", "mag", "magerr",
+           "limmag", "uplim", "limflux", "detected", "flags")
+
+
+def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None, wcs,
+                      targets: Iterable[tuple[str, float, float]], *, r_ap_px: float,
+                      apcor: float = 1.0, magzp: float | Callable | None = None,
+                      magzp_err: float = 0.0, nsigma: float = 5.0,
+                      noise_factor: float = 1.0, local_bkg: bool = True):
+    """Aperture photometry at each target's position.
+
+    Parameters
+    ----------
+    sci, var, mask
+        The product's planes (electrons, electrons squared, MASK bits).
+    wcs
+        The frame's solution (astropy WCS) or None (every row flagged NOWCS).
+    targets
+        (name, ra_deg, dec_deg) triples.
+    r_ap_px, apcor
+        CAT's aperture radius (APRAD) and aperture correction (APCOR).
+    magzp
+        MAGZP (float), or a function ``zp(x, y)`` (a spatial zero point), or None
+        (no calibration: mag, magerr and limmag NaN; flux and S/N still given).
+    nsigma
+        Detection threshold and upper-limit significance.
+    noise_factor
+        Measured over ERR-predicted background noise of an aperture sum.
+    local_bkg
+        Subtract the annulus background (else the frame's sky subtraction alone).
+
+    Returns
+    -------
+    astropy.table.Table with :data:`COLUMNS` (flux and fluxerr aperture-corrected,
+    electrons; ``limmag``/``limflux`` the ``nsigma`` detection limit at the position;
+    ``detected`` = S/N >= nsigma; ``uplim``, for a non-detection, the magnitude of
+    ``max(flux, 0) + nsigma x fluxerr``: the source is fainter than that at the
+    ``nsigma`` level, NaN when detected).
+    """
+    import sep
+    from astropy.table import Table
+
+    from photowatch.stages.depth import ANNULUS, limiting_flux, local_background
+
+    targets = list(targets)
+    n = len(targets)
+    names = [str(t[0]) for t in targets]
+    ra = np.array([float(t[1]) for t in targets], float)
+    dec = np.array([float(t[2]) for t in targets], float)
+    ny, nx = sci.shape
+    flags = np.zeros(n, np.int16)
+    x = np.full(n, np.nan)
+    y = np.full(n, np.nan)
+    if wcs is not None and n:
+        x, y = (np.asarray(v, float) for v in wcs.all_world2pix(ra, dec, 0))
+    else:
+        flags |= FLAG_NOWCS
+    on = np.isfinite(x) & np.isfinite(y) & (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & \
+        (y < ny - 0.5)
+    flags |= np.where(on, 0, FLAG_OFFFRAME).astype(np.int16)
+    flux = np.full(n, np.nan)
+    fluxerr = np.full(n, np.nan)
+    limflux = np.full(n, np.nan)
+    r = float(r_ap_px)
+    half = int(math.ceil(ANNULUS[1] * r)) + 3
+    k2 = float(noise_factor) ** 2
+    area = math.pi * r * r
+    # each target in its own cutout: the cost is per target, not per frame pixel
+    for k in np.flatnonzero(on):
+        ix, iy = int(round(x[k])), int(round(y[k]))
+        x0, x1, y0, y1 = max(ix - half, 0), min(ix + half + 1, nx), max(iy - half, 0), \
+            min(iy + half + 1, ny)
+        data = np.array(sci[y0:y1, x0:x1], dtype=np.float32)
+        v = np.array(var[y0:y1, x0:x1], dtype=np.float32)
+        bad = ~np.isfinite(data) | ~(v > 0) | ~np.isfinite(v)
+        m = bad.copy()
+        cosmic = None
+        if mask is not None:
+            mk = np.asarray(mask[y0:y1, x0:x1])
+            m |= (mk & _FLAG_BITS) != 0
+            cosmic = ((mk & int(Mask.COSMIC)) != 0).astype(np.float32)
+        if bad.any():
+            data[bad] = 0.0
+            v[bad] = np.float32(np.median(v[~bad])) if (~bad).any() else np.float32(1.0)
+        xc, yc = np.array([x[k] - x0]), np.array([y[k] - y0])
+        f_ap, e_ap, aflag = sep.sum_circle(data, xc, yc, r, var=v, mask=m, subpix=5)
+        # truncated by the frame's edge (not by the cutout's)
+        trunc = (x[k] - r < -0.5) or (y[k] - r < -0.5) or (x[k] + r > nx - 0.5) or \
+            (y[k] + r > ny - 0.5)
+        f = 0
+        if aflag[0] & sep.APER_HASMASKED:
+            f |= FLAG_MASKED
+        if trunc:
+            f |= FLAG_EDGE
+        if cosmic is not None and cosmic.any():
+            hit, _, _ = sep.sum_circle(cosmic, xc, yc, max(2.0, r / 2), subpix=1)
+            if hit[0] > 0:
+                f |= FLAG_COSMIC
+        # the aperture's own background noise: the median variance of the annulus
+        # (without the source, whose Poisson noise is in e_ap) gives the local limit
+        sky_var = _local_variance(v, m, xc, yc, r)[0]
+        flux_ap = float(f_ap[0])
+        if local_bkg:
+            bkg, _ = local_background(data, m, xc, yc, r)
+            if np.isfinite(bkg[0]):
+                flux_ap -= area * float(bkg[0])
+            else:
+                f |= FLAG_NOBKG
+        sv = sky_var if np.isfinite(sky_var) else 0.0
+        e_tot = math.sqrt(max(float(e_ap[0]) ** 2 + (k2 - 1.0) * area * sv, 0.0))
+        flux[k] = flux_ap * apcor
+        fluxerr[k] = e_tot * apcor
+        limflux[k] = limiting_flux(math.sqrt(sky_var), r, apcor, nsigma, noise_factor) \
+            if sky_var > 0 else np.nan
+        flags[k] |= f
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.where(fluxerr > 0, flux / fluxerr, np.nan)
+    detected = np.isfinite(snr) & (snr >= nsigma)
+    zp = np.full(n, np.nan)
+    if magzp is not None:
+        zp = np.asarray(magzp(x, y), float) if callable(magzp) else np.full(n, float(magzp))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(detected & (flux > 0), zp - 2.5 * np.log10(np.where(flux > 0, flux, 1)),
+                       np.nan)
+        magerr = np.where(detected & (flux > 0), np.hypot(1.0857 * fluxerr / flux,
+                                                          magzp_err or 0.0), np.nan)
+        limmag = zp - 2.5 * np.log10(limflux)
+        # a non-detection's upper limit on the source itself: max(flux, 0) + nsigma error
+        upflux = np.maximum(np.where(np.isfinite(flux), flux, 0.0), 0.0) + nsigma * fluxerr
+        uplim = np.where(~detected & (upflux > 0), zp - 2.5 * np.log10(
+            np.where(upflux > 0, upflux, 1)), np.nan)
+    return Table({"name": names, "ra": ra, "dec": dec, "x": x, "y": y, "flux": flux,
+                  "fluxerr": fluxerr, "snr": snr, "mag": mag, "magerr": magerr,
+                  "limmag": limmag, "uplim": uplim, "limflux": limflux,
+                  "detected": detected, "flags": flags})
+
+
+def _local_variance(var: np.ndarray, mask: np.ndarray, x, y, r: float) -> list[float]:
+    """Median variance of an annulus (r .. 2r) around each position: the background
+    noise there without the source's own photons."""
+    ny, nx = var.shape
+    out = []
+    R = int(math.ceil(2 * r)) + 1
+    for xc, yc in zip(x, y):
+        x0, x1 = max(int(xc) - R, 0), min(int(xc) + R + 1, nx)
+        y0, y1 = max(int(yc) - R, 0), min(int(yc) + R + 1, ny)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        d2 = (xx - xc) ** 2 + (yy - yc) ** 2
+        sel = (d2 >= r * r) & (d2 <= 4 * r * r) & ~mask[y0:y1, x0:x1]
+        vals = var[y0:y1, x0:x1][sel]
+        out.append(float(np.median(vals)) if vals.size else float("nan"))
+    return out
