@@ -535,7 +535,9 @@ def _moffat_growth_fit(radii, growth, err, r_ap, at):
     from scipy.optimize import least_squares
 
     def enclosed(r, alpha, beta):
-        return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+        # a trial alpha near 0 overflows (r/alpha)**2: the limit, E = 1, is what it gives
+        with np.errstate(over="ignore"):
+            return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
 
     def resid(p):
         alpha, beta = np.exp(p[0]), 1.0 + np.exp(p[1])
