@@ -23,6 +23,7 @@ from photowatch import __version__
 from photowatch.report.candidates import candidate_facts
 from photowatch.report.latest import latest_frame_facts
 from photowatch.report.lightcurve import lightcurve_facts
+from photowatch.report.times import parse_time
 from photowatch.state.store import TERMINAL
 
 #: numbers of ``frames.qc_json`` copied into night.json
@@ -89,16 +90,6 @@ def num(value):
     except (TypeError, ValueError):
         return None
     return value if isinstance(value, int) or math.isfinite(value) else None
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def seconds_between(start: str | None, end: str | None) -> float | None:

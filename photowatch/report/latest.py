@@ -20,16 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from photowatch.io.fits import write_bytes
-
-
-def _parse(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+from photowatch.report.times import parse_time
 
 
 def _num(v, nd: int = 3):
@@ -43,7 +34,7 @@ def latest_frame_facts(store, night: str, now: datetime | None = None) -> dict |
         return None
     qc = json.loads(row["qc_json"]) if row["qc_json"] else {}
     now = now or datetime.now(UTC)
-    arrived = _parse(row["arrived_at"])
+    arrived = parse_time(row["arrived_at"])
     limmag = qc.get("limmag")
     if limmag is None:
         limmag = (qc.get("candidates") or {}).get("limmag_used")
