@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -54,7 +56,10 @@ def one_machine(archive, tmp_path_factory):
     """``reduce`` (one worker) then ``finalize`` of each night: the reference output."""
     rawdir, catalog = archive
     out = tmp_path_factory.mktemp("one_machine")
-    settings = Settings().with_overrides(paths={"output_dir": str(out)}, daemon={"workers": 1})
+    # every frame re-reduced with the final masters (none kept as "close enough"): what an
+    # archive reprocess does whatever calibration.final_tolerance says
+    settings = Settings().with_overrides(paths={"output_dir": str(out)}, daemon={"workers": 1},
+                                         calibration={"final_tolerance": 0.0})
     assert reduce_directory(rawdir, settings, catalog=catalog, workers=1, progress=False).ok
     for night in Store(out / "state.sqlite").nights():
         assert finalize(settings, night=night, catalog=catalog, workers=1).ok
@@ -110,7 +115,9 @@ def test_reprocess_on_a_local_cluster_equals_reduce_then_finalize(client, archiv
     rawdir, catalog = archive
     out = tmp_path / "out"
     seen = []
-    summary = reprocess(rawdir, _settings(out), catalog=catalog, client=client,
+    # a tolerance in the configuration does not let the reprocess keep provisional products
+    settings = _settings(out).with_overrides(calibration={"final_tolerance": 5.0})
+    summary = reprocess(rawdir, settings, catalog=catalog, client=client,
                         progress=False, on_progress=lambda *a: seen.append(a))
     assert summary.ok, summary.problems
     assert summary.nights == ["2020-01-28", "2020-01-29"] and summary.frames == 24
@@ -207,3 +214,47 @@ def test_reprocess_options_are_checked_before_work(tmp_path, capsys):
                      "--scheduler", "local:x"]) == 2
     err = capsys.readouterr().err
     assert "--nights" in err and "--scheduler" in err
+
+
+_FAULTS = """
+import os, resource, sys
+import numpy as np
+from photowatch.run.reprocess import tune_worker_process
+tuned = tune_worker_process() if sys.argv[1] == "tuned" else False
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    a = np.ones(1 << 20)  # 8 MiB, an image-sized array, freed at the next turn
+    del a
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_worker_process_gets_the_allocator_of_a_plain_process(tmp_path):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_: each image-sized array is then a new
+    mmap whose pages fault in again (the local:1 overhead). The task undoes it."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    faults = {}
+    for mode in ("plain", "tuned"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, text=True,
+                             capture_output=True, check=True).stdout.split()
+        faults[mode] = (out[0] == "True", int(out[1]))
+    assert faults["tuned"][0] and not faults["plain"][0]
+    assert faults["plain"][1] > 100 * 100  # every array faulted in again (2048 pages of 4 KiB)
+    assert faults["tuned"][1] * 10 < faults["plain"][1]
+
+
+def test_local_workers_share_the_cores_and_keep_the_default_allocator():
+    pytest.importorskip("distributed")
+    from photowatch.run.reprocess import _client
+
+    client, cluster = _client("local:1")
+    try:
+        env = client.run(lambda: {k: os.environ.get(k) for k in
+                                  ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    finally:
+        client.close()
+        cluster.close()
+    assert list(env.values()) == [{"MALLOC_TRIM_THRESHOLD_": None,
+                                   "OMP_NUM_THREADS": str(os.cpu_count() or 1)}]
