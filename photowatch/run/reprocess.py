@@ -21,10 +21,13 @@ rerun after its worker was lost, a second ``reprocess``) is dropped. A lost
 worker's task is rerun by Dask in a new scratch folder; folders of lost tries
 are removed at the end.
 
-Why a night, not a frame, is the unit today: a frame's reduction reads the
-night's running state (the master sky built from the frames before it, the
-field's reference frame, the last astrometric solutions), so frames are not
-yet independent without changing their results. ``reduce`` + ``finalize`` per
+Why a night, not a frame, is the unit today: a frame's final product depends
+on the night's quick-look pass, not only on the final masters (the final
+master sky is built from the patterns of the first, provisional reductions;
+field and zero-point references are claimed by each field's first frame;
+re-reductions read the warm starts and quality peers the frames before them
+left), so frames are not independent without changing their results
+(docs/reprocess.md). ``reduce`` + ``finalize`` per
 night is the one-machine result by construction (same code, one worker
 thread per night, so the order of frames is the observation order).
 
