@@ -56,10 +56,12 @@ def one_machine(archive, tmp_path_factory):
     """``reduce`` (one worker) then ``finalize`` of each night: the reference output."""
     rawdir, catalog = archive
     out = tmp_path_factory.mktemp("one_machine")
-    # every frame re-reduced with the final masters (none kept as "close enough"): what an
-    # archive reprocess does whatever calibration.final_tolerance says
+    # every frame re-reduced with the final masters by finalize (none kept as "close
+    # enough", no re-reduction in between): what an archive reprocess does whatever the
+    # configuration says (ARCHIVE_CALIBRATION)
     settings = Settings().with_overrides(paths={"output_dir": str(out)}, daemon={"workers": 1},
-                                         calibration={"final_tolerance": 0.0})
+                                         calibration={"final_tolerance": 0.0,
+                                                      "rereduce": "finalize"})
     assert reduce_directory(rawdir, settings, catalog=catalog, workers=1, progress=False).ok
     for night in Store(out / "state.sqlite").nights():
         assert finalize(settings, night=night, catalog=catalog, workers=1).ok
@@ -115,8 +117,10 @@ def test_reprocess_on_a_local_cluster_equals_reduce_then_finalize(client, archiv
     rawdir, catalog = archive
     out = tmp_path / "out"
     seen = []
-    # a tolerance in the configuration does not let the reprocess keep provisional products
-    settings = _settings(out).with_overrides(calibration={"final_tolerance": 5.0})
+    # a tolerance in the configuration does not let the reprocess keep provisional products,
+    # nor does the daemon's policy make it re-reduce before finalize
+    settings = _settings(out).with_overrides(calibration={"final_tolerance": 5.0,
+                                                          "rereduce": "idle"})
     summary = reprocess(rawdir, settings, catalog=catalog, client=client,
                         progress=False, on_progress=lambda *a: seen.append(a))
     assert summary.ok, summary.problems

@@ -68,6 +68,9 @@ log = get_logger("photowatch.run.reprocess")
 SCRATCH = ".reprocess"
 #: the Dask event topic the night tasks report progress on
 TOPIC = "photowatch-reprocess"
+#: what a reprocess sets whatever the configuration says (see :func:`reduce_night`); the
+#: one-machine equivalent of a reprocess is ``reduce`` + ``finalize`` with these settings
+ARCHIVE_CALIBRATION = {"final_tolerance": 0.0, "rereduce": "finalize"}
 #: files whose text may name the scratch folder (rewritten when published)
 TEXT_SUFFIXES = {".html", ".json", ".ecsv", ".reg", ".csv", ".txt", ".js", ".log"}
 
@@ -218,9 +221,12 @@ def reduce_night(plan: NightPlan, settings: Settings, out: str, *, catalog: str 
     scratch = Path(out) / SCRATCH / f"{plan.night}.{attempt}"
     scratch.mkdir(parents=True)
     # every frame ends reduced with the night's final masters: an archive has no hurry,
-    # so finalize keeps no frame for being close enough (calibration.final_tolerance)
+    # so finalize keeps no frame for being close enough (calibration.final_tolerance),
+    # and nobody looks at the night before finalize, so stale frames are re-reduced by
+    # finalize only, not also when the engine is idle in between (rereduce "finalize":
+    # the idle pass is work finalize redoes with the final masters anyway)
     local = settings.with_overrides(paths={"output_dir": str(scratch)}, daemon={"workers": 1},
-                                    calibration={"final_tolerance": 0.0})
+                                    calibration=ARCHIVE_CALIBRATION)
     store = Store(scratch / "state.sqlite", command="reprocess-night")
     if library:
         store.seed_masters(library)
