@@ -219,6 +219,12 @@ class Coadd(Section):
     #: dropped from the resident set once updated (the page cache keeps it): a 4k coadd
     #: costs ~0 resident instead of ~900 MB
     mmap: bool = True
+    #: ... for sums of at least this many MB (28 B per grid pixel: a 4k coadd's ~600 MB);
+    #: smaller ones stay in memory, where an add costs a third (no pages faulted back in)
+    mmap_min_mb: NonNegFloat = 256.0
+    #: MB of members' resamplings kept for the swap-out of a re-reduced frame (each at most
+    #: a quarter of it: 1k frames are kept, 4k ones are not); 0 = always resample again
+    swap_cache_mb: NonNegFloat = 64.0
     detect_sigma: PositiveFloat = 3.0
     #: coadd catalogue: at most this many sources (the brightest); a deep stack of a rich
     #: field holds far more than a single frame's cap (stages.sources.max_sources)

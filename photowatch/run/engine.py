@@ -553,7 +553,9 @@ class Engine:
         timings["masters"] = time.perf_counter() - t_ctx
         result = science.reduce_object(ctx, raw, header, apply=self.apply_update, timings=timings)
         if rereduce:
+            t1 = time.perf_counter()
             self.coadds.remove_old(row)
+            result.timings["swapout"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         paths = science.write_outputs(self, row, info, header, result)
         result.timings["write"] = time.perf_counter() - t1

@@ -294,33 +294,53 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
         if not flux0 > 0:
             continue
 
-        recent: dict = {}  # profiles of the last few shapes: flux and bg steps reuse them
+        last: dict = {}  # the point of the last evaluation: its Jacobian reuses the powers
 
-        def model(p, recent=recent):
-            cx, cy, flux, la, lb, bg = p
-            alpha, beta = np.exp(la), 1.0 + np.exp(lb)
-            shape = (cx, cy, la, lb)
-            prof = recent.get(shape)
-            if prof is None:
-                # the costly part (a power of every sub-pixel); the finite-difference
-                # Jacobian's steps in flux and bg (2 of its 6 evaluations) leave it as at
-                # the point the Jacobian is taken, 3 shapes back at most: same numbers
-                px = (gx - cx) ** 2
-                py = (gy - cy) ** 2
-                prof = (1.0 + (py[:, None] + px[None, :]) / alpha**2) ** (-beta)
-                prof = prof.reshape(w, _FIT_SUB, w, _FIT_SUB).mean(axis=(1, 3))
-                if len(recent) >= 4:
-                    del recent[next(iter(recent))]
-                recent[shape] = prof
-            return flux * (beta - 1.0) / (np.pi * alpha**2) * prof + bg
+        def terms(p, last=last):
+            """Sub-pixel powers at ``p``: q = 1 + r²/alpha², t = q^-beta (memo of one)."""
+            key = (p[0], p[1], p[3], p[4])
+            if last.get("key") != key:
+                cx, cy, _, la, lb, _ = p
+                alpha2 = np.exp(2.0 * la)
+                beta = 1.0 + np.exp(lb)
+                dx = gx - cx
+                dy = gy - cy
+                q = 1.0 + (dy[:, None] ** 2 + dx[None, :] ** 2) / alpha2
+                lnq = np.log(q)
+                t = np.exp(-beta * lnq)
+                last.update(key=key, dx=dx, dy=dy, q=q, lnq=lnq, t=t, alpha2=alpha2,
+                            beta=beta)
+            return last
+
+        def binned(a):  # sub-pixels -> pixels (mean)
+            return a.reshape(w, _FIT_SUB, w, _FIT_SUB).mean(axis=(1, 3))
 
         def resid(p, v=v, e=e, ok=ok):
-            return ((model(p) - v) / e)[ok]
+            c = terms(p)
+            norm = p[2] * (c["beta"] - 1.0) / (np.pi * c["alpha2"])
+            return ((norm * binned(c["t"]) + p[5] - v) / e)[ok]
+
+        def jac(p, e=e, ok=ok):
+            # analytic derivatives of the pixel-integrated Moffat (the finite-difference
+            # Jacobian cost 4 more powers of every sub-pixel and scipy's bookkeeping)
+            c = terms(p)
+            beta, alpha2, t, q = c["beta"], c["alpha2"], c["t"], c["q"]
+            norm = p[2] * (beta - 1.0) / (np.pi * alpha2)
+            prof = binned(t)
+            t1 = t / q  # q^-(beta+1)
+            g = (2.0 * beta / alpha2) * t1
+            d_cx = norm * binned(g * c["dx"][None, :])
+            d_cy = norm * binned(g * c["dy"][:, None])
+            d_la = norm * (binned(beta * 2.0 * (q - 1.0) * t1) - 2.0 * prof)
+            d_lb = norm * (prof - (beta - 1.0) * binned(c["lnq"] * t))
+            d_flux = (beta - 1.0) / (np.pi * alpha2) * prof
+            cols = [d_cx, d_cy, d_flux, d_la, d_lb, np.ones_like(prof)]
+            return np.stack([col[ok] / e[ok] for col in cols], axis=1)
 
         alpha0 = fwhm0 / (2.0 * np.sqrt(2.0 ** (1 / 3.0) - 1.0))
         p0 = [fx, fy, flux0, np.log(alpha0), np.log(2.0), 0.0]
         try:
-            fit = least_squares(resid, p0, method="trf", x_scale="jac",
+            fit = least_squares(resid, p0, jac=jac, method="trf", x_scale="jac",
                                 bounds=([-2, -2, 0, np.log(0.1), np.log(0.2), -np.inf],
                                         [2, 2, np.inf, np.log(2000), np.log(499), np.inf]))
         except (ValueError, FloatingPointError):

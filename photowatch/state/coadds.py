@@ -16,7 +16,11 @@ frame's reason).
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
+
+import numpy as np
 
 from photowatch.coadd.stack import (
     Accumulator,
@@ -71,6 +75,12 @@ class CoaddBook:
         self._accs: dict[tuple, object] = {}
         self._dirty: set[tuple] = set()
         self._locks = NamedLocks()
+        #: (coadd key, member id) -> what was added (bbox, data, packed good, grid), oldest
+        #: first, at most ``coadd.swap_cache_mb``: a re-reduced frame's swap-out subtracts
+        #: it instead of reading and resampling the old product again (issue 23)
+        self._added: OrderedDict[tuple, tuple] = OrderedDict()
+        self._added_bytes = 0
+        self._added_guard = threading.Lock()
 
     # ------------------------------------------------------------------ paths and locks
     def path(self, night: str, target: str, filt: str) -> Path:
@@ -108,13 +118,15 @@ class CoaddBook:
                 from astropy.io import fits
 
                 if fits.getheader(path).get("STACKTYP", "QUICKLOOK") == "QUICKLOOK":
-                    acc = Accumulator.load(path, backing=self._backing(path))
+                    acc = Accumulator.load(path, backing=self._backing(path),
+                                           map_min_mb=self.settings.mmap_min_mb)
             except Exception as exc:  # unreadable quick-look: start again from the products
                 log.warning("coadd_unreadable", file=path.name, problem=str(exc),
                             action="rebuilt from the reduced frames")
                 acc = None
         if acc is None:
-            acc = Accumulator(grid, backing=self._backing(path))
+            acc = Accumulator(grid, backing=self._backing(path),
+                              map_min_mb=self.settings.mmap_min_mb)
             # a fresh accumulator: every frame of this coadd must be added again
             self.store.readd_to_coadd(*key)
         self._accs[key] = acc
@@ -147,8 +159,10 @@ class CoaddBook:
             acc = self._accumulator(key, grid)
             if old not in acc:
                 return
-            sci, mask, header = read_planes_for_stacking(row["product"])
-            res = self._resample(sci, None, mask, _wcs(header), acc.grid)
+            res = self._take_added(key, old, acc.grid)
+            if res is None:  # not kept (a restart, a 4k frame): resample the old product
+                sci, mask, header = read_planes_for_stacking(row["product"])
+                res = self._resample(sci, None, mask, _wcs(header), acc.grid)
             acc.remove(old, res)
             # written with the new version's addition (or by flush, if it is not stacked)
             self._dirty.add(key)
@@ -199,6 +213,7 @@ class CoaddBook:
                             action="left in the quick-look; the final coadd is rebuilt")
             acc.add(mid, res, flxscale=flx, skynoise=skynoise, exptime_s=info.exptime_s,
                     header=frame.header)
+            self._keep_added(key, mid, res, acc.grid)
             self._write(key, acc, grid=grid, frame_updates={row["id"]: {"coadd": "added"}})
         return True
 
@@ -221,9 +236,59 @@ class CoaddBook:
             return acc.grid
         grid, dy, dx = grown
         acc.grow(grid, dy, dx)
+        self._shift_added(key, grid, dy, dx)
         log.info("coadd_grown", file=row["raw_name"], coadd=self.path(*key).name,
                  shape=list(grid.shape), action="grid enlarged to cover the frame")
         return grid
+
+    # ------------------------------------------------------------------ swap-out cache
+    def _keep_added(self, key: tuple, mid: str, res, grid) -> None:
+        """Keep a member's resampling for its swap-out, within ``coadd.swap_cache_mb``.
+
+        Kept as added (data, and ``good`` packed to bits), so the swap-out subtracts
+        exactly what went in. A resampling over a quarter of the budget is not kept (a 4k
+        frame's is ~70 MB: the daemon's memory at 4k does not grow); the oldest go first.
+        """
+        budget = int(self.settings.swap_cache_mb * 2**20)
+        nbytes = res.data.nbytes + res.good.size // 8 + 1
+        if budget <= 0 or nbytes > budget // 4:
+            return
+        entry = (tuple(res.bbox), res.data, np.packbits(res.good, axis=None),
+                 res.good.shape, _grid_id(grid), nbytes)
+        with self._added_guard:
+            old = self._added.pop((key, mid), None)
+            if old is not None:
+                self._added_bytes -= old[-1]
+            self._added[(key, mid)] = entry
+            self._added_bytes += nbytes
+            while self._added_bytes > budget:
+                _, dropped = self._added.popitem(last=False)
+                self._added_bytes -= dropped[-1]
+
+    def _take_added(self, key: tuple, mid: str, grid):
+        """The kept resampling of a member on ``grid`` (removed from the cache), or None."""
+        from photowatch.coadd.resample import Resampled
+
+        with self._added_guard:
+            entry = self._added.pop((key, mid), None)
+            if entry is None:
+                return None
+            self._added_bytes -= entry[-1]
+        bbox, data, packed, shape, grid_id, _ = entry
+        if grid_id != _grid_id(grid):
+            return None
+        good = np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).view(bool)
+        return Resampled(bbox=bbox, data=data, var=None, good=good)
+
+    def _shift_added(self, key: tuple, grid, dy: int, dx: int) -> None:
+        """The grid of a coadd grew: its kept members' pixels moved by (dy, dx)."""
+        new_id = _grid_id(grid)
+        with self._added_guard:
+            for k, (bbox, data, packed, shape, _, nbytes) in list(self._added.items()):
+                if k[0] == key:
+                    y0, y1, x0, x1 = bbox
+                    self._added[k] = ((y0 + dy, y1 + dy, x0 + dx, x1 + dx), data, packed,
+                                      shape, new_id, nbytes)
 
     def _mark_added(self, key, acc, frame_id) -> None:
         self.store.update_frame(frame_id, coadd="added")
@@ -283,6 +348,10 @@ class CoaddBook:
             log.error("coadd_add_failed", file=row["raw_name"], problem=str(exc),
                       action="left out of the quick-look coadd")
         return True
+
+
+def _grid_id(grid) -> str:
+    return json.dumps(grid.to_dict(), sort_keys=True)
 
 
 def _wcs(header):
