@@ -389,13 +389,17 @@ def _robust_median(values: np.ndarray, nsigma: float = 3.0) -> tuple[float, np.n
     return float(np.median(values[keep])), keep
 
 
-def _extract(data, var, mask, settings: Sources):
+def _extract(data, var, mask, settings: Sources, *, thresh: float | None = None,
+             minarea: int | None = None, kernel: np.ndarray | None = None):
     import sep
 
-    kwargs = dict(var=var, mask=mask, minarea=settings.min_area_px, filter_type="conv",
-                  deblend_cont=0.005, clean=True)
+    kwargs = dict(var=var, mask=mask, minarea=settings.min_area_px if minarea is None
+                  else minarea, filter_type="conv", deblend_cont=0.005, clean=True)
+    if kernel is not None:
+        kwargs["filter_kernel"] = kernel
+    thresh = settings.detect_sigma if thresh is None else thresh
     try:
-        return sep.extract(data, settings.detect_sigma, **kwargs)
+        return sep.extract(data, thresh, **kwargs)
     except Exception as exc:  # sep raises a plain Exception on buffer overflow
         if "overflow" not in str(exc) and "buffer" not in str(exc):
             raise
@@ -404,9 +408,83 @@ def _extract(data, var, mask, settings: Sources):
     old = sep.get_extract_pixstack()
     sep.set_extract_pixstack(max(old * 10, data.size // 4))
     try:
-        return sep.extract(data, settings.detect_sigma, **kwargs)
+        return sep.extract(data, thresh, **kwargs)
     finally:
         sep.set_extract_pixstack(old)
+
+
+#: half-size (pixels) of the PSF-matched detection kernel: 1 FWHM, at least 2 and at most
+#: this (its cost grows with its area: 0.2 s of CPU at 4k for a 9x9 kernel)
+_PSF_KERNEL_MAX_HALF = 8
+
+
+def psf_kernel(fwhm_px: float) -> np.ndarray:
+    """A circular Gaussian of the frame's FWHM, ±1 FWHM wide, normalised to sum 1: the
+    matched filter of a point source (a Moffat's wings add little signal per pixel)."""
+    half = int(np.clip(np.ceil(fwhm_px), 2, _PSF_KERNEL_MAX_HALF))
+    s2 = (fwhm_px / GAUSS_FWHM) ** 2
+    o = np.arange(-half, half + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (o[:, None] ** 2 + o[None, :] ** 2) / s2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def psf_threshold(kernel: np.ndarray, fwhm_px: float, r_ap_px: float, snr: float) -> float:
+    """The threshold (units of the pixel noise, sep's ``'conv'`` filter) of the filtered
+    image at which a point source peaks when the CAT aperture of radius ``r_ap_px`` would
+    measure it at ``snr`` (background noise only, as LIMMAG's definition at the limit).
+
+    With the kernel ``K`` (sum 1) and the point source's pixel-integrated profile ``P``
+    (total 1; a Gaussian of ``fwhm_px``) a source of total flux ``F`` peaks at
+    ``F sum(K P)``; the aperture measures ``F EE(r)`` with noise ``sigma sqrt(pi r^2)``.
+    So the threshold is ``snr sqrt(pi) r sum(K P) / EE(r)``: in units of the filtered
+    image's own noise (``sigma sqrt(sum K^2)``) this is ``snr`` times the matched filter's
+    gain over the aperture (about 2.3 for r = 2 FWHM).
+    """
+    half = kernel.shape[0] // 2
+    s = fwhm_px / GAUSS_FWHM
+    sub = (np.arange(5) + 0.5) / 5 - 0.5
+    o = np.arange(-half, half + 1, dtype=np.float64)
+    g = np.exp(-0.5 * ((o[:, None] + sub[None, :]) / s) ** 2).mean(axis=1) / (
+        np.sqrt(2 * np.pi) * s)
+    peak = float((kernel * np.outer(g, g)).sum())
+    ee = 1.0 - np.exp(-0.5 * (r_ap_px / s) ** 2)
+    return float(snr * np.sqrt(np.pi) * r_ap_px * peak / ee)
+
+
+def _detect_faint(data, var, mask, bright, fwhm_px: float, settings: Sources):
+    """Faint point sources the first pass missed: a PSF-matched detection pass.
+
+    The first pass (``detect_sigma`` per pixel over ``min_area_px`` pixels, sep's 3x3
+    kernel) keeps the catalogue's bright, clean list as it was (astrometry, FWHM, APCOR
+    and zero point take their stars from it); it needs an aperture S/N of ~11 to detect a
+    point source. This pass filters with a Gaussian of the frame's FWHM
+    (:func:`psf_kernel`) and thresholds at :func:`psf_threshold` for
+    ``psf_detect_snr`` in the CAT aperture, one pixel above it enough (the filter already
+    integrates the source): it reaches the depth LIMMAG states (benchmarks/README.md,
+    "Depth"). Its objects within a first-pass object (its isophotal radius, at least one
+    FWHM) are dropped: those are the first pass's objects again, or their wings.
+    """
+    from scipy.spatial import cKDTree
+
+    if not (np.isfinite(fwhm_px) and fwhm_px > 0):
+        return bright[:0]
+    kernel = psf_kernel(fwhm_px)
+    thresh = psf_threshold(kernel, fwhm_px, settings.aperture_fwhm * fwhm_px,
+                           settings.psf_detect_snr)
+    found = _extract(data, var, mask, settings, thresh=thresh, minarea=1, kernel=kernel)
+    if not len(found) or not len(bright):
+        return found
+    radius = np.maximum(np.sqrt(bright["npix"] / np.pi), fwhm_px)
+    tree = cKDTree(np.column_stack([bright["x"], bright["y"]]))
+    k = min(8, len(bright))
+    d, j = tree.query(np.column_stack([found["x"], found["y"]]), k=k,
+                      distance_upper_bound=float(radius.max()))
+    d, j = d.reshape(len(found), k), j.reshape(len(found), k)
+    inside = np.isfinite(d) & (d < radius[np.minimum(j, len(bright) - 1)])
+    extra = found[~inside.any(axis=1)]
+    log.debug("psf-matched pass: %d objects, %d new (threshold %.2f sigma per pixel)",
+              len(found), len(extra), thresh)
+    return extra
 
 
 def _fill_from_neighbours(data: np.ndarray, where: np.ndarray, half: int = 2) -> np.ndarray:
@@ -662,6 +740,21 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     med0 = float(np.median(fwhm0[starlike])) if starlike.any() else GAUSS_FWHM * max(sig_iso, 1)
     size_ref = float(np.median(np.sqrt(a[bright][starlike] * b[bright][starlike]))) \
         if starlike.any() else sig_iso
+
+    # faint point sources: a second, PSF-matched pass (see _detect_faint)
+    if settings.psf_detect_snr > 0:
+        extra = _detect_faint(data, var, detect_mask, objects, med0, settings)
+        if len(extra):
+            objects = np.concatenate([objects, extra.astype(objects.dtype)])
+            if len(objects) > settings.max_sources:
+                order = np.argsort(-objects["flux"])[: settings.max_sources]
+                objects = objects[np.sort(order)]
+            n = len(objects)
+            x0 = objects["x"].astype(np.float64)
+            y0 = objects["y"].astype(np.float64)
+            a = objects["a"].astype(np.float64)
+            b = objects["b"].astype(np.float64)
+            sepflags = objects["flag"].astype(np.int16)
 
     # windowed centroids (SExtractor XWIN/YWIN): the stellar window, wider for extended objects
     import sep
