@@ -430,16 +430,11 @@ def psf_kernel(fwhm_px: float) -> np.ndarray:
 
 def psf_threshold(kernel: np.ndarray, fwhm_px: float, r_ap_px: float, snr: float) -> float:
     """The threshold (units of the pixel noise, sep's ``'conv'`` filter) of the filtered
-    image at which a point source peaks when the CAT aperture of radius ``r_ap_px`` would
-    measure it at ``snr`` (background noise only, as LIMMAG's definition at the limit).
-
-    With the kernel ``K`` (sum 1) and the point source's pixel-integrated profile ``P``
-    (total 1; a Gaussian of ``fwhm_px``) a source of total flux ``F`` peaks at
-    ``F sum(K P)``; the aperture measures ``F EE(r)`` with noise ``sigma sqrt(pi r^2)``.
-    So the threshold is ``snr sqrt(pi) r sum(K P) / EE(r)``: in units of the filtered
-    image's own noise (``sigma sqrt(sum K^2)``) this is ``snr`` times the matched filter's
-    gain over the aperture (about 2.3 for r = 2 FWHM).
-    """
+    image at which a Gaussian point source of FWHM ``fwhm_px`` peaks when the CAT aperture
+    of radius ``r_ap_px`` measures it at ``snr`` (background noise only, LIMMAG's
+    definition at the limit): ``snr sqrt(pi) r sum(K P) / EE(r)`` with ``K`` the kernel
+    (sum 1) and ``P`` the pixel-integrated profile (total 1). The model when the frame
+    has too few bright stars for :func:`_matched_gain`."""
     half = kernel.shape[0] // 2
     s = fwhm_px / GAUSS_FWHM
     sub = (np.arange(5) + 0.5) / 5 - 0.5
@@ -451,6 +446,80 @@ def psf_threshold(kernel: np.ndarray, fwhm_px: float, r_ap_px: float, snr: float
     return float(snr * np.sqrt(np.pi) * r_ap_px * peak / ee)
 
 
+#: bright stars measured for the filter's gain
+_GAIN_STARS = 30
+
+
+def _matched_gain(data, mask, kernel, bright, r_ap: float) -> tuple[float, int]:
+    """Peak of the filtered image over the flux in the CAT aperture, measured on the
+    frame's brightest clean first-pass objects (median; the PSF's own shape, whatever
+    it is: a Moffat peaks lower than a Gaussian of its FWHM). NaN with fewer than 3."""
+    import sep
+
+    half = kernel.shape[0] // 2
+    ok = (bright["flag"] == 0) & (bright["npix"] >= 5)
+    idx = np.flatnonzero(ok)
+    idx = idx[np.argsort(-bright["flux"][idx])][: 3 * _GAIN_STARS]
+    if idx.size < 3:
+        return float("nan"), 0
+    x, y = bright["x"][idx].astype(np.float64), bright["y"][idx].astype(np.float64)
+    ny, nx = data.shape
+    inside = (x > r_ap + half + 2) & (x < nx - r_ap - half - 3) & \
+        (y > r_ap + half + 2) & (y < ny - r_ap - half - 3)
+    x, y = x[inside], y[inside]
+    if mask is not None and mask.any() and x.size:
+        hit = _mask_bits(mask.view(np.uint8), x, y, r_ap) != 0
+        x, y = x[~hit], y[~hit]
+    # unsaturated: the brightest of them may be flat-topped (no mask bit when the
+    # caller kept saturated pixels): the top third is dropped
+    x, y = x[x.size // 3:][:_GAIN_STARS], y[y.size // 3:][:_GAIN_STARS]
+    if x.size < 3:
+        return float("nan"), 0
+    flux, _, _ = sep.sum_circle(data, x, y, r_ap, subpix=5)
+    xi, yi = np.rint(x).astype(np.intp), np.rint(y).astype(np.intp)
+    stamps, _, _ = _stamps(data, xi, yi, half + 2, np.float32(0))
+    w = kernel.shape[0]
+    peaks = np.full(x.size, -np.inf)
+    for dy in range(5):  # the filtered values at the 5x5 pixels about each centre
+        for dx in range(5):
+            v = (stamps[:, dy:dy + w, dx:dx + w] * kernel).sum(axis=(1, 2))
+            peaks = np.maximum(peaks, v)
+    good = flux > 0
+    if good.sum() < 3:
+        return float("nan"), 0
+    return float(np.median(peaks[good] / flux[good])), int(good.sum())
+
+
+def _filtered_noise(data, var, mask, kernel, box: int = 1024) -> float:
+    """Measured over predicted noise of the filtered image: the robust (MAD) scatter of
+    ``K * data`` over ``sigma sqrt(sum K^2)`` in a central box (faint stars below the
+    threshold and what the sky subtraction left add to ERR, as for LIMMAG's empty
+    apertures); clipped to 0.8-3, 1.0 when it cannot be measured. The kernel is
+    separable (:func:`psf_kernel`): two 1-d passes, ~20 ms for the 1024^2 box."""
+    from scipy.ndimage import correlate1d
+
+    ny, nx = data.shape
+    y0, x0 = max((ny - box) // 2, 0), max((nx - box) // 2, 0)
+    d = data[y0:y0 + box, x0:x0 + box]
+    g = kernel.sum(axis=0).astype(np.float32)  # K = outer(g, g), g sums to 1
+    f = correlate1d(correlate1d(d, g, axis=0, mode="constant"), g, axis=1, mode="constant")
+    pred = np.sqrt(var[y0:y0 + box, x0:x0 + box]) * np.float32(np.sqrt((kernel ** 2).sum()))
+    h = kernel.shape[0]
+    ok = pred > 0
+    ok[:h], ok[-h:], ok[:, :h], ok[:, -h:] = False, False, False, False
+    if mask is not None:
+        m = mask[y0:y0 + box, x0:x0 + box]
+        if m.any():
+            from scipy.ndimage import maximum_filter
+
+            ok &= ~maximum_filter(m, size=h)
+    if ok.sum() < 1000:
+        return 1.0
+    z = f[ok] / pred[ok]
+    width = 1.4826 * float(np.median(np.abs(z - np.median(z))))
+    return float(np.clip(width, 0.8, 3.0)) if np.isfinite(width) else 1.0
+
+
 def _detect_faint(data, var, mask, bright, fwhm_px: float, settings: Sources):
     """Faint point sources the first pass missed: a PSF-matched detection pass.
 
@@ -458,19 +527,29 @@ def _detect_faint(data, var, mask, bright, fwhm_px: float, settings: Sources):
     kernel) keeps the catalogue's bright, clean list as it was (astrometry, FWHM, APCOR
     and zero point take their stars from it); it needs an aperture S/N of ~11 to detect a
     point source. This pass filters with a Gaussian of the frame's FWHM
-    (:func:`psf_kernel`) and thresholds at :func:`psf_threshold` for
-    ``psf_detect_snr`` in the CAT aperture, one pixel above it enough (the filter already
-    integrates the source): it reaches the depth LIMMAG states (benchmarks/README.md,
-    "Depth"). Its objects within a first-pass object (its isophotal radius, at least one
-    FWHM) are dropped: those are the first pass's objects again, or their wings.
+    (:func:`psf_kernel`) and thresholds where a point source peaks whose CAT-aperture S/N
+    is ``psf_detect_snr``, against the measured noise: the filter's gain (peak over
+    aperture flux) measured on the frame's bright stars (:func:`_matched_gain`; the
+    Gaussian model :func:`psf_threshold` without them) times the filtered image's
+    measured noise excess (:func:`_filtered_noise`, the counterpart of LIMMAG's empty
+    apertures). One pixel above the threshold is enough (the filter already integrates
+    the source). It reaches the depth LIMMAG states (benchmarks/README.md, "Depth").
+    Its objects within a first-pass object (its isophotal radius, at least one FWHM) are
+    dropped: those are the first pass's objects again, or their wings.
     """
     from scipy.spatial import cKDTree
 
     if not (np.isfinite(fwhm_px) and fwhm_px > 0):
         return bright[:0]
     kernel = psf_kernel(fwhm_px)
-    thresh = psf_threshold(kernel, fwhm_px, settings.aperture_fwhm * fwhm_px,
-                           settings.psf_detect_snr)
+    r_ap = settings.aperture_fwhm * fwhm_px
+    gain, n_gain = _matched_gain(data, mask, kernel, bright, r_ap)
+    if np.isfinite(gain) and gain > 0:
+        thresh = settings.psf_detect_snr * gain * np.sqrt(np.pi) * r_ap
+    else:
+        thresh = psf_threshold(kernel, fwhm_px, r_ap, settings.psf_detect_snr)
+    excess = _filtered_noise(data, var, mask, kernel)
+    thresh *= excess
     found = _extract(data, var, mask, settings, thresh=thresh, minarea=1, kernel=kernel)
     if not len(found) or not len(bright):
         return found
@@ -482,8 +561,9 @@ def _detect_faint(data, var, mask, bright, fwhm_px: float, settings: Sources):
     d, j = d.reshape(len(found), k), j.reshape(len(found), k)
     inside = np.isfinite(d) & (d < radius[np.minimum(j, len(bright) - 1)])
     extra = found[~inside.any(axis=1)]
-    log.debug("psf-matched pass: %d objects, %d new (threshold %.2f sigma per pixel)",
-              len(found), len(extra), thresh)
+    log.debug("psf-matched pass: threshold %.2f sigma per pixel (gain from %d stars, noise "
+              "excess %.2f): %d objects, %d new", thresh, n_gain, excess, len(found),
+              len(extra))
     return extra
 
 
