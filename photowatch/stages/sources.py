@@ -4,7 +4,9 @@
 as the per-pixel noise (the threshold is ``detect_sigma`` times ERR) and its
 MASK plane (bad, no-data and low-flat pixels are excluded from detection;
 saturated pixels are kept so a saturated star is detected as one object and
-then flagged). For every source it measures a windowed centroid
+then flagged). A second, PSF-matched pass (:func:`_detect_faint`) adds the faint
+point sources down to ``psf_detect_snr`` in the CAT aperture: the depth LIMMAG
+states (stages/depth.py). For every source it measures a windowed centroid
 (``sep.winpos``, SExtractor's XWIN/YWIN), a FWHM, an ellipticity, the flux in
 a circular aperture of radius ``aperture_fwhm`` times the frame's median
 stellar FWHM, and an aperture-corrected total flux.
@@ -726,7 +728,9 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
         ``detect_sigma`` (threshold in units of ERR), ``min_area_px``,
         ``aperture_fwhm`` (aperture radius in units of the median FWHM),
         ``apcor_radius_fwhm`` (radius of the large aperture of the aperture
-        correction, in FWHM), ``max_sources`` (the brightest are kept).
+        correction, in FWHM), ``max_sources`` (the brightest are kept),
+        ``psf_detect_snr`` (the PSF-matched pass's threshold: S/N in the CAT
+        aperture; 0 = off).
     pixel_scale_arcsec : float
         Pixel scale (arcsec per pixel), for ``fwhm_arcsec``.
 
@@ -822,13 +826,15 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
         if starlike.any() else sig_iso
 
     # faint point sources: a second, PSF-matched pass (see _detect_faint)
+    first_pass = np.ones(n, bool)
     if settings.psf_detect_snr > 0:
         extra = _detect_faint(data, var, detect_mask, objects, med0, settings)
         if len(extra):
             objects = np.concatenate([objects, extra.astype(objects.dtype)])
+            first_pass = np.r_[first_pass, np.zeros(len(extra), bool)]
             if len(objects) > settings.max_sources:
-                order = np.argsort(-objects["flux"])[: settings.max_sources]
-                objects = objects[np.sort(order)]
+                order = np.sort(np.argsort(-objects["flux"])[: settings.max_sources])
+                objects, first_pass = objects[order], first_pass[order]
             n = len(objects)
             x0 = objects["x"].astype(np.float64)
             y0 = objects["y"].astype(np.float64)
@@ -918,9 +924,9 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     if use.any() and r_big > r_ap:
         from scipy.spatial import cKDTree
 
-        tree = cKDTree(np.column_stack([x, y]))
-        # isolated: no other detection within the large aperture (the annulus sky is a
-        # clipped median, robust to a neighbour)
+        # isolated: no other first-pass detection within the large aperture (the annulus
+        # sky and the rings are medians, robust to a faint neighbour)
+        tree = cKDTree(np.column_stack([x[first_pass], y[first_pass]]))
         counts = tree.query_ball_point(np.column_stack([x[use], y[use]]), r_big + r_ap,
                                        return_length=True)
         idx = np.flatnonzero(use)[counts == 1]
