@@ -57,6 +57,11 @@ class SourceFlag(IntFlag):
     CENTROID = 32  #: the windowed centroid failed; the isophotal barycentre is used
     BADFLUX = 64  #: the aperture flux is not positive or not finite
     SHARP = 128  #: sharper than any star (one pixel): a hot pixel or cosmic-ray residual
+    #: found by the PSF-matched pass only (:func:`_detect_faint`): fainter than the first
+    #: pass's threshold (aperture S/N below ~11). Not a defect: what needs bright clean
+    #: stars (zero point, new-source search) leaves these out, as it did before that pass.
+    #: (256 and 512 are the coadd catalogues' bits, stages/photometry.py)
+    FAINT = 1024
 
 
 #: columns of a source table, in order, with their units
@@ -911,6 +916,7 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     flags |= np.where(sepflags & sep.OBJ_MERGED, int(SourceFlag.BLENDED), 0).astype(np.int16)
     flags |= np.where(failed, int(SourceFlag.CENTROID), 0).astype(np.int16)
     flags |= np.where(sharp, int(SourceFlag.SHARP), 0).astype(np.int16)
+    flags |= np.where(first_pass, 0, int(SourceFlag.FAINT)).astype(np.int16)
     badflux = ~(flux_ap > 0) | ~np.isfinite(flux_ap)
     flags |= np.where(badflux, int(SourceFlag.BADFLUX), 0).astype(np.int16)
     sepflags = sepflags | aflag.astype(np.int16)
