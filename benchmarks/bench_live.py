@@ -17,7 +17,8 @@ stars (sim/inject.py) at quiet spots, reduced by ``photowatch reduce`` with the 
     with S/N >= 5 within 1 FWHM) minus LIMMAG;
   - false detections: CAT sources farther than 1.5 FWHM from every true star (the
     simulator's whole list, any magnitude, on or off the frame) and every injection, per
-    frame and per square degree.
+    frame and per square degree; those unflagged, and those of the PSF-matched pass
+    (flag 1024).
 
 ``--cost``: seconds added per frame at 4k by the live lane: the depth (ERR median and the
 empty-aperture noise), forced photometry at N targets, the store rows, a light-curve file,
@@ -124,7 +125,11 @@ def false_detections(cat, sci, stars, injected) -> dict:
     tx, ty = wcs.all_world2pix(ra, dec, 1)  # CAT x, y are 1-based
     d, _ = cKDTree(np.column_stack([tx, ty])).query(np.column_stack([cat["x"], cat["y"]]))
     ny, nx = sci["NAXIS2"], sci["NAXIS1"]
-    return {"n_cat": len(cat), "false": int((d > 1.5 * fwhm_px).sum()),
+    false = d > 1.5 * fwhm_px
+    flags = np.asarray(cat["flags"], int)
+    return {"n_cat": len(cat), "false": int(false.sum()),
+            "false_unflagged": int((false & (flags == 0)).sum()),
+            "false_faint_pass": int((false & ((flags & 1024) != 0)).sum()),
             "deg2": nx * ny * (scale / 3600) ** 2}
 
 
@@ -186,6 +191,8 @@ def summarise(rows: list[dict], cats: list[dict]) -> dict:
         "frames": len(cats), "cat_per_frame": float(np.mean([f["n_cat"] for f in cats])),
         "false_per_frame": float(np.mean([f["false"] for f in cats])),
         "false_per_deg2": float(sum(f["false"] for f in cats) / sum(f["deg2"] for f in cats)),
+        "false_unflagged_per_frame": float(np.mean([f["false_unflagged"] for f in cats])),
+        "false_faint_pass_per_frame": float(np.mean([f["false_faint_pass"] for f in cats])),
     }
 
 
