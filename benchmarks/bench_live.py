@@ -14,7 +14,11 @@ stars (sim/inject.py) at quiet spots, reduced by ``photowatch reduce`` with the 
     not detected;
   - depth: the 50 % completeness magnitude of forced detection (S/N >= 5 at the known
     position) minus the frame's LIMMAG, and of blind detection (the fake star is in CAT
-    with S/N >= 5 within 1 FWHM) minus LIMMAG.
+    with S/N >= 5 within 1 FWHM) minus LIMMAG;
+  - false detections: CAT sources farther than 1.5 FWHM from every true star (the
+    simulator's whole list, any magnitude, on or off the frame) and every injection, per
+    frame and per square degree; those unflagged, and those of the PSF-matched pass
+    (flag 1024).
 
 ``--cost``: seconds added per frame at 4k by the live lane: the depth (ERR median and the
 empty-aperture noise), forced photometry at N targets, the store rows, a light-curve file,
@@ -39,7 +43,7 @@ import numpy as np
 
 # ----------------------------------------------------------------------------- accuracy
 def run_night(root: Path, seed: int, size: int, n_science: int, n_fakes: int,
-              detect_sigma: float | None = None) -> dict:
+              detect_sigma: float | None = None, psf_snr: float | None = None) -> dict:
     from astropy.table import Table
 
     from photowatch.sim.inject import Afterglow, FakeStars
@@ -54,6 +58,8 @@ def run_night(root: Path, seed: int, size: int, n_science: int, n_fakes: int,
     Table(rows=[p[:3] for p in fakes.positions], names=["name", "ra", "dec"]).write(
         root / "targets.csv", overwrite=True)
     extra = f"[stages.sources]\ndetect_sigma = {detect_sigma}\n" if detect_sigma else ""
+    if psf_snr is not None:
+        extra += ("" if extra else "[stages.sources]\n") + f"psf_detect_snr = {psf_snr}\n"
     (root / "config.toml").write_text(f'[targets]\nfile = "{root / "targets.csv"}"\n{extra}')
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "photowatch", "reduce", str(night.raw_dir), "--out",
@@ -63,7 +69,7 @@ def run_night(root: Path, seed: int, size: int, n_science: int, n_fakes: int,
     return {"night": night, "seconds": time.perf_counter() - t0}
 
 
-def collect(root: Path, night) -> list[dict]:
+def collect(root: Path, night) -> tuple[list[dict], list[dict]]:
     from astropy.io import fits
     from astropy.table import Table
     from scipy.spatial import cKDTree
@@ -74,8 +80,9 @@ def collect(root: Path, night) -> list[dict]:
 
     truth = load_truth(night.root)
     zp_true = {f.raw_name: f.zp_true for f in night.objects()}
-    rows = []
+    rows, frames = [], []
     cats = {}
+    stars = night.stars
     for path in sorted((root / "out" / "lightcurves").rglob("*.ecsv")):
         lc = read_lightcurve(path)
         name = "afterglow" if lc.meta["target"] == "NGC0001" else lc.meta["target"]
@@ -84,6 +91,9 @@ def collect(root: Path, night) -> list[dict]:
                 hdr = fits.getheader(r["product"])
                 cats[r["product"]] = (hdr["ORIGFILE"], Table.read(r["product"], hdu="CAT"),
                                       fits.getheader(r["product"], "SCI"))
+                orig, cat, sci = cats[r["product"]]
+                frames.append(false_detections(cat, sci, stars,
+                                               truth[truth["frame"] == orig]))
             orig, cat, sci = cats[r["product"]]
             t = truth[(truth["name"] == name) & (truth["frame"] == orig)]
             if not len(t) or r["flags"] & FLAG_COSMIC:
@@ -99,7 +109,28 @@ def collect(root: Path, night) -> list[dict]:
                          "flux_true": float(t["flux_e"][0]), **{k: r[k] for k in (
                              "mag", "magerr", "flux", "fluxerr", "limmag", "uplim",
                              "detected")}, "blind": blind})
-    return rows
+    return rows, frames
+
+
+def false_detections(cat, sci, stars, injected) -> dict:
+    """CAT sources with no true star (any magnitude) or injection within 1.5 FWHM."""
+    from astropy.wcs import WCS
+    from scipy.spatial import cKDTree
+
+    scale = sci.get("PIXSCALE", 0.24)
+    fwhm_px = sci["FWHM"] / scale
+    wcs = WCS(sci)
+    ra = np.r_[np.asarray(stars["ra"]), np.asarray(injected["ra"])]
+    dec = np.r_[np.asarray(stars["dec"]), np.asarray(injected["dec"])]
+    tx, ty = wcs.all_world2pix(ra, dec, 1)  # CAT x, y are 1-based
+    d, _ = cKDTree(np.column_stack([tx, ty])).query(np.column_stack([cat["x"], cat["y"]]))
+    ny, nx = sci["NAXIS2"], sci["NAXIS1"]
+    false = d > 1.5 * fwhm_px
+    flags = np.asarray(cat["flags"], int)
+    return {"n_cat": len(cat), "false": int(false.sum()),
+            "false_unflagged": int((false & (flags == 0)).sum()),
+            "false_faint_pass": int((false & ((flags & 1024) != 0)).sum()),
+            "deg2": nx * ny * (scale / 3600) ** 2}
 
 
 def m50(dm: np.ndarray, found: np.ndarray) -> float:
@@ -117,7 +148,7 @@ def m50(dm: np.ndarray, found: np.ndarray) -> float:
     return float("nan")
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], cats: list[dict]) -> dict:
     truth = np.array([r["truth"] for r in rows])
     lim = np.array([r["limmag"] for r in rows], float)
     det = np.array([r["detected"] for r in rows], bool)
@@ -157,23 +188,29 @@ def summarise(rows: list[dict]) -> dict:
         "uplim_n": int((~det).sum()), "uplim_correct": float(np.mean(truth[~det] > up[~det])),
         "faint_n": int(faint.sum()), "faint_undetected": float(np.mean(~det[faint])),
         "forced_m50_minus_limmag": m50(dm, det), "blind_m50_minus_limmag": m50(dm, blind),
+        "frames": len(cats), "cat_per_frame": float(np.mean([f["n_cat"] for f in cats])),
+        "false_per_frame": float(np.mean([f["false"] for f in cats])),
+        "false_per_deg2": float(sum(f["false"] for f in cats) / sum(f["deg2"] for f in cats)),
+        "false_unflagged_per_frame": float(np.mean([f["false_unflagged"] for f in cats])),
+        "false_faint_pass_per_frame": float(np.mean([f["false_faint_pass"] for f in cats])),
     }
 
 
 def accuracy(args) -> None:
-    all_rows = []
+    all_rows, all_frames = [], []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="bench_live_") as tmp:
             root = Path(args.keep) / f"seed{seed}" if args.keep else Path(tmp)
             run = run_night(root, seed, args.size, args.science, args.fakes,
-                            args.detect_sigma)
-            rows = collect(root, run["night"])
+                            args.detect_sigma, args.psf_detect_snr)
+            rows, frames = collect(root, run["night"])
             all_rows += rows
-            s = summarise(rows)
+            all_frames += frames
+            s = summarise(rows, frames)
             print(f"seed {seed}: {run['seconds']:.0f} s; " + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()),
                 flush=True)
-    s = summarise(all_rows)
+    s = summarise(all_rows, all_frames)
     print("\nall seeds:")
     for k, v in s.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
@@ -274,6 +311,8 @@ def main() -> None:
     p.add_argument("--keep", metavar="DIR", help="keep each night and its output in DIR")
     p.add_argument("--detect-sigma", type=float, default=None,
                    help="[stages.sources] detect_sigma for the reduction (default: config's)")
+    p.add_argument("--psf-detect-snr", type=float, default=None,
+                   help="[stages.sources] psf_detect_snr (0: the PSF-matched pass off)")
     args = p.parse_args()
     if args.accuracy:
         args.size = args.size or 1024

@@ -285,6 +285,27 @@ def test_interrupted_finalize_completes(night, tmp_path):
     assert len(data["frames"]) == len(sim.frames)
 
 
+def test_final_coadd_states_its_depth(night):
+    """The FINAL coadd has a LIMMAG (header and status --json), and it is what its members'
+    limits combine to: background-limited 5-sigma fluxes add as 1/f^2 (inverse variance),
+    so 10^(0.8 LIMMAG) of the coadd is the sum of its members' (within 0.3 mag: the
+    weights are the coadd's, the aperture the members' mean)."""
+    from photowatch.run.status import status_data
+
+    sim, out, _, _ = night
+    store = Store(out / "state.sqlite")
+    (coadd,) = store.coadds()
+    lim = fits.getheader(coadd["path"], "SCI")["LIMMAG"]
+    lims = [json.loads(r["qc_json"]).get("limmag")
+            for r in store.frames(kind="object", state="reduced", accepted=1)]
+    lims = np.array([x for x in lims if x is not None], float)
+    assert len(lims) >= 3 and lim > lims.max()
+    combined = 1.25 * np.log10(np.sum(10 ** (0.8 * lims)))
+    assert abs(lim - combined) < 0.3, (lim, combined, lims)
+    (row,) = status_data(out)["coadds"]
+    assert row["limmag"] == pytest.approx(lim, abs=1e-3)
+
+
 @pytest.fixture(scope="module")
 def deep_night(tmp_path_factory):
     """Six good frames at 2x2 binning (256 px): four times the area of ``night``'s 128-px

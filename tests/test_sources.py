@@ -183,3 +183,40 @@ def test_fwhm_of_undersampled_moffat_stars_within_two_percent(fwhm_px):
         out = extract_sources(frame, settings=Sources(), pixel_scale_arcsec=0.5)
         assert out.n_stellar >= 10
         assert out.fwhm_px == pytest.approx(fwhm_px, rel=0.02), (seed, out.fwhm_px)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_psf_matched_pass_finds_faint_point_sources_at_their_aperture_snr(seed):
+    """The PSF-matched pass detects point sources by their S/N in the CAT aperture
+    (``psf_detect_snr`` = 5): at aperture S/N 8 nearly all, at 2.5 few, on pure noise
+    nothing; the first pass alone (``psf_detect_snr = 0``) misses most of the S/N-8 ones."""
+    rng = np.random.default_rng(seed)
+    n = 512
+    fwhm = SIGMA * 2.3548
+    sigma_ap = np.sqrt(SKY_VAR) * np.sqrt(np.pi) * 2.0 * fwhm  # the CAT aperture, r = 2 FWHM
+    bx, by = rng.uniform(30, n - 30, 15), rng.uniform(30, n - 30, 15)
+    g = (np.arange(10) + 0.5) * n / 10
+    fx, fy = (v.ravel() + rng.uniform(-4, 4, 100) for v in np.meshgrid(g, g))
+    far = cKDTree(np.column_stack([bx, by])).query(np.column_stack([fx, fy]))[0] > 25
+    fx, fy = fx[far], fy[far]
+    snr = np.where(np.arange(fx.size) % 2 == 0, 8.0, 2.5)
+    model = gaussian_stars((n, n), np.r_[bx, fx], np.r_[by, fy],
+                           np.r_[10 ** rng.uniform(5, 5.7, 15), snr * sigma_ap],
+                           sigma_px=SIGMA, radius=12)
+    var = (SKY_VAR + model).astype(np.float32)
+    sci = (model + rng.standard_normal((n, n)) * np.sqrt(var)).astype(np.float32)
+    frame = Frame(sci=sci, var=var, mask=np.zeros((n, n), np.uint16), header=fits.Header())
+    found = {}
+    for psf_snr in (5.0, 0.0):
+        t = extract_sources(frame, settings=Sources(psf_detect_snr=psf_snr),
+                            pixel_scale_arcsec=0.5).table
+        xy = np.column_stack([t["x"], t["y"]])
+        d = cKDTree(xy).query(np.column_stack([fx, fy]))[0]
+        found[psf_snr] = d < fwhm
+        if psf_snr:
+            # nothing where there is no source
+            dt = cKDTree(np.column_stack([np.r_[bx, fx], np.r_[by, fy]])).query(xy)[0]
+            assert (dt > 3 * fwhm).sum() == 0
+    assert found[5.0][snr == 8].mean() >= 0.9
+    assert found[5.0][snr == 2.5].mean() <= 0.2
+    assert found[0.0][snr == 8].mean() <= 0.5

@@ -138,6 +138,9 @@ class Sources(Section):
     #: radius of the large aperture of the aperture correction, in units of the median FWHM
     apcor_radius_fwhm: PositiveFloat = 5.0
     max_sources: Annotated[int, Field(ge=10)] = 5000
+    #: second, PSF-matched detection pass for faint point sources: detects what the CAT
+    #: aperture would measure at this S/N (the depth LIMMAG states); 0: off
+    psf_detect_snr: NonNegFloat = 5.0
 
 
 class Astrometry(Section):

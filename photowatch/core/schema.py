@@ -280,7 +280,8 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "theta": ("f4", "deg", "position angle of the major axis, from +x towards +y"),
     "peak": ("f4", ELECTRON, "peak pixel value, electrons"),
     "npix": ("i4", "", "pixels of the detected object"),
-    "flags": ("i2", "", "photowatch flags (sources.SourceFlag; coadds 256, 512)"),
+    "flags": ("i2", "", "photowatch flags (sources.SourceFlag; 1024: faint, PSF-matched pass "
+                        "only; coadds 256, 512)"),
     "sepflags": ("i2", "", "sep extraction flags"),
     "stellar": ("?", "", "classified as a point source"),
 }

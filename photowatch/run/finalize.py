@@ -632,10 +632,13 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             grid = _covering_grid(engine, night, target, filt, row, members)
             if progress:
                 progress(f"coadd {target} {filt} ({len(specs)} frames)")
+            limmag = _final_limmag(engine, members, grid, magzp)
             with engine.coadds.lock((night, target, filt)):
                 final_coadd(specs, grid, path, clip_sigma=settings.clip_sigma,
                             chunk_rows=settings.chunk_rows, magzp=magzp,
                             header_extra={"TARGET": target, "FILTNAME": filt, "NIGHT": night,
+                                          "LIMMAG": (limmag, "[mag] 5-sigma point-source "
+                                                     "limit where all members overlap"),
                                           "ABSCAL": magzp is not None,
                                           "FINALSTAT": (finalstat, "COMPLETE, or INCOMPLETE: "
                                                         "quick-look frames lost"),
@@ -663,6 +666,7 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
                                exptime=exptime, magzp=magzp,
                                grid=grid.to_dict(), members=ids,
                                quicklook=str(png) if png else None, stats=stats)
+            store.set_coadd_limmag(night, target, filt, limmag)
             done.append(f"final coadd {path.name}: {len(specs)} frames"
                         + (" (INCOMPLETE)" if lost else ""))
         catalogs.setdefault(target, {})[filt] = (path, magzp, not up_to_date)
@@ -719,6 +723,26 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
         if grown is not None:
             grid = grown[0]
     return grid
+
+
+def _final_limmag(engine: Engine, members: list, grid, magzp: float | None) -> float | None:
+    """LIMMAG of a FINAL coadd: the quick-look coadd's figure (stages.depth.coadd_depth)
+    from the members' qc and their coadd weights; None when it cannot be had (a side fact,
+    never a reason to fail the coadd)."""
+    from photowatch.coadd.accumulate import member_weight
+    from photowatch.stages.depth import coadd_depth as depth_of
+
+    try:
+        ws = [member_weight(float(qc["flxscale"]), float(qc["skynoise_e"])) for _, qc in members]
+        depth = depth_of(weights=ws, qcs=[qc for _, qc in members], sum_w=float(sum(ws)),
+                         aperture_fwhm=engine.settings.stages.sources.aperture_fwhm,
+                         pixel_scale_arcsec=grid.pixel_scale_arcsec, magzp=magzp,
+                         nsigma=engine.settings.targets.nsigma)
+    except Exception as exc:
+        log.warning("coadd_depth_failed", problem=str(exc), action="no LIMMAG in the coadd")
+        return None
+    lim = depth.get("limmag")
+    return round(float(lim), 3) if lim is not None and np.isfinite(lim) else None
 
 
 def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:

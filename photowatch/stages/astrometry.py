@@ -81,11 +81,13 @@ log = logging.getLogger(__name__)
 #: MASKED is not one: sep.winpos ignores masked pixels, and with a bad-pixel mask about
 #: half the stars have one somewhere in their photometric aperture.
 _BAD_FOR_FIT = int(SourceFlag.SATURATED | SourceFlag.BLENDED | SourceFlag.CENTROID
-                   | SourceFlag.BADFLUX | SourceFlag.SHARP)
+                   | SourceFlag.BADFLUX | SourceFlag.SHARP | SourceFlag.FAINT)
 #: hot pixels (SHARP) would match each other at zero shift between frames of one camera;
 #: saturated and blended stars stay out of the pattern too (their brightness order and
-#: centroids are unreliable) unless a frame has too few other stars
-_BAD_FOR_PATTERN = int(SourceFlag.CENTROID | SourceFlag.BADFLUX | SourceFlag.SHARP)
+#: centroids are unreliable) unless a frame has too few other stars; FAINT (the sources'
+#: PSF-matched pass, S/N < ~11) stays out of both: the stars astrometry used before it
+_BAD_FOR_PATTERN = int(SourceFlag.CENTROID | SourceFlag.BADFLUX | SourceFlag.SHARP
+                       | SourceFlag.FAINT)
 #: fewest clean (fit-quality) stars for a pattern of clean stars only
 _MIN_CLEAN_PATTERN = 8
 #: chance that a random star list passes the pattern stage (shared by its passes)

@@ -230,6 +230,12 @@ def find_candidates(cat, reference, *, mask: np.ndarray | None, fwhm_px: float,
     # the photometric tests first (cheap, vectorised); the artefact, shape and crowding cuts
     # only for the few sources that pass them
     new = ok & ~matched & (snr >= settings.min_snr)
+    # found by the sources' PSF-matched pass only (SourceFlag.FAINT, 1024): below ~11
+    # sigma a source unmatched to a reference complete to r_lim is as often two or three
+    # stars just below r_lim unresolved together (4k sims: 1.5 per frame) as anything new
+    faint = (flags & 1024) != 0
+    rejected["faint_pass"] = int((new & faint).sum())
+    new &= ~faint
     if np.isfinite(limmag):
         new &= mag <= limmag + settings.new_margin_mag  # ~5 sigma; LIMMAG is one figure per frame
     deep_enough = mag + settings.new_sigma * err <= ref_limit - settings.new_margin_mag

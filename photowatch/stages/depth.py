@@ -18,8 +18,9 @@ stars, a residual gradient). :func:`empty_aperture_noise` puts apertures on empt
 photometry does, and compares their robust scatter with what ERR predicts: the ratio
 (``apnoise_factor``, typically 1.1-1.4) scales the aperture noise of the limit and of
 forced photometry's errors. Forced photometry at a known position detects the sources
-brighter than LIMMAG (``stages/forced.py``); blind detection (sep at ``detect_sigma`` per
-pixel over ``min_area_px`` pixels) is a stricter test at the default settings — see
+brighter than LIMMAG (``stages/forced.py``), and so does blind detection, the CAT: its
+PSF-matched pass (``stages/sources._detect_faint``, ``psf_detect_snr``) thresholds at the
+same 5 sigma in the CAT aperture against the filtered image's measured noise — see
 benchmarks/README.md, "Depth".
 """
 
