@@ -24,6 +24,11 @@ log = get_logger("photowatch.calib")
 def mark_night_defects(engine, night: str) -> list[str]:
     """Find each camera's persistent defects of the night, add them to its bad-pixel mask
     and to its products' MASK (COSMIC -> BAD); returns lines for the finalize report."""
+    # the same products as when this last ran to the end (a second finalize): their masks
+    # were read then and their defects marked; reading every MASK again costs ~1 s at 4k
+    seen_key = f"defects:{night}"
+    if engine.store.get_meta(seen_key) == _fingerprint(engine, night):
+        return []
     groups: dict[tuple, list] = {}
     for row in engine.store.products_of_night(night):
         info = json.loads(row["info_json"] or "{}")
@@ -68,4 +73,17 @@ def mark_night_defects(engine, night: str) -> list[str]:
                     frames=len(paths), problem="flagged as cosmic rays in most frames",
                     action="added to the bad-pixel mask; MASK bit 4 -> 1")
         done.append(line)
+    engine.store.set_meta(seen_key, _fingerprint(engine, night))
     return done
+
+
+def _fingerprint(engine, night: str) -> list:
+    """The night's products as files: name, version, size, modification time."""
+    out = []
+    for row in engine.store.products_of_night(night):
+        try:
+            st = Path(row["product"]).stat()
+        except OSError:
+            continue
+        out.append([row["name"], row["product_version"], st.st_size, st.st_mtime_ns])
+    return sorted(out)
