@@ -26,6 +26,7 @@ import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -721,6 +722,7 @@ class MasterBook:
         deps_used: dict = {}
         try:
             with self.lock(key.slug(long=True), key.night):
+                jobs = []
                 for fid in inputs:
                     frow = frames[fid]
                     info = self.detector_numbers(
@@ -729,17 +731,27 @@ class MasterBook:
                     deps = self.dependencies(key.kind, info, profile)
                     deps_used = {k: {"path": Path(c.path).name, "version": c.version}
                                  for k, (c, _) in deps.items()}
-                    raw, _ = read_raw(frow["path"])
+                    jobs.append((fid, frow["path"], info, deps))
+
+                def prepare(job):
+                    fid, raw_path, info, deps = job
+                    raw, _ = read_raw(raw_path)
                     el = to_electrons(raw, info, calibration=self.cal,
                                       settings=self.settings.stages.prepare)
                     data, var, _ = self.calibration_data(key.kind, el, info, deps)
-                    shape = data.shape
                     dpath, vpath = scratch_dir / f"{fid}.data.f32", scratch_dir / f"{fid}.var.f32"
                     data.astype(np.float32).tofile(dpath)
                     var.astype(np.float32).tofile(vpath)
-                    files.append((dpath, vpath))
-                    if progress:
-                        progress(f"{key.slug()} input {len(files)}/{len(inputs)}")
+                    return dpath, vpath, data.shape
+
+                # two inputs at a time (numpy and the file reads release the GIL); the
+                # masters' images are only read
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    for dpath, vpath, plane_shape in pool.map(prepare, jobs):
+                        files.append((dpath, vpath))
+                        shape = plane_shape
+                        if progress:
+                            progress(f"{key.slug()} input {len(files)}/{len(inputs)}")
                 def read_rows(i, y0, y1):
                     width = shape[1]
                     return (_rows_from(files[i][0], width, y0, y1),
@@ -747,7 +759,7 @@ class MasterBook:
 
                 data, var, count = clipped_median_stack(
                     len(files), shape, read_rows, clip_sigma=self.cal.final_clip_sigma,
-                    chunk_rows=self.cal.final_chunk_rows)
+                    chunk_rows=self.cal.final_chunk_rows, workers=2)
                 if key.kind == "flat":
                     norm, _ = robust_level(data)
                     data = data / np.float32(norm)
