@@ -577,9 +577,26 @@ def _write_bpms(engine: Engine, night: str) -> None:
         seen.add(key)
         dark = engine.book.select("dark", info)
         flat = engine.book.select("flat", info)
+        if _bpm_current(engine.book.root / night / f"bpm_{info.camera}.fits", dark, flat):
+            continue  # written from these masters already (and maybe given defects since)
         engine.book.write_bpm(night, info.camera, info.binning, info.readout,
                               engine.book.load(dark) if dark else None,
                               engine.book.load(flat) if flat else None)
+
+
+def _bpm_current(path: Path, dark, flat) -> bool:
+    """True when the bad-pixel mask at ``path`` was written from these dark and flat
+    masters (its MDARK and MFLAT): a second finalize need not load them to write it again."""
+    from astropy.io import fits
+
+    if not path.exists():
+        return False
+    try:
+        hdr = fits.getheader(path)
+    except Exception:  # unreadable: write it again
+        return False
+    return (hdr.get("MDARK") == (Path(dark.path).name if dark else "")
+            and hdr.get("MFLAT") == (Path(flat.path).name if flat else ""))
 
 
 def reassess(engine: Engine, night: str) -> int:
