@@ -294,16 +294,17 @@ class _Source:
         of its cost; pixels whose window leaves the image are not good (set to 0), so
         clipping the corner into the image there changes nothing that is kept."""
         ny, nx = self.sci.shape
-        fy = yin - self.row0
-        fx = np.array(xin, dtype=float)
+        # the inputs are overwritten (fewer large temporaries)
+        fy = np.subtract(yin, self.row0, out=yin)
+        fx = xin
         fny, fnx = self.footprint.shape
         # corner (floor) of the window; the footprint map is padded by _PAD on each side
         np.clip(fy, -_PAD, fny - 1 - _PAD, out=fy)
         np.clip(fx, -_PAD, fnx - 1 - _PAD, out=fx)
         iy = np.floor(fy)
         ix = np.floor(fx)
-        ty = (fy - iy).astype(np.float32)
-        tx = (fx - ix).astype(np.float32)
+        ty = np.subtract(fy, iy, out=fy).astype(np.float32)
+        tx = np.subtract(fx, ix, out=fx).astype(np.float32)
         iy = iy.astype(np.intp)
         ix = ix.astype(np.intp)
         foot = (iy + _PAD) * fnx
