@@ -78,12 +78,8 @@ def mark_night_defects(engine, night: str) -> list[str]:
 
 
 def _fingerprint(engine, night: str) -> list:
-    """The night's products as files: name, version, size, modification time."""
-    out = []
-    for row in engine.store.products_of_night(night):
-        try:
-            st = Path(row["product"]).stat()
-        except OSError:
-            continue
-        out.append([row["name"], row["product_version"], st.st_size, st.st_mtime_ns])
-    return sorted(out)
+    """The night's products (name, version, and whether the file is there): a product's
+    MASK changes only when it is reduced again (a new version) or by this pass. No file
+    times: a reprocessed night's store must equal the one reduce and finalize leave."""
+    return sorted([row["name"], row["product_version"], Path(row["product"]).exists()]
+                  for row in engine.store.products_of_night(night))
