@@ -187,6 +187,7 @@ class MasterBook:
         # held all night cost ~650 MB; a state file reads back in ~0.1 s (issue 23)
         self._states = _LRU(1)
         self._library: list[Candidate] | None = None
+        self._library_lock = threading.Lock()
         self._recorded: set = set()
 
     # ------------------------------------------------------------------ locking
@@ -196,27 +197,36 @@ class MasterBook:
 
     # ------------------------------------------------------------------ candidates
     def library(self) -> list[Candidate]:
-        """Masters in the configured calibration library folder (read once)."""
-        if self._library is None:
-            self._library = []
-            folder = self.settings.paths.calibration_library
-            if folder and Path(folder).is_dir():
-                from astropy.io import fits
+        """Masters in the configured calibration library folder (read once).
 
-                for path in sorted(Path(folder).rglob("*.fits")):
-                    try:
-                        hdr = fits.getheader(path)
-                        self._library.append(Candidate(
-                            kind=hdr["PWKIND"], camera=hdr["CAMERA"],
-                            filter=hdr.get("FILTER", "") or "", binning=hdr["BINNING"],
-                            readout=hdr.get("READOUT", "") or "", night=hdr["NIGHT"],
-                            version=int(hdr.get("VERSION", 0)),
-                            ninputs=int(hdr.get("NCOMBINE", 0)),
-                            final=bool(hdr.get("FINAL", False)), path=str(path),
-                            target=hdr.get("TARGET", "") or ""))
-                    except Exception as exc:  # a foreign file in the library: say so, go on
-                        log.warning("library_file_skipped", file=str(path), error=str(exc))
+        Published only when complete, under a lock: a second worker thread asking
+        meanwhile used to get the half-read (often empty) list and its frame waited for
+        masters that were there (seen as a flaky test_generic_styles library test)."""
+        with self._library_lock:
+            if self._library is None:
+                self._library = self._read_library()
         return self._library
+
+    def _read_library(self) -> list[Candidate]:
+        found: list[Candidate] = []
+        folder = self.settings.paths.calibration_library
+        if folder and Path(folder).is_dir():
+            from astropy.io import fits
+
+            for path in sorted(Path(folder).rglob("*.fits")):
+                try:
+                    hdr = fits.getheader(path)
+                    found.append(Candidate(
+                        kind=hdr["PWKIND"], camera=hdr["CAMERA"],
+                        filter=hdr.get("FILTER", "") or "", binning=hdr["BINNING"],
+                        readout=hdr.get("READOUT", "") or "", night=hdr["NIGHT"],
+                        version=int(hdr.get("VERSION", 0)),
+                        ninputs=int(hdr.get("NCOMBINE", 0)),
+                        final=bool(hdr.get("FINAL", False)), path=str(path),
+                        target=hdr.get("TARGET", "") or ""))
+                except Exception as exc:  # a foreign file in the library: say so, go on
+                    log.warning("library_file_skipped", file=str(path), error=str(exc))
+        return found
 
     @staticmethod
     def candidate_from_row(row) -> Candidate:
