@@ -171,6 +171,7 @@ def clipped_median_stack(
     clip_sigma: float = 3.0,
     chunk_rows: int = 256,
     iterations: int = 3,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel sigma-clipped median of ``n_inputs`` frames, in chunks of rows.
 
@@ -181,6 +182,9 @@ def clipped_median_stack(
     clip_sigma
         rejection threshold in units of each pixel's expected noise (from the
         input variances), iterated around the median of the survivors
+    workers
+        chunks combined at a time in threads (numpy's sorts release the GIL; each
+        chunk writes its own rows of the outputs, and ``read_rows`` must allow it)
 
     Returns
     -------
@@ -192,7 +196,8 @@ def clipped_median_stack(
     out = np.empty(shape, np.float32)
     outvar = np.empty(shape, np.float32)
     count = np.empty(shape, np.uint16)
-    for y0 in range(0, ny, chunk_rows):
+
+    def chunk(y0: int) -> None:
         y1 = min(ny, y0 + chunk_rows)
         values = np.empty((n_inputs, y1 - y0, nx), np.float32)
         variances = np.empty_like(values)
@@ -215,6 +220,16 @@ def clipped_median_stack(
         eff = np.where(n > 2, np.pi / 2, 1.0)
         outvar[y0:y1] = eff * np.where(keep, variances, 0).sum(axis=0) / (nsafe * nsafe)
         count[y0:y1] = n
+
+    starts = range(0, ny, chunk_rows)
+    if workers > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(chunk, starts))
+    else:
+        for y0 in starts:
+            chunk(y0)
     return out, outvar, count
 
 

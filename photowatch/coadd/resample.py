@@ -238,6 +238,9 @@ class _Source:
 
         ``jac`` is the pixel-area ratio; the three inputs may be overwritten.
         """
+        if self.order == 1 and min(self.sci.shape) >= 2:
+            self._sample_bilinear(yin, xin, jac, data_out, var_out, good_out)
+            return
         from scipy import ndimage
 
         order = self.order
@@ -281,6 +284,68 @@ class _Source:
         np.copyto(data_out, 0, where=bad)
         if var_out is not None:
             np.copyto(var_out, 0, where=bad)
+
+
+    def _sample_bilinear(self, yin, xin, jac, data_out, var_out, good_out) -> None:
+        """:meth:`sample` for bilinear interpolation, in numpy: the four neighbours are
+        gathered once per plane from one flat index (the window's corner), which also
+        indexes the footprint map and gives the variance weights. Same values as
+        ``map_coordinates(order=1)`` up to float32 round-off (1e-7 relative) at a third
+        of its cost; pixels whose window leaves the image are not good (set to 0), so
+        clipping the corner into the image there changes nothing that is kept."""
+        ny, nx = self.sci.shape
+        # the inputs are overwritten (fewer large temporaries)
+        fy = np.subtract(yin, self.row0, out=yin)
+        fx = xin
+        fny, fnx = self.footprint.shape
+        # corner (floor) of the window; the footprint map is padded by _PAD on each side
+        np.clip(fy, -_PAD, fny - 1 - _PAD, out=fy)
+        np.clip(fx, -_PAD, fnx - 1 - _PAD, out=fx)
+        iy = np.floor(fy)
+        ix = np.floor(fx)
+        ty = np.subtract(fy, iy, out=fy).astype(np.float32)
+        tx = np.subtract(fx, ix, out=fx).astype(np.float32)
+        iy = iy.astype(np.intp)
+        ix = ix.astype(np.intp)
+        foot = (iy + _PAD) * fnx
+        foot += ix + _PAD
+        bad = self.footprint.ravel().take(foot)
+        np.clip(iy, 0, ny - 2, out=iy)
+        np.clip(ix, 0, nx - 2, out=ix)
+        iy *= nx
+        iy += ix
+        corner = iy
+        jac32 = jac.astype(np.float32)
+        planes = [(self.sci, data_out, jac32)]
+        if var_out is not None:
+            # sum of squared bilinear weights: the variance of the interpolated value for a
+            # locally constant input variance
+            wvar = jac32 * jac32
+            wvar *= 1 - 2 * ty * (1 - ty)
+            wvar *= 1 - 2 * tx * (1 - tx)
+            planes.append((self.var, var_out, wvar))
+        for plane, out, scale in planes:
+            flat = plane.ravel()
+            v00 = flat.take(corner)
+            corner += 1
+            v01 = flat.take(corner)
+            corner += nx
+            v11 = flat.take(corner)
+            corner -= 1
+            v10 = flat.take(corner)
+            corner -= nx
+            v01 -= v00
+            v01 *= tx
+            v00 += v01
+            v11 -= v10
+            v11 *= tx
+            v10 += v11
+            v10 -= v00
+            v10 *= ty
+            v00 += v10
+            np.multiply(v00, scale, out=out)
+            np.copyto(out, 0, where=bad)
+        np.logical_not(bad, out=good_out)
 
 
 def _check_interpolation(interpolation: str) -> int:

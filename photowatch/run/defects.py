@@ -24,6 +24,11 @@ log = get_logger("photowatch.calib")
 def mark_night_defects(engine, night: str) -> list[str]:
     """Find each camera's persistent defects of the night, add them to its bad-pixel mask
     and to its products' MASK (COSMIC -> BAD); returns lines for the finalize report."""
+    # the same products as when this last ran to the end (a second finalize): their masks
+    # were read then and their defects marked; reading every MASK again costs ~1 s at 4k
+    seen_key = f"defects:{night}"
+    if engine.store.get_meta(seen_key) == _fingerprint(engine, night):
+        return []
     groups: dict[tuple, list] = {}
     for row in engine.store.products_of_night(night):
         info = json.loads(row["info_json"] or "{}")
@@ -68,4 +73,13 @@ def mark_night_defects(engine, night: str) -> list[str]:
                     frames=len(paths), problem="flagged as cosmic rays in most frames",
                     action="added to the bad-pixel mask; MASK bit 4 -> 1")
         done.append(line)
+    engine.store.set_meta(seen_key, _fingerprint(engine, night))
     return done
+
+
+def _fingerprint(engine, night: str) -> list:
+    """The night's products (name, version, and whether the file is there): a product's
+    MASK changes only when it is reduced again (a new version) or by this pass. No file
+    times: a reprocessed night's store must equal the one reduce and finalize leave."""
+    return sorted([row["name"], row["product_version"], Path(row["product"]).exists()]
+                  for row in engine.store.products_of_night(night))

@@ -36,6 +36,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,7 @@ import numpy as np
 
 from photowatch.calib.drift import block_mean, frame_change, pair_change
 from photowatch.coadd.catalogue import catalog_path, coadd_catalog, write_catalog
+from photowatch.coadd.final import member_wcs
 from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
 from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Settings
@@ -239,6 +242,7 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
         return rows[0]["path"] if rows else None
 
     kept, worst = 0, 0.0
+    marks: list[tuple[str, float]] = []
     for row in store.frames_of_night(night, kind="object", stale=1, product=NOT_NULL,
                                      state=("reduced", "rejected")):
         info = FrameInfo.from_summary(json.loads(row["info_json"]))
@@ -302,9 +306,15 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
                    f"(at most {tol:g})")
         if not store.keep_final(row["id"], row["state"], qc, message):
             continue  # another process took it meanwhile
-        _mark_product_final(row["product"], dev, tol)
+        marks.append((row["product"], dev))
         kept += 1
         worst = max(worst, dev)
+    # the headers marked two at a time: each is a copy of the whole product renamed into
+    # place, mostly the kernel copying (GIL released), ~0.2 s per 4k product
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), marks))
     return kept, worst
 
 
@@ -379,25 +389,16 @@ def snapshot(engine: Engine, night: str) -> dict:
     for the re-reduction to start from if the new solve fails. A coadd already
     FINAL (a second finalize) keeps the quick-look baseline its first run noted.
     """
-    from astropy.io import fits
-    from astropy.wcs import WCS
 
     store = engine.store
     frames = {}
-    solutions = {}
+    solved = {}
     for row in store.frames_of_night(night, kind="object", product=NOT_NULL):
         status = _frame_status(row)
         frames[row["id"]] = status
-        if status["aststat"] in ("ok", "relative") and Path(row["product"]).exists():
-            try:
-                header = fits.getheader(row["product"], "SCI")
-                wcs = WCS(header)
-                if wcs.has_celestial:
-                    solutions[row["id"]] = (wcs, status["aststat"])
-            except Exception as exc:  # unreadable product: no fallback for it
-                log.warning("quicklook_solution_unreadable", file=row["raw_name"],
-                            problem=str(exc), action="no fallback if re-reduction fails")
-    engine.quicklook_solutions = solutions
+        if status["aststat"] in ("ok", "relative"):
+            solved[row["id"]] = (row["product"], row["raw_name"], status["aststat"])
+    engine.quicklook_solutions = QuicklookSolutions(solved)
     coadds = {}
     for c in store.coadds(night):
         stats = json.loads(c["stats_json"] or "{}")
@@ -413,6 +414,49 @@ def snapshot(engine: Engine, night: str) -> dict:
             "depth_mag": coadd_depth(path, c["magzp"]) if path.exists() else None,
             "snapshot": _snapshot_file(path)}
     return {"frames": frames, "coadds": coadds}
+
+
+class QuicklookSolutions(Mapping):
+    """Frame id -> (WCS, status) of its quick-look solution, read from its product's
+    header when the re-reduction of that frame asks for it (before the product is
+    replaced), not for every frame up front: most frames are kept or need no fallback,
+    and a header parse and WCS build cost ~30 ms each."""
+
+    def __init__(self, solved: dict):
+        self._solved = solved  # frame id -> (product path, raw name, aststat)
+        self._read: dict = {}
+
+    def __getitem__(self, frame_id):
+        if frame_id not in self._read:
+            if frame_id not in self._solved:
+                raise KeyError(frame_id)
+            self._read[frame_id] = self._load(*self._solved[frame_id])
+        if self._read[frame_id] is None:
+            raise KeyError(frame_id)
+        return self._read[frame_id]
+
+    def __iter__(self):
+        return iter(self._solved)
+
+    def __len__(self):
+        return len(self._solved)
+
+    @staticmethod
+    def _load(product: str, raw_name: str, aststat: str):
+        from astropy.io import fits
+        from astropy.wcs import WCS
+
+        if not Path(product).exists():
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                wcs = WCS(fits.getheader(product, "SCI"))
+        except Exception as exc:  # unreadable product: no fallback for it
+            log.warning("quicklook_solution_unreadable", file=raw_name,
+                        problem=str(exc), action="no fallback if re-reduction fails")
+            return None
+        return (wcs, aststat) if wcs.has_celestial else None
 
 
 def _snapshot_path(path: Path) -> Path:
@@ -533,9 +577,26 @@ def _write_bpms(engine: Engine, night: str) -> None:
         seen.add(key)
         dark = engine.book.select("dark", info)
         flat = engine.book.select("flat", info)
+        if _bpm_current(engine.book.root / night / f"bpm_{info.camera}.fits", dark, flat):
+            continue  # written from these masters already (and maybe given defects since)
         engine.book.write_bpm(night, info.camera, info.binning, info.readout,
                               engine.book.load(dark) if dark else None,
                               engine.book.load(flat) if flat else None)
+
+
+def _bpm_current(path: Path, dark, flat) -> bool:
+    """True when the bad-pixel mask at ``path`` was written from these dark and flat
+    masters (its MDARK and MFLAT): a second finalize need not load them to write it again."""
+    from astropy.io import fits
+
+    if not path.exists():
+        return False
+    try:
+        hdr = fits.getheader(path)
+    except Exception:  # unreadable: write it again
+        return False
+    return (hdr.get("MDARK") == (Path(dark.path).name if dark else "")
+            and hdr.get("MFLAT") == (Path(flat.path).name if flat else ""))
 
 
 def reassess(engine: Engine, night: str) -> int:
@@ -707,15 +768,13 @@ def _keep_copy(src: Path, dst: Path) -> None:
 
 def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, members):
     """The night's grid of a coadd, grown if needed to cover every member frame."""
-    from astropy.io import fits
 
 
     grid = None
     if row is not None and row["grid_json"]:
         grid = CoaddGrid.from_json(row["grid_json"])
     for member, _ in members:
-        header = fits.getheader(member["product"], "SCI")
-        wcs, shape = _wcs(header), (header["NAXIS2"], header["NAXIS1"])
+        wcs, shape = member_wcs(member["product"])
         if grid is None:
             grid = engine.coadds.grid(night, target, filt, wcs, shape)
             continue

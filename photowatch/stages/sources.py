@@ -598,11 +598,26 @@ def _detect_faint(data, var, mask, bright, fwhm_px: float, settings: Sources):
 def _fill_from_neighbours(data: np.ndarray, where: np.ndarray, half: int = 2) -> np.ndarray:
     """A copy of ``data`` with the pixels ``where`` replaced by the median of their unmasked
     neighbours in a (2*half+1)^2 box (0 where a box has none)."""
-    ys, xs = np.nonzero(where)
-    if ys.size == 0:
+    if not where.any():
         return data
     out = data.copy()
     ny, nx = data.shape
+    # pixels with no usable neighbour in their box become 0 without a median: the
+    # no-data margins of a coadd are millions of them (only the box dilation is paid)
+    usable = ~where
+    near = usable.copy()
+    for axis, n in ((0, ny), (1, nx)):
+        src = near.copy()
+        for off in range(1, min(half, n - 1) + 1):
+            lo = [slice(None)] * 2
+            hi = [slice(None)] * 2
+            lo[axis], hi[axis] = slice(0, n - off), slice(off, n)
+            near[tuple(lo)] |= src[tuple(hi)]
+            near[tuple(hi)] |= src[tuple(lo)]
+    out[where & ~near] = 0
+    ys, xs = np.nonzero(where & near)
+    if ys.size == 0:
+        return out
     off = np.arange(-half, half + 1)
     yy = np.clip(ys[:, None, None] + off[None, :, None], 0, ny - 1)
     xx = np.clip(xs[:, None, None] + off[None, None, :], 0, nx - 1)
