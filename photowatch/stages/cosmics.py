@@ -168,6 +168,11 @@ _SUPPORT_MAX_LEVEL = 0.5
 #: surroundings, by more than this fraction of its value (:func:`ring_hits`)
 _RING_SIGMA = 20.0
 _RING_RATIO = 0.8
+#: growth onto a source (surroundings above ``_GROW_MAX_LEVEL``): a pixel this many sigma
+#: of its own noise above the mean of its unflagged eight neighbours (0: no growth there)
+_GROW_STAR_SIGMA = 3.0
+#: the eight neighbours in a flattened 5x5 window
+_RING8 = np.array([6, 7, 8, 11, 13, 16, 17, 18])
 #: pixels gathered at once when growing and cleaning (bounds the memory of the 5x5 windows)
 _CHUNK = 200_000
 
@@ -718,7 +723,8 @@ def _neighbours(ys, xs, shape, r: int):
 
 
 def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
-                     max_level: float = _GROW_MAX_LEVEL) -> np.ndarray:
+                     max_level: float = _GROW_MAX_LEVEL,
+                     star_sigma: float = _GROW_STAR_SIGMA) -> np.ndarray:
     """Add neighbours of flagged pixels that stand ``nsigma`` above their surroundings.
 
     A neighbour (8-connected, not excluded) is flagged when its value exceeds
@@ -760,6 +766,15 @@ def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
                 noise = np.sqrt(nanmedian_rows(vvar))
                 excess = flat_sci[c] - level
                 hit = (excess > nsigma * noise) & (level < max_level * noise)
+                if star_sigma > 0:
+                    # on a source: only a pixel that stands out of its unflagged 8
+                    # neighbours (a star's pixel is like its neighbours) by star_sigma
+                    # of its own noise (the source's Poisson included)
+                    ring8 = np.where(usable[:, _RING8], vals[:, _RING8], np.nan)
+                    nb = np.nanmean(ring8, axis=1)
+                    sharp = flat_sci[c] - nb
+                    hit |= ((level >= max_level * noise) & (sharp > star_sigma * np.sqrt(flat_var[c]))
+                            & (sharp > _RING_RATIO * excess))
             added.append(c[hit & np.isfinite(level)])
         front = np.concatenate(added) if added else np.zeros(0, np.int64)
         out.ravel()[front] = True
