@@ -164,10 +164,7 @@ _EDGE_STAR_SIGMA = 10.0
 _SUPPORT_MEAN = 0.3
 #: ... and its background (5x5 median) is within this many sigma of the sky: not a star's wing
 _SUPPORT_MAX_LEVEL = 0.5
-#: a pixel in the ring of an excluded pixel is a hit when this many sigma above its 5x5
-#: surroundings, by more than this fraction of its value (:func:`ring_hits`)
-_RING_SIGMA = 20.0
-_RING_RATIO = 0.8
+_RING_RATIO = 0.8  # growth onto a source: the pixel's excess over its neighbours' mean, of its own
 #: growth onto a source (surroundings above ``_GROW_MAX_LEVEL``): a pixel this many sigma
 #: of its own noise above the mean of its unflagged eight neighbours (0: no growth there)
 _GROW_STAR_SIGMA = 3.0
@@ -235,16 +232,13 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
     # may enter it (a track passing a hot pixel), never the excluded pixels themselves.
     protect = _grown(inmask)
     saturated = (frame.mask & int(Mask.SATURATED)) != 0
-    sat_zone = np.zeros_like(saturated)
     if _SAT_RADIUS > 1 and saturated.any():
-        sat_zone = _grown(saturated, _SAT_RADIUS)
-        protect |= sat_zone
+        protect |= _grown(saturated, _SAT_RADIUS)
     crmask, area, tiles = detect(sci, var, inmask, kw, tiles=settings.tiles)
     if settings.sharp_sigma > 0:
         crmask |= sharp_pixels(sci, var, protect, crmask, nsigma=settings.sharp_sigma,
                                ratio=settings.sharp_ratio)
     crmask &= ~protect
-    crmask |= ring_hits(sci, var, inmask, protect & ~inmask & ~sat_zone)
     if crmask.any():
         crmask = drop_edge_stars(sci, var, crmask, inmask, band=reach(kw)[1])
     if settings.min_peak_sigma > 0 and crmask.any():
@@ -329,35 +323,6 @@ def drop_edge_stars(sci, var, crmask, inmask, *, band: int,
         noise = float(np.sqrt(np.median(var[ys, xs][ring])))
         if level > level_sigma * noise:
             out[ys, xs] &= ~event
-    return out
-
-
-def ring_hits(sci, var, inmask, ring, *, nsigma: float = _RING_SIGMA,
-              ratio: float = _RING_RATIO) -> np.ndarray:
-    """Bright hits in the one-pixel ring around excluded pixels, where no event starts
-    otherwise: a pixel ``nsigma`` above the median of its usable 5x5 neighbours (the
-    excluded pixel and the rest of the ring left out) by more than ``ratio`` of its
-    value. A defect's spill or calibration residue is a few sigma; a hit that lands
-    beside a hot pixel is tens to hundreds (3 of 19 missed pixels of one simulated
-    night were one 228-sigma hit diagonal to a hot pixel)."""
-    out = np.zeros(sci.shape, bool)
-    where = np.flatnonzero(ring)
-    if not where.size:
-        return out
-    ny, nx = sci.shape
-    blocked = (inmask | ring).ravel()
-    flat_sci, flat_var = sci.ravel(), var.ravel()
-    for start in range(0, where.size, _CHUNK):
-        c = where[start:start + _CHUNK]
-        idx, inside = _neighbours(*np.divmod(c, nx), (ny, nx), 2)
-        usable = inside & ~blocked[idx]
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
-            level = nanmedian_rows(np.where(usable, flat_sci[idx], np.nan))
-            noise = np.sqrt(nanmedian_rows(np.where(usable, flat_var[idx], np.nan)))
-            excess = flat_sci[c] - level
-            hit = (excess > nsigma * noise) & (excess > ratio * flat_sci[c])
-        out.ravel()[c[hit & np.isfinite(level)]] = True
     return out
 
 
