@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from statistics import median
 
@@ -45,9 +46,14 @@ def main(argv: list[str]) -> None:
                                    bad_flats=False, catalog=False, write_crcharge=True)
             try:
                 s = night_scores(night)
-            except AssertionError:  # _reduce: too few dithered frames for a master sky
-                print(f"{size:5d} {seed:5d} skipped: too few dithered frames for a master sky",
-                      flush=True)
+            except AssertionError as err:
+                # only _reduce's assertion means "too few dithered frames for a master
+                # sky"; night_scores' own (no bad pixel flagged, no event wholly beside
+                # one) are failures of the cosmics stage and must not read as a skip
+                where = traceback.extract_tb(err.__traceback__)[-1].name
+                why = ("skipped: too few dithered frames for a master sky" if where == "_reduce"
+                       else f"FAILED in {where}: {err}")
+                print(f"{size:5d} {seed:5d} {why}", flush=True)
                 continue
         scores.append(s)
         print(f"{size:5d} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "

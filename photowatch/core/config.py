@@ -128,7 +128,10 @@ class Cosmics(Section):
     sharp_ratio: Annotated[float, Field(gt=0, le=1)] = 0.6
     #: keep a flagged event only if the quadratic sum of its pixels' sigmas above their 5x5
     #: surroundings (background noise) reaches this; drops single noise peaks (0: off)
-    min_peak_sigma: NonNegFloat = 5.2
+    min_peak_sigma: NonNegFloat = 5.3
+    #: ... or if its matched sum with the ring pixels above 1 sigma reaches this and the
+    #: ring stands above the sky on average (a hit's faint spill; 0: off)
+    min_group_sigma: NonNegFloat = 5.5
 
 
 class Sources(Section):
