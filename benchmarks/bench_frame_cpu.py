@@ -48,6 +48,21 @@ def cpu_clocks(*modules) -> None:
         module.time = clock
 
 
+def simulated_night(sim: Path, size: int, science: int) -> Path:
+    """The benchmark night (seed 11, two filters, 30 and 60 s) in ``sim``, simulated once;
+    returns the file naming its catalogue (kept, so a second run reuses the night)."""
+    done = sim / "catalog.path"
+    if not done.exists():
+        from photowatch.sim.night import simulate_night
+
+        night = simulate_night(sim, size=size, binning=2 if size >= 2048 else 4,
+                               seed=11, filters=("SDSS-R", "SDSS-I"), n_science=science,
+                               exptime_s=(30.0, 60.0), write_models=False,
+                               write_crmasks=False, overwrite=True)
+        done.write_text(str(night.catalog_path))
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=1024)
@@ -63,17 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from photowatch.run.batch import find_raw_files
     from photowatch.run.engine import Engine
     from photowatch.run.ingest import ingest_file
-    from photowatch.sim.night import simulate_night
-
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pw_framecpu_"))
     sim = work / "sim"
-    done = sim / "catalog.path"
-    if not done.exists():
-        night = simulate_night(sim, size=args.size, binning=2 if args.size >= 2048 else 4,
-                               seed=11, filters=("SDSS-R", "SDSS-I"), n_science=args.science,
-                               exptime_s=(30.0, 60.0), write_models=False,
-                               write_crmasks=False, overwrite=True)
-        done.write_text(str(night.catalog_path))
+    done = simulated_night(sim, args.size, args.science)
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     settings = load_settings(None)

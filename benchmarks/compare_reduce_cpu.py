@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_frame_cpu import simulated_night  # noqa: E402  (the same night)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,15 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work).resolve()
     sim = work / "sim"
-    done = sim / "catalog.path"
-    if not done.exists():
-        from photowatch.sim.night import simulate_night
-
-        night = simulate_night(sim, size=args.size, binning=2 if args.size >= 2048 else 4,
-                               seed=11, filters=("SDSS-R", "SDSS-I"), n_science=args.science,
-                               exptime_s=(30.0, 60.0), write_models=False,
-                               write_crmasks=False, overwrite=True)
-        done.write_text(str(night.catalog_path))
+    done = simulated_night(sim, args.size, args.science)
     procs = []
     for k, checkout in enumerate(args.checkouts):
         out = work / f"out{k}"

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.stats import mad_std
 
+from photowatch.core.strips import for_each_strip
+
 #: frames held back before the running sums start
 N_START = 3
 
@@ -221,15 +223,7 @@ def clipped_median_stack(
         outvar[y0:y1] = eff * np.where(keep, variances, 0).sum(axis=0) / (nsafe * nsafe)
         count[y0:y1] = n
 
-    starts = range(0, ny, chunk_rows)
-    if workers > 1 and len(starts) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(chunk, starts))
-    else:
-        for y0 in starts:
-            chunk(y0)
+    for_each_strip(chunk, range(0, ny, chunk_rows), workers)
     return out, outvar, count
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from photowatch.coadd.grid import CoaddGrid, _frame_edges
 from photowatch.core.errors import StageDegraded
+from photowatch.core.strips import for_each_strip
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
@@ -433,13 +433,7 @@ def resample(sci: np.ndarray, var: np.ndarray | None, mask: np.ndarray, wcs_in: 
         source.sample(*mapping.rows(r0, r1), data[sl], None if varo is None else varo[sl],
                       good[sl])
 
-    starts = range(y0, y1, _STRIP_ROWS)
-    if workers > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(strip, starts))
-    else:
-        for r0 in starts:
-            strip(r0)
+    for_each_strip(strip, range(y0, y1, _STRIP_ROWS), workers)
     return Resampled(bbox=bbox, data=data, var=varo, good=good)
 
 
