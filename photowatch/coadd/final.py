@@ -35,6 +35,7 @@ from photowatch.coadd.resample import (
     frame_bbox,
 )
 from photowatch.core.errors import StageDegraded
+from photowatch.core.schema import header_wcs
 
 if TYPE_CHECKING:
 
@@ -58,7 +59,6 @@ def member_wcs(path: str | Path, header=None):
     when the caller has it open already.
     """
     from astropy.io import fits
-    from astropy.wcs import WCS
 
     st = Path(path).stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
@@ -66,10 +66,7 @@ def member_wcs(path: str | Path, header=None):
     if hit is None:
         if header is None:
             header = fits.getheader(path, "SCI")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            wcs = WCS(header, naxis=2)
-        hit = (wcs, (int(header["NAXIS2"]), int(header["NAXIS1"])))
+        hit = (header_wcs(header), (int(header["NAXIS2"]), int(header["NAXIS1"])))
         if len(_WCS_CACHE) >= _WCS_CACHE_MAX:
             _WCS_CACHE.clear()
         _WCS_CACHE[key] = hit

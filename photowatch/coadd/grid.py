@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from photowatch.core.classify import safe_name
+from photowatch.core.schema import header_wcs
 
 if TYPE_CHECKING:
     from astropy.io import fits
@@ -69,12 +69,7 @@ class CoaddGrid:
     @classmethod
     def from_header(cls, header) -> CoaddGrid:
         """Rebuild a grid from :meth:`to_header` cards or any coadd image header."""
-        from astropy.wcs import WCS
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            wcs = WCS(header, naxis=2)
-        return cls(wcs=wcs, shape=(int(header["NAXIS2"]), int(header["NAXIS1"])))
+        return cls(wcs=header_wcs(header), shape=(int(header["NAXIS2"]), int(header["NAXIS1"])))
 
     def to_dict(self) -> dict:
         """A JSON-able description (CRVAL deg, CRPIX 1-based, CD deg/px, shape ny, nx)."""

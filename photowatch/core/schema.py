@@ -200,6 +200,16 @@ WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CD1_", "CD2_", "CDELT", "CROTA", "PC
                 "MJDREF", "WCSNAME")
 
 
+def header_wcs(header):
+    """The celestial 2-axis WCS of an image header, astropy's FITS-fixing chatter silenced
+    (reduced products and coadds carry SIP and DATE cards it comments on)."""
+    from astropy.wcs import WCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return WCS(header, naxis=2)
+
+
 def strip_wcs(header) -> None:
     """Remove every WCS keyword from a header, in place."""
     for key in list(header.keys()):

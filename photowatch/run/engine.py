@@ -49,6 +49,7 @@ from photowatch.core.errors import (
 )
 from photowatch.core.instruments import Profile, load_profile
 from photowatch.core.logs import get_logger
+from photowatch.core.schema import header_wcs
 from photowatch.io.catalogs import field_cone, open_catalog
 from photowatch.io.fits import read_raw, remove_stale_temporaries
 from photowatch.report.html import write_report
@@ -812,19 +813,15 @@ def solution_from_product(product: str, qc: dict):
     (what :func:`photowatch.stages.astrometry.check_neighbours` compares); None when the
     qc predates the recorded offsets."""
     import math
-    import warnings
 
     from astropy.io import fits
-    from astropy.wcs import WCS
 
 
     east, north = qc.get("astoffset_east_arcsec"), qc.get("astoffset_north_arcsec")
     if east is None or north is None:
         return None
     header = fits.getheader(product, "SCI")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wcs = WCS(header, naxis=2)
+    wcs = header_wcs(header)
     if not wcs.has_celestial:
         return None
     ny, nx = int(header["NAXIS2"]), int(header["NAXIS1"])

@@ -50,6 +50,7 @@ from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
 from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Settings
 from photowatch.core.logs import get_logger
+from photowatch.core.schema import header_wcs
 from photowatch.io.catalogs import field_cone
 from photowatch.io.fits import atomic_write
 from photowatch.io.previews import save_png
@@ -60,7 +61,6 @@ from photowatch.run.engine import Engine, OutputError
 from photowatch.stages.photometry import merge_bands
 from photowatch.stages.quality import Peer, assess, night_context
 from photowatch.stages.zeropoint import calibrate_zeropoint, match_sky
-from photowatch.state.coadds import _wcs
 from photowatch.state.masters import KINDS, read_master
 from photowatch.state.store import NOT_NULL
 
@@ -857,7 +857,7 @@ def _calibrate_catalogue(engine: Engine, night: str, target: str, filt: str, pat
     header = fits.getheader(path, "SCI")
     shape = (header["NAXIS2"], header["NAXIS1"])
     try:
-        ra, dec, radius = field_cone(_wcs(header), shape)
+        ra, dec, radius = field_cone(header_wcs(header), shape)
         reference = provider.query(ra, dec, radius, bands=[band])
     except Exception as exc:  # the catalogue is down: keep the reference zero point
         log.warning("coadd_catalogue_not_calibrated", coadd=Path(path).name, problem=str(exc),

@@ -34,6 +34,7 @@ from photowatch.core.classify import FrameInfo
 from photowatch.core.errors import StageDegraded
 from photowatch.core.frame import Frame
 from photowatch.core.logs import get_logger
+from photowatch.core.schema import header_wcs
 from photowatch.io.previews import save_png
 from photowatch.io.products import read_planes_for_stacking, read_product
 from photowatch.state.locking import NamedLocks
@@ -162,7 +163,7 @@ class CoaddBook:
             res = self._take_added(key, old, acc.grid)
             if res is None:  # not kept (a restart, a 4k frame): resample the old product
                 sci, mask, header = read_planes_for_stacking(row["product"])
-                res = self._resample(sci, None, mask, _wcs(header), acc.grid)
+                res = self._resample(sci, None, mask, header_wcs(header), acc.grid)
             acc.remove(old, res)
             # written with the new version's addition (or by flush, if it is not stacked)
             self._dirty.add(key)
@@ -342,7 +343,7 @@ class CoaddBook:
 
             frame = Frame(prod.sci, prod.var, prod.mask, prod.header, info)
             qc = json.loads(row["qc_json"] or "{}")
-            self.add(row, info, frame, _wcs(prod.header), qc, row["product_version"])
+            self.add(row, info, frame, header_wcs(prod.header), qc, row["product_version"])
         except Exception as exc:
             store.update_frame(row["id"], coadd="excluded")
             log.error("coadd_add_failed", file=row["raw_name"], problem=str(exc),
@@ -354,11 +355,3 @@ def _grid_id(grid) -> str:
     return json.dumps(grid.to_dict(), sort_keys=True)
 
 
-def _wcs(header):
-    import warnings
-
-    from astropy.wcs import WCS
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return WCS(header, naxis=2)
