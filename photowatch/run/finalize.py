@@ -693,7 +693,7 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             grid = _covering_grid(engine, night, target, filt, row, members)
             if progress:
                 progress(f"coadd {target} {filt} ({len(specs)} frames)")
-            limmag = _final_limmag(engine, members, grid, magzp)
+            limmag = _final_limmag(engine, members, grid, magzp, path)
             with engine.coadds.lock((night, target, filt)):
                 final_coadd(specs, grid, path, clip_sigma=settings.clip_sigma,
                             chunk_rows=settings.chunk_rows, magzp=magzp,
@@ -784,7 +784,8 @@ def _covering_grid(engine: Engine, night: str, target: str, filt: str, row, memb
     return grid
 
 
-def _final_limmag(engine: Engine, members: list, grid, magzp: float | None) -> float | None:
+def _final_limmag(engine: Engine, members: list, grid, magzp: float | None,
+                  path: Path) -> float | None:
     """LIMMAG of a FINAL coadd: the quick-look coadd's figure (stages.depth.coadd_depth)
     from the members' qc and their coadd weights; None when it cannot be had (a side fact,
     never a reason to fail the coadd)."""
@@ -798,7 +799,8 @@ def _final_limmag(engine: Engine, members: list, grid, magzp: float | None) -> f
                          pixel_scale_arcsec=grid.pixel_scale_arcsec, magzp=magzp,
                          nsigma=engine.settings.targets.nsigma)
     except Exception as exc:
-        log.warning("coadd_depth_failed", problem=str(exc), action="no LIMMAG in the coadd")
+        log.warning("coadd_depth_failed", file=path.name, problem=str(exc),
+                    action="final coadd written without LIMMAG")
         return None
     lim = depth.get("limmag")
     return round(float(lim), 3) if lim is not None and np.isfinite(lim) else None
