@@ -12,6 +12,7 @@ import numpy as np
 from photowatch.core.config import Flatten
 from photowatch.core.errors import StageFailed
 from photowatch.core.frame import Frame, Mask, MasterImage
+from photowatch.core.schema import set_key
 
 #: the flat is never divided by less than this (masked pixels stay finite)
 FLOOR = 0.05
@@ -33,7 +34,7 @@ def flatten(frame: Frame, *, flat: MasterImage, settings: Flatten) -> Frame:
     low = flat.data < settings.low_flat
     mask = frame.mask | (low * np.uint16(Mask.LOWFLAT))
     hdr = frame.header.copy()
-    hdr["MFLAT"] = (flat.label, "master flat used")
+    set_key(hdr, "MFLAT", flat.label, "master flat used")
     hdr["MFLATV"] = (flat.version, "master flat version")
     if "SATURATE" in hdr:  # the lowest saturation level: where the flat is highest
         usable = (frame.mask & np.uint16(Mask.BAD | Mask.NODATA)) == 0

@@ -23,6 +23,7 @@ import numpy as np
 from photowatch.core.config import MasterSky
 from photowatch.core.errors import StageFailed
 from photowatch.core.frame import Frame, Mask, MasterImage
+from photowatch.core.schema import set_key
 from photowatch.stages.skysub import source_mask
 
 _UNUSABLE = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT | Mask.COSMIC)
@@ -159,7 +160,7 @@ def apply_master_sky(frame: Frame, *, sky: MasterImage, level: float) -> Frame:
     sci = frame.sci - lev * sky.data
     var = frame.var + (lev * lev) * sky.var
     hdr = frame.header.copy()
-    hdr["MSKY"] = (sky.label, "master sky used")
+    set_key(hdr, "MSKY", sky.label, "master sky used")
     hdr["MSKYV"] = (sky.version, "frames in the master sky")
     hdr["SKYPRE"] = (round(level, 3), "[electron] sky level removed with the master sky")
     return frame.replace(sci=sci.astype(np.float32), var=var.astype(np.float32), header=hdr)

@@ -22,6 +22,7 @@ from photowatch.core.classify import FrameInfo
 from photowatch.core.config import Calibration, Prepare
 from photowatch.core.errors import StageFailed
 from photowatch.core.frame import Frame, Mask, MasterImage
+from photowatch.core.schema import set_key
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def prepare(raw: np.ndarray, header, info: FrameInfo, *, bias: MasterImage | Non
     hdr["SATFRAC"] = (round(el.saturated_fraction, 6), "fraction of saturated pixels")
     for m, key in ((bias, "MBIAS"), (dark, "MDARK")):
         if m is not None:
-            hdr[key] = (m.label, f"master {m.kind} used")
+            set_key(hdr, key, m.label, f"master {m.kind} used")
             hdr[key + "V"] = (m.version, f"master {m.kind} version")
             if m.night:
                 hdr[key + "N"] = (m.night, f"night of the master {m.kind}")

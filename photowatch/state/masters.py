@@ -225,7 +225,8 @@ class MasterBook:
                         final=bool(hdr.get("FINAL", False)), path=str(path),
                         target=hdr.get("TARGET", "") or ""))
                 except Exception as exc:  # a foreign file in the library: say so, go on
-                    log.warning("library_file_skipped", file=str(path), error=str(exc))
+                    log.warning("library_file_skipped", file=str(path), error=str(exc),
+                                action="not used as a master; the rest of the library is")
         return found
 
     @staticmethod
