@@ -29,7 +29,7 @@ from astropy.stats import mad_std
 
 from photowatch.core.config import Sources
 from photowatch.core.frame import Frame, Mask
-from photowatch.core.rowstats import nanmedian_rows
+from photowatch.core.rowstats import median, nanmedian_rows
 
 log = logging.getLogger(__name__)
 
@@ -557,7 +557,9 @@ def _filtered_noise(data, var, mask, kernel, box: int = 512) -> float:
     if ok.sum() < 1000:
         return 1.0
     z = f[ok] / pred[ok]
-    width = 1.4826 * float(np.median(np.abs(z - np.median(z))))
+    # 1.4826 median|z - median z|, numpy's numbers with one in-place partition each
+    dev = np.abs(z - median(z, overwrite=True))
+    width = 1.4826 * median(dev, overwrite=True)
     return float(np.clip(width, 0.8, 3.0)) if np.isfinite(width) else 1.0
 
 
