@@ -54,8 +54,8 @@ def sky_pattern(frame: Frame, *, settings: MasterSky, mesh_px: int = 64) -> SkyP
         return SkyPattern(np.zeros_like(frame.sci), np.zeros_like(frame.var),
                           np.zeros(frame.sci.shape, bool), level, sources)
     inv = np.float32(1.0 / level)
-    data = np.where(valid, frame.sci * inv, 0).astype(np.float32)
-    var = np.where(valid, frame.var * (inv * inv), 0).astype(np.float32)
+    data = np.where(valid, frame.sci * inv, 0).astype(np.float32, copy=False)
+    var = np.where(valid, frame.var * (inv * inv), 0).astype(np.float32, copy=False)
     return SkyPattern(data, var, valid, level, sources)
 
 
