@@ -90,3 +90,19 @@ def test_book_reads_the_former_npz_and_adds_once(tmp_path):
     acc = read_state(sky._path(key))
     assert acc.members == old.members and np.array_equal(acc.sum, old.sum)
     assert np.array_equal(acc.count, old.count)
+
+
+def test_a_reader_whose_generation_went_meanwhile_reads_the_manifest_again(tmp_path,
+                                                                          monkeypatch):
+    rng = np.random.default_rng(7)
+    manifest = tmp_path / "sky_R_cam.json"
+    pats = [_pattern(rng, (8, 12)) for _ in range(2)]
+    write_state(manifest, read_state(manifest), "a", pats[0], (1.0, 2.0))
+    stale = manifest.read_text()  # names generation 1 ...
+    write_state(manifest, read_state(manifest), "b", pats[1], (1.1, 2.0))  # ... now gone
+    texts = iter([stale])
+    real = type(manifest).read_text
+    monkeypatch.setattr(type(manifest), "read_text",
+                        lambda self, *a, **k: next(texts, None) or real(self, *a, **k))
+    acc = read_state(manifest)
+    assert acc.members == ["a", "b"] and np.array_equal(acc.sum, pats[0].data + pats[1].data)

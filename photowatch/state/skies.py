@@ -171,23 +171,35 @@ def _plane_path(manifest: Path, generation: int, plane: str) -> Path:
 
 def read_state(manifest: Path) -> SkyAccumulator:
     """The accumulator of a state manifest, its sums memory-mapped read-only (an empty
-    one when there is no state; the former single ``.npz`` when only it exists)."""
-    try:
-        meta = json.loads(manifest.read_text())
-    except FileNotFoundError:
-        legacy = manifest.with_suffix(".npz")
-        if not legacy.exists():
-            return SkyAccumulator()
-        with np.load(legacy, allow_pickle=False) as z:
-            return SkyAccumulator.from_state({k: z[k] for k in z.files})
-    acc = SkyAccumulator(members=[str(m) for m in meta["members"]],
-                         pointings=[(float(ra), float(dec)) for ra, dec in meta["pointings"]])
-    if meta.get("generation") is not None:
-        # plain read-only arrays over the mappings (what is computed from them is no memmap)
-        acc.sum, acc.sumvar, acc.count = (
-            np.load(_plane_path(manifest, meta["generation"], plane), mmap_mode="r",
-                    allow_pickle=False).view(np.ndarray) for plane, _ in _PLANES)
-    return acc
+    one when there is no state; the former single ``.npz`` when only it exists).
+
+    A reader without the book's lock (finalize) may find the generation it read
+    replaced by the next one before it maps it: it reads the manifest again."""
+    for attempt in range(4):
+        try:
+            meta = json.loads(manifest.read_text())
+        except FileNotFoundError:
+            legacy = manifest.with_suffix(".npz")
+            if not legacy.exists():
+                return SkyAccumulator()
+            with np.load(legacy, allow_pickle=False) as z:
+                return SkyAccumulator.from_state({k: z[k] for k in z.files})
+        acc = SkyAccumulator(members=[str(m) for m in meta["members"]],
+                             pointings=[(float(ra), float(dec)) for ra, dec in meta["pointings"]])
+        if meta.get("generation") is None:
+            return acc
+        try:
+            # plain read-only arrays over the mappings (what is computed from them is no
+            # memmap)
+            acc.sum, acc.sumvar, acc.count = (
+                np.load(_plane_path(manifest, meta["generation"], plane), mmap_mode="r",
+                        allow_pickle=False).view(np.ndarray) for plane, _ in _PLANES)
+        except FileNotFoundError:
+            if attempt == 3:
+                raise
+            continue
+        return acc
+    raise AssertionError("unreachable")
 
 
 def write_state(manifest: Path, acc: SkyAccumulator, member: str, pattern: SkyPattern,
