@@ -27,7 +27,7 @@ def flatten(frame: Frame, *, flat: MasterImage, settings: Flatten) -> Frame:
         raise StageFailed(f"master flat {flat.label} has shape {flat.data.shape}, "
                           f"the frame {frame.sci.shape}")
     f = np.maximum(flat.data, np.float32(FLOOR))
-    inv = (1.0 / f).astype(np.float32)
+    inv = (1.0 / f).astype(np.float32, copy=False)
     sci = frame.sci * inv
     inv2 = inv * inv
     var = frame.var * inv2 + sci * sci * flat.var * inv2

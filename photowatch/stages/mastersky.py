@@ -23,6 +23,7 @@ import numpy as np
 from photowatch.core.config import MasterSky
 from photowatch.core.errors import StageFailed
 from photowatch.core.frame import Frame, Mask, MasterImage
+from photowatch.core.rowstats import median
 from photowatch.core.schema import set_key
 from photowatch.stages.skysub import source_mask
 
@@ -48,13 +49,14 @@ def sky_pattern(frame: Frame, *, settings: MasterSky, mesh_px: int = 64) -> SkyP
     sample = frame.sci[valid]
     if sample.size > 500_000:
         sample = sample[:: sample.size // 500_000]
-    level = float(np.median(sample)) if sample.size else float("nan")
+    # np.median(sample), the same number (one partition of the copy made above)
+    level = median(sample, overwrite=sample.base is None) if sample.size else float("nan")
     if not np.isfinite(level) or level <= 0:
         return SkyPattern(np.zeros_like(frame.sci), np.zeros_like(frame.var),
                           np.zeros(frame.sci.shape, bool), level, sources)
     inv = np.float32(1.0 / level)
-    data = np.where(valid, frame.sci * inv, 0).astype(np.float32)
-    var = np.where(valid, frame.var * (inv * inv), 0).astype(np.float32)
+    data = np.where(valid, frame.sci * inv, 0).astype(np.float32, copy=False)
+    var = np.where(valid, frame.var * (inv * inv), 0).astype(np.float32, copy=False)
     return SkyPattern(data, var, valid, level, sources)
 
 

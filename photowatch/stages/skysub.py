@@ -17,6 +17,7 @@ from astropy.stats import mad_std
 
 from photowatch.core.config import SkySub
 from photowatch.core.frame import Frame, Mask
+from photowatch.core.rowstats import median_mad_std
 
 _UNUSABLE = int(Mask.BAD | Mask.SATURATED | Mask.NODATA | Mask.LOWFLAT | Mask.COSMIC)
 
@@ -165,7 +166,7 @@ def subtract_sky(frame: Frame, *, settings: SkySub, sources: np.ndarray | None =
     if sky.size > 500_000:
         sky = sky[:: sky.size // 500_000]
     if sky.size:
-        noise = float(mad_std(sky))
+        noise = median_mad_std(sky)[1]  # mad_std(sky), the same number
     else:
         noise = float("nan")
     # a master sky already removed most of the sky: report the whole level

@@ -35,3 +35,31 @@ def test_rejects_other_shapes():
         nanmedian_rows(np.zeros(5))
     with pytest.raises(ValueError):
         nanmedian_rows(np.zeros((3, 3), int))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 2, 3, 10, 11, 1000, 100_001, 100_002])
+def test_median_and_mad_std_equal_numpy_and_astropy(dtype, size):
+    from astropy.stats import mad_std
+
+    from photowatch.core.rowstats import median, median_mad_std
+
+    rng = np.random.default_rng(size)
+    for case in ("plain", "ties", "inf", "nan"):
+        x = rng.normal(1000.0, 30.0, size=size).astype(dtype)
+        if case == "ties":
+            x = np.round(x / 10) * 10
+        elif case == "inf" and size > 2:
+            x[:2] = [np.inf, -np.inf]
+        elif case == "nan" and size > 2:
+            x[1] = np.nan
+        keep = x.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = (float(np.median(x)), float(mad_std(x)))
+            got = median_mad_std(x)
+        assert np.array_equal(np.array(got), np.array(want), equal_nan=True), (case, got, want)
+        assert np.array_equal(x, keep, equal_nan=True)  # the input is left alone
+        assert np.array_equal(median(x), want[0], equal_nan=True)
+        y = x.copy()
+        assert np.array_equal(median(y, overwrite=True), want[0], equal_nan=True)
