@@ -300,8 +300,19 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
                  action="product kept" if dev <= tol else "re-reduced")
         if not dev <= tol:
             continue
+        # the kept product keeps its night-time astrometry: solved again from its CAT
+        # with the night's reference (no pixel work), it must land where it is
+        moved = _astrometry_moved(engine, row, info, profile)
+        if moved is not None and not moved <= ASTROMETRY_KEEP_PX:
+            log.info("final_astrometry_check", file=row["raw_name"],
+                     moved_px=round(moved, 4) if np.isfinite(moved) else "failed",
+                     problem=f"solved again from its CAT, its stars move by more than "
+                             f"{ASTROMETRY_KEEP_PX} px", action="re-reduced")
+            continue
         qc["calfinal"] = {"kept": True, "change_sigma": round(dev, 4), "masters": finals,
                           "changes": {k: round(v, 6) for k, v in changes.items()}}
+        if moved is not None:
+            qc["calfinal"]["astrometry_moved_px"] = round(moved, 5)
         message = (f"kept as final: the final masters change it by {dev:.3f} x its sky noise "
                    f"(at most {tol:g})")
         if not store.keep_final(row["id"], row["state"], qc, message):
@@ -316,6 +327,53 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), marks))
     return kept, worst
+
+
+#: a kept product's astrometry, solved again from its CAT, may move its stars by at most
+#: this (px); more and the frame is re-reduced
+ASTROMETRY_KEEP_PX = 0.1
+
+
+def _astrometry_moved(engine: Engine, row, info: FrameInfo, profile) -> float | None:
+    """How far (px) a product's astrometry, solved again from its stored CAT against the
+    reference it was solved with, moves its clean stars; None when it has no solution to
+    check (astrometry failed or disabled), inf when the product cannot be read or the new
+    solve fails."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from photowatch.stages.solve import image_centre, solve_from_catalogue
+
+    s = engine.settings.stages.astrometry
+    if not s.enabled:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(row["product"], memmap=True) as hdul:
+                hdr = hdul["SCI"].header.copy()
+                cat = Table.read(hdul["CAT"]) if "CAT" in hdul else None
+    except Exception as exc:
+        log.warning("product_unreadable", file=row["raw_name"], problem=str(exc),
+                    action="re-reduced")
+        return float("inf")
+    status = str(hdr.get("ASTSTAT", "failed")).strip()
+    if status not in ("ok", "relative"):
+        return None
+    wcs = header_wcs(hdr)
+    shape = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
+    try:
+        if status == "ok":
+            reference, _ = engine.reference_stars(info, profile, wcs, shape)
+        else:
+            ra_c, dec_c, half = image_centre(wcs, shape)
+            reference = engine.refs.near(info.night, info.target or "", None, "astrom",
+                                         ra_c, dec_c, half)
+    except Exception as exc:  # catalogue down: the solution cannot be checked
+        log.warning("reference_unavailable", file=row["raw_name"], problem=str(exc),
+                    action="re-reduced")
+        return float("inf")
+    return solve_from_catalogue(cat, shape, wcs, reference, s)[1]
 
 
 def _mark_product_final(path: str, dev: float, tol: float) -> None:
