@@ -10,8 +10,10 @@ completes when run again; the store arbitrates with a daemon still running):
 3. frames still waiting for masters get a last chance, else are rejected with the reason;
 4. every frame reduced with a provisional or superseded master is re-reduced,
    unless the final masters change it by at most ``calibration.final_tolerance``
-   of its sky noise: then its product is kept and marked final
-   (:func:`keep_unchanged`);
+   of its sky noise (default 0.1): then its product is kept and marked final
+   (:func:`keep_unchanged`), unless its astrometry, solved again from its CAT
+   against the night's reference (no pixel work), moves its stars by more than
+   :data:`ASTROMETRY_KEEP_PX`;
 5. frame quality is judged again with the whole night known (the night's best
    zero point may have come late);
 6. final coadds with per-pixel outlier rejection, and their catalogues;
