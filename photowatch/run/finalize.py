@@ -342,7 +342,8 @@ ASTROMETRY_KEEP_PX = 0.1
 def _astrometry_moved(engine: Engine, row, info: FrameInfo, profile) -> tuple:
     """(moved, why): how far (px) a product's astrometry, solved again from its stored CAT
     against the reference a re-reduction would use, moves its clean stars; None when
-    astrometry is disabled. inf, with the reason, when a re-reduction could do better
+    there is nothing to check against (astrometry disabled, the catalogue unavailable
+    now). inf, with the reason, when a re-reduction could do better
     than the product: its astrometry failed, it was registered relatively while the
     catalogue now covers it, the product cannot be read or the new solve fails."""
     from astropy.io import fits
@@ -368,8 +369,12 @@ def _astrometry_moved(engine: Engine, row, info: FrameInfo, profile) -> tuple:
     shape = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
     try:
         reference, _ = engine.reference_stars(info, profile, wcs, shape)
-    except Exception as exc:  # catalogue down: the solution cannot be checked
-        return float("inf"), f"no reference catalogue to check it against ({exc})"
+    except Exception as exc:  # catalogue down now: a re-reduction could only do worse
+        log.warning("reference_unavailable", file=row["raw_name"], problem=str(exc),
+                    action="its astrometry is kept unchecked")
+        reference = None
+    if status == "ok" and reference is None:
+        return None, ""
     if status == "relative":
         if reference is not None and len(reference):
             return float("inf"), "registered relatively, and the catalogue now covers it"
