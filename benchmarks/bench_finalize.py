@@ -45,9 +45,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--science", type=int, default=30)
     p.add_argument("--keep", metavar="DIR")
-    p.add_argument("--tolerance", type=float, default=0.1,
-                   help="calibration.final_tolerance for finalize (the default config's is 0: "
-                        "re-reduce every frame whose masters changed)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="calibration.final_tolerance for finalize (default: the default "
+                        "config's, 0.1)")
     args = p.parse_args()
 
     from photowatch.sim.night import simulate_night
@@ -64,11 +64,14 @@ def main() -> int:
     wall, rss, _ = run(["reduce", str(night.raw_dir), "--out", out, "--catalog",
                         str(night.catalog_path)])
     print(f"reduce: {wall:.0f} s, peak RSS {rss:.0f} MB", flush=True)
-    config = work / "finalize.toml"
-    config.write_text(f"[calibration]\nfinal_tolerance = {args.tolerance}\n")
-    wall, rss, text = run(["finalize", "--out", out, "--config", config])
+    config = []
+    if args.tolerance is not None:
+        (work / "finalize.toml").write_text(
+            f"[calibration]\nfinal_tolerance = {args.tolerance}\n")
+        config = ["--config", str(work / "finalize.toml")]
+    wall, rss, text = run(["finalize", "--out", out, *config])
     print(f"finalize: {wall:.0f} s, peak RSS {rss:.0f} MB\n{text}", flush=True)
-    wall2, _, text2 = run(["finalize", "--out", out, "--config", config])
+    wall2, _, text2 = run(["finalize", "--out", out, *config])
     print(f"finalize again (nothing to do): {wall2:.1f} s\n{text2}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

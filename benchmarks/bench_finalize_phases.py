@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 #: finalize's steps and the parts of them worth a figure of their own
-PHASES = ("_drain", "snapshot", "keep_unchanged", "_write_bpms", "mark_night_defects",
+PHASES = ("_drain", "snapshot", "keep_unchanged", "_astrometry_moved", "_write_bpms",
+          "mark_night_defects",
           "reassess", "final_coadds", "_covering_grid", "final_coadd", "save_png",
           "coadd_depth", "_catalogues", "coadd_catalog", "_calibrate_catalogue", "compare",
           "write_report")

@@ -20,7 +20,7 @@ from shared_data import copy_output
 from photowatch import cli
 from photowatch.core.config import Settings
 from photowatch.run.batch import reduce_directory
-from photowatch.run.finalize import rebuild_masters
+from photowatch.run.finalize import finalize, rebuild_masters
 from photowatch.sim.night import simulate_night
 from photowatch.state.store import NOT_NULL
 
@@ -28,14 +28,14 @@ QUIET = {"quicklook_png": False}
 
 
 def keep_config(out: Path) -> str:
-    """A configuration that opts in to keeping unchanged frames (the default re-reduces)."""
+    """A configuration with the tolerance these tests were written for (the default's)."""
     path = Path(out).parent / "keep.toml"
     path.write_text("[calibration]\nfinal_tolerance = 0.1\n")
     return str(path)
 
 
 def settings_for(out: Path, **calibration) -> Settings:
-    calibration.setdefault("final_tolerance", 0.1)  # opt-in: keeping unchanged frames
+    calibration.setdefault("final_tolerance", 0.1)  # the default, written out
     return Settings().with_overrides(paths={"output_dir": str(out)}, stages=QUIET, coadd=QUIET,
                                      calibration=calibration)
 
@@ -131,3 +131,100 @@ def test_a_final_master_that_changes_beyond_the_tolerance_re_reduces_its_frames(
             assert qc["calfinal"]["change_sigma"] <= 0.1
     assert f"re-reduced {n_i if redone else 0} frame(s)" in printed
     assert f"kept {8 - n_i if redone else 8} frame(s) as final" in printed
+
+
+def _accuracy(sim, store) -> dict:
+    """Per science frame, against the simulator's truth: the WCS's rms offset (px) on a grid
+    over the frame, MAGZP minus the true zero point, and the weighted mean of (CAT mag from
+    MAGZP - true mag) over clean stars brighter than 19, with its standard error."""
+    from astropy.wcs import WCS
+    from shared_data import wcs_grid_rms_px
+
+    from photowatch.io.products import read_product
+    from photowatch.stages.zeropoint import match_sky
+
+    rows = science(store)
+    out = {}
+    for f in sim.objects(good_only=True):
+        prod = read_product(rows[f.raw_name]["product"])
+        grid = wcs_grid_rms_px(WCS(prod.header), f.wcs(), prod.sci.shape)
+        stars = sim.frame_stars(f)
+        stars = stars[np.asarray(stars["mag"], float) < 19]
+        cat = prod.cat
+        a, b = match_sky(cat["ra"], cat["dec"], stars["ra"], stars["dec"], 1.0)
+        ok = np.asarray(cat["flags"])[a] == 0
+        flux = np.asarray(cat["flux"], float)[a][ok]
+        err = 1.0857 * np.asarray(cat["fluxerr"], float)[a][ok] / flux
+        d = prod.header["MAGZP"] - 2.5 * np.log10(flux) - np.asarray(stars["mag"], float)[b][ok]
+        w = 1 / err**2
+        out[f.raw_name] = dict(grid=grid, dzp=prod.header["MAGZP"] - f.zp_true,
+                               dmag=float(np.sum(w * d) / w.sum()),
+                               dmag_err=float(1 / np.sqrt(w.sum())), n=int(ok.sum()),
+                               calfinal=bool(prod.header.get("CALFINAL", False)))
+    return out
+
+
+def test_kept_products_are_as_accurate_against_the_truth_as_re_reduced_ones(reduced,
+                                                                            tmp_path):
+    """The same reduced night finalized twice: with the default tolerance (every frame is
+    kept: its night-time products, astrometry checked again from its CAT) and with 0 (every
+    frame re-reduced with the final masters). Against the simulator's truth the kept frames
+    are as good: WCS within 0.05 px of the true one on a grid over the frame (and within
+    0.01 px of the re-reduced frame's error), zero points and calibrated magnitudes of the
+    bright stars as close to the truth (within 0.005 mag, or 1.5 standard errors)."""
+    sim, out = reduced
+    results = {}
+    for tol in (None, 0.0):
+        work = tmp_path / f"tol{tol}"
+        store = copy_output(out, work)
+        calibration = {} if tol is None else {"final_tolerance": tol}
+        settings = Settings().with_overrides(paths={"output_dir": str(work)}, stages=QUIET,
+                                             coadd=QUIET, calibration=calibration)
+        result = finalize(settings)
+        assert result.ok, result.problems
+        results[tol] = _accuracy(sim, store)
+    kept, redone = results[None], results[0.0]
+    assert len(kept) == 8
+    assert all(k["calfinal"] for k in kept.values())  # the default keeps them
+    assert not any(r["calfinal"] for r in redone.values())
+    for name, k in kept.items():
+        r = redone[name]
+        assert k["grid"] < 0.05 and k["grid"] < r["grid"] + 0.01, (name, k, r)
+        assert abs(k["dzp"]) < 0.03 and abs(k["dzp"]) < abs(r["dzp"]) + 0.005, (name, k, r)
+        assert k["n"] >= 5
+        assert abs(k["dmag"]) < max(abs(r["dmag"]) + 0.005, 1.5 * k["dmag_err"]), (name, k, r)
+
+
+@pytest.mark.parametrize("edit", ["crpix", "failed", "relative"])
+def test_a_kept_product_whose_astrometry_a_re_reduction_would_better_is_re_reduced(
+        night, capsys, edit):
+    """Products the final masters barely change, but whose astrometry a re-reduction would
+    not reproduce, are not kept: a WCS 0.3 px off what its own CAT and the catalogue give
+    (``crpix``), a frame whose astrometry failed at night (``failed``: the re-reduction
+    tries again) and one registered relatively while the catalogue now covers it
+    (``relative``: the catalogue was down). finalize re-reduces it, and the new product's
+    WCS is right. The other frames are kept."""
+    from astropy.wcs import WCS
+    from shared_data import wcs_grid_rms_px
+
+    sim, out, store = night
+    before = science(store)
+    name = sorted(before)[0]
+    with fits.open(before[name]["product"], mode="update") as h:
+        if edit == "crpix":
+            h["SCI"].header["CRPIX1"] += 0.3
+        else:
+            h["SCI"].header["ASTSTAT"] = edit
+    assert cli.main(["finalize", "--out", str(out), "--config", keep_config(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "re-reduced 1 frame(s)" in printed and "kept 7 frame(s) as final" in printed, printed
+    after = science(store)
+    assert after[name]["product_version"] > before[name]["product_version"]
+    with fits.open(after[name]["product"]) as h:
+        hdr = h["SCI"].header
+        assert "CALFINAL" not in hdr
+        truth = next(f for f in sim.objects() if f.raw_name == name).wcs()
+        assert wcs_grid_rms_px(WCS(hdr), truth, h["SCI"].data.shape) < 0.05
+    for other, row in after.items():
+        if other != name:
+            assert json.loads(row["qc_json"])["calfinal"]["astrometry_moved_px"] < 0.01

@@ -71,7 +71,7 @@ class Calibration(Section):
     ]
     rereduce: Literal["idle", "finalize", "never"] = "idle"
     keep_versions: Annotated[int, Field(ge=0)] = 0
-    final_tolerance: NonNegFloat = 0.0
+    final_tolerance: NonNegFloat = 0.1
 
 
 class Prepare(Section):

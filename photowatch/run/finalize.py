@@ -10,8 +10,10 @@ completes when run again; the store arbitrates with a daemon still running):
 3. frames still waiting for masters get a last chance, else are rejected with the reason;
 4. every frame reduced with a provisional or superseded master is re-reduced,
    unless the final masters change it by at most ``calibration.final_tolerance``
-   of its sky noise: then its product is kept and marked final
-   (:func:`keep_unchanged`);
+   of its sky noise (default 0.1): then its product is kept and marked final
+   (:func:`keep_unchanged`), unless its astrometry, solved again from its CAT
+   against the night's reference (no pixel work), moves its stars by more than
+   :data:`ASTROMETRY_KEEP_PX`;
 5. frame quality is judged again with the whole night known (the night's best
    zero point may have come late);
 6. final coadds with per-pixel outlier rejection, and their catalogues;
@@ -295,13 +297,27 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
             level = qc.get("sky_e") if not used.get("sky") else (qc.get("skynoise_e") or 0) ** 2
         dev = frame_change(changes, exptime_s=info.exptime_s, level_e=level,
                            noise_e=qc.get("skynoise_e"))
+        # a kept product keeps its night-time astrometry: solved again from its CAT with
+        # the reference a re-reduction would use (no pixel work), it must land where it is
+        moved, why = _astrometry_moved(engine, row, info, profile) if dev <= tol \
+            else (None, "")
+        if moved is not None and not moved <= ASTROMETRY_KEEP_PX:
+            why = why or (f"its astrometry, solved again from its CAT, moves its stars by "
+                          f"{moved:.3f} px (more than {ASTROMETRY_KEEP_PX})")
+        else:
+            why = ""
         log.info("final_masters_change", file=row["raw_name"], change_sigma=round(dev, 4),
                  per_master={k: round(v, 6) for k, v in changes.items()},
-                 action="product kept" if dev <= tol else "re-reduced")
-        if not dev <= tol:
+                 **({"astrometry_moved_px": round(moved, 5)} if moved is not None
+                    and np.isfinite(moved) else {}),
+                 **({"problem": why} if why else {}),
+                 action="product kept" if dev <= tol and not why else "re-reduced")
+        if not dev <= tol or why:
             continue
         qc["calfinal"] = {"kept": True, "change_sigma": round(dev, 4), "masters": finals,
                           "changes": {k: round(v, 6) for k, v in changes.items()}}
+        if moved is not None:
+            qc["calfinal"]["astrometry_moved_px"] = round(moved, 5)  # <= ASTROMETRY_KEEP_PX
         message = (f"kept as final: the final masters change it by {dev:.3f} x its sky noise "
                    f"(at most {tol:g})")
         if not store.keep_final(row["id"], row["state"], qc, message):
@@ -316,6 +332,57 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), marks))
     return kept, worst
+
+
+#: a kept product's astrometry, solved again from its CAT, may move its stars by at most
+#: this (px); more and the frame is re-reduced
+ASTROMETRY_KEEP_PX = 0.1
+
+
+def _astrometry_moved(engine: Engine, row, info: FrameInfo, profile) -> tuple:
+    """(moved, why): how far (px) a product's astrometry, solved again from its stored CAT
+    against the reference a re-reduction would use, moves its clean stars; None when
+    there is nothing to check against (astrometry disabled, the catalogue unavailable
+    now). inf, with the reason, when a re-reduction could do better
+    than the product: its astrometry failed, it was registered relatively while the
+    catalogue now covers it, the product cannot be read or the new solve fails."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from photowatch.stages.solve import image_centre, solve_from_catalogue
+
+    s = engine.settings.stages.astrometry
+    if not s.enabled:
+        return None, ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(row["product"], memmap=True) as hdul:
+                hdr = hdul["SCI"].header.copy()
+                cat = Table.read(hdul["CAT"]) if "CAT" in hdul else None
+    except Exception as exc:
+        return float("inf"), f"product unreadable ({exc})"
+    status = str(hdr.get("ASTSTAT", "failed")).strip()
+    if status not in ("ok", "relative"):
+        return float("inf"), "its astrometry failed: a re-reduction tries again"
+    wcs = header_wcs(hdr)
+    shape = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
+    try:
+        reference, _ = engine.reference_stars(info, profile, wcs, shape)
+    except Exception as exc:  # catalogue down now: a re-reduction could only do worse
+        log.warning("reference_unavailable", file=row["raw_name"], problem=str(exc),
+                    action="its astrometry is kept unchecked")
+        reference = None
+    if status == "ok" and reference is None:
+        return None, ""
+    if status == "relative":
+        if reference is not None and len(reference):
+            return float("inf"), "registered relatively, and the catalogue now covers it"
+        ra_c, dec_c, half = image_centre(wcs, shape)
+        reference = engine.refs.near(info.night, info.target or "", None, "astrom",
+                                     ra_c, dec_c, half)
+    moved = solve_from_catalogue(cat, shape, wcs, reference, s)[1]
+    return moved, "" if np.isfinite(moved) else "solved again from its CAT, it fails"
 
 
 def _mark_product_final(path: str, dev: float, tol: float) -> None:

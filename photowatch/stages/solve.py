@@ -197,12 +197,47 @@ def quicklook_fallback(sources, shape, quicklook, reference, settings, failed: s
         reason=f"quick-look solution kept ({n} stars, rms {rms:.2f} arcsec): {note}")
 
 
+def solve_from_catalogue(cat, shape, wcs, reference, settings) -> tuple:
+    """A product's astrometry solved again from its stored ``CAT`` (no pixel work).
+
+    ``cat``: the product's CAT as in the file (x, y 1-based); ``wcs``: its solution;
+    ``reference``: the catalogue stars or the field's relative reference it was solved
+    against. The solve starts from ``wcs`` (a warm start, the usual checks; the solution
+    does not depend on where it starts). Returns (AstrometryResult, moved): ``moved`` is
+    the largest distance (px) between where ``wcs`` and the new solution put the sky
+    positions of the CAT's clean sources (flags 0); inf when the new solve fails.
+    """
+    if reference is None or len(reference) == 0 or cat is None or len(cat) == 0:
+        return None, float("inf")
+    src = cat.copy()
+    src["x"] = np.asarray(src["x"], float) - 1.0
+    src["y"] = np.asarray(src["y"], float) - 1.0
+    result = astrom.solve_astrometry(src, shape=shape, wcs_guess=wcs, reference=reference,
+                                     settings=settings, previous=wcs)
+    if result.wcs is None or result.status == "failed":
+        return result, float("inf")
+    clean = np.asarray(src["flags"]) == 0 if "flags" in src.colnames else np.ones(len(src), bool)
+    x, y = np.asarray(src["x"], float)[clean], np.asarray(src["y"], float)[clean]
+    if x.size == 0:
+        return result, 0.0
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    nx_, ny_ = result.wcs.all_world2pix(ra, dec, 0)
+    moved = np.hypot(nx_ - x, ny_ - y)
+    return result, float(np.nanmax(moved)) if np.isfinite(moved).any() else float("inf")
+
+
 def _nearby_solutions(solutions, ra: float, dec: float, radius_deg: float) -> list:
     """The field's remembered solutions (oldest first) centred within ``radius_deg``
     (``solutions``: the context's snapshot of the field's (ra, dec, result))."""
 
     return [result for ra_s, dec_s, result in solutions
             if float(angular_distance_deg(ra, dec, ra_s, dec_s)) < radius_deg]
+
+
+def image_centre(wcs, shape) -> tuple[float, float, float]:
+    """(ra, dec) of the image centre and half the image's shorter side (deg): where the
+    field references of a frame solved with ``wcs`` are looked up."""
+    return _centre(wcs, shape)
 
 
 def _centre(wcs, shape) -> tuple[float, float, float]:
