@@ -5,9 +5,9 @@ detected there.
 Per position: the aperture sum at the WCS position (no re-centring: a forced measurement
 must not wander onto a neighbour) less the local background (clipped median of an
 annulus, :func:`photowatch.stages.depth.local_background`: a target sits on whatever the
-sky subtraction left there), its error from the ERR plane (sky, read noise and the
-source's own Poisson noise) with the background part scaled by the frame's measured
-``noise_factor`` (:func:`photowatch.stages.depth.empty_aperture_noise`), S/N, the
+sky subtraction left there), its error: the measurement's noise, from the ERR plane (sky,
+read noise and the source's own Poisson noise) plus that of the annulus median (on a
+coadd, the background part scaled by a measured ``noise_factor``), S/N, the
 calibrated magnitude when detected (S/N >= nsigma) and always the ``nsigma`` upper limit
 at that position (``LIMMAG`` with the local noise). Pure: arrays and numbers in, a table
 out.
@@ -41,7 +41,7 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
                       targets: Iterable[tuple[str, float, float]], *, r_ap_px: float,
                       apcor: float = 1.0, magzp: float | Callable | None = None,
                       magzp_err: float = 0.0, nsigma: float = 5.0,
-                      noise_factor: float = 1.0, local_bkg: bool = True):
+                      noise_factor: float | None = None, local_bkg: bool = True):
     """Aperture photometry at each target's position.
 
     Parameters
@@ -60,7 +60,13 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
     nsigma
         Detection threshold and upper-limit significance.
     noise_factor
-        Measured over ERR-predicted background noise of an aperture sum.
+        None (a frame): the error is the measurement's own noise, ERR's in the aperture
+        plus the local background's (the annulus median of N pixels adds
+        ``(pi / 2) A^2 sky_var / N``, :func:`photowatch.stages.depth.background_error_factor`).
+        A number (a coadd, whose resampling correlates the noise): measured over
+        ERR-predicted background noise of an aperture sum
+        (:func:`photowatch.stages.depth.empty_aperture_noise`, which includes the
+        background's noise), scaling the background part of ERR's error.
     local_bkg
         Subtract the annulus background (else the frame's sky subtraction alone).
 
@@ -75,7 +81,12 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
     import sep
     from astropy.table import Table
 
-    from photowatch.stages.depth import ANNULUS, limiting_flux, local_background
+    from photowatch.stages.depth import (
+        ANNULUS,
+        background_error_factor,
+        limiting_flux,
+        local_background,
+    )
 
     targets = list(targets)
     n = len(targets)
@@ -98,7 +109,8 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
     limflux = np.full(n, np.nan)
     r = float(r_ap_px)
     half = int(math.ceil(ANNULUS[1] * r)) + 3
-    k2 = float(noise_factor) ** 2
+    measured = noise_factor is not None
+    k2 = float(noise_factor) ** 2 if measured else 1.0
     area = math.pi * r * r
     # each target in its own cutout: the cost is per target, not per frame pixel
     for k in np.flatnonzero(on):
@@ -135,17 +147,20 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
         # (without the source, whose Poisson noise is in e_ap) gives the local limit
         sky_var = _local_variance(v, m, xc, yc, r)[0]
         flux_ap = float(f_ap[0])
+        kb = 1.0  # the local background's noise over the aperture sum's (background part)
         if local_bkg:
-            bkg, _ = local_background(data, m, xc, yc, r)
+            bkg, nb = local_background(data, m, xc, yc, r)
             if np.isfinite(bkg[0]):
                 flux_ap -= area * float(bkg[0])
+                kb = background_error_factor(area, float(nb[0]))
             else:
                 f |= FLAG_NOBKG
         sv = sky_var if np.isfinite(sky_var) else 0.0
-        e_tot = math.sqrt(max(float(e_ap[0]) ** 2 + (k2 - 1.0) * area * sv, 0.0))
+        kf = math.sqrt(k2) if measured else kb
+        e_tot = math.sqrt(max(float(e_ap[0]) ** 2 + (kf * kf - 1.0) * area * sv, 0.0))
         flux[k] = flux_ap * apcor
         fluxerr[k] = e_tot * apcor
-        limflux[k] = limiting_flux(math.sqrt(sky_var), r, apcor, nsigma, noise_factor) \
+        limflux[k] = limiting_flux(math.sqrt(sky_var), r, apcor, nsigma, kf) \
             if sky_var > 0 else np.nan
         flags[k] |= f
     with np.errstate(divide="ignore", invalid="ignore"):
