@@ -113,29 +113,40 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
     k2 = float(noise_factor) ** 2 if measured else 1.0
     area = math.pi * r * r
     # each target in its own cutout: the cost is per target, not per frame pixel
+    box = 2 * half + 1
     for k in np.flatnonzero(on):
         ix, iy = int(round(x[k])), int(round(y[k]))
-        x0, x1, y0, y1 = max(ix - half, 0), min(ix + half + 1, nx), max(iy - half, 0), \
-            min(iy + half + 1, ny)
-        data = np.array(sci[y0:y1, x0:x1], dtype=np.float32)
-        v = np.array(var[y0:y1, x0:x1], dtype=np.float32)
+        bx, by = ix - half, iy - half  # the box's origin on the frame: off the frame = NODATA
+        x0, x1, y0, y1 = max(bx, 0), min(bx + box, nx), max(by, 0), min(by + box, ny)
+        inner = (slice(y0 - by, y1 - by), slice(x0 - bx, x1 - bx))
+        data = np.zeros((box, box), np.float32)
+        v = np.ones((box, box), np.float32)
+        m = np.ones((box, box), bool)
+        data[inner] = sci[y0:y1, x0:x1]
+        v[inner] = var[y0:y1, x0:x1]
         bad = ~np.isfinite(data) | ~(v > 0) | ~np.isfinite(v)
-        m = bad.copy()
+        m[inner] = bad[inner]
         cosmic = None
         if mask is not None:
             mk = np.asarray(mask[y0:y1, x0:x1])
-            m |= (mk & _FLAG_BITS) != 0
-            cosmic = ((mk & int(Mask.COSMIC)) != 0).astype(np.float32)
+            m[inner] |= (mk & _FLAG_BITS) != 0
+            cosmic = np.zeros((box, box), np.float32)
+            cosmic[inner] = (mk & int(Mask.COSMIC)) != 0
         if bad.any():
             data[bad] = 0.0
             v[bad] = np.float32(np.median(v[~bad])) if (~bad).any() else np.float32(1.0)
-        xc, yc = np.array([x[k] - x0]), np.array([y[k] - y0])
-        f_ap, e_ap, aflag = sep.sum_circle(data, xc, yc, r, var=v, mask=m, subpix=5)
+        xc, yc = np.array([x[k] - bx]), np.array([y[k] - by])
+        # masked or off-frame pixels of the aperture take the value of the pixel opposite
+        # the position (a point source is symmetric): its flux is kept, not lost
+        ad, av, am, cov = _mirror_fill(data, v, m, float(xc[0]), float(yc[0]), r)
+        f_ap, e_ap, _ = sep.sum_circle(ad, xc, yc, r, var=av, mask=am, subpix=5)
+        e_ap = np.sqrt(e_ap ** 2 + cov)
         # truncated by the frame's edge (not by the cutout's)
         trunc = (x[k] - r < -0.5) or (y[k] - r < -0.5) or (x[k] + r > nx - 0.5) or \
             (y[k] + r > ny - 0.5)
         f = 0
-        if aflag[0] & sep.APER_HASMASKED:
+        yy, xx = np.nonzero(m[inner])
+        if ((xx + x0 - x[k]) ** 2 + (yy + y0 - y[k]) ** 2 <= (r + 0.5) ** 2).any():
             f |= FLAG_MASKED
         if trunc:
             f |= FLAG_EDGE
@@ -183,6 +194,34 @@ def forced_photometry(sci: np.ndarray, var: np.ndarray, mask: np.ndarray | None,
                   "fluxerr": fluxerr, "snr": snr, "mag": mag, "magerr": magerr,
                   "limmag": limmag, "uplim": uplim, "limflux": limflux,
                   "detected": detected, "flags": flags})
+
+
+def _mirror_fill(data, var, bad, xc: float, yc: float, r: float):
+    """Copies of ``data``, ``var`` and ``bad`` where each bad pixel within ``r + 1`` of
+    (xc, yc) whose opposite pixel (nearest to ``2 (xc, yc) - (x, y)``) is good takes that
+    pixel's value and variance (SExtractor's MASK_TYPE CORRECT); and the variance the
+    aperture sum gains because those pixels' noise now counts twice (``2 sum var``: a
+    pair sums ``2 n``, variance ``4 var`` against the ``2 var`` of two independent
+    pixels). Unfilled bad pixels stay bad (their light lost; the flag tells)."""
+    yy, xx = np.nonzero(bad)
+    near = (xx - xc) ** 2 + (yy - yc) ** 2 <= (r + 1.0) ** 2
+    if not near.any():
+        return data, var, bad, 0.0
+    yy, xx = yy[near], xx[near]
+    my, mx = np.rint(2 * yc - yy).astype(int), np.rint(2 * xc - xx).astype(int)
+    ny, nx = data.shape
+    ok = (mx >= 0) & (mx < nx) & (my >= 0) & (my < ny)
+    yy, xx, my, mx = yy[ok], xx[ok], my[ok], mx[ok]
+    ok = ~bad[my, mx]
+    yy, xx, my, mx = yy[ok], xx[ok], my[ok], mx[ok]
+    if not yy.size:
+        return data, var, bad, 0.0
+    data, var, bad = data.copy(), var.copy(), bad.copy()
+    data[yy, xx] = data[my, mx]
+    var[yy, xx] = var[my, mx]
+    bad[yy, xx] = False
+    inside = (xx - xc) ** 2 + (yy - yc) ** 2 <= r * r
+    return data, var, bad, float(2.0 * var[my[inside], mx[inside]].sum())
 
 
 def _local_variance(var: np.ndarray, mask: np.ndarray, x, y, r: float) -> list[float]:
