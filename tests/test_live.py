@@ -189,6 +189,36 @@ def test_forced_errors_are_the_noise_and_empty_apertures_measure_confusion():
     assert np.median(t["limflux"] / t["fluxerr"]) == pytest.approx(5.0, rel=0.15)
 
 
+def test_forced_flux_survives_a_bad_column_and_the_frame_edge():
+    """A bad column through a bright star's aperture, or the frame's edge cutting it: the
+    masked pixels take their opposite pixel's value, so the flux is the star's (within
+    1 %, S/N ~400), where dropping them is off by 9-13 %; the points stay flagged."""
+    from photowatch.stages.forced import FLAG_EDGE, FLAG_MASKED
+
+    psf = _Psf(FWHM, beta=3.0)
+    apcor = _apcor(psf)
+    n = 120
+    x = np.array([40.3, 60.6, 3.2])
+    y = np.array([50.4, 90.1, 30.7])
+    flux = np.full(3, 2.0e5)
+    model = render_stars((n, n), psf, x, y, flux)
+    var = (SKY_SIGMA ** 2 + model).astype(np.float32)
+    rng = np.random.default_rng(5)
+    data = (model + rng.normal(0, 1, (n, n)) * np.sqrt(var)).astype(np.float32)
+    mask = np.zeros((n, n), np.uint16)
+    mask[:, 41] = 1  # BAD: a column 0.7 px from the first star's centre
+    mask[88:93, 58:60] = 2  # SATURATED: a small patch in the second's core
+    data[mask != 0] = 6.0e4  # whatever a bad pixel holds
+    t = forced_photometry(data, var, mask, _PixWCS(), [(f"s{i}", a, b) for i, (a, b) in
+                                                       enumerate(zip(x, y))],
+                          r_ap_px=R_AP, apcor=apcor, magzp=ZP)
+    assert np.all(np.abs(t["flux"] / flux - 1) < 0.01), t["flux"] / flux
+    assert t["flags"][0] & FLAG_MASKED and t["flags"][1] & FLAG_MASKED
+    assert t["flags"][2] & FLAG_EDGE and not t["flags"][2] & FLAG_MASKED
+    # the error counts the copied pixels' noise twice: still a fair pull
+    assert np.all(np.abs(t["flux"] - flux) < 4 * t["fluxerr"])
+
+
 def test_forced_flags_off_frame_and_no_wcs():
     data, var, x, y, flux, apcor = _field(0, n_side=2)
     b = int(np.argmax(flux))
