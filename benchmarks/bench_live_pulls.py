@@ -1,7 +1,7 @@
 """Flux-pull widths by true S/N of forced photometry, from nights kept by
 ``bench_live.py --accuracy --keep DIR`` (issue 21: where the errors are too large or small).
 
-    .venv/bin/python benchmarks/bench_live_pulls.py DIR [--decompose]
+    .venv/bin/python benchmarks/bench_live_pulls.py DIR [--decompose [--measured-factor]]
 
 ``--decompose`` splits each point's error with the simulator's noiseless model image
 (``truth/model_*.fits``, every star and injection in e-): forced photometry, with the
@@ -12,7 +12,7 @@ noise pulls' width says whether the quoted errors are the noise; the "contaminat
 width whether the positions are clean. It also measures, on each frame's SCI, the empty
 aperture scatter over ERR's prediction (``apnoise_factor``'s statistic) at random
 empty positions, at positions with no true star in the footprint (3 apertures), and on
-the noise image.
+the noise image, and the noise image's pixel scatter over ERR.
 """
 
 from __future__ import annotations
@@ -74,7 +74,10 @@ def _empty_stats(sci, var, mask, cat_xy, star_xy, r_ap, fwhm, noise, seed=0) -> 
     empty = d_cat > ANNULUS[1] * r_ap + 2 * fwhm  # as empty_aperture_noise chooses
     clean = d_star > ANNULUS[1] * r_ap  # no true star in aperture or annulus
     dy, dx = _disc(0.0, r_ap)
-    out = {}
+    # ERR per pixel: the noise image's sky pixels (mask 0, away from CAT sources) over ERR
+    sky = (mask == 0) & np.isfinite(noise) & (var > 0)
+    z = (noise[sky] / np.sqrt(var[sky]))[::7]
+    out = {"pixel (noise image / ERR)": _robust(z)}
     for label, img, sel in [("empty", sci, empty), ("clean", sci, clean),
                             ("empty, noise image", noise, empty)]:
         xs, ys = x[sel][:3000], y[sel][:3000]
@@ -89,7 +92,7 @@ def _empty_stats(sci, var, mask, cat_xy, star_xy, r_ap, fwhm, noise, seed=0) -> 
     return out
 
 
-def decompose(base: Path) -> None:
+def decompose(base: Path, measured_factor: bool = False) -> None:
     from astropy.io import fits
     from astropy.table import Table
     from astropy.wcs import WCS
@@ -123,6 +126,8 @@ def decompose(base: Path) -> None:
             a = float(np.sum(sci[on] * model[on]) / np.sum(model[on] ** 2))
             targets = [(str(r["name"]), float(r["ra"]), float(r["dec"])) for r in t]
             kw = dict(r_ap_px=qc["aprad_px"], apcor=qc.get("apcor") or 1.0)
+            if measured_factor:  # the errors before lane pulls2k: the empty-aperture factor
+                kw["noise_factor"] = qc.get("apnoise_factor") or 1.0
             got = forced_photometry(sci, var, mask, wcs, targets, **kw)
             noise = forced_photometry(sci - a * model, var, mask, wcs, targets, **kw)
             light = forced_photometry(a * model, var, mask, wcs, targets, **kw)
@@ -155,10 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir", type=Path)
     ap.add_argument("--decompose", action="store_true")
+    ap.add_argument("--measured-factor", action="store_true",
+                    help="decompose errors scaled by the frame's apnoise_factor (as before)")
     args = ap.parse_args(argv)
     widths(args.dir)
     if args.decompose:
-        decompose(args.dir)
+        decompose(args.dir, args.measured_factor)
 
 
 if __name__ == "__main__":
