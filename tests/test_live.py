@@ -144,7 +144,7 @@ def test_forced_errors_are_the_noise_and_empty_apertures_measure_confusion():
     pixel) under a sea of stars below the detection limit: the default errors (ERR plus the
     annulus median's noise, BKG_FACTOR) give pulls of unit width, and so does LIMMAG's
     limit; the empty apertures' factor, which the faint stars inflate, would make them
-    ~15 % too large (the 2k light curves of issue 21), ERR alone ~10 % too small."""
+    ~10 % too large (the 2k light curves of issue 21), ERR alone ~13 % too small."""
     from scipy.spatial import cKDTree
 
     from photowatch.stages.depth import BKG_FACTOR
