@@ -31,9 +31,22 @@ def _fin(v):
 def depth_facts(frame, src, qc: dict, nsigma: float = 5.0) -> dict:
     """qc entries of a frame's depth: ``limmag`` (None without a zero point),
     ``limflux_e`` (nsigma flux, e-), ``pixnoise_e`` (median per-pixel ERR of usable
-    pixels), ``apnoise_factor`` (measured over predicted noise of empty apertures, the
-    number used in ``apnoise_n``) and ``aprad_px`` (CAT's aperture radius)."""
-    from photowatch.stages.depth import empty_aperture_noise, limiting_flux, pixel_noise
+    pixels), ``apnoise_factor`` (measured over ERR-predicted noise of empty apertures, the
+    number used in ``apnoise_n``) and ``aprad_px`` (CAT's aperture radius).
+
+    LIMMAG is the limit of forced photometry at a known position: ERR's noise in CAT's
+    aperture plus the local background's (``BKG_FACTOR``), the noise a measurement there
+    has. ``apnoise_factor`` is larger: on a frame (not resampled, ERR right per pixel)
+    what empty apertures add beyond ``BKG_FACTOR`` is light of the stars below the
+    detection limit that random positions catch (on the simulator: 1.3 where positions
+    with no star in the footprint give 1.11); it is kept as the frame's confusion figure
+    and scales the coadds' noise (their resampling correlates it)."""
+    from photowatch.stages.depth import (
+        BKG_FACTOR,
+        empty_aperture_noise,
+        limiting_flux,
+        pixel_noise,
+    )
 
     mask, bits = frame.mask, int(UNUSABLE)  # the MASK bits are read where needed only
     noise = pixel_noise(frame.var, mask, bits=bits)
@@ -47,7 +60,7 @@ def depth_facts(frame, src, qc: dict, nsigma: float = 5.0) -> dict:
         fwhm = src.fwhm_px if np.isfinite(src.fwhm_px) else r_ap / 2
         factor, n_empty = empty_aperture_noise(frame.sci, frame.var, mask, xy, r_ap, fwhm,
                                                bits=bits)
-    flux = limiting_flux(noise, r_ap, apcor, nsigma, factor)
+    flux = limiting_flux(noise, r_ap, apcor, nsigma, BKG_FACTOR)
     zp = qc.get("zp") if qc.get("abscal") and qc.get("phot_status") == "ok" else None
     limmag = zp - 2.5 * math.log10(flux) if zp is not None and np.isfinite(flux) else None
     return {"limmag": _fin(limmag), "limflux_e": _fin(flux), "pixnoise_e": _fin(noise),
@@ -85,8 +98,7 @@ def measure_frame(engine, row, info, header, profile, result, *, alerts: bool = 
                               r_ap_px=qc.get("aprad_px") or float("nan"),
                               apcor=qc.get("apcor") or 1.0, magzp=magzp,
                               magzp_err=qc.get("zp_err") or 0.0,
-                              nsigma=engine.settings.targets.nsigma,
-                              noise_factor=qc.get("apnoise_factor") or 1.0)
+                              nsigma=engine.settings.targets.nsigma)
     t0 = info.obs_time
     t1 = t0 + timedelta(seconds=info.exptime_s or 0.0)
     mid = t0 + (t1 - t0) / 2
