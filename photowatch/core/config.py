@@ -132,6 +132,9 @@ class Cosmics(Section):
     #: ... or if its matched sum with the ring pixels above 1 sigma reaches this and the
     #: ring stands above the sky on average (a hit's faint spill; 0: off)
     min_group_sigma: NonNegFloat = 5.5
+    #: spare events a star of the frame's PSF explains: the event's pixels must stand this
+    #: many sigma (sqrt of delta chi²) beyond a Moffat fitted without them (0: off)
+    psf_sigma: NonNegFloat = 4.5
 
 
 class Sources(Section):

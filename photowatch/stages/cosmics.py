@@ -155,6 +155,7 @@ frame; the stage then runs on the whole frame (``CosmicsResult.tiles``).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -200,6 +201,7 @@ class CosmicsResult:
     grown: int = 0  #: of which added by the conditional growth (``grow_sigma``)
     area_fraction: float = 1.0  #: fraction of the frame L.A.Cosmic ran on (``tiles``)
     tiles: str = "full"  #: how the frame was split (``tiles`` as run)
+    fwhm_px: float = float("nan")  #: the PSF's FWHM the star test used (NaN: none)
 
 
 def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = None,
@@ -263,6 +265,13 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
     if settings.min_peak_sigma > 0 and crmask.any():
         crmask = keep_significant(sci, var, crmask, inmask, nsigma=settings.min_peak_sigma,
                                   group_sigma=settings.min_group_sigma)
+    fwhm = None
+    if settings.psf_sigma > 0 and crmask.any():
+        fwhm = float(fwhm_px) if fwhm_px and np.isfinite(fwhm_px) else \
+            estimate_fwhm(sci, var, crmask, protect)
+        if fwhm is not None:
+            crmask = drop_psf_like(sci, var, crmask, inmask, fwhm_px=fwhm,
+                                   nsigma=settings.psf_sigma)
     found = int(np.count_nonzero(crmask))
     if settings.grow_sigma > 0 and settings.grow_passes and found:
         crmask = grow_conditional(sci, var, crmask, inmask, nsigma=settings.grow_sigma,
@@ -289,7 +298,8 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
                       f" f{settings.sigfrac:g} g{settings.grow_sigma:g}{fs} {tiles}",
                       "cosmic-ray method")
     result = CosmicsResult(npix, npix / crmask.size, grown=npix - found,
-                           area_fraction=area, tiles=tiles)
+                           area_fraction=area, tiles=tiles,
+                           fwhm_px=float("nan") if fwhm is None else fwhm)
     return frame.replace(sci=out_sci, var=out_var, mask=mask, header=hdr), result
 
 
@@ -811,3 +821,218 @@ def clean(sci, var, crmask, inmask, *, cleantype: str = "meanmask"):
         variances[start:start + c.size] = np.where(np.isfinite(local_var), local_var,
                                                    fallback_var)
     return flagged, values, variances
+
+
+# ---- the frame's PSF: star cores are not cosmic rays (issue 21) ----
+
+#: half size of the window the PSF is fitted in (7x7)
+_PSF_R = 3
+#: Moffat beta of the templates (the simulator's; real frames 2.5-4.5: the core differs little)
+_PSF_BETA = 3.0
+#: trial FWHMs of the estimate (px), geometric
+_FWHM_GRID = np.geomspace(1.2, 9.0, 28)
+#: sub-pixel centres tried (px, in x and in y)
+_PSF_OFFSETS = np.array([-0.5, -0.25, 0.0, 0.25, 0.5])
+#: peaks used for the FWHM estimate: at least this S/N per pixel, at most this many
+_FWHM_PEAK_SNR = 6.0
+_FWHM_MAX_STARS = 80
+_FWHM_MIN_STARS = 5
+#: half size of the window of the FWHM estimate (11x11: a 6 px FWHM needs its wings)
+_FWHM_R = 5
+
+
+def psf_templates(fwhm_px, offsets=_PSF_OFFSETS, *, r: int = _PSF_R,
+                  beta: float = _PSF_BETA, oversample: int = 5) -> np.ndarray:
+    """Pixel-integrated Moffat profiles in a (2r+1)² window: (fwhm, offset pair, pixel),
+    each summing to 1 over an infinite plane (so amplitudes are fluxes)."""
+    fwhm = np.atleast_1d(np.asarray(fwhm_px, float))
+    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
+    grid = np.arange(-r, r + 1)
+    pos = (grid[:, None] + sub[None, :]).ravel()  # sub-pixel sample positions per axis
+    dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
+    dy, dx = dy.ravel(), dx.ravel()
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    # separable? no (Moffat is not): evaluate on the full oversampled grid
+    yy = pos[None, :, None] - dy[:, None, None]
+    xx = pos[None, None, :] - dx[:, None, None]
+    r2 = yy ** 2 + xx ** 2  # (offset, ny*os, nx*os)
+    n = 2 * r + 1
+    out = np.empty((fwhm.size, dy.size, n * n))
+    for i, a in enumerate(alpha):
+        prof = (beta - 1) / (np.pi * a * a) * (1.0 + r2 / (a * a)) ** (-beta)
+        prof = prof.reshape(dy.size, n, oversample, n, oversample).mean(axis=(2, 4))
+        out[i] = prof.reshape(dy.size, n * n)
+    return out
+
+
+def _fit_psf(d, w, t, *, free_b: bool = True):
+    """Weighted linear fit d ≈ a t + b per (window, template): chi² and a.
+
+    d, w: (N, P) data and weights (0 where unusable); t: (T, P) templates.
+    Returns chi2 (N, T) and a (N, T). ``free_b`` False: b = 0.
+    """
+    if not free_b:
+        swtt = w @ (t * t).T
+        swtd = (w * d) @ t.T
+        with np.errstate(all="ignore"):
+            a = swtd / swtt
+        chi2 = (w * d * d).sum(axis=1)[:, None] - a * swtd
+        bad = ~np.isfinite(chi2)
+        chi2[bad] = np.inf
+        a[bad] = 0
+        return chi2, a
+    sw = w.sum(axis=1)[:, None]
+    swd = (w * d).sum(axis=1)[:, None]
+    swdd = (w * d * d).sum(axis=1)[:, None]
+    swt = w @ t.T
+    swtt = w @ (t * t).T
+    swtd = (w * d) @ t.T
+    det = sw * swtt - swt * swt
+    with np.errstate(all="ignore"):
+        a = (sw * swtd - swt * swd) / det
+        b = (swd - a * swt) / sw
+    chi2 = swdd - 2 * a * swtd - 2 * b * swd + a * a * swtt + 2 * a * b * swt + b * b * sw
+    bad = ~np.isfinite(chi2)
+    chi2[bad] = np.inf
+    a[bad] = 0
+    return chi2, a
+
+
+def _windows(sci, var, centres, usable, r: int = _PSF_R):
+    """Data and weights (1/var, 0 where not usable or outside) in (2r+1)² windows."""
+    ny, nx = sci.shape
+    idx, inside = _neighbours(*np.divmod(centres, nx), (ny, nx), r)
+    ok = inside & usable.ravel()[idx]
+    d = np.where(ok, sci.ravel()[idx], 0.0).astype(np.float64)
+    with np.errstate(all="ignore"):
+        w = np.where(ok, 1.0 / var.ravel()[idx], 0.0)
+    w[~np.isfinite(w)] = 0
+    return d, w, idx
+
+
+@functools.lru_cache(maxsize=1)
+def _fwhm_templates() -> np.ndarray:
+    return psf_templates(_FWHM_GRID, _PSF_OFFSETS[::2], r=_FWHM_R)
+
+
+def estimate_fwhm(sci, var, crmask, protect, *, max_stars: int = _FWHM_MAX_STARS):
+    """The frame's stellar FWHM (px) from its brightest clean peaks, or None.
+
+    Local maxima of at least ``_FWHM_PEAK_SNR`` sigma, not flagged, saturated or near
+    a defect (7x7 window clear of both), the brightest ``max_stars``; the FWHM of the
+    Moffat templates (free centre, flux and background) whose summed chi² over them is
+    least. Costs one comparison over the frame and a fit of a few thousand windows.
+    """
+    ny, nx = sci.shape
+    with np.errstate(all="ignore"):
+        bright = np.flatnonzero((sci > 0) & (sci * sci > _FWHM_PEAK_SNR ** 2 * var))
+    if bright.size < _FWHM_MIN_STARS:
+        return None
+    ys, xs = np.divmod(bright, nx)
+    inner = (ys >= _PSF_R) & (ys < ny - _PSF_R) & (xs >= _PSF_R) & (xs < nx - _PSF_R)
+    bright = bright[inner]
+    idx, _ = _neighbours(*np.divmod(bright, nx), (ny, nx), 1)
+    v = sci.ravel()[idx]
+    peak = v[:, 4] >= v.max(axis=1)
+    bright = bright[peak]
+    if bright.size < _FWHM_MIN_STARS:
+        return None
+    order = np.argsort(sci.ravel()[bright])[::-1]
+    bright = bright[order[:4 * max_stars]]
+    idx, _ = _neighbours(*np.divmod(bright, nx), (ny, nx), _PSF_R)
+    clear = ~(crmask | protect).ravel()[idx].any(axis=1)
+    ys, xs = np.divmod(bright, nx)
+    clear &= (ys >= _FWHM_R) & (ys < ny - _FWHM_R) & (xs >= _FWHM_R) & (xs < nx - _FWHM_R)
+    v = sci.ravel()[idx]
+    nb = (v[:, 23] + v[:, 25] + v[:, 17] + v[:, 31]) / 4  # edge neighbours
+    clear &= nb < 0.9 * v[:, 24]  # not a flat-topped (saturated-like) or sharp-only... peak
+    clear &= nb > 0.1 * v[:, 24]  # not a lone spike (an unflagged hit)
+    bright = bright[clear][:max_stars]
+    if bright.size < _FWHM_MIN_STARS:
+        return None
+    # the background is not fitted (the frame is sky subtracted): a broad PSF and a free
+    # background are nearly degenerate in a small window (a fitted or a rim background made
+    # 6 px stars 4-9 px)
+    d, w, _ = _windows(sci, var, bright, ~(crmask | protect), r=_FWHM_R)
+    n = 2 * _FWHM_R + 1
+    # isolated: the peak is the brightest usable pixel of its window (not a noise peak on
+    # the wing of a brighter source)
+    centre = (n * n) // 2
+    alone = np.argmax(np.where(w > 0, d, -np.inf), axis=1) == centre
+    d, w = d[alone], w[alone]
+    if d.shape[0] < _FWHM_MIN_STARS:
+        return None
+    t = _fwhm_templates()
+    nf, no, npx = t.shape
+    chi2, _ = _fit_psf(d, w, t.reshape(nf * no, npx), free_b=False)
+    best = chi2.reshape(-1, nf, no).min(axis=2)  # (star, fwhm)
+    # stars the family fits (reduced chi² < 3 at their best): blends, galaxies, hits out
+    fits_well = best.min(axis=1) < 3.0 * np.maximum((w > 0).sum(axis=1) - 2, 1)
+    if fits_well.sum() < _FWHM_MIN_STARS:
+        return None
+    total = best[fits_well].sum(axis=0)
+    k = int(np.argmin(total))
+    if k in (0, nf - 1):
+        return float(_FWHM_GRID[k])
+    # parabola through the minimum in log FWHM
+    y0, y1, y2 = total[k - 1], total[k], total[k + 1]
+    den = y0 - 2 * y1 + y2
+    step = 0.5 * (y0 - y2) / den if den > 0 else 0.0
+    lg = np.log(_FWHM_GRID)
+    return float(np.exp(lg[k] + step * (lg[1] - lg[0])))
+
+
+def drop_psf_like(sci, var, crmask, inmask, *, fwhm_px: float, nsigma: float) -> np.ndarray:
+    """Unflag the events (8-connected groups) a star of the frame's PSF explains.
+
+    Around each event's brightest pixel, a Moffat of ``fwhm_px`` (free centre within
+    half a pixel, flux and background) is fitted to the 7x7 window twice: with the
+    event's pixels and without them. A cosmic ray is far sharper than the PSF: the fit
+    without its pixels predicts them far below what they are, and taking them in costs
+    ``delta chi²`` ≫ 1. A faint star's core, sharpened by noise (what L.A.Cosmic and the
+    sharp pass take on undersampled frames), costs about one per pixel. Events with
+    ``delta chi² < nsigma²`` and a positive flux are stars.
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
+    if not n:
+        return crmask
+    ny, nx = sci.shape
+    flat = sci.ravel()
+    flagged = np.flatnonzero(crmask)
+    lab = labels.ravel()[flagged]
+    # brightest pixel of each event
+    order = np.lexsort((-flat[flagged], lab))
+    first = np.ones(order.size, bool)
+    first[1:] = lab[order][1:] != lab[order][:-1]
+    centres = flagged[order][first]
+    ids = lab[order][first]
+    usable = ~(inmask | crmask)
+    d, w, idx = _windows(sci, var, centres, usable | crmask)
+    own = labels.ravel()[idx] == ids[:, None]
+    other = crmask.ravel()[idx] & ~own
+    w_all = np.where(other, 0.0, w)
+    # the second fit leaves out the event and its ring: a hit's charge spills into its
+    # eight neighbours, which a broad PSF fitted to them would take for a star's wings
+    m = 2 * _PSF_R + 1
+    ring = own.reshape(-1, m, m).copy()
+    grown = ring.copy()
+    grown[:, 1:] |= ring[:, :-1]
+    grown[:, :-1] |= ring[:, 1:]
+    ring = grown.copy()
+    grown[:, :, 1:] |= ring[:, :, :-1]
+    grown[:, :, :-1] |= ring[:, :, 1:]
+    w_out = np.where(grown.reshape(own.shape), 0.0, w_all)
+    t = psf_templates([fwhm_px])[0]
+    chi_all, a_all = _fit_psf(d, w_all, t)
+    chi_out, _ = _fit_psf(d, w_out, t)
+    k = np.argmin(chi_all, axis=1)
+    rows = np.arange(k.size)
+    delta = chi_all[rows, k] - chi_out.min(axis=1)
+    star = (delta < nsigma * nsigma) & (a_all[rows, k] > 0)
+    if not star.any():
+        return crmask
+    drop = np.zeros(n + 1, bool)
+    drop[ids[star]] = True
+    return crmask & ~drop[labels]
