@@ -134,7 +134,7 @@ class Cosmics(Section):
     min_group_sigma: NonNegFloat = 5.5
     #: spare events a star of the frame's PSF explains: the event's pixels must stand this
     #: many sigma (sqrt of delta chi²) beyond a Moffat fitted without them (0: off)
-    psf_sigma: NonNegFloat = 4.5
+    psf_sigma: NonNegFloat = 4.0
 
 
 class Sources(Section):

@@ -463,6 +463,21 @@ def sharp_pixels(sci, var, inmask, crmask, *, nsigma: float, ratio: float) -> np
     nb *= 9.0
     nb -= sci
     nb /= 8.0  # mean of the eight neighbours
+    if _SHARP_SKIP_RING and inmask.any():
+        # beside the ring of a defect: the mean of the neighbours outside it (a track
+        # along a bad column has its bright pixels in the ring, which made its pixel
+        # outside look like a star's wing)
+        ny, nx = sci.shape
+        edge = ndimage.binary_dilation(inmask, structure=np.ones((3, 3), bool)) & ~inmask
+        c = np.flatnonzero(edge)
+        idx, inside = _neighbours(*np.divmod(c, nx), (ny, nx), 1)
+        use = inside & ~inmask.ravel()[idx]
+        use[:, 4] = False
+        cnt = use.sum(axis=1)
+        with np.errstate(all="ignore"):
+            m = np.where(use, sci.ravel()[idx], 0).sum(axis=1) / cnt
+        ok = cnt >= 3
+        nb.ravel()[c[ok]] = m[ok]
     excess = sci - nb
     out = excess > nsigma * np.sqrt(var)
     out &= excess > ratio * sci
@@ -839,6 +854,8 @@ _FWHM_MAX_STARS = 80
 _FWHM_MIN_STARS = 5
 #: half size of the window of the FWHM estimate (11x11: a 6 px FWHM needs its wings)
 _FWHM_R = 5
+#: the sharp pass beside a defect's ring compares a pixel with its neighbours outside the ring
+_SHARP_SKIP_RING = True
 
 
 def psf_templates(fwhm_px, offsets=_PSF_OFFSETS, *, r: int = _PSF_R,
