@@ -117,7 +117,7 @@ class Cosmics(Section):
     psfsize: Annotated[int, Field(ge=3)] = 7
     #: flag neighbours of flagged pixels this many sigma above their 5x5 surroundings (0: off)
     grow_sigma: NonNegFloat = 2.0
-    grow_passes: Annotated[int, Field(ge=0, le=5)] = 3
+    grow_passes: Annotated[int, Field(ge=0, le=5)] = 4
     grow_px: Annotated[int, Field(ge=0, le=3)] = 0
     #: where L.A.Cosmic runs: the whole frame, two row bands in two threads, or only
     #: boxes around the candidates of a cheap Laplacian pre-pass (same flags)
