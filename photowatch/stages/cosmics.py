@@ -962,9 +962,12 @@ def estimate_fwhm(sci, var, crmask, protect, *, max_stars: int = _FWHM_MAX_STARS
     """The frame's stellar FWHM (px) from its brightest clean peaks, or None.
 
     Local maxima of at least ``_FWHM_PEAK_SNR`` sigma, not flagged, saturated or near
-    a defect (7x7 window clear of both), the brightest ``max_stars``; the FWHM of the
-    Moffat templates (free centre, flux and background) whose summed chi² over them is
-    least. Costs one comparison over the frame and a fit of a few thousand windows.
+    a defect (7x7 window clear of both), not a lone spike, the brightest ``max_stars``
+    that are the brightest pixel of their 11x11 window; the FWHM of the Moffat templates
+    (free centre and flux, background 0: the frame is sky subtracted) whose chi² summed
+    over the peaks they fit (reduced chi² < 3) is least. Within 1-2 % of the
+    simulator's PSF from 2 to 6 px (notes/cosmics3.md). Costs one comparison over the
+    frame and a fit of at most 80 windows.
     """
     ny, nx = sci.shape
     with np.errstate(all="ignore"):
@@ -1031,8 +1034,10 @@ def drop_psf_like(sci, var, crmask, inmask, *, fwhm_px: float, nsigma: float,
 
     Around each event's brightest pixel, a Moffat of ``fwhm_px`` (free centre within
     half a pixel, flux and background) is fitted to the 7x7 window twice: with the
-    event's pixels and without them. A cosmic ray is far sharper than the PSF: the fit
-    without its pixels predicts them far below what they are, and taking them in costs
+    event's pixels and without them and their ring (a hit's spill into its neighbours
+    would make a broad PSF predict its core). A cosmic ray is far sharper than the PSF:
+    the fit without its pixels predicts them far below what they are, and taking them in
+    costs
     ``delta chi²`` ≫ 1. A faint star's core, sharpened by noise (what L.A.Cosmic and the
     sharp pass take on undersampled frames), costs about one per pixel. Events with
     ``delta chi² < nsigma²`` and a positive flux are stars. ``labels``: the events'
