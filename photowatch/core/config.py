@@ -117,7 +117,7 @@ class Cosmics(Section):
     psfsize: Annotated[int, Field(ge=3)] = 7
     #: flag neighbours of flagged pixels this many sigma above their 5x5 surroundings (0: off)
     grow_sigma: NonNegFloat = 2.0
-    grow_passes: Annotated[int, Field(ge=0, le=5)] = 3
+    grow_passes: Annotated[int, Field(ge=0, le=5)] = 4
     grow_px: Annotated[int, Field(ge=0, le=3)] = 0
     #: where L.A.Cosmic runs: the whole frame, two row bands in two threads, or only
     #: boxes around the candidates of a cheap Laplacian pre-pass (same flags)
@@ -132,6 +132,9 @@ class Cosmics(Section):
     #: ... or if its matched sum with the ring pixels above 1 sigma reaches this and the
     #: ring stands above the sky on average (a hit's faint spill; 0: off)
     min_group_sigma: NonNegFloat = 5.5
+    #: spare events a star of the frame's PSF explains: the event's pixels must stand this
+    #: many sigma (sqrt of delta chi²) beyond a Moffat fitted without them (0: off)
+    psf_sigma: NonNegFloat = 4.0
 
 
 class Sources(Section):
