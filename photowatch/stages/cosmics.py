@@ -919,7 +919,7 @@ def _fit_psf(d, w, t, *, free_b: bool = True):
         swtd = (w * d) @ t.T
         with np.errstate(all="ignore"):
             a = swtd / swtt
-        chi2 = (w * d * d).sum(axis=1)[:, None] - a * swtd
+            chi2 = (w * d * d).sum(axis=1)[:, None] - a * swtd
         bad = ~np.isfinite(chi2)
         chi2[bad] = np.inf
         a[bad] = 0
@@ -934,7 +934,9 @@ def _fit_psf(d, w, t, *, free_b: bool = True):
     with np.errstate(all="ignore"):
         a = (sw * swtd - swt * swd) / det
         b = (swd - a * swt) / sw
-    chi2 = swdd - 2 * a * swtd - 2 * b * swd + a * a * swtt + 2 * a * b * swt + b * b * sw
+        # a window with no usable pixel or a degenerate template gives inf - inf: NaN,
+        # which is set to inf below (no fit)
+        chi2 = swdd - 2 * a * swtd - 2 * b * swd + a * a * swtt + 2 * a * b * swt + b * b * sw
     bad = ~np.isfinite(chi2)
     chi2[bad] = np.inf
     a[bad] = 0
