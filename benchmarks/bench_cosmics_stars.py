@@ -18,43 +18,13 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from astropy.io import fits
 
 from photowatch.core.config import Cosmics
-from photowatch.core.frame import Frame, Mask
-from photowatch.sim.psf import moffat_stars
+from photowatch.core.frame import Mask
+from photowatch.sim.psf import faint_stars_with_hits
 from photowatch.stages.cosmics import flag_cosmics
 
 SKY_SIGMA = 20.0
-
-
-def frame_with_stars(seed: int, fwhm: float, n_side: int = 20, step: int = 24):
-    rng = np.random.default_rng(seed)
-    shape = (n_side * step, n_side * step)
-    c = np.arange(n_side) * step + step / 2
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    x = xx.ravel() + rng.uniform(-0.5, 0.5, xx.size)
-    y = yy.ravel() + rng.uniform(-0.5, 0.5, xx.size)
-    snr = rng.uniform(5, 20, x.size)
-    neff = 4 * np.pi * (fwhm / 2.3548) ** 2  # noise-equivalent area of the PSF
-    star = moffat_stars(shape, x, y, snr * SKY_SIGMA * np.sqrt(neff), fwhm_px=fwhm)
-    sci = rng.normal(0, SKY_SIGMA, shape) + rng.normal(0, np.sqrt(star)) + star
-    hits = np.zeros(shape, bool)
-    for k in range(0, x.size, 2):
-        a, r = rng.uniform(0, 2 * np.pi), rng.uniform(4, 6)
-        hy, hx = int(round(y[k] + r * np.sin(a))), int(round(x[k] + r * np.cos(a)))
-        amp = rng.uniform(15, 60) * SKY_SIGMA
-        sci[hy, hx] += amp
-        hits[hy, hx] = True
-        if rng.random() < 0.5:
-            sci[hy, hx + 1] += 0.6 * amp
-            hits[hy, hx + 1] = True
-    var = SKY_SIGMA ** 2 + star + np.where(hits, np.maximum(sci, 0), 0)
-    hdr = fits.Header()
-    hdr["RDNOISE"] = 6.0
-    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
-                  np.zeros(shape, np.uint16), hdr)
-    return frame, x, y, snr, hits
 
 
 def main() -> None:
@@ -68,7 +38,8 @@ def main() -> None:
         for label, settings in (("off", Cosmics(psf_sigma=0.0)), ("on", Cosmics())):
             cores, snrs, hit_rate, est = [], [], [], []
             for seed in range(1, args.frames + 1):
-                frame, x, y, snr, hits = frame_with_stars(seed, fwhm)
+                frame, x, y, snr, hits = faint_stars_with_hits(seed, fwhm, n_side=20,
+                                                                sky_sigma=SKY_SIGMA)
                 z, res = flag_cosmics(frame, settings=settings)
                 flagged = (z.mask & Mask.COSMIC) != 0
                 iy, ix = np.indices(flagged.shape)

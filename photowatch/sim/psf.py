@@ -154,3 +154,42 @@ def gaussian_stars(shape: tuple[int, int], x, y, flux, *, sigma_px: float,
         py = np.diff(0.5 * erf((np.arange(y0, y1 + 1) - 0.5 - yc) / scale))
         img[y0:y1, x0:x1] += f * np.outer(py, px)
     return img
+
+
+def faint_stars_with_hits(seed: int, fwhm_px: float, n_side: int = 16, step: int = 24,
+                          snr=(5.0, 20.0), sky_sigma: float = 20.0):
+    """A sky-subtracted frame for the cosmic-ray stage's star-core tests (issue 21): a grid
+    of ``n_side`` x ``n_side`` Moffat stars (this module's PSF) at optimal S/N ``snr`` on
+    sky noise ``sky_sigma`` (e-) with their Poisson noise, and a 1-2 px hit of 15-60 sigma
+    4-6 px from every other star. Returns the Frame, the stars' x, y and S/N, and the
+    true hit mask."""
+    from astropy.io import fits
+
+    from photowatch.core.frame import Frame
+
+    rng = np.random.default_rng(seed)
+    shape = (n_side * step, n_side * step)
+    centres = np.arange(n_side) * step + step / 2
+    yy, xx = np.meshgrid(centres, centres, indexing="ij")
+    x = xx.ravel() + rng.uniform(-0.5, 0.5, xx.size)
+    y = yy.ravel() + rng.uniform(-0.5, 0.5, xx.size)
+    s2n = rng.uniform(*snr, x.size)
+    neff = 4 * np.pi * (fwhm_px / 2.3548) ** 2  # noise-equivalent area of the PSF
+    star = moffat_stars(shape, x, y, s2n * sky_sigma * np.sqrt(neff), fwhm_px=fwhm_px)
+    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    hits = np.zeros(shape, bool)
+    for k in range(0, x.size, 2):
+        a, r = rng.uniform(0, 2 * np.pi), rng.uniform(4, 6)
+        hy, hx = int(round(y[k] + r * np.sin(a))), int(round(x[k] + r * np.cos(a)))
+        amp = rng.uniform(15, 60) * sky_sigma
+        sci[hy, hx] += amp
+        hits[hy, hx] = True
+        if rng.random() < 0.5:
+            sci[hy, hx + 1] += 0.6 * amp
+            hits[hy, hx + 1] = True
+    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci, 0), 0)
+    hdr = fits.Header()
+    hdr["RDNOISE"] = 6.0
+    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
+                  np.zeros(shape, np.uint16), hdr)
+    return frame, x, y, s2n, hits

@@ -6,7 +6,7 @@ from astropy.io import fits
 
 from photowatch.core.config import Cosmics
 from photowatch.core.frame import Frame, Mask
-from photowatch.sim.psf import gaussian_stars
+from photowatch.sim.psf import faint_stars_with_hits, gaussian_stars
 from photowatch.stages.cosmics import (
     candidate_seeds,
     drop_psf_like,
@@ -178,39 +178,6 @@ def test_grow_adds_bright_neighbours_but_not_star_wings():
     out = grow_conditional(sci, var, crmask, np.zeros(sci.shape, bool), nsigma=2.5, passes=3)
     assert out[10, 11] and not out[11, 10]
     assert out[22, 22] and out[20:25, 20:25].sum() == 1  # the wings are not taken
-
-
-def faint_stars_with_hits(seed, fwhm_px, n_side=16, step=24, snr=(5.0, 20.0)):
-    """A grid of the simulator's (Moffat) stars at optimal S/N ``snr`` on sky noise, with
-    their Poisson noise, and a 1-2 px hit of 15-60 sigma 4-6 px from every other star."""
-    from photowatch.sim.psf import moffat_stars
-
-    rng = np.random.default_rng(seed)
-    shape = (n_side * step, n_side * step)
-    centres = np.arange(n_side) * step + step / 2
-    yy, xx = np.meshgrid(centres, centres, indexing="ij")
-    x = xx.ravel() + rng.uniform(-0.5, 0.5, xx.size)
-    y = yy.ravel() + rng.uniform(-0.5, 0.5, xx.size)
-    s2n = rng.uniform(*snr, x.size)
-    neff = 4 * np.pi * (fwhm_px / 2.3548) ** 2  # noise-equivalent area of the PSF
-    star = moffat_stars(shape, x, y, s2n * SKY_SIGMA * np.sqrt(neff), fwhm_px=fwhm_px)
-    sci = (rng.normal(0, SKY_SIGMA, shape) + rng.normal(0, np.sqrt(star)) + star)
-    hits = np.zeros(shape, bool)
-    for k in range(0, x.size, 2):
-        a, r = rng.uniform(0, 2 * np.pi), rng.uniform(4, 6)
-        hy, hx = int(round(y[k] + r * np.sin(a))), int(round(x[k] + r * np.cos(a)))
-        amp = rng.uniform(15, 60) * SKY_SIGMA
-        sci[hy, hx] += amp
-        hits[hy, hx] = True
-        if rng.random() < 0.5:
-            sci[hy, hx + 1] += 0.6 * amp
-            hits[hy, hx + 1] = True
-    var = SKY_SIGMA**2 + star + np.where(hits, np.maximum(sci, 0), 0)
-    hdr = fits.Header()
-    hdr["RDNOISE"] = 6.0
-    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
-                  np.zeros(shape, np.uint16), hdr)
-    return frame, x, y, s2n, hits
 
 
 @pytest.mark.parametrize("fwhm_px,max_rate", [(2.6, 0.05), (3.8, 0.015), (2.0, 0.08)])
