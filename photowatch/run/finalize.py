@@ -245,6 +245,7 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
 
     kept, worst = 0, 0.0
     marks: list[tuple[str, float]] = []
+    judged: list[tuple] = []
     for row in store.frames_of_night(night, kind="object", stale=1, product=NOT_NULL,
                                      state=("reduced", "rejected")):
         info = FrameInfo.from_summary(json.loads(row["info_json"]))
@@ -297,10 +298,20 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
             level = qc.get("sky_e") if not used.get("sky") else (qc.get("skynoise_e") or 0) ** 2
         dev = frame_change(changes, exptime_s=info.exptime_s, level_e=level,
                            noise_e=qc.get("skynoise_e"))
-        # a kept product keeps its night-time astrometry: solved again from its CAT with
-        # the reference a re-reduction would use (no pixel work), it must land where it is
-        moved, why = _astrometry_moved(engine, row, info, profile) if dev <= tol \
-            else (None, "")
+        judged.append((row, info, profile, qc, changes, finals, dev))
+
+    # a kept product keeps its night-time astrometry: solved again from its CAT with the
+    # reference a re-reduction would use (no pixel work), it must land where it is; two
+    # frames at a time (the solves are numpy and FITS reads, much of it without the GIL)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(judgement) -> tuple:
+        row, info, profile, *_, dev = judgement
+        return _astrometry_moved(engine, row, info, profile) if dev <= tol else (None, "")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        checks = list(pool.map(check, judged))
+    for (row, _info, _profile, qc, changes, finals, dev), (moved, why) in zip(judged, checks):
         if moved is not None and not moved <= ASTROMETRY_KEEP_PX:
             why = why or (f"its astrometry, solved again from its CAT, moves its stars by "
                           f"{moved:.3f} px (more than {ASTROMETRY_KEEP_PX})")
@@ -327,8 +338,6 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
         worst = max(worst, dev)
     # the headers marked two at a time: each is a copy of the whole product renamed into
     # place, mostly the kernel copying (GIL released), ~0.2 s per 4k product
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), marks))
     return kept, worst
