@@ -132,7 +132,7 @@ def coadd_depth(*, weights, qcs, sum_w: float, aperture_fwhm: float,
 ANNULUS = (1.5, 3.0)
 #: :func:`background_error_factor` of the full annulus: the noise a point source's
 #: aperture sum has on a frame whose ERR is right (LIMMAG's and forced photometry's)
-BKG_FACTOR = math.sqrt(1.0 + 0.5 * math.pi / (ANNULUS[1] ** 2 - ANNULUS[0] ** 2))
+BKG_FACTOR = background_error_factor(1.0, ANNULUS[1] ** 2 - ANNULUS[0] ** 2)
 
 
 def _disc(r_in: float, r_out: float) -> tuple[np.ndarray, np.ndarray]:

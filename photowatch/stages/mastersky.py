@@ -70,11 +70,13 @@ class SkyAccumulator:
     members: list[str] = field(default_factory=list)
     pointings: list[tuple[float, float]] = field(default_factory=list)
 
+    def accepts(self, member: str, pattern: SkyPattern) -> bool:
+        """Whether :meth:`add` would take this frame: not in yet, and some valid pixels."""
+        return member not in self.members and bool(pattern.valid.any())
+
     def add(self, member: str, pattern: SkyPattern, pointing: tuple[float, float]) -> bool:
         """Add a frame's pattern once; returns False if it was already in."""
-        if member in self.members:
-            return False
-        if not pattern.valid.any():
+        if not self.accepts(member, pattern):
             return False
         if self.sum is None:
             self.sum = np.zeros(pattern.data.shape, np.float32)

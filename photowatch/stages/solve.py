@@ -70,7 +70,7 @@ def astrometry(ctx: NightContext, frame: Frame, raw_header, src):
             notes.append(f"catalogue unavailable ({exc})")
             reference = None
     relative = reference is None
-    ra_c, dec_c, half_deg = _centre(wcs0, shape)
+    ra_c, dec_c, half_deg = image_centre(wcs0, shape)
     # the field's earlier solutions near this pointing: the newest is the warm start, all
     # of them the neighbours a new solution is compared with
     field_key = (info.night, info.target, info.camera)
@@ -118,7 +118,7 @@ def astrometry(ctx: NightContext, frame: Frame, raw_header, src):
                                   tolerance_arcsec=s.neighbour_tolerance_arcsec,
                                   pointing_tolerance_arcsec=s.neighbour_pointing_arcsec)
         # every solution votes (a wrong first one is soon outvoted); bounded per field
-        ra_s, dec_s, _ = _centre(result.wcs, shape)
+        ra_s, dec_s, _ = image_centre(result.wcs, shape)
         updates.append(Update("solution", dict(field_key=field_key, ra=ra_s, dec=dec_s,
                                                result=result)))
     frame = apply_astrometry(frame, result, reference_name=refname or "none")
@@ -235,13 +235,8 @@ def _nearby_solutions(solutions, ra: float, dec: float, radius_deg: float) -> li
 
 
 def image_centre(wcs, shape) -> tuple[float, float, float]:
-    """(ra, dec) of the image centre and half the image's shorter side (deg): where the
+    """Sky position of the image centre and half the image's shorter side (deg): where the
     field references of a frame solved with ``wcs`` are looked up."""
-    return _centre(wcs, shape)
-
-
-def _centre(wcs, shape) -> tuple[float, float, float]:
-    """Sky position of the image centre and half the image's shorter side (deg)."""
     from astropy.wcs.utils import proj_plane_pixel_scales
 
     ny, nx = shape
@@ -313,7 +308,7 @@ def photometry(ctx: NightContext, frame: Frame, cat, ast_qc, reference, wcs, wcs
                f"catalogue has no band for filter {info.filter}" if band is None or
                band not in reference.colnames else "astrometry not absolute")
         qc.update(abscal=False, phot_note=f"not absolutely calibrated: {why}")
-        ra0, dec0, half = _centre(wcs if wcs is not None else wcs0, frame.sci.shape)
+        ra0, dec0, half = image_centre(wcs if wcs is not None else wcs0, frame.sci.shape)
         ref = ctx.refs.near(info.night, target, info.filter, "fluxref", ra0, dec0, half)
 
         usable = cat[relative_stars(cat)]

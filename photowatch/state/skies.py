@@ -73,7 +73,7 @@ class SkyBook:
         key = self.key(info)
         with self.book.lock(key.slug(long=True), key.night):
             acc = self._load(key)  # as the file says now: another frame may have been added
-            added = member not in acc.members and bool(pattern.valid.any())
+            added = acc.accepts(member, pattern)
             if added:
                 write_state(self._path(key), acc, member, pattern, pointing)
             return added
