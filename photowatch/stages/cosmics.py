@@ -196,6 +196,10 @@ _EDGE_STAR_SIGMA = 10.0
 _SUPPORT_MEAN = 0.3
 #: ... and its background (5x5 median) is within this many sigma of the sky: not a star's wing
 _SUPPORT_MAX_LEVEL = 0.5
+#: every kept event has a pixel this many sigma above its 5x5 background, or its pixels'
+#: matched (linear) sum reaches ``_EVENT_LIN_SIGMA`` (:func:`keep_significant`; 0: off)
+_EVENT_PEAK_SIGMA = 4.75
+_EVENT_LIN_SIGMA = 6.0
 _RING_RATIO = 0.8  # growth onto a source: the pixel's excess over its neighbours' mean, of its own
 #: growth onto a source (surroundings above ``_GROW_MAX_LEVEL``): a pixel this many sigma
 #: of its own noise above the mean of its unflagged eight neighbours (0: no growth there)
@@ -419,6 +423,14 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
     if group_sigma > 0 and not good[1:].all():
         good[1:] |= _supported(sci, var, crmask, inmask, labels, lab, flagged, signif,
                                n, group_sigma=group_sigma)
+    if _EVENT_PEAK_SIGMA > 0:
+        # a noise event of 2-4 px at 3-4.5 sigma each reaches ``nsigma`` in quadrature
+        # (and a spill ring by chance): one pixel must stand out, or all together
+        peak = np.asarray(ndimage.maximum(signif, lab, ids))
+        npx = np.bincount(lab, minlength=n + 1)[1:]
+        lin = np.asarray(ndimage.sum(np.where(np.isfinite(signif), signif, 50.0), lab, ids))
+        lin /= np.sqrt(np.maximum(npx, 1))
+        good[1:] &= (peak >= _EVENT_PEAK_SIGMA) | (lin >= _EVENT_LIN_SIGMA)
     if return_labels:  # the kept events keep their labels (for drop_psf_like)
         kept = good[labels]
         return kept, np.where(kept, labels, 0)
