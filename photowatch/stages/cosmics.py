@@ -198,7 +198,7 @@ _SUPPORT_MEAN = 0.3
 _SUPPORT_MAX_LEVEL = 0.5
 #: every kept event has a pixel this many sigma above its 5x5 background, or its pixels'
 #: matched (linear) sum reaches ``_EVENT_LIN_SIGMA`` (:func:`keep_significant`; 0: off)
-_EVENT_PEAK_SIGMA = 4.75
+_EVENT_PEAK_SIGMA = 4.5
 _EVENT_LIN_SIGMA = 6.0
 _RING_RATIO = 0.8  # growth onto a source: the pixel's excess over its neighbours' mean, of its own
 #: growth onto a source (surroundings above ``_GROW_MAX_LEVEL``): a pixel this many sigma
