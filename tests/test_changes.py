@@ -314,3 +314,55 @@ def test_report_panels(injected_night):
     data = json.loads((folder / "night.json").read_text())
     assert data["latest"]["name"] == latest["name"]
     assert data["candidates"]["by_kind"]["moving"] == 1
+
+
+def test_night_table_rewritten_only_when_a_frame_changes_it(injected_night, tmp_path,
+                                                             monkeypatch):
+    """A frame that had no candidates and has none leaves the night's table alone (it
+    is still the store's); one whose candidates went away rewrites it without them."""
+    import shutil
+    import types
+
+    import photowatch.stages.changes as stage
+    from photowatch.run import changes
+
+    _, out0 = injected_night
+    out = tmp_path / "out"
+    shutil.copytree(out0, out, ignore=shutil.ignore_patterns("*.fits", "*.png"))
+    store, frames = _frames(out)
+    night = frames[0]["night"]
+    table_path = out / "candidates" / night / "candidates.ecsv"
+    with_cands = {c["frame_id"] for c in store.candidates(night)}
+    had = next(f for f in frames if f["id"] in with_cands)
+    none = next((f for f in frames if f["id"] not in with_cands), None)
+
+    empty = Table(names=("ra", "dec", "x", "y", "mag", "magerr", "snr", "significance",
+                         "kind", "ref_mag", "delta_mag"), dtype=[float] * 8 + [str] + [float] * 2)
+    monkeypatch.setattr(changes, "reference_for", lambda *a: Table(
+        {"ra": [60.0], "dec": [25.0], "mag": [15.0], "magerr": [0.01]}))
+    monkeypatch.setattr(stage, "find_candidates", lambda *a, **k: stage.Candidates(empty))
+    engine = types.SimpleNamespace(settings=Settings(), out=out, store=store, catalog=None,
+                                   in_background=lambda *a, **k: None)
+    info = types.SimpleNamespace(night=night, target=frames[0]["target"], filter="SDSS-R",
+                                 pixel_scale_arcsec=0.48, obs_time=None, exptime_s=60.0)
+    result = types.SimpleNamespace(
+        qc={"abscal": True, "phot_status": "ok", "aststat": "ok", "fwhm_arcsec": 1.0},
+        wcs=object(), cat=Table({"ra": [60.0], "dec": [25.0]}),
+        frame=types.SimpleNamespace(sci=np.zeros((8, 8)), mask=np.zeros((8, 8), np.int16),
+                                    header={}))
+
+    def check(frame):
+        return changes.check_frame(engine, {"id": frame["id"], "name": frame["name"]}, info,
+                                   None, result)
+
+    if none is not None:
+        table_path.write_text("left alone")
+        assert check(none) == [] and table_path.read_text() == "left alone"
+    table_path.write_text("stale")
+    check(had)  # its candidates are gone: the table is rewritten without them
+    table = Table.read(table_path, format="ascii.ecsv")
+    assert len(table) == len(store.candidates(night)) > 0
+    assert had["id"] not in {c["frame_id"] for c in store.candidates(night)}
+    table_path.write_text("left alone")
+    check(had)  # nothing before, nothing now, the file there: not rewritten
+    assert table_path.read_text() == "left alone"

