@@ -270,3 +270,41 @@ def test_noise_pair_dropped_single_sharp_pixel_or_bright_pair_kept(monkeypatch):
     assert kept() == {"noise": False, "sharp": True, "bright": True}
     monkeypatch.setattr(cosmics, "_EVENT_PEAK_SIGMA", 0.0)
     assert kept() == {"noise": True, "sharp": True, "bright": True}
+
+
+def test_sprawling_candidate_groups_are_split_and_give_the_same_mask(monkeypatch):
+    """A diagonal chain of hits is one connected candidate group whose bounding box is
+    mostly empty sky: it is cut into pieces whose boxes are mostly region, each piece
+    keeps only its own seeds' flags, and the mask is still the whole-frame run's."""
+    import photowatch.stages.cosmics as cosmics
+
+    pieces = []
+
+    def spy(*args):
+        got = list(real(*args))
+        pieces.append(got)
+        return iter(got)
+
+    real = cosmics._pieces
+    monkeypatch.setattr(cosmics, "_pieces", spy)
+    shape = (400, 400)
+    sci, var, hdr = noise_frame(shape, seed=8)
+    rng = np.random.default_rng(8)
+    for k in range(36):  # hits every 10 px along the diagonal, some two-pixel tracks
+        y = x = 20 + 10 * k
+        sci[y, x] += rng.uniform(300, 2000)
+        if k % 3 == 0:
+            sci[y, x + 1] += rng.uniform(300, 2000)
+    frame = Frame(sci, var, np.zeros(shape, np.uint16), hdr)
+    full, _ = flag_cosmics(frame, settings=Cosmics(tiles="full"))
+    boxed, res = flag_cosmics(frame, settings=Cosmics(tiles="candidates"))
+    assert res.tiles == "candidates"
+    np.testing.assert_array_equal(boxed.mask, full.mask)
+    assert (full.mask & Mask.COSMIC).sum() >= 36
+    assert len(pieces) == 1 and len(pieces[0]) >= 4  # the one diagonal group, cut
+    d, dep = cosmics.reach(cosmics.lacosmic_kwargs(Cosmics(), rn=5.0))
+    g = -(-(d + dep + 1) // 2)  # in 2x2 cells
+    cells = (shape[0] + 2 * dep) // 2  # the frame is padded by dep before the boxes
+    for ys, xs, (y0, y1, x0, x1) in pieces[0]:  # every box holds its seeds' reach
+        assert y0 <= max(ys.min() - g, 0) and y1 >= min(ys.max() + g + 1, cells)
+        assert x0 <= max(xs.min() - g, 0) and x1 >= min(xs.max() + g + 1, cells)
