@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 _BLOCK_ELEMENTS = 1 << 22
 
 
+#: grid rows resampled at a time within a chunk (temporaries of ~1 MB per float64 plane)
+_SAMPLE_ROWS = 32
+
 #: (path, mtime_ns, size) -> (WCS, shape) of reduced products (see :func:`member_wcs`)
 _WCS_CACHE: dict = {}
 _WCS_CACHE_MAX = 512
@@ -110,24 +113,30 @@ def _resample_rows(om: _OpenMember, data: np.ndarray, var: np.ndarray, good: np.
     a, b = max(r0, y0), min(r1, y1)
     if b <= a:
         return False
-    yin, xin, jac = om.mapping.rows(a, b)
+    # a few rows at a time: the mapping's and the sampling's float64 temporaries stay in
+    # the CPU caches (passes over the whole chunk were bound by memory bandwidth)
+    blocks = [(s0, min(s0 + _SAMPLE_ROWS, b)) for s0 in range(a, b, _SAMPLE_ROWS)]
+    maps = [om.mapping.rows(s0, s1) for s0, s1 in blocks]
     # bilinear reads rows floor(y)..floor(y)+1; the cubic prefilter is global, so give it
     # enough rows that the slice edges do not matter (its influence falls by 0.27 per row)
     pad = 1 if order == 1 else 16
     ny = om.shape[0]
-    lo = int(np.clip(math.floor(yin.min()) - pad, 0, ny))
-    hi = int(np.clip(math.ceil(yin.max()) + pad + 1, 0, ny))
+    lo = int(np.clip(math.floor(min(m[0].min() for m in maps)) - pad, 0, ny))
+    hi = int(np.clip(math.ceil(max(m[0].max() for m in maps)) + pad + 1, 0, ny))
     if hi <= lo:
         return False
     err = _native_float(om.err[lo:hi, :])
     source = _Source(om.sci[lo:hi, :], err * err, om.mask[lo:hi, :], order, row0=lo)
-    shape = (b - a, x1 - x0)
-    d = np.empty(shape, dtype=np.float32)
-    v = np.empty(shape, dtype=np.float32)
-    g = np.empty(shape, dtype=bool)
-    source.sample(yin, xin, jac, d, v, g)
-    sl = (slice(a - r0, b - r0), slice(x0, x1))
-    data[sl], var[sl], good[sl] = d, v, g
+    for (s0, s1), (yin, xin, jac) in zip(blocks, maps):
+        sl = (slice(s0 - r0, s1 - r0), slice(x0, x1))
+        if order == 1:  # numpy writes into the planes' row views directly
+            source.sample(yin, xin, jac, data[sl], var[sl], good[sl])
+            continue
+        d = np.empty(yin.shape, dtype=np.float32)  # map_coordinates: contiguous outputs
+        v = np.empty(yin.shape, dtype=np.float32)
+        g = np.empty(yin.shape, dtype=bool)
+        source.sample(yin, xin, jac, d, v, g)
+        data[sl], var[sl], good[sl] = d, v, g
     return True
 
 

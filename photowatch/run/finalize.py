@@ -145,7 +145,8 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
         engine.book.mark_stale(cand)
     finals = [m for m in store.latest_masters(night) if m["final"]]
     result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
-    kept, worst = keep_unchanged(engine, night)
+    marks: list = []  # kept products' headers to mark: done while the coadds are computed
+    kept, worst = keep_unchanged(engine, night, marks=marks)
     if kept:
         result.done.append(
             f"kept {kept} frame(s) as final: the final masters change them by at most "
@@ -175,15 +176,29 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
 
     result.done += mark_night_defects(engine, night)  # COSMIC in most frames: defects
 
-    # 5. quality with the whole night known
-    changed = reassess(engine, night)
-    if changed:
-        result.done.append(f"quality re-judged with the whole night: {changed} frame(s) changed")
-    bar.update()
+    # the kept products' CALFINAL/CALDEV headers, in the background from here: each is a
+    # copy of the whole product renamed into place (kernel copying and fsync, ~0.2 s per 4k
+    # product), which the coadds' numpy work can overlap. After the defects pass, the
+    # last other writer of these products; the coadd reads them by name, and a rename
+    # leaves the same pixels
+    from concurrent.futures import ThreadPoolExecutor
 
-    # 6. final coadds and catalogues, compared with what the quick-look pass had
-    coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg),
-                          baseline=before["coadds"], incomplete=result.incomplete)
+    tol = engine.settings.calibration.final_tolerance
+    with ThreadPoolExecutor(max_workers=1) as marker:
+        marking = [marker.submit(_mark_product_final, path, dev, tol) for path, dev in marks]
+
+        # 5. quality with the whole night known
+        changed = reassess(engine, night)
+        if changed:
+            result.done.append(
+                f"quality re-judged with the whole night: {changed} frame(s) changed")
+        bar.update()
+
+        # 6. final coadds and catalogues, compared with what the quick-look pass had
+        coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg),
+                              baseline=before["coadds"], incomplete=result.incomplete)
+        for f in marking:
+            f.result()  # a product that could not be marked fails finalize, as before
     result.done += coadds
     _drop_snapshots(before)
     comparison = compare(engine, night, before)
@@ -208,7 +223,7 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
 
 # ---------------------------------------------------------------------------- what changed
 
-def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
+def keep_unchanged(engine: Engine, night: str, *, marks: list | None = None) -> tuple[int, float]:
     """Frames marked stale that the final masters would barely change: kept and marked final.
 
     A stale frame is re-reduced only when the night's final masters change it by
@@ -218,6 +233,9 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     units of the sky noise) in its SCI header, and in the store it is no longer
     stale or provisional, with ``qc_json['calfinal']`` naming the final masters it
     stands for. Returns (frames kept, the largest change among them).
+
+    ``marks``: when given, the headers are not written here; (product, change) pairs
+    are appended for the caller to pass to :func:`_mark_product_final`.
     """
 
     tol = engine.settings.calibration.final_tolerance
@@ -244,7 +262,7 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
         return rows[0]["path"] if rows else None
 
     kept, worst = 0, 0.0
-    marks: list[tuple[str, float]] = []
+    todo: list[tuple[str, float]] = []
     judged: list[tuple] = []
     for row in store.frames_of_night(night, kind="object", stale=1, product=NOT_NULL,
                                      state=("reduced", "rejected")):
@@ -333,13 +351,16 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
                    f"(at most {tol:g})")
         if not store.keep_final(row["id"], row["state"], qc, message):
             continue  # another process took it meanwhile
-        marks.append((row["product"], dev))
+        todo.append((row["product"], dev))
         kept += 1
         worst = max(worst, dev)
+    if marks is not None:
+        marks.extend(todo)
+        return kept, worst
     # the headers marked two at a time: each is a copy of the whole product renamed into
     # place, mostly the kernel copying (GIL released), ~0.2 s per 4k product
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), marks))
+        list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), todo))
     return kept, worst
 
 
