@@ -138,15 +138,23 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     # what the night has before finalize touches it: frames' status, quick-look coadds
     before = snapshot(engine, night)
 
-    # 2. final masters and skies
-    made = engine.book.final_masters(night, progress=lambda msg: bar.set_postfix_str(msg))
-    made += engine.skies.finalize(night)
-    for cand in made:
-        engine.book.mark_stale(cand)
-    finals = [m for m in store.latest_masters(night) if m["final"]]
-    result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
-    marks: list = []  # kept products' headers to mark: done while the coadds are computed
-    kept, worst = keep_unchanged(engine, night, marks=marks)
+    # 2. final masters and skies; meanwhile the products' astrometry checks of
+    # keep_unchanged (they need only the products' CAT and the reference, and are mostly
+    # Python: the masters' numpy work leaves room for them)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as checker:
+        checks = start_astrometry_checks(engine, night, checker)
+        made = engine.book.final_masters(night, progress=lambda msg: bar.set_postfix_str(msg))
+        made += engine.skies.finalize(night)
+        for cand in made:
+            engine.book.mark_stale(cand)
+        finals = [m for m in store.latest_masters(night) if m["final"]]
+        result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
+        marks: list = []  # kept products' headers to mark: done while the coadds are computed
+        kept, worst = keep_unchanged(engine, night, marks=marks, checks=checks)
+        for *_, started in checks.values():
+            started.cancel()  # those not needed (their frames were not stale) and not begun
     if kept:
         result.done.append(
             f"kept {kept} frame(s) as final: the final masters change them by at most "
@@ -181,8 +189,6 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     # product), which the coadds' numpy work can overlap. After the defects pass, the
     # last other writer of these products; the coadd reads them by name, and a rename
     # leaves the same pixels
-    from concurrent.futures import ThreadPoolExecutor
-
     tol = engine.settings.calibration.final_tolerance
     with ThreadPoolExecutor(max_workers=1) as marker:
         marking = [marker.submit(_mark_product_final, path, dev, tol) for path, dev in marks]
@@ -223,7 +229,35 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
 
 # ---------------------------------------------------------------------------- what changed
 
-def keep_unchanged(engine: Engine, night: str, *, marks: list | None = None) -> tuple[int, float]:
+def start_astrometry_checks(engine: Engine, night: str, pool) -> dict:
+    """Start, in ``pool``, :func:`_astrometry_moved` of every reduced product of the night
+    that solved: frame id -> (product, product version, future). keep_unchanged uses a
+    check only for the same product version (a frame re-reduced since is checked again).
+    None started when no master is left to make final and no frame is stale."""
+    out: dict = {}
+    store = engine.store
+    if (not engine.settings.stages.astrometry.enabled
+            or engine.settings.calibration.final_tolerance <= 0
+            or not (store.count_frames(night=night, stale=1)
+                    or any(not m["final"] for m in store.latest_masters(night)))):
+        return out  # nothing will be judged (a second finalize: every master final already)
+    for row in store.frames_of_night(night, kind="object", product=NOT_NULL,
+                                            state=("reduced", "rejected")):
+        qc = json.loads(row["qc_json"] or "{}")
+        if qc.get("aststat") not in ("ok", "relative"):
+            continue  # failed: keep_unchanged's own check says so at once
+        try:
+            info = FrameInfo.from_summary(json.loads(row["info_json"]))
+            profile = engine.profile(info.instrument)
+        except Exception:
+            continue
+        out[row["id"]] = (row["product"], row["product_version"],
+                          pool.submit(_astrometry_moved, engine, row, info, profile))
+    return out
+
+
+def keep_unchanged(engine: Engine, night: str, *, marks: list | None = None,
+                   checks: dict | None = None) -> tuple[int, float]:
     """Frames marked stale that the final masters would barely change: kept and marked final.
 
     A stale frame is re-reduced only when the night's final masters change it by
@@ -235,7 +269,8 @@ def keep_unchanged(engine: Engine, night: str, *, marks: list | None = None) -> 
     stands for. Returns (frames kept, the largest change among them).
 
     ``marks``: when given, the headers are not written here; (product, change) pairs
-    are appended for the caller to pass to :func:`_mark_product_final`.
+    are appended for the caller to pass to :func:`_mark_product_final`. ``checks``:
+    astrometry checks already started (:func:`start_astrometry_checks`).
     """
 
     tol = engine.settings.calibration.final_tolerance
@@ -325,7 +360,13 @@ def keep_unchanged(engine: Engine, night: str, *, marks: list | None = None) -> 
 
     def check(judgement) -> tuple:
         row, info, profile, *_, dev = judgement
-        return _astrometry_moved(engine, row, info, profile) if dev <= tol else (None, "")
+        if dev > tol:
+            return None, ""
+        product, version, started = (checks or {}).get(row["id"], (None, None, None))
+        if started is not None and (product, version) == (row["product"],
+                                                          row["product_version"]):
+            return started.result()
+        return _astrometry_moved(engine, row, info, profile)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         checks = list(pool.map(check, judged))
