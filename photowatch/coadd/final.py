@@ -110,7 +110,8 @@ def _resample_rows(om: _OpenMember, data: np.ndarray, var: np.ndarray, good: np.
                    r0: int, r1: int, order: int) -> bool:
     """Resample a member onto grid rows ``r0 .. r1 - 1`` into full-width row planes
     (left untouched where the member does not reach), reading only the input rows it
-    needs. Returns False when the member does not cover these rows."""
+    needs, scaled by its flxscale (data) and its square (variance). Returns False when
+    the member does not cover these rows."""
     y0, y1, x0, x1 = om.mapping.bbox
     a, b = max(r0, y0), min(r1, y1)
     if b <= a:
@@ -129,16 +130,21 @@ def _resample_rows(om: _OpenMember, data: np.ndarray, var: np.ndarray, good: np.
         return False
     err = _native_float(om.err[lo:hi, :])
     source = _Source(om.sci[lo:hi, :], err * err, om.mask[lo:hi, :], order, row0=lo)
+    # onto the photometric reference here, while the rows are in cache (and in this thread)
+    scale = np.float32(om.member.flxscale)
+    scale2 = scale * scale
     for (s0, s1), (yin, xin, jac) in zip(blocks, maps):
         sl = (slice(s0 - r0, s1 - r0), slice(x0, x1))
         if order == 1:  # numpy writes into the planes' row views directly
             source.sample(yin, xin, jac, data[sl], var[sl], good[sl])
-            continue
-        d = np.empty(yin.shape, dtype=np.float32)  # map_coordinates: contiguous outputs
-        v = np.empty(yin.shape, dtype=np.float32)
-        g = np.empty(yin.shape, dtype=bool)
-        source.sample(yin, xin, jac, d, v, g)
-        data[sl], var[sl], good[sl] = d, v, g
+        else:
+            d = np.empty(yin.shape, dtype=np.float32)  # map_coordinates: contiguous outputs
+            v = np.empty(yin.shape, dtype=np.float32)
+            g = np.empty(yin.shape, dtype=bool)
+            source.sample(yin, xin, jac, d, v, g)
+            data[sl], var[sl], good[sl] = d, v, g
+        data[sl] *= scale
+        var[sl] *= scale2
     return True
 
 
@@ -320,7 +326,6 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
             raise StageDegraded(f"final_coadd: none of the {len(members)} members overlaps "
                                 f"the grid")
         weights = np.array([om.member.weight for om in opened])
-        scales = np.array([om.member.flxscale for om in opened], dtype=np.float32)
         exps = np.array([om.member.exptime_s for om in opened])
         halo = max(int(grow_px), 0)
         per_row = len(opened) * nx_g * 9  # bytes of the stacked planes per grid row
@@ -347,9 +352,6 @@ def final_coadd(members: Sequence[FinalMember], grid: CoaddGrid, out_path: str |
             if len(keep_idx) < len(active):
                 sel = np.flatnonzero(covered)
                 vals, var, good = vals[sel], var[sel], good[sel]
-            sc = scales[keep_idx].reshape(-1, 1, 1)
-            vals *= sc
-            var *= sc * sc
             # the rejection runs on blocks of rows (bounded temporaries, one per thread)
             height = max(4, _BLOCK_ELEMENTS // (len(keep_idx) * nx_g))
             combine = functools.partial(
