@@ -798,6 +798,26 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             continue
         groups.setdefault((row["target"], row["filter"]), []).append((row, qc))
     catalogs: dict[str, dict] = {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    measurer = ThreadPoolExecutor(max_workers=1)
+    measuring: dict = {}
+    try:
+        done += _coadds_of(engine, night, groups, baseline, incomplete, progress, catalogs,
+                           measurer, measuring)
+        done += _catalogues(engine, night, catalogs, measuring)
+    finally:
+        measurer.shutdown(wait=True, cancel_futures=True)
+    return done
+
+
+def _coadds_of(engine: Engine, night: str, groups: dict, baseline: dict, incomplete: dict,
+               progress, catalogs: dict, measurer, measuring: dict) -> list[str]:
+    """The FINAL coadds of :func:`final_coadds` (see there), each catalogue started in
+    ``measurer`` (path -> future in ``measuring``)."""
+    store = engine.store
+    settings = engine.settings.coadd
+    done = []
     for (target, filt), members in sorted(groups.items()):
         specs = [FinalMember(member_id=f"{r['name']}:v{r['product_version']}", path=r["product"],
                              flxscale=float(qc["flxscale"]), skynoise=float(qc["skynoise_e"]),
@@ -846,6 +866,9 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
                             interpolation=settings.interpolation,
                             amp_frac=settings.clip_amp_frac, grow_px=settings.clip_grow_px)
                 engine.coadds._accs.pop((night, target, filt), None)
+            # its catalogue measured in the background (one core: source extraction) while
+            # this thread makes the PNG and the depth and records the coadd
+            measuring[str(path)] = measurer.submit(_measure_coadd, engine, path, magzp)
             png = None
             if settings.quicklook_png:
                 from astropy.io import fits
@@ -869,7 +892,6 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             done.append(f"final coadd {path.name}: {len(specs)} frames"
                         + (" (INCOMPLETE)" if lost else ""))
         catalogs.setdefault(target, {})[filt] = (path, magzp, not up_to_date)
-    done += _catalogues(engine, night, catalogs)
     return done
 
 
@@ -944,7 +966,14 @@ def _final_limmag(engine: Engine, members: list, grid, magzp: float | None,
     return round(float(lim), 3) if lim is not None and np.isfinite(lim) else None
 
 
-def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
+def _measure_coadd(engine: Engine, path, magzp):
+    return coadd_catalog(path, magzp=magzp, detect_sigma=engine.settings.coadd.detect_sigma,
+                         max_sources=engine.settings.coadd.max_sources,
+                         settings=engine.settings.stages.sources)
+
+
+def _catalogues(engine: Engine, night: str, catalogs: dict,
+                measuring: dict | None = None) -> list[str]:
     done = []
     for target, per_filter in catalogs.items():
         fresh = any(changed or not catalog_path(path).exists()
@@ -954,10 +983,9 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
         tables = {}
         for filt, (path, magzp, _) in per_filter.items():
             cat_path = catalog_path(path)
-            table = coadd_catalog(path, magzp=magzp,
-                                  detect_sigma=engine.settings.coadd.detect_sigma,
-                                  max_sources=engine.settings.coadd.max_sources,
-                                  settings=engine.settings.stages.sources)
+            started = (measuring or {}).pop(str(path), None)
+            table = started.result() if started is not None else \
+                _measure_coadd(engine, path, magzp)
             if magzp is not None:
                 _calibrate_catalogue(engine, night, target, filt, path, table)
             tables[filt] = (table, cat_path)
