@@ -12,6 +12,11 @@ the same reduced night.
         [--keep DIR] [--tolerance 0.1]
     .venv/bin/python benchmarks/bench_finalize_phases.py --out DIR/out   # reduced already
 
+finalize overlaps some steps: the kept frames' astrometry checks (``_astrometry_moved``)
+run in a background thread during the final masters, and the kept products' CALFINAL
+marks during the final coadd; a phase's CPU seconds count every thread of the process
+while it runs, so they include that background work.
+
 A night is simulated and reduced (``photowatch reduce``, as in bench_finalize.py) unless
 ``--out`` names an output directory that ``reduce`` has filled; finalize changes it.
 """

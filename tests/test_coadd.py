@@ -542,3 +542,24 @@ def test_final_with_two_frames_rejects_the_high_one(field, tmp_path):
     # unrejected, a 3000 e- hit would leave ~1000 e- (its weight share, bilinear-spread)
     assert np.max(np.abs(excess)) < 5 * noise
     assert np.all(f["NCOV"][iy, ix][both] == 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_short_exposure_flag_equals_the_whole_image_filters(seed):
+    """coadd_catalog's PARTIAL test, evaluated at the sources only, decides as ndimage's
+    3x3 mean and 9x9 maximum over the whole exposure map do (edges included)."""
+    from scipy import ndimage
+
+    from photowatch.coadd.catalogue import _short_exposure
+
+    rng = np.random.default_rng(seed)
+    ny, nx = rng.integers(9, 80, size=2)
+    t = float(rng.choice([30.0, 120.0, 97.5]))
+    exp = (t * rng.integers(0, 12, size=(ny, nx))).astype(np.float32)
+    exp[rng.random((ny, nx)) < 0.7] = np.float32(11 * t)  # mostly full depth
+    iy, ix = np.nonzero(np.ones((ny, nx), bool))  # every pixel, edges and corners too
+    want = ndimage.uniform_filter(exp, size=3)[iy, ix] < 0.9 * ndimage.maximum_filter(
+        exp, size=9)[iy, ix]
+    got = _short_exposure(exp, iy, ix)
+    assert want.any() and not want.all()
+    assert np.array_equal(got, want)

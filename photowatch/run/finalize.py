@@ -138,14 +138,23 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
     # what the night has before finalize touches it: frames' status, quick-look coadds
     before = snapshot(engine, night)
 
-    # 2. final masters and skies
-    made = engine.book.final_masters(night, progress=lambda msg: bar.set_postfix_str(msg))
-    made += engine.skies.finalize(night)
-    for cand in made:
-        engine.book.mark_stale(cand)
-    finals = [m for m in store.latest_masters(night) if m["final"]]
-    result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
-    kept, worst = keep_unchanged(engine, night)
+    # 2. final masters and skies; meanwhile the products' astrometry checks of
+    # keep_unchanged (they need only the products' CAT and the reference, and are mostly
+    # Python: the masters' numpy work leaves room for them)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as checker:
+        checks = start_astrometry_checks(engine, night, checker)
+        made = engine.book.final_masters(night, progress=lambda msg: bar.set_postfix_str(msg))
+        made += engine.skies.finalize(night)
+        for cand in made:
+            engine.book.mark_stale(cand)
+        finals = [m for m in store.latest_masters(night) if m["final"]]
+        result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
+        marks: list = []  # kept products' headers to mark: done while the coadds are computed
+        kept, worst = keep_unchanged(engine, night, marks=marks, checks=checks)
+        for *_, started in checks.values():
+            started.cancel()  # those not needed (their frames were not stale) and not begun
     if kept:
         result.done.append(
             f"kept {kept} frame(s) as final: the final masters change them by at most "
@@ -175,15 +184,27 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
 
     result.done += mark_night_defects(engine, night)  # COSMIC in most frames: defects
 
-    # 5. quality with the whole night known
-    changed = reassess(engine, night)
-    if changed:
-        result.done.append(f"quality re-judged with the whole night: {changed} frame(s) changed")
-    bar.update()
+    # the kept products' CALFINAL/CALDEV headers, in the background from here: each is a
+    # copy of the whole product renamed into place (kernel copying and fsync, ~0.2 s per 4k
+    # product), which the coadds' numpy work can overlap. After the defects pass, the
+    # last other writer of these products; the coadd reads them by name, and a rename
+    # leaves the same pixels
+    tol = engine.settings.calibration.final_tolerance
+    with ThreadPoolExecutor(max_workers=1) as marker:
+        marking = [marker.submit(_mark_product_final, path, dev, tol) for path, dev in marks]
 
-    # 6. final coadds and catalogues, compared with what the quick-look pass had
-    coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg),
-                          baseline=before["coadds"], incomplete=result.incomplete)
+        # 5. quality with the whole night known
+        changed = reassess(engine, night)
+        if changed:
+            result.done.append(
+                f"quality re-judged with the whole night: {changed} frame(s) changed")
+        bar.update()
+
+        # 6. final coadds and catalogues, compared with what the quick-look pass had
+        coadds = final_coadds(engine, night, progress=lambda msg: bar.set_postfix_str(msg),
+                              baseline=before["coadds"], incomplete=result.incomplete)
+        for f in marking:
+            f.result()  # a product that could not be marked fails finalize, as before
     result.done += coadds
     _drop_snapshots(before)
     comparison = compare(engine, night, before)
@@ -208,7 +229,35 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
 
 # ---------------------------------------------------------------------------- what changed
 
-def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
+def start_astrometry_checks(engine: Engine, night: str, pool) -> dict:
+    """Start, in ``pool``, :func:`_astrometry_moved` of every reduced product of the night
+    that solved: frame id -> (product, product version, future). keep_unchanged uses a
+    check only for the same product version (a frame re-reduced since is checked again).
+    None started when no master is left to make final and no frame is stale."""
+    out: dict = {}
+    store = engine.store
+    if (not engine.settings.stages.astrometry.enabled
+            or engine.settings.calibration.final_tolerance <= 0
+            or not (store.count_frames(night=night, stale=1)
+                    or any(not m["final"] for m in store.latest_masters(night)))):
+        return out  # nothing will be judged (a second finalize: every master final already)
+    for row in store.frames_of_night(night, kind="object", product=NOT_NULL,
+                                            state=("reduced", "rejected")):
+        qc = json.loads(row["qc_json"] or "{}")
+        if qc.get("aststat") not in ("ok", "relative"):
+            continue  # failed: keep_unchanged's own check says so at once
+        try:
+            info = FrameInfo.from_summary(json.loads(row["info_json"]))
+            profile = engine.profile(info.instrument)
+        except Exception:
+            continue
+        out[row["id"]] = (row["product"], row["product_version"],
+                          pool.submit(_astrometry_moved, engine, row, info, profile))
+    return out
+
+
+def keep_unchanged(engine: Engine, night: str, *, marks: list | None = None,
+                   checks: dict | None = None) -> tuple[int, float]:
     """Frames marked stale that the final masters would barely change: kept and marked final.
 
     A stale frame is re-reduced only when the night's final masters change it by
@@ -218,6 +267,10 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
     units of the sky noise) in its SCI header, and in the store it is no longer
     stale or provisional, with ``qc_json['calfinal']`` naming the final masters it
     stands for. Returns (frames kept, the largest change among them).
+
+    ``marks``: when given, the headers are not written here; (product, change) pairs
+    are appended for the caller to pass to :func:`_mark_product_final`. ``checks``:
+    astrometry checks already started (:func:`start_astrometry_checks`).
     """
 
     tol = engine.settings.calibration.final_tolerance
@@ -244,7 +297,7 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
         return rows[0]["path"] if rows else None
 
     kept, worst = 0, 0.0
-    marks: list[tuple[str, float]] = []
+    todo: list[tuple[str, float]] = []
     judged: list[tuple] = []
     for row in store.frames_of_night(night, kind="object", stale=1, product=NOT_NULL,
                                      state=("reduced", "rejected")):
@@ -307,7 +360,13 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
 
     def check(judgement) -> tuple:
         row, info, profile, *_, dev = judgement
-        return _astrometry_moved(engine, row, info, profile) if dev <= tol else (None, "")
+        if dev > tol:
+            return None, ""
+        product, version, started = (checks or {}).get(row["id"], (None, None, None))
+        if started is not None and (product, version) == (row["product"],
+                                                          row["product_version"]):
+            return started.result()
+        return _astrometry_moved(engine, row, info, profile)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         checks = list(pool.map(check, judged))
@@ -333,13 +392,16 @@ def keep_unchanged(engine: Engine, night: str) -> tuple[int, float]:
                    f"(at most {tol:g})")
         if not store.keep_final(row["id"], row["state"], qc, message):
             continue  # another process took it meanwhile
-        marks.append((row["product"], dev))
+        todo.append((row["product"], dev))
         kept += 1
         worst = max(worst, dev)
+    if marks is not None:
+        marks.extend(todo)
+        return kept, worst
     # the headers marked two at a time: each is a copy of the whole product renamed into
     # place, mostly the kernel copying (GIL released), ~0.2 s per 4k product
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), marks))
+        list(pool.map(lambda m: _mark_product_final(m[0], m[1], tol), todo))
     return kept, worst
 
 
@@ -736,6 +798,26 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             continue
         groups.setdefault((row["target"], row["filter"]), []).append((row, qc))
     catalogs: dict[str, dict] = {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    measurer = ThreadPoolExecutor(max_workers=1)
+    measuring: dict = {}
+    try:
+        done += _coadds_of(engine, night, groups, baseline, incomplete, progress, catalogs,
+                           measurer, measuring)
+        done += _catalogues(engine, night, catalogs, measuring)
+    finally:
+        measurer.shutdown(wait=True, cancel_futures=True)
+    return done
+
+
+def _coadds_of(engine: Engine, night: str, groups: dict, baseline: dict, incomplete: dict,
+               progress, catalogs: dict, measurer, measuring: dict) -> list[str]:
+    """The FINAL coadds of :func:`final_coadds` (see there), each catalogue started in
+    ``measurer`` (path -> future in ``measuring``)."""
+    store = engine.store
+    settings = engine.settings.coadd
+    done = []
     for (target, filt), members in sorted(groups.items()):
         specs = [FinalMember(member_id=f"{r['name']}:v{r['product_version']}", path=r["product"],
                              flxscale=float(qc["flxscale"]), skynoise=float(qc["skynoise_e"]),
@@ -784,6 +866,9 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
                             interpolation=settings.interpolation,
                             amp_frac=settings.clip_amp_frac, grow_px=settings.clip_grow_px)
                 engine.coadds._accs.pop((night, target, filt), None)
+            # its catalogue measured in the background (one core: source extraction) while
+            # this thread makes the PNG and the depth and records the coadd
+            measuring[str(path)] = measurer.submit(_measure_coadd, engine, path, magzp)
             png = None
             if settings.quicklook_png:
                 from astropy.io import fits
@@ -807,7 +892,6 @@ def final_coadds(engine: Engine, night: str, progress=None, baseline: dict | Non
             done.append(f"final coadd {path.name}: {len(specs)} frames"
                         + (" (INCOMPLETE)" if lost else ""))
         catalogs.setdefault(target, {})[filt] = (path, magzp, not up_to_date)
-    done += _catalogues(engine, night, catalogs)
     return done
 
 
@@ -882,7 +966,14 @@ def _final_limmag(engine: Engine, members: list, grid, magzp: float | None,
     return round(float(lim), 3) if lim is not None and np.isfinite(lim) else None
 
 
-def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
+def _measure_coadd(engine: Engine, path, magzp):
+    return coadd_catalog(path, magzp=magzp, detect_sigma=engine.settings.coadd.detect_sigma,
+                         max_sources=engine.settings.coadd.max_sources,
+                         settings=engine.settings.stages.sources)
+
+
+def _catalogues(engine: Engine, night: str, catalogs: dict,
+                measuring: dict | None = None) -> list[str]:
     done = []
     for target, per_filter in catalogs.items():
         fresh = any(changed or not catalog_path(path).exists()
@@ -892,10 +983,9 @@ def _catalogues(engine: Engine, night: str, catalogs: dict) -> list[str]:
         tables = {}
         for filt, (path, magzp, _) in per_filter.items():
             cat_path = catalog_path(path)
-            table = coadd_catalog(path, magzp=magzp,
-                                  detect_sigma=engine.settings.coadd.detect_sigma,
-                                  max_sources=engine.settings.coadd.max_sources,
-                                  settings=engine.settings.stages.sources)
+            started = (measuring or {}).pop(str(path), None)
+            table = started.result() if started is not None else \
+                _measure_coadd(engine, path, magzp)
             if magzp is not None:
                 _calibrate_catalogue(engine, night, target, filt, path, table)
             tables[filt] = (table, cat_path)

@@ -160,6 +160,11 @@ def _link_current(version_path: Path, current: Path) -> None:
     os.replace(tmp, current)
 
 
+#: bytes of prepared inputs a final master rebuild holds in memory (data and variance,
+#: float32); inputs beyond it go to scratch files read back by rows
+FINAL_INPUTS_IN_MEMORY = 1 << 30
+
+
 def _rows_from(path: Path, width: int, y0: int, y1: int) -> np.ndarray:
     """Rows y0:y1 of a raw float32 image file of ``width`` columns (a seek, no memory map)."""
     return np.fromfile(path, dtype=np.float32, count=(y1 - y0) * width,
@@ -706,7 +711,9 @@ class MasterBook:
 
         Each master is a sigma-clipped median of its inputs re-prepared with the
         night's final lower masters (bias, then dark, then flat), combined in
-        chunks of rows from memory-mapped scratch files, so memory stays bounded.
+        chunks of rows: the prepared inputs held in memory up to
+        :data:`FINAL_INPUTS_IN_MEMORY` bytes, the rest in scratch files read back
+        by rows, so memory stays bounded.
         """
         made = []
         for kind in KINDS:
@@ -744,15 +751,28 @@ class MasterBook:
                                  for k, (c, _) in deps.items()}
                     jobs.append((fid, frow["path"], info, deps))
 
+                held = [0]  # bytes of inputs held in memory
+                budget = threading.Lock()
+
                 def prepare(job):
                     fid, raw_path, info, deps = job
                     raw, _ = read_raw(raw_path)
                     el = to_electrons(raw, info, calibration=self.cal,
                                       settings=self.settings.stages.prepare)
                     data, var, _ = self.calibration_data(key.kind, el, info, deps)
+                    data = data.astype(np.float32, copy=False)
+                    var = var.astype(np.float32, copy=False)
+                    # held in memory while the night's inputs fit FINAL_INPUTS_IN_MEMORY
+                    # (the scratch files cost a write and a read-back of every input)
+                    with budget:
+                        keep = held[0] + data.nbytes + var.nbytes <= FINAL_INPUTS_IN_MEMORY
+                        if keep:
+                            held[0] += data.nbytes + var.nbytes
+                    if keep:
+                        return data, var, data.shape
                     dpath, vpath = scratch_dir / f"{fid}.data.f32", scratch_dir / f"{fid}.var.f32"
-                    data.astype(np.float32).tofile(dpath)
-                    var.astype(np.float32).tofile(vpath)
+                    data.tofile(dpath)
+                    var.tofile(vpath)
                     return dpath, vpath, data.shape
 
                 # two inputs at a time (numpy and the file reads release the GIL); the
@@ -764,9 +784,11 @@ class MasterBook:
                         if progress:
                             progress(f"{key.slug()} input {len(files)}/{len(inputs)}")
                 def read_rows(i, y0, y1):
+                    dsrc, vsrc = files[i]
+                    if isinstance(dsrc, np.ndarray):
+                        return dsrc[y0:y1], vsrc[y0:y1]
                     width = shape[1]
-                    return (_rows_from(files[i][0], width, y0, y1),
-                            _rows_from(files[i][1], width, y0, y1))
+                    return (_rows_from(dsrc, width, y0, y1), _rows_from(vsrc, width, y0, y1))
 
                 data, var, count = clipped_median_stack(
                     len(files), shape, read_rows, clip_sigma=self.cal.final_clip_sigma,

@@ -116,8 +116,14 @@ def test_master_versions_and_provisional(calib_night):
     assert current.exists() and fits.getheader(current)["VERSION"] == flats[-1]["version"]
 
 
-def test_final_rebuild_and_staleness(calib_night, tmp_path):
+def test_final_rebuild_and_staleness(calib_night, tmp_path, monkeypatch):
     night, engine = calib_night
+    # room in memory for one prepared input (data + variance, float32): the others go
+    # through the scratch files, so both ways of holding inputs are checked below
+    import photowatch.state.masters as masters_mod
+
+    ny, nx = fits.getdata(engine.store.masters(kind="bias")[0]["path"], "SCI").shape
+    monkeypatch.setattr(masters_mod, "FINAL_INPUTS_IN_MEMORY", ny * nx * 8)
     made = engine.book.final_masters(night.frames[0].obs_time and "2020-01-28",
                                      scratch=tmp_path)
     kinds = sorted(c.kind for c in made)
