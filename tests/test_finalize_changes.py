@@ -99,6 +99,31 @@ def test_masters_that_barely_change_re_reduce_nothing_and_products_are_marked_fi
     assert "kept" not in printed and "re-reduced 0 frame(s)" in printed
 
 
+def test_a_kept_product_left_unmarked_by_an_interrupted_finalize_is_marked_by_the_next(
+        night, capsys):
+    """The store records a kept frame before its header is marked (the marks run while
+    the coadds are made): a finalize killed in between leaves a product final in the
+    store without CALFINAL; the next finalize marks it, and only it."""
+    sim, out, store = night
+    assert cli.main(["finalize", "--out", str(out), "--config", keep_config(out)]) == 0
+    capsys.readouterr()
+    row = next(iter(science(store).values()))
+    with fits.open(row["product"]) as h:  # the product as the store had it, unmarked
+        del h["SCI"].header["CALFINAL"], h["SCI"].header["CALDEV"]
+        h.writeto(str(row["product"]) + ".tmp.fits")
+    Path(str(row["product"]) + ".tmp.fits").replace(row["product"])
+    others = {r["product"]: Path(r["product"]).stat().st_mtime_ns
+              for r in science(store).values() if r["id"] != row["id"]}
+    assert cli.main(["finalize", "--out", str(out), "--config", keep_config(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 kept product(s) marked final now" in printed, printed
+    hdr = fits.getheader(row["product"], "SCI")
+    assert hdr["CALFINAL"] is True and 0 <= hdr["CALDEV"] <= 0.1
+    assert science(store)[row["raw_name"]]["product_version"] == row["product_version"]
+    for path, mtime in others.items():  # the marked ones are not written again
+        assert Path(path).stat().st_mtime_ns == mtime, path
+
+
 @pytest.mark.parametrize("amplitude, redone", [(0.05, True), (0.0002, False)])
 def test_a_final_master_that_changes_beyond_the_tolerance_re_reduces_its_frames(
         night, capsys, amplitude, redone):

@@ -151,7 +151,12 @@ def _run(engine: Engine, night: str, result: FinalizeResult) -> None:
             engine.book.mark_stale(cand)
         finals = [m for m in store.latest_masters(night) if m["final"]]
         result.done.append(f"masters: {len(made)} rebuilt now, {len(finals)} final")
-        marks: list = []  # kept products' headers to mark: done while the coadds are computed
+        # kept products' headers to mark, done while the coadds are computed: first those
+        # an interrupted finalize kept in the store but did not get to mark
+        marks: list = unmarked_kept(engine, night)
+        if marks:
+            result.done.append(f"{len(marks)} kept product(s) marked final now (CALFINAL "
+                               "missing: an earlier finalize was interrupted)")
         kept, worst = keep_unchanged(engine, night, marks=marks, checks=checks)
         for *_, started in checks.values():
             started.cancel()  # those not needed (their frames were not stale) and not begun
@@ -253,6 +258,30 @@ def start_astrometry_checks(engine: Engine, night: str, pool) -> dict:
             continue
         out[row["id"]] = (row["product"], row["product_version"],
                           pool.submit(_astrometry_moved, engine, row, info, profile))
+    return out
+
+
+def unmarked_kept(engine: Engine, night: str) -> list[tuple[str, float]]:
+    """(product, change) of the night's products kept as final in the store whose SCI
+    header lacks ``CALFINAL``: the store records a kept frame before its header is
+    marked (the marks run in the background while the coadds are made), so a finalize
+    killed in between leaves these; the next one marks them."""
+    from astropy.io import fits
+
+    out = []
+    for row in engine.store.frames_of_night(night, kind="object", product=NOT_NULL, stale=0,
+                                            state=("reduced", "rejected")):
+        calfinal = json.loads(row["qc_json"] or "{}").get("calfinal") or {}
+        if not calfinal.get("kept"):
+            continue
+        try:
+            marked = fits.getheader(row["product"], "SCI").get("CALFINAL") is True
+        except Exception as exc:  # unreadable: said here, the product is left as it is
+            log.warning("product_unreadable", product=Path(row["product"]).name,
+                        problem=str(exc), action="not marked final")
+            continue
+        if not marked:
+            out.append((row["product"], float(calfinal.get("change_sigma", 0.0))))
     return out
 
 
