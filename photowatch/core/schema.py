@@ -217,20 +217,30 @@ def strip_wcs(header) -> None:
             header.remove(key, ignore_missing=True, remove_all=True)
 
 
-def set_key(header, key: str, value, comment: str = "") -> None:
-    """Set a header keyword, skipping None and non-finite floats (FITS has no NaN)."""
+def _key_value(key: str, value, comment: str = "") -> tuple | None:
+    """(value, comment) as a header card holds them, or None for None and non-finite
+    floats (FITS has no NaN): numpy scalars as Python ones, strings cut at 1000
+    characters, the comment from :data:`KEYWORDS` when none is given, fitted to the card."""
     if isinstance(value, tuple):
         value, comment = value
     comment = comment or comment_for(key)
     if value is None:
-        return
+        return None
     if isinstance(value, float | np.floating) and not np.isfinite(value):
-        return
+        return None
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, str) and len(value) > 1000:
         value = value[:997] + "..."
-    comment = fit_comment(value, comment)
+    return value, fit_comment(value, comment)
+
+
+def set_key(header, key: str, value, comment: str = "") -> None:
+    """Set a header keyword, skipping None and non-finite floats (FITS has no NaN)."""
+    normal = _key_value(key, value, comment)
+    if normal is None:
+        return
+    value, comment = normal
     # longer strings than a card holds go on CONTINUE cards (the FITS long-string
     # convention, read by astropy, DS9 and CFITSIO): a reason is never cut mid-sentence
     with warnings.catch_warnings():
@@ -345,18 +355,10 @@ def _card(key: str, value, comment: str = ""):
     """The card :func:`set_key` would set (None where it sets nothing)."""
     from astropy.io import fits
 
-    if isinstance(value, tuple):
-        value, comment = value
-    comment = comment or comment_for(key)
-    if value is None:
+    normal = _key_value(key, value, comment)
+    if normal is None:
         return None
-    if isinstance(value, float | np.floating) and not np.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, str) and len(value) > 1000:
-        value = value[:997] + "..."
-    comment = fit_comment(value, comment)
+    value, comment = normal
     return fits.Card(key, value, comment) if comment else fits.Card(key, value)
 
 
