@@ -251,7 +251,7 @@ def _masked_median(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
             continue
         lo, hi = srt[(m - 1) // 2], srt[m // 2]
         at = n == m
-        mid = lo + hi if lo is not hi else lo + lo
+        mid = lo + hi
         mid *= np.float32(0.5)
         if at.all():
             return mid

@@ -443,8 +443,8 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
         # (and a spill ring by chance): one pixel must stand out, or all together
         peak = np.asarray(ndimage.maximum(signif, lab, ids))
         npx = np.bincount(lab, minlength=n + 1)[1:]
-        lin = np.asarray(ndimage.sum(np.where(np.isfinite(signif), signif, 50.0), lab, ids))
-        lin /= np.sqrt(np.maximum(npx, 1))
+        # (signif has no NaN: a pixel without usable neighbours is +inf, kept by its peak)
+        lin = np.asarray(ndimage.sum(signif, lab, ids)) / np.sqrt(np.maximum(npx, 1))
         good[1:] &= (peak >= _EVENT_PEAK_SIGMA) | (lin >= _EVENT_LIN_SIGMA)
     if return_labels:  # the kept events keep their labels (for drop_psf_like)
         kept = good[labels]
@@ -712,8 +712,8 @@ def _detect_candidates(sci, var, inmask, kw) -> tuple[np.ndarray | None, float]:
     pixels of a candidate (``d, r`` from :func:`reach`), sprawling groups cut
     into pieces (:func:`_pieces`): a flag is kept where it lies within ``d`` of
     a candidate of its piece, and every input such a flag depends on lies
-    inside the piece's box, so it is the flag of a whole-frame run. The boxes are packed side by side into one mosaic and L.A.Cosmic runs
-    once on it: thousands of small calls would cost their overhead each, and
+    inside the piece's box, so it is the flag of a whole-frame run. The boxes
+    are packed side by side into one mosaic and L.A.Cosmic runs once on it: thousands of small calls would cost their overhead each, and
     with several OpenMP threads each call's thread start and barriers (slow
     when the machine is busy: 0.2 s became 55 s at 1k with OMP_NUM_THREADS=2).
     What neighbours a box in the mosaic is further than ``r`` from its kept
