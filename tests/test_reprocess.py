@@ -225,6 +225,11 @@ def test_reprocess_options_are_checked_before_work(tmp_path, capsys):
 _FAULTS = """
 import os, resource, sys
 import numpy as np
+try:  # numpy asks for transparent huge pages on large arrays: 2 MiB pages would fault
+    from numpy._core.multiarray import _set_madvise_hugepage  # 512x less often, if the
+except ImportError:  # kernel has them free at the time (it did not always: flaky)
+    from numpy.core.multiarray import _set_madvise_hugepage
+_set_madvise_hugepage(False)
 from photowatch.run.reprocess import tune_worker_process
 tuned = tune_worker_process() if sys.argv[1] == "tuned" else False
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
