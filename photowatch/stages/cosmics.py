@@ -282,7 +282,7 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
     protect = _grown(inmask)
     saturated = (frame.mask & int(Mask.SATURATED)) != 0
     if _SAT_RADIUS > 1 and saturated.any():
-        protect |= _grown(saturated, _SAT_RADIUS)
+        protect |= star_rims(sci, var, saturated, inmask)
     crmask, area, tiles = detect(sci, var, inmask, kw, tiles=settings.tiles)
     if settings.sharp_sigma > 0:
         crmask |= sharp_pixels(sci, var, protect, crmask, nsigma=settings.sharp_sigma,
@@ -297,12 +297,14 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
                                           group_sigma=settings.min_group_sigma,
                                           return_labels=True)
     fwhm = None
-    if settings.psf_sigma > 0 and crmask.any():
+    if settings.psf_sigma > 0:
         fwhm = float(fwhm_px) if fwhm_px and np.isfinite(fwhm_px) else \
             estimate_fwhm(sci, var, crmask, protect)
-        if fwhm is not None:
-            crmask = drop_psf_like(sci, var, crmask, inmask, fwhm_px=fwhm,
-                                   nsigma=settings.psf_sigma, labels=labels)
+    if fwhm is not None and crmask.any():
+        crmask = drop_psf_like(sci, var, crmask, inmask, fwhm_px=fwhm,
+                               nsigma=settings.psf_sigma, labels=labels)
+    if fwhm is not None and _BLOB_LIN > 0:
+        crmask |= faint_events(sci, var, crmask, protect, fwhm_px=fwhm)
     found = int(np.count_nonzero(crmask))
     if settings.grow_sigma > 0 and settings.grow_passes and found:
         crmask = grow_conditional(sci, var, crmask, inmask, nsigma=settings.grow_sigma,
@@ -332,6 +334,25 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
                            area_fraction=area, tiles=tiles,
                            fwhm_px=float("nan") if fwhm is None else fwhm)
     return frame.replace(sci=out_sci, var=out_var, mask=mask, header=hdr), result
+
+
+def star_rims(sci, var, saturated, inmask) -> np.ndarray:
+    """The pixels within ``_SAT_RADIUS`` of a saturated pixel that lie on a source: the
+    median of their usable 5x5 neighbours stands ``_GROW_MAX_LEVEL`` sigma above the
+    sky. A saturated star's steep rim makes sharp-looking pixels; beside a bleed trail
+    or a saturated hit on the sky there is sky, where a hit is a hit."""
+    rim = _grown(saturated, _SAT_RADIUS)
+    c = np.flatnonzero(rim & ~saturated)
+    ny, nx = sci.shape
+    idx, inside = _neighbours(*np.divmod(c, nx), (ny, nx), 2)
+    usable = inside & ~inmask.ravel()[idx]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
+        level = nanmedian_rows(np.where(usable, sci.ravel()[idx], np.nan))
+        noise = np.sqrt(nanmedian_rows(np.where(usable, var.ravel()[idx], np.nan)))
+        sky = level < _GROW_MAX_LEVEL * noise
+    rim.ravel()[c[sky]] = False
+    return rim
 
 
 def _grown(inmask: np.ndarray, radius: int = 1) -> np.ndarray:
@@ -1150,3 +1171,115 @@ def drop_psf_like(sci, var, crmask, inmask, *, fwhm_px: float, nsigma: float,
     drop = np.zeros(n + 1, bool)
     drop[ids[star]] = True
     return crmask & ~drop[labels]
+
+
+# ---- faint compact events no seed found (issue 17, sixth round) ----
+
+#: a candidate's pixels stand this many sigma above 0 (the frame is sky subtracted)
+_BLOB_LOW = 2.5
+#: its brightest pixel at least this, and its matched sum (sum of sigmas / sqrt(n)) this
+_BLOB_PEAK = 4.5
+_BLOB_LIN = 7.0
+#: kept when its pixels' chi² against the best PSF exceeds their number by this many
+#: standard deviations (sqrt(2 n)) and its brightest pixel stands 3 sigma above the PSF
+_BLOB_CHI = 6.0
+#: the PSF model's error, a fraction of its value per pixel
+_BLOB_PSF_ERR = 0.05
+#: sub-pixel centres of its PSF fit (px, in x and in y)
+_BLOB_OFFSETS = np.arange(-1.5, 1.51, 0.5)
+#: groups larger than this are sources (a hit's blob or worm is smaller)
+_BLOB_MAX_PX = 80
+
+
+def faint_events(sci, var, crmask, protect, *, fwhm_px: float,
+                 low: float = _BLOB_LOW, peak: float = _BLOB_PEAK, lin: float = _BLOB_LIN,
+                 chi: float = _BLOB_CHI) -> np.ndarray:
+    """Compact groups on the sky that are significant and sharper than the frame's PSF.
+
+    Candidates: 8-connected groups of pixels ``low`` sigma above zero (not flagged, not
+    protected), with one pixel ``peak`` sigma and a matched sum of ``lin``, away from the
+    frame's edge and from flagged events (the growth takes those). A Moffat of
+    ``fwhm_px`` (free centre within half a pixel, flux and background) is fitted to the
+    7x7 window around the brightest pixel; a group the PSF explains (a faint star) has
+    chi² ~ its number of pixels, a hit's blob or worm far more, with its brightest pixel
+    above the fit. Returns the pixels of the groups that are not star-like.
+    """
+    from scipy import ndimage
+
+    ny, nx = sci.shape
+    with np.errstate(all="ignore"):
+        cand = sci * sci > np.float32(low * low) * var
+    cand &= sci > 0
+    cand &= ~protect
+    cand &= ~crmask
+    labels, n = ndimage.label(cand, structure=np.ones((3, 3), bool))
+    if not n:
+        return np.zeros(sci.shape, bool)
+    flat_lab = labels.ravel()
+    pix = np.flatnonzero(flat_lab)
+    lab = flat_lab[pix]
+    zz = sci.ravel()[pix] / np.sqrt(var.ravel()[pix])
+    keep = np.zeros(n + 1, bool)
+    keep[lab[zz >= peak]] = True
+    # not in the frame's edge band (a star cut by the edge is sharp)
+    r = _PSF_R
+    for band in (labels[:r], labels[ny - r:], labels[:, :r], labels[:, nx - r:]):
+        keep[band.ravel()] = False
+    keep[0] = False
+    npx = np.bincount(lab, minlength=n + 1)
+    zsum = np.bincount(lab, weights=zz, minlength=n + 1)
+    with np.errstate(all="ignore"):
+        keep &= (zsum / np.sqrt(npx) >= lin) & (npx <= _BLOB_MAX_PX)
+    good_ids = np.flatnonzero(keep)
+    if not good_ids.size:
+        return np.zeros(sci.shape, bool)
+    sel = keep[lab]
+    pix, lab, zz = pix[sel], lab[sel], zz[sel]
+    # brightest pixel of each remaining group
+    order = np.lexsort((-zz, lab))
+    first = np.ones(order.size, bool)
+    first[1:] = lab[order][1:] != lab[order][:-1]
+    centres = pix[order][first]  # in label order, as good_ids
+    usable = ~(protect | crmask)
+    d, w, idx = _windows(sci, var, centres, usable)
+    # centres up to 1.5 px from the brightest pixel: on a hit across a star, the
+    # brightest pixel is the hit's
+    t = _blob_templates(round(float(fwhm_px), 3))
+    own = flat_lab[idx] == good_ids[:, None]
+    res = _psf_residuals(d, w, t)
+    # again without the group's pixels the first fit leaves far above it: a hit on a
+    # star's wing pulls the fit up and off centre
+    res = _psf_residuals(d, np.where(own & (res > 3.0), 0.0, w), t, w_all=w)
+    m = own.sum(axis=1)
+    q = np.where(own, res * res, 0).sum(axis=1)
+    centre_res = res[:, (2 * r + 1) ** 2 // 2]
+    sharp = (q - m > chi * np.sqrt(2.0 * np.maximum(m, 1))) & (centre_res > 3.0)
+    # the group's pixels the PSF leaves well above it (a star beside a hit stays)
+    take = own[sharp] & (res[sharp] > 2.0)
+    out = np.zeros(sci.size, bool)
+    out[idx[sharp][take]] = True
+    return out.reshape(sci.shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _blob_templates(fwhm_px: float) -> np.ndarray:
+    return psf_templates([fwhm_px], _BLOB_OFFSETS)[0]
+
+
+def _psf_residuals(d, w, t, *, w_all=None):
+    """Normalised residuals of the best PSF fit (template, flux, background) to each
+    window, fitted with weights ``w`` and evaluated on every pixel with the weights
+    ``w_all`` (default ``w``); the PSF's error, ``_BLOB_PSF_ERR`` of its value, is in
+    the noise."""
+    chi2, a = _fit_psf(d, w, t)
+    k = np.argmin(chi2, axis=1)
+    rows = np.arange(k.size)
+    tk = t[k]
+    ak = a[rows, k]
+    sw = w.sum(axis=1)
+    with np.errstate(all="ignore"):
+        b = ((w * d).sum(axis=1) - ak * (w * tk).sum(axis=1)) / sw
+        model = ak[:, None] * tk
+        wa = w if w_all is None else w_all
+        res = (d - model - b[:, None]) / np.sqrt(1.0 / wa + np.square(_BLOB_PSF_ERR * model))
+    return np.where(np.isfinite(res), res, 0.0)
