@@ -409,3 +409,36 @@ def test_hit_beside_a_bleed_trail_flagged_star_rim_protected(monkeypatch):
                         lambda sci, var, sat, inmask: cosmics._grown(sat, cosmics._SAT_RADIUS))
     z, _ = flag_cosmics(frame, settings=Cosmics())
     assert not z.mask[85, 42] & Mask.COSMIC
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_undersampled_star_core_taken_whole_is_dropped_a_hit_block_kept(seed, monkeypatch):
+    """At FWHM 2 px L.A.Cosmic takes a bright star's whole core (2x3 px) for a hit. The
+    fit without the event and its ring has only noise left to predict the core from, so
+    that test alone keeps it (the 4x4-binned nights: 24-47 % of bit-4 pixels far from
+    any hit); the fit with every pixel explains it: dropped. A 2x3 hit of the same
+    brightness on the sky stays flagged."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import moffat_stars
+
+    rng = np.random.default_rng(seed)
+    shape = (40, 80)
+    star = moffat_stars(shape, [20.3], [19.6], [30 * SKY_SIGMA / 0.12], fwhm_px=2.0)
+    sci = (rng.normal(0, SKY_SIGMA, shape) + rng.normal(0, np.sqrt(star)) + star).astype(np.float32)
+    hit = np.zeros(shape, bool)
+    hit[19:22, 59:61] = True
+    sci[hit] += np.float32(star.max()) * rng.uniform(0.6, 1.0, 6).astype(np.float32)
+    var = (SKY_SIGMA ** 2 + star + np.where(hit, np.maximum(sci, 0), 0)).astype(np.float32)
+    crmask = hit.copy()
+    core = np.zeros(shape, bool)
+    core[19:22, 19:21] = True
+    crmask |= core
+    inmask = np.zeros(shape, bool)
+
+    def kept():
+        out = drop_psf_like(sci, var, crmask, inmask, fwhm_px=2.0, nsigma=4.0)
+        return bool(out[core].any()), bool(out[hit].all())
+
+    assert kept() == (False, True)
+    monkeypatch.setattr(cosmics, "_PSF_FIT_CHI", 0.0)
+    assert kept() == (True, True)
