@@ -11,6 +11,10 @@ Usage::
     .venv/bin/python benchmarks/bench_cosmics_defects.py            # 512, 1024, 2048 px
     .venv/bin/python benchmarks/bench_cosmics_defects.py 4096:31    # size:seed ...
     .venv/bin/python benchmarks/bench_cosmics_defects.py 512:1-16 1024:1-4   # seed ranges
+    .venv/bin/python benchmarks/bench_cosmics_defects.py 512b4:1-10   # sim_small's kind
+
+``SIZEb4`` runs the undersampled kind of ``tests/conftest.py``'s ``sim_small`` instead
+(4x4 binning, FWHM 1.9-3 px, six 60 s frames, 5 bias, 3 darks, 6 flats).
 """
 
 from __future__ import annotations
@@ -33,17 +37,26 @@ def main(argv: list[str]) -> None:
     runs = []
     for a in argv:
         size, seeds = a.split(":")
+        size, _, b4 = size.partition("b")
         first, _, last = seeds.partition("-")
-        runs += [(int(size), s) for s in range(int(first), int(last or first) + 1)]
-    runs = runs or [(512, 11), (512, 21), (1024, 12), (1024, 22), (2048, 13)]
-    print(f"{'size':>5s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} "
+        runs += [(int(size), s, b4 == "4") for s in range(int(first), int(last or first) + 1)]
+    runs = runs or [(512, 11, False), (512, 21, False), (1024, 12, False), (1024, 22, False),
+                    (2048, 13, False)]
+    print(f"{'size':>7s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} "
           f"{'star FP':>8s} {'every frame':>11s}")
     scores = []
-    for size, seed in runs:
+    for size, seed, undersampled in runs:
+        label = f"{size}b4" if undersampled else str(size)
         with tempfile.TemporaryDirectory() as d:
-            night = simulate_night(d, size=size, binning=2, filters=("SDSS-R",), seed=seed,
-                                   n_bias=1, n_dark=0, n_flat=3, n_science=5, exptime_s=300.0,
-                                   bad_flats=False, catalog=False, write_crcharge=True)
+            if undersampled:
+                night = simulate_night(d, size=size, binning=4, filters=("SDSS-R",), seed=seed,
+                                       n_bias=5, n_dark=3, n_flat=6, n_science=6,
+                                       write_crcharge=True)
+            else:
+                night = simulate_night(d, size=size, binning=2, filters=("SDSS-R",), seed=seed,
+                                       n_bias=1, n_dark=0, n_flat=3, n_science=5,
+                                       exptime_s=300.0, bad_flats=False, catalog=False,
+                                       write_crcharge=True)
             try:
                 s = night_scores(night)
             except AssertionError as err:
@@ -53,10 +66,10 @@ def main(argv: list[str]) -> None:
                 where = traceback.extract_tb(err.__traceback__)[-1].name
                 why = ("skipped: too few dithered frames for a master sky" if where == "_reduce"
                        else f"FAILED in {where}: {err}")
-                print(f"{size:5d} {seed:5d} {why}", flush=True)
+                print(f"{label:>7s} {seed:5d} {why}", flush=True)
                 continue
         scores.append(s)
-        print(f"{size:5d} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
+        print(f"{label:>7s} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
               f"{s['far']:6.1%} {s['star_fp']:8.3%} {s['every_frame']:11d}", flush=True)
     if len(scores) > 1:
         c = [s["completeness"] for s in scores]

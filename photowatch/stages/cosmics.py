@@ -100,22 +100,24 @@ completeness median of 97.3 -> 97.0 %; goal met on 32 of 34 (was 31), on 12 of 1
 held-out nights (main: 9). What is still missed on the failing nights is mostly whole
 hits on bright stars (L.A.Cosmic's ``objlim`` and the sharp pass's ``ratio`` spare a
 star's core and the hit with it) and hits beside saturated pixels.
-Seedless hits (issue 17, sixth round; notes/cosmics5.md): at FWHM 4-6 px compact blobs
-and worms of 3-10 sigma per pixel on the sky were never seeded (their Laplacian is shared,
-no pixel is 0.6 of its value above its neighbours) or lost their one seed to
-``keep_significant``: :func:`faint_events` takes groups of 2.5-sigma pixels that a PSF fit
-does not explain, after the PSF test, before the growth, on frames of FWHM >= 3 px (below,
-a compact hit and a star differ little: on 4x4-binned nights it added 0.4 % completeness
-for 1.7 % far, star cores). And the 2 px ring around
-saturated pixels is protected only on a source (:func:`star_rims`): beside a bleed trail
-running over the sky a hit is a hit. 48 nights: mean completeness 96.8 -> 97.5 %, median
-97.0 -> 97.7 %, far 2.33 -> 2.42 % (worst 5.4 % both); faint star cores unchanged.
-On 4x4-binned nights (FWHM 1.9-2.8 px, ``sim_small``'s kind) 24-52 % of the bit-4 pixels
-were star cores L.A.Cosmic took whole, which the PSF test kept (the fit without the core
-and its ring has nothing to predict it from): :func:`drop_psf_like` now also drops events
-the fit with every pixel explains; 10 such nights: far 28.6 -> 7.8 % (mean), star FP
-<= 1.7 -> <= 0.3 %. And :func:`estimate_fwhm` looks past saturated and flat-topped peaks
-(the brightest 320 of a dense 4k field were all such: no FWHM, no PSF test at 4k).
+Seedless hits and undersampled cores (issue 17, sixth round; notes/cosmics5.md;
+benchmarks/README.md): at FWHM 4-6 px compact blobs and worms of 3-10 sigma per pixel on
+the sky were never seeded (their Laplacian is shared, no pixel is 0.6 of its value above
+its neighbours) or lost their one seed to ``keep_significant``: :func:`faint_events`
+takes groups of 2.5-sigma pixels that a PSF fit does not explain, after the PSF test,
+before the growth, on frames of FWHM >= 3 px (below, a compact hit and a star differ
+little: on 4x4-binned nights it added 0.4 % completeness for 1.7 % far, star cores). The
+2 px ring around saturated pixels is protected only on a source (:func:`star_rims`):
+beside a bleed trail running over the sky a hit is a hit. On 4x4-binned nights (FWHM
+1.9-2.8 px, ``sim_small``'s kind) 24-52 % of the bit-4 pixels were star cores L.A.Cosmic
+took whole, which the PSF test kept (the fit without the core and its ring has nothing
+to predict it from): :func:`drop_psf_like` also drops events the fit with every pixel
+explains. And :func:`estimate_fwhm` looks past saturated and flat-topped peaks (the
+brightest 320 of a dense 4k field were all such: no FWHM, no PSF test at 4k). 48 2x2
+nights: mean completeness 96.8 -> 97.35 %, far 2.33 -> 2.23 % (worst 5.4 % both); 16
+held-out: 97.09 -> 97.38 %, far 2.11 -> 1.98 %; 4x4 nights: far 28.6 -> 6.1 % (tuning)
+and 10.3 % (held-out) at 1-1.7 points of completeness (faint 1-2 px hits a star of a
+2 px PSF explains as well); faint star cores at FWHM 1.5 px 16.5 -> 0.25 %.
 The table below predates this.
 
 Why these defaults (measured with ``benchmarks/bench_cosmics.py``)
@@ -1252,8 +1254,8 @@ def faint_events(sci, var, crmask, protect, *, fwhm_px: float,
     has chi² ~ its number of pixels m; a hit's has ``chi`` sqrt(2 m) more, with its
     brightest pixel 3 sigma above the fit. Returns those groups' pixels that stand
     2 sigma above the fit (not the star a hit lies on); the growth takes the rest.
-    Measured on 48 simulated nights (notes/cosmics5.md): mean completeness 96.8 ->
-    97.5 %, far 2.33 -> 2.42 %, faint star cores (``bench_cosmics_stars.py``) unchanged.
+    Alone, on 48 simulated 2x2 nights (notes/cosmics5.md): mean completeness 96.8 ->
+    97.5 %, far 2.33 -> 2.42 %; faint star cores (``bench_cosmics_stars.py``) unchanged.
     """
     from scipy import ndimage
 
