@@ -112,11 +112,11 @@ beside a bleed trail running over the sky a hit is a hit. On 4x4-binned nights (
 1.9-2.8 px, ``sim_small``'s kind) 24-52 % of the bit-4 pixels were star cores L.A.Cosmic
 took whole, which the PSF test kept (the fit without the core and its ring has nothing
 to predict it from): :func:`drop_psf_like` also drops events the fit with every pixel
-explains. And :func:`estimate_fwhm` looks past saturated and flat-topped peaks (the
+explains, and fits on a 1/8 px grid of centres. And :func:`estimate_fwhm` looks past saturated and flat-topped peaks (the
 brightest 320 of a dense 4k field were all such: no FWHM, no PSF test at 4k). 48 2x2
-nights: mean completeness 96.8 -> 97.35 %, far 2.33 -> 2.23 % (worst 5.4 % both); 16
-held-out: 97.09 -> 97.38 %, far 2.11 -> 1.98 %; 4x4 nights: far 28.6 -> 6.1 % (tuning)
-and 10.3 % (held-out) at 1-1.7 points of completeness (faint 1-2 px hits a star of a
+nights: mean completeness 96.8 -> 97.35 %, far 2.33 -> 2.20 % (worst 5.4 % both); 16
+held-out: 97.09 -> 97.38 %, far 2.11 -> 1.98 %; 4x4 nights: far 28.6 -> 5.6 % (tuning)
+and 7.7 % (held-out) at 1-1.7 points of completeness (faint 1-2 px hits a star of a
 2 px PSF explains as well); faint star cores at FWHM 1.5 px 16.5 -> 0.25 %.
 The table below predates this.
 
@@ -978,6 +978,9 @@ _PSF_BETA = 3.0
 _FWHM_GRID = np.geomspace(1.2, 9.0, 28)
 #: sub-pixel centres tried (px, in x and in y)
 _PSF_OFFSETS = np.array([-0.5, -0.25, 0.0, 0.25, 0.5])
+#: ... of drop_psf_like's fits: 1/8 px (at FWHM 2 px a star 1/8 px off the template's
+#: centre differs from it by ~10 % in its brightest pixels)
+_PSF_FIT_OFFSETS = np.linspace(-0.5, 0.5, 9)
 #: peaks used for the FWHM estimate: at least this S/N per pixel, at most this many
 _FWHM_PEAK_SNR = 6.0
 _FWHM_MAX_STARS = 80
@@ -1190,7 +1193,7 @@ def drop_psf_like(sci, var, crmask, inmask, *, fwhm_px: float, nsigma: float,
     m = 2 * _PSF_R + 1
     grown = _grown(own.reshape(-1, m, m))
     w_out = np.where(grown.reshape(own.shape), 0.0, w_all)
-    t = psf_templates([fwhm_px])[0]
+    t = _psf_fit_templates(round(float(fwhm_px), 3))
     chi_all, a_all = _fit_psf(d, w_all, t)
     chi_out, _ = _fit_psf(d, w_out, t)
     k = np.argmin(chi_all, axis=1)
@@ -1312,6 +1315,11 @@ def faint_events(sci, var, crmask, protect, *, fwhm_px: float,
     out = np.zeros(sci.size, bool)
     out[idx[sharp][take]] = True
     return out.reshape(sci.shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _psf_fit_templates(fwhm_px: float) -> np.ndarray:
+    return psf_templates([fwhm_px], _PSF_FIT_OFFSETS)[0]
 
 
 @functools.lru_cache(maxsize=8)

@@ -442,3 +442,32 @@ def test_undersampled_star_core_taken_whole_is_dropped_a_hit_block_kept(seed, mo
     assert kept() == (False, True)
     monkeypatch.setattr(cosmics, "_PSF_FIT_CHI", 0.0)
     assert kept() == (True, True)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_bright_undersampled_core_off_the_template_grid_is_dropped(seed, monkeypatch):
+    """A bright FWHM-2 star 1/8 px from the nearest quarter-pixel centre differs from that
+    template by several sigma in its core: its core, taken whole as an event, reads as a
+    hit on a quarter-pixel grid and as the star it is on drop_psf_like's 1/8 px grid."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import moffat_stars
+
+    rng = np.random.default_rng(seed)
+    shape = (40, 40)
+    star = moffat_stars(shape, [20.125], [20.125], [200 * SKY_SIGMA / 0.2], fwhm_px=2.0)
+    sci = (rng.normal(0, SKY_SIGMA, shape) + rng.normal(0, np.sqrt(star)) + star).astype(np.float32)
+    var = (SKY_SIGMA ** 2 + star).astype(np.float32)
+    core = np.zeros(shape, bool)
+    core[19:22, 19:22] = True
+    inmask = np.zeros(shape, bool)
+
+    def kept():
+        cosmics._psf_fit_templates.cache_clear()  # the templates are cached per FWHM
+        try:
+            return bool(drop_psf_like(sci, var, core, inmask, fwhm_px=2.0, nsigma=4.0).any())
+        finally:
+            cosmics._psf_fit_templates.cache_clear()
+
+    assert not kept()
+    monkeypatch.setattr(cosmics, "_PSF_FIT_OFFSETS", np.linspace(-0.5, 0.5, 5))
+    assert kept()
