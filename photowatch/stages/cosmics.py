@@ -361,16 +361,30 @@ def star_rims(sci, var, saturated, inmask) -> np.ndarray:
     or a saturated hit on the sky there is sky, where a hit is a hit."""
     rim = _grown(saturated, _SAT_RADIUS)
     c = np.flatnonzero(rim & ~saturated)
-    ny, nx = sci.shape
-    idx, inside = _neighbours(*np.divmod(c, nx), (ny, nx), 2)
-    usable = inside & ~inmask.ravel()[idx]
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
-        level = nanmedian_rows(np.where(usable, sci.ravel()[idx], np.nan))
-        noise = np.sqrt(nanmedian_rows(np.where(usable, var.ravel()[idx], np.nan)))
+    level, noise = _local_background(sci, var, c, inmask.ravel())
+    with np.errstate(invalid="ignore"):
         sky = level < _GROW_MAX_LEVEL * noise
     rim.ravel()[c[sky]] = False
     return rim
+
+
+def _local_background(sci, var, c, blocked):
+    """The median of the usable pixels of each pixel's 5x5 window and the square root of
+    their median variance (NaN without any): the local sky level and noise of the flat
+    indices ``c``, without the flat mask ``blocked`` (flagged or excluded pixels)."""
+    ny, nx = sci.shape
+    flat_sci, flat_var = sci.ravel(), var.ravel()
+    levels, noises = [], []
+    for start in range(0, c.size, _CHUNK):
+        idx, inside = _neighbours(*np.divmod(c[start:start + _CHUNK], nx), (ny, nx), 2)
+        usable = inside & ~blocked[idx]
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
+            levels.append(nanmedian_rows(np.where(usable, flat_sci[idx], np.nan)))
+            noises.append(np.sqrt(nanmedian_rows(np.where(usable, flat_var[idx], np.nan))))
+    if not levels:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(levels), np.concatenate(noises)
 
 
 def _grown(inmask: np.ndarray, radius: int = 1) -> np.ndarray:
@@ -454,21 +468,11 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
     labels, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
     if not n:
         return (crmask, labels) if return_labels else crmask
-    ny, nx = sci.shape
     flagged = np.flatnonzero(crmask)
-    blocked = (crmask | inmask).ravel()
-    flat_sci, flat_var = sci.ravel(), var.ravel()
-    signif = np.empty(flagged.size, np.float32)
-    for start in range(0, flagged.size, _CHUNK):
-        c = flagged[start:start + _CHUNK]
-        idx, inside = _neighbours(*np.divmod(c, nx), (ny, nx), 2)
-        usable = inside & ~blocked[idx]
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
-            level = nanmedian_rows(np.where(usable, flat_sci[idx], np.nan))
-            noise = np.sqrt(nanmedian_rows(np.where(usable, flat_var[idx], np.nan)))
-            s = (flat_sci[c] - level) / noise
-        signif[start:start + c.size] = np.where(np.isfinite(s), s, np.inf)
+    level, noise = _local_background(sci, var, flagged, (crmask | inmask).ravel())
+    with np.errstate(all="ignore"):
+        s = (sci.ravel()[flagged] - level) / noise
+    signif = np.where(np.isfinite(s), s, np.inf).astype(np.float32)
     ids = np.arange(1, n + 1)
     lab = labels.ravel()[flagged]
     power = ndimage.sum(np.square(np.maximum(signif, 0)), lab, ids)
