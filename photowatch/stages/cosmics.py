@@ -1208,7 +1208,7 @@ def drop_psf_like(sci, var, crmask, inmask, *, fwhm_px: float, nsigma: float,
         # or the fit with every pixel explains the event's pixels (within the PSF's own
         # error): an undersampled star's core is most of its window, and the fit
         # without it and its ring has nothing left to predict it from
-        res = _psf_residuals(d, w_all, t, ks=k, err=_PSF_FIT_ERR)
+        res = _psf_residuals(d, w_all, t, fit=(chi_all, a_all), err=_PSF_FIT_ERR)
         m_ev = own.sum(axis=1)
         q_ev = np.where(own, res * res, 0).sum(axis=1)
         star |= (q_ev - m_ev < _PSF_FIT_CHI * np.sqrt(2.0 * np.maximum(m_ev, 1))) \
@@ -1331,13 +1331,14 @@ def _blob_templates(fwhm_px: float) -> np.ndarray:
     return psf_templates([fwhm_px], _BLOB_OFFSETS)[0]
 
 
-def _psf_residuals(d, w, t, *, w_all=None, ks=None, err=None):
+def _psf_residuals(d, w, t, *, w_all=None, fit=None, err=None):
     """Normalised residuals of the best PSF fit (template, flux, background) to each
     window, fitted with weights ``w`` and evaluated on every pixel with the weights
-    ``w_all`` (default ``w``); the PSF's error, ``_BLOB_PSF_ERR`` of its value, is in
-    the noise."""
-    chi2, a = _fit_psf(d, w, t)
-    k = np.argmin(chi2, axis=1) if ks is None else ks
+    ``w_all`` (default ``w``); the PSF's error, ``err`` (default ``_BLOB_PSF_ERR``) of
+    its value, is in the noise. ``fit``: :func:`_fit_psf`'s (chi², a) of ``d, w, t``
+    if the caller has it."""
+    chi2, a = _fit_psf(d, w, t) if fit is None else fit
+    k = np.argmin(chi2, axis=1)
     rows = np.arange(k.size)
     tk = t[k]
     ak = a[rows, k]
