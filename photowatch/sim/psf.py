@@ -193,3 +193,46 @@ def faint_stars_with_hits(seed: int, fwhm_px: float, n_side: int = 16, step: int
     frame = Frame(sci.astype(np.float32), var.astype(np.float32),
                   np.zeros(shape, np.uint16), hdr)
     return frame, x, y, s2n, hits
+
+
+def hits_on_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA,
+                         n_side: int = 8, step: int = 32, peak_snr=(30.0, 300.0),
+                         radius=(1.5, 3.0), sky_sigma: float = 20.0):
+    """A sky-subtracted frame of bright stars with hits on them (issue 17, seventh round):
+    a grid of ``n_side`` x ``n_side`` Moffat stars (``fwhm_px``, ``beta``) whose peak
+    pixel stands ``peak_snr`` sky sigmas, with their Poisson noise; on every other star a
+    hit ``radius`` px from its centre of 10-25 % of the star's peak (at least 10 sigma of
+    the noise there), half of them 2 px long. Returns the Frame, the stars' x, y and the
+    true hit mask (the stars of odd index carry no hit)."""
+    from astropy.io import fits
+
+    from photowatch.core.frame import Frame
+
+    rng = np.random.default_rng(seed)
+    shape = (n_side * step, n_side * step)
+    centres = np.arange(n_side) * step + step / 2
+    yy, xx = np.meshgrid(centres, centres, indexing="ij")
+    x = xx.ravel() + rng.uniform(-0.5, 0.5, xx.size)
+    y = yy.ravel() + rng.uniform(-0.5, 0.5, xx.size)
+    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)  # of the flux, at the centre
+    peak = rng.uniform(*peak_snr, x.size) * sky_sigma
+    star = moffat_stars(shape, x, y, peak / peak_fraction, fwhm_px=fwhm_px, beta=beta)
+    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    hits = np.zeros(shape, bool)
+    for k in range(0, x.size, 2):
+        a, r = rng.uniform(0, 2 * np.pi), rng.uniform(*radius)
+        hy, hx = int(round(y[k] + r * np.sin(a))), int(round(x[k] + r * np.cos(a)))
+        amp = max(rng.uniform(0.10, 0.25) * peak[k],
+                  10.0 * math.sqrt(sky_sigma ** 2 + float(star[hy, hx])))
+        sci[hy, hx] += amp
+        hits[hy, hx] = True
+        if rng.random() < 0.5:
+            sci[hy, hx + 1] += 0.7 * amp
+            hits[hy, hx + 1] = True
+    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci - star, 0), 0)
+    hdr = fits.Header()
+    hdr["RDNOISE"] = 6.0
+    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
+                  np.zeros(shape, np.uint16), hdr)
+    return frame, x, y, hits

@@ -991,6 +991,10 @@ _FWHM_MAX_STARS = 80
 _FWHM_MIN_STARS = 5
 #: peaks looked at, in units of _FWHM_MAX_STARS (the brightest first)
 _FWHM_LOOK = 50
+#: a peak whose four edge neighbours average this fraction of it is flat-topped
+_FWHM_FLAT = 0.97
+#: the FWHM estimate's model error, a fraction of each pixel's value (0: none)
+_FWHM_ERR = 0.05
 #: half size of the window of the FWHM estimate (11x11: a 6 px FWHM needs its wings)
 _FWHM_R = 5
 #: drop_psf_like: an event is also a star's when the fit with every pixel explains its
@@ -1113,7 +1117,9 @@ def estimate_fwhm(sci, var, crmask, protect, *, max_stars: int = _FWHM_MAX_STARS
     clear &= (ys >= _FWHM_R) & (ys < ny - _FWHM_R) & (xs >= _FWHM_R) & (xs < nx - _FWHM_R)
     v = sci.ravel()[idx]
     nb = (v[:, 23] + v[:, 25] + v[:, 17] + v[:, 31]) / 4  # edge neighbours
-    clear &= nb < 0.9 * v[:, 24]  # not flat-topped (saturated-like)
+    # not flat-topped (saturated-like): a star of FWHM 6 px has its edge neighbours at
+    # 0.92 of its peak, of 9 px (the grid's end) at 0.96
+    clear &= nb < _FWHM_FLAT * v[:, 24]
     clear &= nb > 0.1 * v[:, 24]  # not a lone spike (an unflagged hit)
     bright = bright[clear][:max_stars]
     if bright.size < _FWHM_MIN_STARS:
@@ -1132,10 +1138,20 @@ def estimate_fwhm(sci, var, crmask, protect, *, max_stars: int = _FWHM_MAX_STARS
         return None
     t = _fwhm_templates()
     nf, no, npx = t.shape
+    dof = 3.0 * np.maximum((w > 0).sum(axis=1) - 2, 1)
     chi2, _ = _fit_psf(d, w, t.reshape(nf * no, npx), free_b=False)
     best = chi2.reshape(-1, nf, no).min(axis=2)  # (star, fwhm)
     # stars the family fits (reduced chi² < 3 at their best): blends, galaxies, hits out
-    fits_well = best.min(axis=1) < 3.0 * np.maximum((w > 0).sum(axis=1) - 2, 1)
+    fits_well = best.min(axis=1) < dof
+    if fits_well.sum() < _FWHM_MIN_STARS and _FWHM_ERR > 0:
+        # a frame of bright stars only: none fits within its noise alone (the templates'
+        # grid of FWHMs and centres, the Moffat's beta); the templates' own error,
+        # ``_FWHM_ERR`` of each pixel's value, joins the noise
+        with np.errstate(all="ignore"):
+            w = np.where(w > 0, 1.0 / (1.0 / w + np.square(_FWHM_ERR * np.maximum(d, 0))), 0.0)
+        chi2, _ = _fit_psf(d, w, t.reshape(nf * no, npx), free_b=False)
+        best = chi2.reshape(-1, nf, no).min(axis=2)
+        fits_well = best.min(axis=1) < dof
     if fits_well.sum() < _FWHM_MIN_STARS:
         return None
     total = best[fits_well].sum(axis=0)

@@ -471,3 +471,29 @@ def test_bright_undersampled_core_off_the_template_grid_is_dropped(seed, monkeyp
     assert not kept()
     monkeypatch.setattr(cosmics, "_PSF_FIT_OFFSETS", np.linspace(-0.5, 0.5, 5))
     assert kept()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fwhm_estimate_on_frames_of_bright_or_broad_stars(seed, monkeypatch):
+    """Two kinds of frame where the estimate found no FWHM, so that no PSF test ran:
+    stars of 300-3000 sigma only, of which none fits the templates' grid within its
+    noise alone (the templates' own error, ``_FWHM_ERR``, now joins the noise when fewer
+    than five do), and stars of FWHM 6-8 px, whose edge neighbours stand 0.92-0.95 of
+    their peak: all of them were taken for flat-topped (saturated-like) peaks at 0.9
+    (``_FWHM_FLAT`` 0.97)."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import hits_on_bright_stars
+
+    def estimate(fwhm_px, peak_snr):
+        frame, _, _, hits = hits_on_bright_stars(seed, fwhm_px, peak_snr=peak_snr)
+        none = np.zeros(hits.shape, bool)
+        return cosmics.estimate_fwhm(frame.sci, frame.var, hits, none)  # hits known
+
+    assert estimate(3.5, (300, 3000)) == pytest.approx(3.5, rel=0.02)
+    assert estimate(6.0, (300, 3000)) == pytest.approx(6.0, rel=0.02)
+    assert estimate(8.0, (30, 300)) == pytest.approx(8.0, rel=0.02)
+    with monkeypatch.context() as m:
+        m.setattr(cosmics, "_FWHM_ERR", 0.0)
+        assert estimate(6.0, (300, 3000)) is None
+    monkeypatch.setattr(cosmics, "_FWHM_FLAT", 0.9)
+    assert estimate(8.0, (30, 300)) is None
