@@ -118,6 +118,22 @@ nights: mean completeness 96.8 -> 97.35 %, far 2.33 -> 2.20 % (worst 5.4 % both)
 held-out: 97.09 -> 97.38 %, far 2.11 -> 1.98 %; 4x4 nights: far 28.6 -> 5.6 % (tuning)
 and 7.7 % (held-out) at 1-1.7 points of completeness (faint 1-2 px hits a star of a
 2 px PSF explains as well); faint star cores at FWHM 1.5 px 16.5 -> 0.25 %.
+Hits on stars (issue 17, seventh round; notes/cosmics7.md): a hit of 10-25 % of a star's
+peak was missed whole (L.A.Cosmic's ``objlim`` and the sharp pass's ratio spare the star
+and the hit with it): of the pixels still missed on 48 2x2 nights about a third were on
+stars. :func:`star_hits` fits each star (a local maximum of the 3x3 mean, the brightest of
+its 11x11 window) with a Moffat of free width (0.85-1.15 of the frame's FWHM), centre and
+flux, twice, and takes the pixels far above the fit, above the pixel point-symmetric to
+them (a PSF of another width or beta leaves a symmetric residual) and sharper than their
+neighbours' residuals (a companion star is broad), on frames of FWHM >= 3.3 px. Hits
+1.5-3 px from bright stars' centres: 0-4 % -> 68-91 % flagged over beta 2.5-4.5 and FWHM
+3.5-6 px, with no pixel of a star without a hit (``benchmarks/bench_cosmics_star_hits.py``).
+48 2x2 nights: mean completeness 97.35 -> 97.51 %, far 2.20 -> 2.22 %, goal met on 45
+(was 44); 15 new held-out nights 96.68 -> 96.81 %, far 2.17 -> 2.23 %. And
+:func:`estimate_fwhm` took every star of FWHM >= 5.8 px for flat-topped (its edge
+neighbours stand above 0.9 of its peak; now ``_FWHM_FLAT`` 0.97), and found no FWHM on a
+frame of bright stars only (none fits the templates' grid within its noise: the
+templates' own error, ``_FWHM_ERR``, joins the noise when fewer than five do).
 The table below predates this.
 
 Why these defaults (measured with ``benchmarks/bench_cosmics.py``)
@@ -323,6 +339,8 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
                                nsigma=settings.psf_sigma, labels=labels)
     if fwhm is not None and _BLOB_LIN > 0 and fwhm >= _BLOB_MIN_FWHM:
         crmask |= faint_events(sci, var, crmask, protect, fwhm_px=fwhm)
+    if fwhm is not None and _STAR_SIGMA > 0 and fwhm >= _STAR_MIN_FWHM:
+        crmask |= star_hits(sci, var, crmask, protect, fwhm_px=fwhm)
     found = int(np.count_nonzero(crmask))
     if settings.grow_sigma > 0 and settings.grow_passes and found:
         crmask = grow_conditional(sci, var, crmask, inmask, nsigma=settings.grow_sigma,
@@ -1366,3 +1384,168 @@ def _psf_residuals(d, w, t, *, w_all=None, fit=None, err=None):
         e = _BLOB_PSF_ERR if err is None else err
         res = (d - model - b[:, None]) / np.sqrt(1.0 / wa + np.square(e * model))
     return np.where(np.isfinite(res), res, 0.0)
+
+
+# ---- hits on stars (issue 17, seventh round; notes/cosmics7.md) ----
+
+#: half size of the window a star is fitted in (11x11)
+_STAR_R = 5
+#: a star's peak pixel stands this many sigma above the sky
+_STAR_PEAK = 5.0
+#: the fit's trial FWHMs, in units of the frame's (a PSF that varies over the field)
+_STAR_FWHM_SCALE = (0.85, 1.0, 1.15)
+#: its sub-pixel centres (px from the peak of the 3x3 mean, in x and in y)
+_STAR_OFFSETS = np.arange(-1.0, 1.01, 0.25)
+#: the PSF model's error, a fraction of its value per pixel
+_STAR_ERR = 0.03
+#: a hit: this many sigma above the star's fit (noise and model error) ...
+_STAR_SIGMA = 5.0
+#: ... this many sigma above the pixel point-symmetric to it about the star's centre (a
+#: misfit of the PSF's width or wings is symmetric, a hit is not) ...
+_STAR_SYM = 4.0
+#: ... and above the mean of its eight neighbours' residuals by this fraction of its own
+#: (a companion star's residual is as broad as the PSF, a hit's is not)
+_STAR_SHARP = 0.5
+#: only pixels where the star stands this many sigma above the sky (elsewhere: the sky's
+#: rules, :func:`keep_significant`)
+_STAR_ON = 2.0
+#: only on frames of at least this FWHM (px): at 3.0 px (4x4-binned nights, FWHM 1.9-3.1
+#: px) it took faint stars' pixels on 2 of 20 nights
+_STAR_MIN_FWHM = 3.3
+#: a window's second fit must reach a chi² per degree of freedom below this
+_STAR_FIT_CHI = 2.0
+
+
+def star_hits(sci, var, crmask, protect, *, fwhm_px: float) -> np.ndarray:
+    """Hits on stars that no seed found: pixels far above the star's PSF fit.
+
+    L.A.Cosmic's fine-structure test (``objlim``) and the sharp pass's ratio spare a
+    star's core, and a hit on a star with it: a hit of a few to 25 % of the star's peak
+    was missed whole. Each star (a pixel ``_STAR_PEAK`` sigma above the sky whose 3x3 mean
+    is the largest of such pixels' in its window) is
+    fitted in its 11x11 window with a Moffat (FWHM ``_STAR_FWHM_SCALE`` times ``fwhm_px``,
+    centre within 1 px of the peak, flux, background) twice, the second time without
+    the pixels the first leaves 3 sigma above it. A pixel is a hit when it stands
+    ``_STAR_SIGMA`` above the fit (noise and ``_STAR_ERR`` of the model), ``_STAR_SYM``
+    sigma above the pixel point-symmetric to it about the fitted centre (a PSF wider or
+    narrower than the model leaves a symmetric residual), its residual exceeds its
+    neighbours' mean by ``_STAR_SHARP`` of itself (a companion star's is broad) and the
+    star is ``_STAR_ON`` sigma there. Returns those pixels; the growth takes the rest.
+    """
+    ny, nx = sci.shape
+    r = _STAR_R
+    out = np.zeros(sci.shape, bool)
+    if min(ny, nx) <= 2 * r + 1:
+        return out
+    usable = ~(protect | crmask)
+    # a star's peak: a usable pixel _STAR_PEAK sigma above 0 (the frame is sky subtracted)
+    with np.errstate(all="ignore"):
+        bright = (sci > 0) & (sci * sci > np.float32(_STAR_PEAK ** 2) * var)
+    bright &= usable
+    bright[:r] = bright[ny - r:] = False
+    bright[:, :r] = bright[:, nx - r:] = False
+    centres = np.flatnonzero(bright)
+    if not centres.size:
+        return out
+    # ... whose 3x3 mean (of usable pixels) is the largest of those peaks' in its window:
+    # one window per star, and none on a blend or a bump on a brighter star's wing
+    nb, _ = _neighbours(*np.divmod(centres, nx), (ny, nx), 1)
+    level = np.where(usable.ravel()[nb], sci.ravel()[nb], 0).sum(axis=1)
+    mean3 = np.full(sci.size, -np.inf, np.float32)
+    mean3[centres] = level
+    for rr in (1, r):  # first its 3x3, then the whole window, on what is left
+        nb, _ = _neighbours(*np.divmod(centres, nx), (ny, nx), rr)
+        centres = centres[mean3[centres] >= mean3[nb].max(axis=1)]
+        if not centres.size:
+            return out
+    d, w, idx = _windows(sci, var, centres, usable, r=r)
+    t, offs = _star_templates(round(float(fwhm_px), 3), r)
+    model, b, k = _star_fit(d, w, t)
+    res = _norm_residuals(d, model, b, w)
+    w2 = np.where(res > 3.0, 0.0, w)
+    model, b, k = _star_fit(d, w2, t)
+    m = 2 * r + 1
+    # one star the model fits: the pixels the second fit used, chi² per degree of freedom
+    res2 = _norm_residuals(d, model, b, w2)
+    dof = np.maximum((w2 > 0).sum(axis=1) - 4, 1)
+    good = (res2 * res2).sum(axis=1) < _STAR_FIT_CHI * dof
+    with np.errstate(all="ignore"):
+        rdat = np.where(w > 0, d - model - b[:, None], np.nan)  # residuals, data units
+        vpx = 1.0 / w
+    res = _norm_residuals(d, model, b, w)
+    cand = (res > _STAR_SIGMA) & (model * model > (_STAR_ON ** 2) * vpx)
+    cand &= ~crmask.ravel()[idx]
+    cand &= good[:, None]
+    inner = np.zeros((2 * r + 1, 2 * r + 1), bool)
+    inner[1:-1, 1:-1] = True
+    cand &= inner.ravel()[None, :]  # its eight neighbours in the window
+    n_i, p_i = np.nonzero(cand)
+    if not n_i.size:
+        return out
+    # the pixel point-symmetric about the fitted centre, bilinear in the residuals
+    cy = r + offs[k[n_i], 0]
+    cx = r + offs[k[n_i], 1]
+    py, px = np.divmod(p_i, m)
+    my, mx = 2 * cy - py, 2 * cx - px
+    y0, x0 = np.floor(my).astype(int), np.floor(mx).astype(int)
+    fy, fx = my - y0, mx - x0
+    rw = rdat.reshape(-1, m, m)
+    vw = np.where(w > 0, vpx, np.nan).reshape(-1, m, m)
+
+    def at(a, yy, xx):
+        ok = (yy >= 0) & (yy < m) & (xx >= 0) & (xx < m)
+        return np.where(ok, a[n_i, np.clip(yy, 0, m - 1), np.clip(xx, 0, m - 1)], np.nan)
+
+    mirror = ((1 - fy) * (1 - fx) * at(rw, y0, x0) + (1 - fy) * fx * at(rw, y0, x0 + 1)
+              + fy * (1 - fx) * at(rw, y0 + 1, x0) + fy * fx * at(rw, y0 + 1, x0 + 1))
+    mvar = ((1 - fy) * (1 - fx) * at(vw, y0, x0) + (1 - fy) * fx * at(vw, y0, x0 + 1)
+            + fy * (1 - fx) * at(vw, y0 + 1, x0) + fy * fx * at(vw, y0 + 1, x0 + 1))
+    own = rdat[n_i, p_i]
+    ov = vpx[n_i, p_i]
+    # the eight neighbours' mean residual (usable ones, inside the window)
+    nb_sum = np.zeros(n_i.size)
+    nb_n = np.zeros(n_i.size)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                v = at(rw, py + dy, px + dx)
+                fin = np.isfinite(v)
+                nb_sum += np.where(fin, v, 0)
+                nb_n += fin
+    with np.errstate(all="ignore"):
+        asym = (own - mirror) / np.sqrt(ov + mvar)
+        sharp = own - nb_sum / nb_n
+        hit = (asym > _STAR_SYM) & (sharp > _STAR_SHARP * own) & (nb_n >= 3)
+    hit &= np.isfinite(asym)
+    out.ravel()[idx[n_i[hit], p_i[hit]]] = True
+    return out & ~protect & ~crmask
+
+
+@functools.lru_cache(maxsize=8)
+def _star_templates(fwhm_px: float, r: int = _STAR_R):
+    """star_hits' templates (FWHM x offset pair, pixel) and their centres (dy, dx)."""
+    t = psf_templates(np.array(_STAR_FWHM_SCALE) * fwhm_px, _STAR_OFFSETS, r=r)
+    dy, dx = np.meshgrid(_STAR_OFFSETS, _STAR_OFFSETS, indexing="ij")
+    offs = np.stack([dy.ravel(), dx.ravel()], axis=1)
+    return t.reshape(-1, t.shape[-1]), np.tile(offs, (len(_STAR_FWHM_SCALE), 1))
+
+
+def _star_fit(d, w, t):
+    """The best template per window: its model (flux times template), background, index."""
+    chi2, a = _fit_psf(d, w, t)
+    k = np.argmin(chi2, axis=1)
+    rows = np.arange(k.size)
+    ak = a[rows, k]
+    tk = t[k]
+    sw = w.sum(axis=1)
+    with np.errstate(all="ignore"):
+        b = ((w * d).sum(axis=1) - ak * (w * tk).sum(axis=1)) / sw
+    b = np.where(np.isfinite(b), b, 0.0)
+    return ak[:, None] * tk, b, k
+
+
+def _norm_residuals(d, model, b, w):
+    """Residuals over the noise and ``_STAR_ERR`` of the model (0 where unusable)."""
+    with np.errstate(all="ignore"):
+        res = (d - model - b[:, None]) / np.sqrt(1.0 / w + np.square(_STAR_ERR * model))
+    return np.where(np.isfinite(res) & (w > 0), res, 0.0)

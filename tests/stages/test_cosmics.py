@@ -473,6 +473,35 @@ def test_bright_undersampled_core_off_the_template_grid_is_dropped(seed, monkeyp
     assert kept()
 
 
+@pytest.mark.parametrize("seed,beta", [(1, 3.0), (2, 4.5), (3, 2.5)])
+def test_hits_on_bright_stars_flagged_their_cores_spared(seed, beta, monkeypatch):
+    """Hits of 10-25 % of a bright star's peak, 1.5-3 px from its centre: L.A.Cosmic's
+    fine-structure test and the sharp pass's ratio spare them with the star (0-4 % of
+    their pixels flagged without star_hits); the star's PSF fit finds them (68-91 % over
+    beta 2.5-4.5 and FWHM 3.5-6 px, `benchmarks/bench_cosmics_star_hits.py`). Stars
+    without a hit keep every pixel, also where the Moffat's beta is not the model's 3."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import hits_on_bright_stars
+
+    frame, x, y, hits = hits_on_bright_stars(seed, 4.5, beta=beta)
+    iy, ix = np.indices(hits.shape)
+    clean = np.zeros(hits.shape, bool)
+    for k in range(1, x.size, 2):  # the stars without a hit
+        clean |= np.hypot(iy - y[k], ix - x[k]) <= 5
+
+    def run():
+        z, _ = flag_cosmics(frame, settings=Cosmics())
+        flagged = (z.mask & Mask.COSMIC) != 0
+        return flagged[hits].mean(), int((flagged & clean).sum())
+
+    found, on_clean = run()
+    assert found >= 0.7
+    assert on_clean == 0
+    monkeypatch.setattr(cosmics, "_STAR_SIGMA", 0.0)
+    without, _ = run()
+    assert without <= 0.1
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_fwhm_estimate_on_frames_of_bright_or_broad_stars(seed, monkeypatch):
     """Two kinds of frame where the estimate found no FWHM, so that no PSF test ran:
