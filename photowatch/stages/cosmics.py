@@ -572,10 +572,14 @@ def sharp_pixels(sci, var, inmask, crmask, *, nsigma: float, ratio: float) -> np
     nights, this takes the completeness from ~93 % to ~96 % for ~60 more noise pixels
     per million; the conditional growth then extends each to its whole track.
     """
-    from scipy import ndimage
-
-    nb = ndimage.uniform_filter(sci, 3, mode="mirror")
-    nb *= 9.0
+    # the 3x3 sum, the frame mirrored at its edges (ndimage.uniform_filter's "mirror"), as
+    # shifted sums: a quarter of the filter's CPU
+    p = np.pad(sci, 1, mode="reflect")
+    rows = p[:, :-2] + p[:, 1:-1]
+    rows += p[:, 2:]
+    nb = rows[:-2] + rows[1:-1]
+    nb += rows[2:]
+    del p, rows
     nb -= sci
     nb /= 8.0  # mean of the eight neighbours
     if _SHARP_SKIP_RING and inmask.any():
