@@ -1500,10 +1500,16 @@ def star_hits(sci, var, crmask, protect, *, fwhm_px: float) -> np.ndarray:
         ok = (yy >= 0) & (yy < m) & (xx >= 0) & (xx < m)
         return np.where(ok, a[n_i, np.clip(yy, 0, m - 1), np.clip(xx, 0, m - 1)], np.nan)
 
-    mirror = ((1 - fy) * (1 - fx) * at(rw, y0, x0) + (1 - fy) * fx * at(rw, y0, x0 + 1)
-              + fy * (1 - fx) * at(rw, y0 + 1, x0) + fy * fx * at(rw, y0 + 1, x0 + 1))
-    mvar = ((1 - fy) * (1 - fx) * at(vw, y0, x0) + (1 - fy) * fx * at(vw, y0, x0 + 1)
-            + fy * (1 - fx) * at(vw, y0 + 1, x0) + fy * fx * at(vw, y0 + 1, x0 + 1))
+    def bilinear(a):
+        # a corner of no weight adds nothing, even outside the window or unusable
+        total = np.zeros(n_i.size)
+        for wy, yy in ((1 - fy, y0), (fy, y0 + 1)):
+            for wx, xx in ((1 - fx, x0), (fx, x0 + 1)):
+                wt = wy * wx
+                total += np.where(wt > 0, wt * at(a, yy, xx), 0.0)
+        return total
+
+    mirror, mvar = bilinear(rw), bilinear(vw)
     own = rdat[n_i, p_i]
     ov = vpx[n_i, p_i]
     # the eight neighbours' mean residual (usable ones, inside the window)
