@@ -1433,8 +1433,10 @@ def star_hits(sci, var, crmask, protect, *, fwhm_px: float) -> np.ndarray:
     ``_STAR_SIGMA`` above the fit (noise and ``_STAR_ERR`` of the model), ``_STAR_SYM``
     sigma above the pixel point-symmetric to it about the fitted centre (a PSF wider or
     narrower than the model leaves a symmetric residual), its residual exceeds its
-    neighbours' mean by ``_STAR_SHARP`` of itself (a companion star's is broad) and the
-    star is ``_STAR_ON`` sigma there. Returns those pixels; the growth takes the rest.
+    neighbours' mean by ``_STAR_SHARP`` of itself (a companion star's is broad), the
+    star is ``_STAR_ON`` sigma there and the second fit explains its window (chi² per
+    degree of freedom below ``_STAR_FIT_CHI``: not a blend). Runs on frames of FWHM
+    ``_STAR_MIN_FWHM`` and more. Returns those pixels; the growth takes the rest.
     """
     ny, nx = sci.shape
     r = _STAR_R
@@ -1451,15 +1453,14 @@ def star_hits(sci, var, crmask, protect, *, fwhm_px: float) -> np.ndarray:
     centres = np.flatnonzero(bright)
     if not centres.size:
         return out
-    # ... whose 3x3 mean (of usable pixels) is the largest of those peaks' in its window:
+    # ... whose 3x3 sum (of usable pixels) is the largest of those peaks' in its window:
     # one window per star, and none on a blend or a bump on a brighter star's wing
     nb, _ = _neighbours(*np.divmod(centres, nx), (ny, nx), 1)
-    level = np.where(usable.ravel()[nb], sci.ravel()[nb], 0).sum(axis=1)
-    mean3 = np.full(sci.size, -np.inf, np.float32)
-    mean3[centres] = level
+    sum3 = np.full(sci.size, -np.inf, np.float32)
+    sum3[centres] = np.where(usable.ravel()[nb], sci.ravel()[nb], 0).sum(axis=1)
     for rr in (1, r):  # first its 3x3, then the whole window, on what is left
         nb, _ = _neighbours(*np.divmod(centres, nx), (ny, nx), rr)
-        centres = centres[mean3[centres] >= mean3[nb].max(axis=1)]
+        centres = centres[sum3[centres] >= sum3[nb].max(axis=1)]
         if not centres.size:
             return out
     d, w, idx = _windows(sci, var, centres, usable, r=r)
