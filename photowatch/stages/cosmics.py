@@ -1375,18 +1375,29 @@ def _psf_residuals(d, w, t, *, w_all=None, fit=None, err=None):
     ``w_all`` (default ``w``); the PSF's error, ``err`` (default ``_BLOB_PSF_ERR``) of
     its value, is in the noise. ``fit``: :func:`_fit_psf`'s (chi², a) of ``d, w, t``
     if the caller has it."""
+    model, b, _ = _best_fit(d, w, t, fit=fit)
+    return _residuals(d, model, b, w if w_all is None else w_all,
+                      _BLOB_PSF_ERR if err is None else err)
+
+
+def _best_fit(d, w, t, *, fit=None):
+    """The best template of each window: its model (flux times template), background
+    (NaN for a window without weight) and index. ``fit``: :func:`_fit_psf`'s (chi², a)."""
     chi2, a = _fit_psf(d, w, t) if fit is None else fit
     k = np.argmin(chi2, axis=1)
     rows = np.arange(k.size)
-    tk = t[k]
     ak = a[rows, k]
-    sw = w.sum(axis=1)
+    tk = t[k]
     with np.errstate(all="ignore"):
-        b = ((w * d).sum(axis=1) - ak * (w * tk).sum(axis=1)) / sw
-        model = ak[:, None] * tk
-        wa = w if w_all is None else w_all
-        e = _BLOB_PSF_ERR if err is None else err
-        res = (d - model - b[:, None]) / np.sqrt(1.0 / wa + np.square(e * model))
+        b = ((w * d).sum(axis=1) - ak * (w * tk).sum(axis=1)) / w.sum(axis=1)
+    return ak[:, None] * tk, b, k
+
+
+def _residuals(d, model, b, w, err):
+    """(d - model - b) over the noise (1/w) and ``err`` of the model; 0 where that is not
+    finite (no weight, no background)."""
+    with np.errstate(all="ignore"):
+        res = (d - model - b[:, None]) / np.sqrt(1.0 / w + np.square(err * model))
     return np.where(np.isfinite(res), res, 0.0)
 
 
@@ -1465,19 +1476,19 @@ def star_hits(sci, var, crmask, protect, *, fwhm_px: float) -> np.ndarray:
             return out
     d, w, idx = _windows(sci, var, centres, usable, r=r)
     t, offs = _star_templates(round(float(fwhm_px), 3), r)
-    model, b, k = _star_fit(d, w, t)
-    res = _norm_residuals(d, model, b, w)
+    model, b, k = _best_fit(d, w, t)
+    res = _residuals(d, model, b, w, _STAR_ERR)
     w2 = np.where(res > 3.0, 0.0, w)
-    model, b, k = _star_fit(d, w2, t)
+    model, b, k = _best_fit(d, w2, t)
     m = 2 * r + 1
     # one star the model fits: the pixels the second fit used, chi² per degree of freedom
-    res2 = _norm_residuals(d, model, b, w2)
+    res2 = _residuals(d, model, b, w2, _STAR_ERR)
     dof = np.maximum((w2 > 0).sum(axis=1) - 4, 1)
     good = (res2 * res2).sum(axis=1) < _STAR_FIT_CHI * dof
     with np.errstate(all="ignore"):
         rdat = np.where(w > 0, d - model - b[:, None], np.nan)  # residuals, data units
         vpx = 1.0 / w
-    res = _norm_residuals(d, model, b, w)
+    res = _residuals(d, model, b, w, _STAR_ERR)
     cand = (res > _STAR_SIGMA) & (model * model > (_STAR_ON ** 2) * vpx)
     cand &= ~crmask.ravel()[idx]
     cand &= good[:, None]
@@ -1539,24 +1550,3 @@ def _star_templates(fwhm_px: float, r: int = _STAR_R):
     dy, dx = np.meshgrid(_STAR_OFFSETS, _STAR_OFFSETS, indexing="ij")
     offs = np.stack([dy.ravel(), dx.ravel()], axis=1)
     return t.reshape(-1, t.shape[-1]), np.tile(offs, (len(_STAR_FWHM_SCALE), 1))
-
-
-def _star_fit(d, w, t):
-    """The best template per window: its model (flux times template), background, index."""
-    chi2, a = _fit_psf(d, w, t)
-    k = np.argmin(chi2, axis=1)
-    rows = np.arange(k.size)
-    ak = a[rows, k]
-    tk = t[k]
-    sw = w.sum(axis=1)
-    with np.errstate(all="ignore"):
-        b = ((w * d).sum(axis=1) - ak * (w * tk).sum(axis=1)) / sw
-    b = np.where(np.isfinite(b), b, 0.0)
-    return ak[:, None] * tk, b, k
-
-
-def _norm_residuals(d, model, b, w):
-    """Residuals over the noise and ``_STAR_ERR`` of the model (0 where unusable)."""
-    with np.errstate(all="ignore"):
-        res = (d - model - b[:, None]) / np.sqrt(1.0 / w + np.square(_STAR_ERR * model))
-    return np.where(np.isfinite(res) & (w > 0), res, 0.0)
