@@ -156,7 +156,7 @@ def gaussian_stars(shape: tuple[int, int], x, y, flux, *, sigma_px: float,
     return img
 
 
-def _star_grid(rng, n_side: int, step: int):
+def star_grid(rng, n_side: int, step: int):
     """A square frame of ``n_side`` x ``n_side`` cells of ``step`` px and a star in the
     middle of each, up to half a pixel off: (shape, x, y)."""
     shape = (n_side * step, n_side * step)
@@ -179,7 +179,7 @@ def faint_stars_with_hits(seed: int, fwhm_px: float, n_side: int = 16, step: int
     from photowatch.core.frame import Frame
 
     rng = np.random.default_rng(seed)
-    shape, x, y = _star_grid(rng, n_side, step)
+    shape, x, y = star_grid(rng, n_side, step)
     s2n = rng.uniform(*snr, x.size)
     neff = 4 * np.pi * (fwhm_px / 2.3548) ** 2  # noise-equivalent area of the PSF
     star = moffat_stars(shape, x, y, s2n * sky_sigma * np.sqrt(neff), fwhm_px=fwhm_px)
@@ -216,7 +216,7 @@ def hits_on_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA
     from photowatch.core.frame import Frame
 
     rng = np.random.default_rng(seed)
-    shape, x, y = _star_grid(rng, n_side, step)
+    shape, x, y = star_grid(rng, n_side, step)
     alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
     peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)  # of the flux, at the centre
     peak = rng.uniform(*peak_snr, x.size) * sky_sigma

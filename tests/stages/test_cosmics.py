@@ -317,15 +317,11 @@ def blobs_among_faint_stars(seed: int, fwhm_px: float = 5.0):
     them, compact hits: 2x3 pixels at 5-8 sigma on a 5x4 spill of 0.5-2 sigma, which
     L.A.Cosmic and the sharp pass often do not seed at this FWHM (their Laplacian is
     shared, each pixel is less than 0.6 above its neighbours' mean)."""
-    from photowatch.sim.psf import moffat_stars
+    from photowatch.sim.psf import moffat_stars, star_grid
 
     rng = np.random.default_rng(seed)
-    step, n_side = 32, 8
-    shape = (step * n_side, step * n_side)
-    centres = np.arange(n_side) * step + step / 2
-    yy, xx = np.meshgrid(centres, centres, indexing="ij")
-    x = xx.ravel() + rng.uniform(-0.5, 0.5, xx.size)
-    y = yy.ravel() + rng.uniform(-0.5, 0.5, xx.size)
+    step = 32
+    shape, x, y = star_grid(rng, 8, step)
     neff = 4 * np.pi * (fwhm_px / 2.3548) ** 2
     flux = rng.uniform(5, 40, x.size) * SKY_SIGMA * np.sqrt(neff)
     star = moffat_stars(shape, x, y, flux, fwhm_px=fwhm_px)
