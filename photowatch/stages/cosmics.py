@@ -1160,20 +1160,21 @@ def estimate_fwhm(sci, var, crmask, protect, *, max_stars: int = _FWHM_MAX_STARS
         return None
     t = _fwhm_templates()
     nf, no, npx = t.shape
-    dof = 3.0 * np.maximum((w > 0).sum(axis=1) - 2, 1)
-    chi2, _ = _fit_psf(d, w, t.reshape(nf * no, npx), free_b=False)
-    best = chi2.reshape(-1, nf, no).min(axis=2)  # (star, fwhm)
+    t = t.reshape(nf * no, npx)
     # stars the family fits (reduced chi² < 3 at their best): blends, galaxies, hits out
-    fits_well = best.min(axis=1) < dof
+    limit = 3.0 * np.maximum((w > 0).sum(axis=1) - 2, 1)
+    chi2, _ = _fit_psf(d, w, t, free_b=False)
+    best = chi2.reshape(-1, nf, no).min(axis=2)  # (star, fwhm)
+    fits_well = best.min(axis=1) < limit
     if fits_well.sum() < _FWHM_MIN_STARS and _FWHM_ERR > 0:
         # a frame of bright stars only: none fits within its noise alone (the templates'
         # grid of FWHMs and centres, the Moffat's beta); the templates' own error,
         # ``_FWHM_ERR`` of each pixel's value, joins the noise
         with np.errstate(all="ignore"):
             w = np.where(w > 0, 1.0 / (1.0 / w + np.square(_FWHM_ERR * np.maximum(d, 0))), 0.0)
-        chi2, _ = _fit_psf(d, w, t.reshape(nf * no, npx), free_b=False)
+        chi2, _ = _fit_psf(d, w, t, free_b=False)
         best = chi2.reshape(-1, nf, no).min(axis=2)
-        fits_well = best.min(axis=1) < dof
+        fits_well = best.min(axis=1) < limit
     if fits_well.sum() < _FWHM_MIN_STARS:
         return None
     total = best[fits_well].sum(axis=0)
