@@ -239,3 +239,45 @@ def hits_on_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA
     frame = Frame(sci.astype(np.float32), var.astype(np.float32),
                   np.zeros(shape, np.uint16), hdr)
     return frame, x, y, hits
+
+
+def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: int = 64,
+                           peak_snr=(500.0, 5000.0), sep=(6.0, 10.0),
+                           sky_sigma: float = 33.0):
+    """A sky-subtracted frame of bright, blended star pairs (issue 17, ninth round): in
+    each of ``n_side`` x ``n_side`` cells two Moffat stars ``sep`` px apart, the brighter
+    one's peak ``peak_snr`` sky sigmas, the other 0.4-1 of it, with their Poisson noise;
+    and a 1-2 px hit of 20-200 sigma on the sky in each cell's corner. Returns the Frame,
+    the stars' model and the true hit mask."""
+    from astropy.io import fits
+
+    from photowatch.core.frame import Frame
+
+    rng = np.random.default_rng(seed)
+    shape, cx, cy = star_grid(rng, n_side, step)
+    a = rng.uniform(0, np.pi, cx.size)
+    half = rng.uniform(*sep, cx.size) / 2
+    x = np.concatenate([cx + half * np.cos(a), cx - half * np.cos(a)])
+    y = np.concatenate([cy + half * np.sin(a), cy - half * np.sin(a)])
+    beta = MOFFAT_BETA
+    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)
+    peak = rng.uniform(*peak_snr, cx.size) * sky_sigma
+    peak = np.concatenate([peak, peak * rng.uniform(0.4, 1.0, cx.size)])
+    star = moffat_stars(shape, x, y, peak / peak_fraction, fwhm_px=fwhm_px, beta=beta)
+    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    hits = np.zeros(shape, bool)
+    for k in range(cx.size):
+        hy, hx = int(cy[k] - step / 2 + 6), int(cx[k] - step / 2 + 6)
+        amp = rng.uniform(20, 200) * sky_sigma
+        sci[hy, hx] += amp
+        hits[hy, hx] = True
+        if rng.random() < 0.5:
+            sci[hy + 1, hx] += 0.5 * amp
+            hits[hy + 1, hx] = True
+    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci - star, 0), 0)
+    hdr = fits.Header()
+    hdr["RDNOISE"] = 6.0
+    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
+                  np.zeros(shape, np.uint16), hdr)
+    return frame, star, hits

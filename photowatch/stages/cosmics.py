@@ -337,6 +337,8 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
     if fwhm is not None and crmask.any():
         crmask = drop_psf_like(sci, var, crmask, inmask, fwhm_px=fwhm,
                                nsigma=settings.psf_sigma, labels=labels)
+    if fwhm is not None and _SLOPE_DROP and crmask.any():
+        crmask = drop_slopes(sci, var, crmask, inmask, fwhm_px=fwhm)
     if fwhm is not None and _BLOB_LIN > 0 and fwhm >= _BLOB_MIN_FWHM:
         crmask |= faint_events(sci, var, crmask, protect, fwhm_px=fwhm)
     if fwhm is not None and _STAR_SIGMA > 0 and fwhm >= _STAR_MIN_FWHM:
@@ -511,6 +513,90 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
         kept = good[labels]
         return kept, np.where(kept, labels, 0)
     return good[labels]
+
+
+#: drop_slopes on (0: off)
+_SLOPE_DROP = True
+_SLOPE_K = 2.0
+
+
+def star_sharpness(fwhm_px: float) -> float:
+    """How far a star's core pixel stands above its eight neighbours' mean, as a
+    fraction of its value: the sharpest any pixel of a star of this FWHM can be (the
+    PSF centred on the pixel; 0.14 at 5.4 px, 0.35 at 3 px, 0.59 at 1.9 px)."""
+    t = psf_templates([fwhm_px], [0.0], r=1)[0, 0]
+    return float((t[4] - (t.sum() - t[4]) / 8.0) / t[4])
+
+
+def _sharpness(sci, var, inmask, pix):
+    """Each pixel's excess over the mean of its neighbours, as a fraction of its value
+    (+inf where it is not positive or has no usable neighbours), and that fraction's
+    noise. Neighbours count in opposite pairs, both usable (not excluded, inside the
+    frame): beside a bad column a one-sided mean would read a source's gradient as
+    sharpness."""
+    ny, nx = sci.shape
+    idx, inside = _neighbours(*np.divmod(pix, nx), (ny, nx), 1)
+    good = inside & ~inmask.ravel()[idx]
+    lo, hi = np.array([0, 1, 2, 3]), np.array([8, 7, 6, 5])
+    pair = good[:, lo] & good[:, hi]
+    vals = sci.ravel()[idx].astype(np.float64)
+    n = 2 * pair.sum(axis=1)
+    v = vals[:, 4]
+    with np.errstate(all="ignore"):
+        mean = np.where(pair, vals[:, lo] + vals[:, hi], 0.0).sum(axis=1) / n
+        err = np.sqrt(var.ravel()[pix] * (1.0 + 1.0 / n)) / v
+        sharp = np.where(v > 0, (v - mean) / v, np.inf)
+    return np.where(np.isfinite(sharp), sharp, np.inf), np.where(np.isfinite(err), err, 0.0), n // 2
+
+
+def drop_slopes(sci, var, crmask, inmask, *, fwhm_px: float) -> np.ndarray:
+    """Unflag the events that lie on the slope of a brighter source.
+
+    Between two bright stars, L.A.Cosmic's fine-structure test fails: the 7x7 median of
+    the facing flanks holds the other star, so their smooth, steep pixels pass
+    ``objlim``, and no single PSF centred on the event explains them. Such an event has
+    a brighter unflagged neighbour that is no sharper than a star's core (within its
+    noise), and none of its own pixels is sharper than a star's core either
+    (:func:`star_sharpness`). A hit is a local maximum, or its brighter neighbour is
+    itself a hit's pixel L.A.Cosmic could not take (beside a bad column); and its pixels
+    are sharper than a star's core (a track's ~0.75, a faint hit on a star's wing
+    > 0.35: measured on simulated nights, notes/cosmics9.md).
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
+    if not n:
+        return crmask
+    ny, nx = sci.shape
+    flagged = np.flatnonzero(crmask)
+    lab = labels.ravel()[flagged]
+    core = star_sharpness(fwhm_px)
+    ids = np.arange(1, n + 1)
+    sharp, err, pairs = _sharpness(sci, var, inmask, flagged)
+    smooth = np.asarray(ndimage.maximum(sharp, lab, ids)) < core
+    # one direction only (a frame edge, beside a bad column): not seen smooth in 2-D
+    sharp2 = np.where(pairs >= 2, sharp + _SLOPE_K * err, np.inf)
+    very = np.asarray(ndimage.maximum(sharp2, lab, ids)) < core
+    if not (smooth | very).any():
+        return crmask
+    # each event's brightest unflagged, usable neighbour
+    idx, inside = _neighbours(*np.divmod(flagged, nx), (ny, nx), 1)
+    usable = inside & ~(crmask | inmask).ravel()[idx]
+    vals = np.where(usable, sci.ravel()[idx], -np.inf)
+    j = vals.argmax(axis=1)
+    rows = np.arange(j.size)
+    best = vals[rows, j]
+    order = np.lexsort((-best, lab))
+    first = np.ones(order.size, bool)
+    first[1:] = lab[order][1:] != lab[order][:-1]
+    pick = order[first]  # one pixel row per event, in label order
+    top = np.asarray(ndimage.maximum(sci.ravel()[flagged], lab, ids))
+    above = best[pick] > top
+    nb_sharp, nb_err, _ = _sharpness(sci, var, inmask, idx[pick, j[pick]])
+    drop = np.zeros(n + 1, bool)
+    spill = above & ~(nb_sharp < core + 3.0 * nb_err)  # beside a hit's brighter pixel
+    drop[1:] = ~spill & ((smooth & above) | (very if _SLOPE_K > 0 else False))
+    return crmask & ~drop[labels]
 
 
 def _supported(sci, var, crmask, inmask, labels, lab, flagged, signif, n, *,
