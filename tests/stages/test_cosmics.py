@@ -548,3 +548,40 @@ def test_blended_bright_stars_spared_hits_beside_them_flagged(fwhm_px, seed, mon
     assert spared <= 2  # a noise pair on a faint wing at most
     monkeypatch.setattr(cosmics, "_SLOPE_DROP", False)
     assert run()[1] >= 200
+
+
+def test_noise_peaks_dropped_where_hits_are_few(monkeypatch):
+    """A 1k frame with six hits (a 60 s exposure's few) has ~3.5 noise peaks above the
+    4.5 sigma that keep_significant asks of an event; grown, they were 5-10 % of a 60 s
+    night's flags. The threshold now rises until the expected noise peaks are a tenth of
+    the events kept (~4.85 sigma here); the hits stay flagged."""
+    import photowatch.stages.cosmics as cosmics
+
+    def run():
+        noise = found = 0
+        for seed in (1, 2, 3):
+            sci, var, hdr = noise_frame((1024, 1024), seed=seed)
+            hits = np.zeros(sci.shape, bool)
+            for k in range(6):
+                y, x = 100 + 150 * k, 80 + 140 * k
+                sci[y, x] += 40 * SKY_SIGMA
+                sci[y, x + 1] += 15 * SKY_SIGMA
+                hits[y, x:x + 2] = True
+            frame = Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr)
+            z, _ = flag_cosmics(frame, settings=Cosmics())
+            flagged = (z.mask & Mask.COSMIC) != 0
+            found += int((flagged & hits).sum())
+            near = np.zeros_like(hits)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    near |= np.roll(np.roll(hits, dy, 0), dx, 1)
+            noise += int((flagged & ~near).sum())
+        return found, noise
+
+    found, noise = run()
+    assert found == 36
+    monkeypatch.setattr(cosmics, "_NOISE_EVENTS", 0.0)
+    found_off, noise_off = run()
+    assert found_off == 36
+    assert noise_off >= 6
+    assert noise <= 0.4 * noise_off
