@@ -14,7 +14,12 @@ Usage::
     .venv/bin/python benchmarks/bench_cosmics_defects.py 512b4:1-10   # sim_small's kind
 
 ``SIZEb4`` runs the undersampled kind of ``tests/conftest.py``'s ``sim_small`` instead
-(4x4 binning, FWHM 1.9-3 px, six 60 s frames, 5 bias, 3 darks, 6 flats).
+(4x4 binning, FWHM 1.9-3 px, six 60 s frames, 5 bias, 3 darks, 6 flats). Other kinds
+change one thing of the 2x2 300 s night (issue 17, ninth round; notes/cosmics9.md):
+
+    .venv/bin/python benchmarks/bench_cosmics_defects.py 512x60:301-312 1024x60:301-304
+    #  x60: 60 s exposures (the simulator's default); dense: 250 000 stars per square
+    #  degree (65 000); good: seeing 0.55-0.75"; good2: 0.68-0.85"; bad: 1.6-2.2"
 """
 
 from __future__ import annotations
@@ -32,31 +37,39 @@ from test_cosmics_defects import night_scores  # noqa: E402
 
 from photowatch.sim.night import simulate_night  # noqa: E402
 
+#: what a night kind changes of the 2x2 300 s night
+KINDS = {"": {}, "x60": {"exptime_s": 60.0}, "dense": {"star_density": 250000.0},
+         "good": {"fwhm_arcsec": (0.55, 0.75)}, "good2": {"fwhm_arcsec": (0.68, 0.85)},
+         "bad": {"fwhm_arcsec": (1.6, 2.2)}}
+
 
 def main(argv: list[str]) -> None:
     runs = []
     for a in argv:
         size, seeds = a.split(":")
-        size, _, b4 = size.partition("b")
+        digits = len(size) - len(size.lstrip("0123456789"))
+        size, kind = size[:digits], size[digits:]
+        if kind not in KINDS and kind != "b4":
+            raise SystemExit(f"unknown night kind {kind!r}: b4 or one of {sorted(KINDS)}")
         first, _, last = seeds.partition("-")
-        runs += [(int(size), s, b4 == "4") for s in range(int(first), int(last or first) + 1)]
-    runs = runs or [(512, 11, False), (512, 21, False), (1024, 12, False), (1024, 22, False),
-                    (2048, 13, False)]
-    print(f"{'size':>7s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} "
+        runs += [(int(size), s, kind) for s in range(int(first), int(last or first) + 1)]
+    runs = runs or [(512, 11, ""), (512, 21, ""), (1024, 12, ""), (1024, 22, ""),
+                    (2048, 13, "")]
+    print(f"{'night':>9s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} "
           f"{'star FP':>8s} {'every frame':>11s}")
     scores = []
-    for size, seed, undersampled in runs:
-        label = f"{size}b4" if undersampled else str(size)
+    for size, seed, kind in runs:
+        label = f"{size}{kind}"
         with tempfile.TemporaryDirectory() as d:
-            if undersampled:
+            if kind == "b4":
                 night = simulate_night(d, size=size, binning=4, filters=("SDSS-R",), seed=seed,
                                        n_bias=5, n_dark=3, n_flat=6, n_science=6,
                                        write_crcharge=True)
             else:
                 night = simulate_night(d, size=size, binning=2, filters=("SDSS-R",), seed=seed,
                                        n_bias=1, n_dark=0, n_flat=3, n_science=5,
-                                       exptime_s=300.0, bad_flats=False, catalog=False,
-                                       write_crcharge=True)
+                                       bad_flats=False, catalog=False, write_crcharge=True,
+                                       **{"exptime_s": 300.0, **KINDS[kind]})
             try:
                 s = night_scores(night)
             except AssertionError as err:
@@ -66,10 +79,10 @@ def main(argv: list[str]) -> None:
                 where = traceback.extract_tb(err.__traceback__)[-1].name
                 why = ("skipped: too few dithered frames for a master sky" if where == "_reduce"
                        else f"FAILED in {where}: {err}")
-                print(f"{label:>7s} {seed:5d} {why}", flush=True)
+                print(f"{label:>9s} {seed:5d} {why}", flush=True)
                 continue
         scores.append(s)
-        print(f"{label:>7s} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
+        print(f"{label:>9s} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
               f"{s['far']:6.1%} {s['star_fp']:8.3%} {s['every_frame']:11d}", flush=True)
     if len(scores) > 1:
         c = [s["completeness"] for s in scores]
