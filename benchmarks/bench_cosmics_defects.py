@@ -19,7 +19,8 @@ change one thing of the 2x2 300 s night (issue 17, ninth round; notes/cosmics9.m
 
     .venv/bin/python benchmarks/bench_cosmics_defects.py 512x60:301-312 1024x60:301-304
     #  x60: 60 s exposures (the simulator's default); dense: 250 000 stars per square
-    #  degree (65 000); good: seeing 0.55-0.75"; good2: 0.68-0.85"; bad: 1.6-2.2"
+    #  degree (65 000); good: seeing 0.55-0.75"; good2: 0.68-0.85"; bad: 1.6-2.2";
+    #  mix: 120 s, 150 000 stars, 0.7-1.2", beta 2.5-4.5, PSF 20 % wider at the corners
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from photowatch.sim.night import simulate_night  # noqa: E402
 #: what a night kind changes of the 2x2 300 s night
 KINDS = {"": {}, "x60": {"exptime_s": 60.0}, "dense": {"star_density": 250000.0},
          "good": {"fwhm_arcsec": (0.55, 0.75)}, "good2": {"fwhm_arcsec": (0.68, 0.85)},
-         "bad": {"fwhm_arcsec": (1.6, 2.2)}}
+         "bad": {"fwhm_arcsec": (1.6, 2.2)},
+         "mix": {"exptime_s": 120.0, "star_density": 150000.0, "fwhm_arcsec": (0.7, 1.2),
+                 "psf_beta_range": (2.5, 4.5), "psf_variation": 0.2}}
 
 
 def main(argv: list[str]) -> None:
