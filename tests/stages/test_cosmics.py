@@ -181,6 +181,31 @@ def test_grow_adds_bright_neighbours_but_not_star_wings():
     assert out[22, 22] and out[20:25, 20:25].sum() == 1  # the wings are not taken
 
 
+def test_growth_beyond_the_first_ring_needs_more(monkeypatch):
+    """A chain of 2.2-sigma pixels leading away from a hit: the first joins (beside the
+    hit, 2 sigma), the next does not (2.5 sigma from the second pass on); a track of
+    3-sigma pixels is followed to its end."""
+    import photowatch.stages.cosmics as cosmics
+
+    sci = np.zeros((32, 32), np.float32)
+    var = np.full(sci.shape, SKY_SIGMA ** 2, np.float32)
+    sci[10, 10] = sci[20, 10] = 50 * SKY_SIGMA  # two hits, flagged
+    sci[10, 11:14] = 2.2 * SKY_SIGMA  # noise-like chain
+    sci[20, 11:14] = 3.0 * SKY_SIGMA  # a faint track
+    crmask = np.zeros(sci.shape, bool)
+    crmask[10, 10] = crmask[20, 10] = True
+
+    def grown():
+        return grow_conditional(sci, var, crmask, np.zeros(sci.shape, bool), nsigma=2.0,
+                                passes=4)
+
+    out = grown()
+    assert out[10, 11] and not out[10, 12:14].any()
+    assert out[20, 11:14].all()
+    monkeypatch.setattr(cosmics, "_GROW_LATER_SIGMA", 2.0)
+    assert grown()[10, 11:14].all()
+
+
 @pytest.mark.parametrize("fwhm_px,max_rate", [(2.6, 0.05), (3.8, 0.015), (2.0, 0.08)])
 def test_faint_star_cores_kept_hits_beside_them_flagged(fwhm_px, max_rate):
     """Issue 21: a faint point source's core must not be cleaned away as a cosmic ray.
