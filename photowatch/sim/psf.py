@@ -281,3 +281,38 @@ def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: 
     frame = Frame(sci.astype(np.float32), var.astype(np.float32),
                   np.zeros(shape, np.uint16), hdr)
     return frame, star, hits
+
+
+def edge_stars_with_hits(seed: int, fwhm_px: float = 2.0, *, size: int = 128,
+                         peak_snr=(200.0, 2000.0), beyond=(0.8, 1.3),
+                         sky_sigma: float = 20.0):
+    """A sky-subtracted ``size``² frame of bright stars cut by its edges (issue 17, ninth
+    round): every 16 px along the four sides in turn, a Moffat star whose centre lies
+    ``beyond`` px outside the last pixel's centre, with its Poisson noise; and three 3 px
+    hits of 20-60 sigma along the top row between them. Returns the Frame, the stars'
+    model and the true hit mask."""
+    from astropy.io import fits
+
+    from photowatch.core.frame import Frame
+
+    rng = np.random.default_rng(seed)
+    n = size
+    xs, ys, flux = [], [], []
+    for k, pos in enumerate(np.arange(12, n - 12, 16)):
+        d = rng.uniform(*beyond)
+        x, y = [(pos, -d), (pos, n - 1 + d), (-d, pos), (n - 1 + d, pos)][k % 4]
+        xs.append(x)
+        ys.append(y)
+        flux.append(rng.uniform(*peak_snr) * sky_sigma * 2 * np.pi * (fwhm_px / 2.3548) ** 2)
+    star = moffat_stars((n, n), xs, ys, flux, fwhm_px=fwhm_px)
+    sci = rng.normal(0, sky_sigma, (n, n)) + rng.normal(0, np.sqrt(star)) + star
+    hits = np.zeros((n, n), bool)
+    for x0 in (20, 60, 100):
+        sci[0, x0:x0 + 3] += rng.uniform(20, 60) * sky_sigma
+        hits[0, x0:x0 + 3] = True
+    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci - star, 0), 0)
+    hdr = fits.Header()
+    hdr["RDNOISE"] = 6.0
+    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
+                  np.zeros((n, n), np.uint16), hdr)
+    return frame, star, hits

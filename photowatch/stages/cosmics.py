@@ -1361,7 +1361,29 @@ def drop_psf_like(sci, var, crmask, inmask, *, fwhm_px: float, nsigma: float,
     m = 2 * _PSF_R + 1
     grown = _grown(own.reshape(-1, m, m))
     w_out = np.where(grown.reshape(own.shape), 0.0, w_all)
-    t = _psf_fit_templates(round(float(fwhm_px), 3))
+    fwhm = round(float(fwhm_px), 3)
+    star = _psf_explains(d, w_all, w_out, own, _psf_fit_templates(fwhm), nsigma)
+    # a star cut by the frame's edge: its centre may lie beyond the last pixel
+    cy, cx = np.divmod(centres, nx)
+    edge = (np.minimum(cy, ny - 1 - cy) < _EDGE_CENTRE_PX) | \
+        (np.minimum(cx, nx - 1 - cx) < _EDGE_CENTRE_PX)
+    if _EDGE_CENTRE_PX > 0 and (edge & ~star).any():
+        e = edge & ~star
+        star[e] = _psf_explains(d[e], w_all[e], w_out[e], own[e], _psf_edge_templates(fwhm),
+                                nsigma, whole=True)
+    if not star.any():
+        return crmask
+    drop = np.zeros(n + 1, bool)
+    drop[ids[star]] = True
+    return crmask & ~drop[labels]
+
+
+def _psf_explains(d, w_all, w_out, own, t, nsigma, *, whole: bool = False):
+    """drop_psf_like's test of each window against the templates ``t``: the event's
+    pixels cost less than ``nsigma``² of chi² (fitted without them and their ring), or
+    the fit with every pixel explains them within the PSF's own error. ``whole``: and
+    that fit explains every pixel of the window so (a star centred beyond the frame's
+    edge shows only its wing, which could otherwise fit a track along the edge)."""
     chi_all, a_all = _fit_psf(d, w_all, t)
     chi_out, _ = _fit_psf(d, w_out, t)
     k = np.argmin(chi_all, axis=1)
@@ -1377,11 +1399,23 @@ def drop_psf_like(sci, var, crmask, inmask, *, fwhm_px: float, nsigma: float,
         q_ev = np.where(own, res * res, 0).sum(axis=1)
         star |= (q_ev - m_ev < _PSF_FIT_CHI * np.sqrt(2.0 * np.maximum(m_ev, 1))) \
             & (a_all[rows, k] > 0)
-    if not star.any():
-        return crmask
-    drop = np.zeros(n + 1, bool)
-    drop[ids[star]] = True
-    return crmask & ~drop[labels]
+        if whole:
+            m_w = (w_all > 0).sum(axis=1)
+            q_w = (res * res).sum(axis=1)
+            star &= q_w - m_w < _PSF_FIT_CHI * np.sqrt(2.0 * np.maximum(m_w, 1))
+    return star
+
+
+#: events whose brightest pixel lies this close to the frame's edge (px) are also fitted
+#: with centres up to _EDGE_CENTRE_REACH px from it (0: off): a star cut by the edge
+_EDGE_CENTRE_PX = 2
+_EDGE_CENTRE_REACH = 2.0
+
+
+@functools.lru_cache(maxsize=8)
+def _psf_edge_templates(fwhm_px: float) -> np.ndarray:
+    return psf_templates([fwhm_px], np.arange(-_EDGE_CENTRE_REACH, _EDGE_CENTRE_REACH + 0.01,
+                                              0.125))[0]
 
 
 # ---- compact hits no seed found (issue 17, sixth round; notes/cosmics5.md) ----

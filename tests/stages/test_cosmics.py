@@ -610,3 +610,27 @@ def test_noise_peaks_dropped_where_hits_are_few(monkeypatch):
     assert found_off == 36
     assert noise_off >= 6
     assert noise <= 0.4 * noise_off
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_stars_cut_by_the_edge_spared_tracks_along_it_flagged(seed, monkeypatch):
+    """At FWHM 2 px (4x4 binning), a bright star whose centre lies just outside the frame
+    was flagged whole (15-35 px a frame here; 65 of ~460 far pixels on 20 4x4 nights):
+    drop_psf_like's centres reached only half a pixel from the brightest pixel. Events at
+    the edge are now also fitted with centres up to 2 px away, the fit explaining the
+    whole window; 3 px hits along the edge row stay flagged."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import edge_stars_with_hits
+
+    frame, star, hits = edge_stars_with_hits(seed)
+
+    def run():
+        z, _ = flag_cosmics(frame, settings=Cosmics(), fwhm_px=2.0)
+        flagged = (z.mask & Mask.COSMIC) != 0
+        return flagged[hits].mean(), int((flagged & (star > 3 * 20.0)).sum())
+
+    found, on_stars = run()
+    assert found == 1.0
+    assert on_stars == 0
+    monkeypatch.setattr(cosmics, "_EDGE_CENTRE_PX", 0)
+    assert run()[1] >= 10
