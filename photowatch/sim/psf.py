@@ -156,6 +156,20 @@ def gaussian_stars(shape: tuple[int, int], x, y, flux, *, sigma_px: float,
     return img
 
 
+def _hit_frame(sci, star, hits, sky_sigma: float):
+    """The Frame of a synthetic sky-subtracted image: variance of the sky, the stars'
+    Poisson and the hits' charge; RDNOISE 6 e-."""
+    from astropy.io import fits
+
+    from photowatch.core.frame import Frame
+
+    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci - star, 0), 0)
+    hdr = fits.Header()
+    hdr["RDNOISE"] = 6.0
+    return Frame(sci.astype(np.float32), var.astype(np.float32),
+                 np.zeros(sci.shape, np.uint16), hdr)
+
+
 def star_grid(rng, n_side: int, step: int):
     """A square frame of ``n_side`` x ``n_side`` cells of ``step`` px and a star in the
     middle of each, up to half a pixel off: (shape, x, y)."""
@@ -211,10 +225,6 @@ def hits_on_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA
     hit ``radius`` px from its centre of 10-25 % of the star's peak (at least 10 sigma of
     the noise there), half of them 2 px long. Returns the Frame, the stars' x, y and the
     true hit mask (the stars of odd index carry no hit)."""
-    from astropy.io import fits
-
-    from photowatch.core.frame import Frame
-
     rng = np.random.default_rng(seed)
     shape, x, y = star_grid(rng, n_side, step)
     alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
@@ -233,11 +243,7 @@ def hits_on_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA
         if rng.random() < 0.5:
             sci[hy, hx + 1] += 0.7 * amp
             hits[hy, hx + 1] = True
-    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci - star, 0), 0)
-    hdr = fits.Header()
-    hdr["RDNOISE"] = 6.0
-    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
-                  np.zeros(shape, np.uint16), hdr)
+    frame = _hit_frame(sci, star, hits, sky_sigma)
     return frame, x, y, hits
 
 
@@ -249,10 +255,6 @@ def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: 
     one's peak ``peak_snr`` sky sigmas, the other 0.4-1 of it, with their Poisson noise;
     and a 1-2 px hit of 20-200 sigma on the sky in each cell's corner. Returns the Frame,
     the stars' model and the true hit mask."""
-    from astropy.io import fits
-
-    from photowatch.core.frame import Frame
-
     rng = np.random.default_rng(seed)
     shape, cx, cy = star_grid(rng, n_side, step)
     a = rng.uniform(0, np.pi, cx.size)
@@ -275,11 +277,7 @@ def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: 
         if rng.random() < 0.5:
             sci[hy + 1, hx] += 0.5 * amp
             hits[hy + 1, hx] = True
-    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci - star, 0), 0)
-    hdr = fits.Header()
-    hdr["RDNOISE"] = 6.0
-    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
-                  np.zeros(shape, np.uint16), hdr)
+    frame = _hit_frame(sci, star, hits, sky_sigma)
     return frame, star, hits
 
 
@@ -291,10 +289,6 @@ def edge_stars_with_hits(seed: int, fwhm_px: float = 2.0, *, size: int = 128,
     ``beyond`` px outside the last pixel's centre, with its Poisson noise; and three 3 px
     hits of 20-60 sigma along the top row between them. Returns the Frame, the stars'
     model and the true hit mask."""
-    from astropy.io import fits
-
-    from photowatch.core.frame import Frame
-
     rng = np.random.default_rng(seed)
     n = size
     xs, ys, flux = [], [], []
@@ -310,9 +304,5 @@ def edge_stars_with_hits(seed: int, fwhm_px: float = 2.0, *, size: int = 128,
     for x0 in (20, 60, 100):
         sci[0, x0:x0 + 3] += rng.uniform(20, 60) * sky_sigma
         hits[0, x0:x0 + 3] = True
-    var = sky_sigma ** 2 + star + np.where(hits, np.maximum(sci - star, 0), 0)
-    hdr = fits.Header()
-    hdr["RDNOISE"] = 6.0
-    frame = Frame(sci.astype(np.float32), var.astype(np.float32),
-                  np.zeros((n, n), np.uint16), hdr)
+    frame = _hit_frame(sci, star, hits, sky_sigma)
     return frame, star, hits
