@@ -1,5 +1,7 @@
 """cosmics on small synthetic frames: hits and tracks flagged and cleaned, stars spared."""
 
+import functools
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -35,6 +37,14 @@ def noise_frame(shape=(64, 64), seed=1, noise=SKY_SIGMA):
 def gaussian_star(shape, y0, x0, fwhm_px, flux):
     """One star of the simulator's Gaussian renderer, float32 (row, column order)."""
     return gaussian_stars(shape, [x0], [y0], [flux], sigma_px=fwhm_px / 2.3548).astype(np.float32)
+
+
+def hits_found_and_flags_in(frame, hits, region, fwhm_px=None):
+    """Run the stage on ``frame``: the fraction of the true ``hits`` flagged, and how many
+    pixels of ``region`` (stars that must be spared) are flagged."""
+    z, _ = flag_cosmics(frame, settings=Cosmics(), fwhm_px=fwhm_px)
+    flagged = (z.mask & Mask.COSMIC) != 0
+    return flagged[hits].mean(), int((flagged & region).sum())
 
 
 def with_star_and_hits(seed=1, shape=(64, 64)):
@@ -382,10 +392,7 @@ def test_faint_blobs_flagged_faint_stars_spared(seed, monkeypatch):
     for xk, yk in zip(x, y):
         cores |= np.hypot(iy - yk, ix - xk) <= 1.5
 
-    def run():
-        z, _ = flag_cosmics(frame, settings=Cosmics())
-        flagged = (z.mask & Mask.COSMIC) != 0
-        return flagged[hits].mean(), int((flagged & cores).sum())
+    run = functools.partial(hits_found_and_flags_in, frame, hits, cores)
 
     found, on_cores = run()
     assert found >= 0.9
@@ -510,10 +517,7 @@ def test_hits_on_bright_stars_flagged_their_cores_spared(seed, beta, monkeypatch
     for k in range(1, x.size, 2):  # the stars without a hit
         clean |= np.hypot(iy - y[k], ix - x[k]) <= 5
 
-    def run():
-        z, _ = flag_cosmics(frame, settings=Cosmics())
-        flagged = (z.mask & Mask.COSMIC) != 0
-        return flagged[hits].mean(), int((flagged & clean).sum())
+    run = functools.partial(hits_found_and_flags_in, frame, hits, clean)
 
     found, on_clean = run()
     assert found >= 0.7
@@ -563,10 +567,7 @@ def test_blended_bright_stars_spared_hits_beside_them_flagged(fwhm_px, seed, mon
     frame, star, hits = bright_pairs_with_hits(seed, fwhm_px)
     on_star = star > 3 * 33.0
 
-    def run():
-        z, _ = flag_cosmics(frame, settings=Cosmics(), fwhm_px=fwhm_px)
-        flagged = (z.mask & Mask.COSMIC) != 0
-        return flagged[hits].mean(), int((flagged & on_star).sum())
+    run = functools.partial(hits_found_and_flags_in, frame, hits, on_star, fwhm_px)
 
     found, spared = run()
     assert found == 1.0
@@ -624,10 +625,7 @@ def test_stars_cut_by_the_edge_spared_tracks_along_it_flagged(seed, monkeypatch)
 
     frame, star, hits = edge_stars_with_hits(seed)
 
-    def run():
-        z, _ = flag_cosmics(frame, settings=Cosmics(), fwhm_px=2.0)
-        flagged = (z.mask & Mask.COSMIC) != 0
-        return flagged[hits].mean(), int((flagged & (star > 3 * 20.0)).sum())
+    run = functools.partial(hits_found_and_flags_in, frame, hits, star > 3 * 20.0, 2.0)
 
     found, on_stars = run()
     assert found == 1.0
