@@ -523,16 +523,16 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
         npx = np.bincount(lab, minlength=n + 1)[1:]
         # (signif has no NaN: a pixel without usable neighbours is +inf, kept by its peak)
         lin = np.asarray(ndimage.sum(signif, lab, ids)) / np.sqrt(np.maximum(npx, 1))
+        by_lin = lin >= _EVENT_LIN_SIGMA
         t = _EVENT_PEAK_SIGMA
         if _NOISE_EVENTS > 0:
             from scipy.special import ndtr
             n_test = float(np.count_nonzero(~inmask))
-            by_lin = lin >= _EVENT_LIN_SIGMA
             for t in _EVENT_PEAK_SIGMA + np.arange(0, 1.01, 0.05):
                 kept = np.count_nonzero(good[1:] & ((peak >= t) | by_lin))
                 if n_test * ndtr(-t) <= _NOISE_EVENTS * kept:
                     break
-        good[1:] &= (peak >= t) | (lin >= _EVENT_LIN_SIGMA)
+        good[1:] &= (peak >= t) | by_lin
     if return_labels:  # the kept events keep their labels (for drop_psf_like)
         kept = good[labels]
         return kept, np.where(kept, labels, 0)
