@@ -556,14 +556,15 @@ def star_sharpness(fwhm_px: float) -> float:
     return float((t[4] - (t.sum() - t[4]) / 8.0) / t[4])
 
 
-def _sharpness(sci, var, inmask, pix):
+def _sharpness(sci, var, inmask, pix, window=None):
     """Each pixel's excess over the mean of its neighbours, as a fraction of its value
-    (+inf where it is not positive or has no usable neighbours), and that fraction's
-    noise. Neighbours count in opposite pairs, both usable (not excluded, inside the
-    frame): beside a bad column a one-sided mean would read a source's gradient as
-    sharpness."""
+    (+inf where it is not positive or has no usable neighbours), that fraction's noise
+    and the number of opposite pairs used. Neighbours count in opposite pairs, both
+    usable (not excluded, inside the frame): beside a bad column a one-sided mean would
+    read a source's gradient as sharpness. ``window``: :func:`_neighbours` of ``pix``
+    (r 1), if the caller has it."""
     ny, nx = sci.shape
-    idx, inside = _neighbours(*np.divmod(pix, nx), (ny, nx), 1)
+    idx, inside = window or _neighbours(*np.divmod(pix, nx), (ny, nx), 1)
     good = inside & ~inmask.ravel()[idx]
     lo, hi = np.array([0, 1, 2, 3]), np.array([8, 7, 6, 5])
     pair = good[:, lo] & good[:, hi]
@@ -605,7 +606,8 @@ def drop_slopes(sci, var, crmask, inmask, *, fwhm_px: float) -> np.ndarray:
     lab = labels.ravel()[flagged]
     core = star_sharpness(fwhm_px)
     ids = np.arange(1, n + 1)
-    sharp, err, pairs = _sharpness(sci, var, inmask, flagged)
+    idx, inside = _neighbours(*np.divmod(flagged, nx), (ny, nx), 1)
+    sharp, err, pairs = _sharpness(sci, var, inmask, flagged, (idx, inside))
     smooth = np.asarray(ndimage.maximum(sharp, lab, ids)) < core
     # one direction only (a frame edge, beside a bad column): not seen smooth in 2-D
     sharp2 = np.where(pairs >= 2, sharp + _SLOPE_K * err, np.inf)
@@ -613,7 +615,6 @@ def drop_slopes(sci, var, crmask, inmask, *, fwhm_px: float) -> np.ndarray:
     if not (smooth | very).any():
         return crmask
     # each event's brightest unflagged, usable neighbour
-    idx, inside = _neighbours(*np.divmod(flagged, nx), (ny, nx), 1)
     usable = inside & ~(crmask | inmask).ravel()[idx]
     vals = np.where(usable, sci.ravel()[idx], -np.inf)
     j = vals.argmax(axis=1)
