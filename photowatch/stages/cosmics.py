@@ -359,6 +359,8 @@ def flag_cosmics(frame: Frame, *, settings: Cosmics, fwhm_px: float | None = Non
     if settings.grow_sigma > 0 and settings.grow_passes and found:
         crmask = grow_conditional(sci, var, crmask, inmask, nsigma=settings.grow_sigma,
                                   passes=settings.grow_passes)
+    if _ANCHOR_SIGMA > 0 and found:
+        crmask = keep_anchored(sci, var, crmask, inmask)
     if settings.grow_px and found:
         from scipy import ndimage
 
@@ -1043,6 +1045,48 @@ def trim_faint(sci, var, crmask, inmask, *, nsigma: float) -> np.ndarray:
     out = np.zeros_like(crmask)
     out.ravel()[pix[keep]] = True
     return out
+
+
+#: keep_anchored: a hit's core pixel stands this many sigma above its surroundings
+#: (0: off), or two neighbouring flagged pixels ``_ANCHOR_PAIR`` sigma each (a faint
+#: track's; 4.0 alone lost 0.19 % of the 48 tuning nights' true pixels, 4.0 with pairs
+#: of 3.5 0.12 %, of 3.0 0.03 % but kept half the pixels the rule is for)
+_ANCHOR_SIGMA = 4.0
+_ANCHOR_PAIR = 3.5
+
+
+def keep_anchored(sci, var, crmask, inmask) -> np.ndarray:
+    """Keep the flagged pixels within one pixel of a hit's core: a flagged pixel that
+    stands ``_ANCHOR_SIGMA`` above the median of its unflagged 5x5 neighbours, or one of
+    two neighbouring flagged pixels that stand ``_ANCHOR_PAIR`` above it (a faint track),
+    or its event's brightest.
+
+    A hit's pixels the truth counts have more than 5 sigma of charge; growth follows its
+    charge down to 2 sigma, and beyond the first ring that is the bilinear spill of a
+    track's 2-4 sigma tail and the noise beside it. On the 48 tuning nights (300 s) the
+    rule unflags 1.2 % of the flags, nearly all more than a pixel from any true pixel
+    (those fall from 5.4 to 4.2 % of the flags), and 0.12 % of the true pixels: the
+    cores of faint tracks whose pixels read below 3.5 sigma.
+    """
+    from scipy import ndimage
+
+    ring = np.ones((3, 3), bool)
+    labels, _ = ndimage.label(crmask, structure=ring)
+    pix = np.flatnonzero(crmask)
+    level, noise = _local_background(sci, var, pix, (crmask | inmask).ravel())
+    with np.errstate(all="ignore"):
+        excess = (sci.ravel()[pix] - level) / noise
+    excess = np.where(np.isfinite(excess), excess, np.inf)
+    core = np.zeros_like(crmask)
+    core.ravel()[pix[excess >= _ANCHOR_SIGMA]] = True
+    core.ravel()[pix[_brightest(excess, labels.ravel()[pix])]] = True
+    if _ANCHOR_PAIR > 0:
+        track = np.zeros_like(crmask)
+        track.ravel()[pix[excess >= _ANCHOR_PAIR]] = True
+        # the pixel and at least one neighbour
+        core |= track & (ndimage.convolve(track.view(np.uint8), ring.view(np.uint8),
+                                          mode="constant") >= 2)
+    return crmask & ndimage.binary_dilation(core, structure=ring)
 
 
 def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,

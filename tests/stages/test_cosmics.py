@@ -674,3 +674,29 @@ def test_every_flag_stands_out_of_its_surroundings(seed, monkeypatch):
     assert low == 0
     monkeypatch.setattr(cosmics, "_TRIM", False)
     assert run()[1] >= 5
+
+
+def test_flags_stay_within_a_pixel_of_a_hit_core(monkeypatch):
+    """A 30 sigma hit with a tail of 3 sigma pixels: the growth follows the tail (2 sigma,
+    then 2.5), but only the tail's first pixel lies within a pixel of the hit's core; the
+    rest is charge the truth does not count (below 5 sigma) with noise beside it, and is
+    unflagged. A faint track of 3.8 sigma pixels is kept whole: neighbouring pixels above
+    3.5 sigma are a track's core. Without the rule the tail stays flagged."""
+    import photowatch.stages.cosmics as cosmics
+
+    def flagged():
+        sci, var, hdr = noise_frame((64, 64), noise=0.0)
+        sci[20, 20] = 30 * SKY_SIGMA
+        sci[20, 21:26] = 3.0 * SKY_SIGMA
+        sci[40, 10:16] = np.array([4.6, 3.8, 3.8, 3.8, 3.8, 3.8]) * SKY_SIGMA
+        z, _ = flag_cosmics(Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr),
+                            settings=Cosmics())
+        return (z.mask & Mask.COSMIC) != 0
+
+    fl = flagged()
+    assert fl[20, 20:22].all() and not fl[20, 22:].any()
+    assert fl[40, 10:15].all()
+    monkeypatch.setattr(cosmics, "_ANCHOR_SIGMA", 0.0)
+    fl = flagged()
+    assert fl[20, 20:25].all()
+    assert fl[40, 10:15].all()
