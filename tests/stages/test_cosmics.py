@@ -282,29 +282,32 @@ def test_psf_test_spares_star_cores_not_hits_of_the_same_peak():
     assert out[20, 44] and out[44, 44] and out[44, 45] and out[44, 22]
 
 
-def test_noise_pair_dropped_single_sharp_pixel_or_bright_pair_kept(monkeypatch):
+def test_noise_pair_dropped_single_sharp_pixel_or_faint_track_kept(monkeypatch):
     """Two adjacent pixels at 3.8 sigma reach min_peak_sigma in quadrature (5.37) but are
-    what Gaussian noise gives somewhere on every frame: dropped. A pair with one pixel at
-    4.6 sigma, or at 4.3 each (matched sum 6.1), is a hit: kept. Without the rule the
-    noise pair is kept (the rule, not min_peak_sigma, drops it)."""
+    what Gaussian noise gives somewhere on every frame: dropped; so is a chain of three
+    pixels of 3.2, 4.0 and 3.2 sigma (matched sum 6.0), the kind L.A.Cosmic takes from the
+    noise. A pair with one pixel at 4.6 sigma is a hit, and so is a track of three pixels
+    at 4.2 each (matched sum 7.3): kept. Without the rule the noise is kept (the rule, not
+    min_peak_sigma, drops it)."""
     import photowatch.stages.cosmics as cosmics
 
-    sci = np.zeros((40, 90), np.float32)
+    sci = np.zeros((40, 130), np.float32)
     var = np.ones_like(sci)
     crmask = np.zeros(sci.shape, bool)
-    pairs = {"noise": (10, (3.8, 3.8)), "sharp": (40, (4.6, 3.0)), "bright": (70, (4.3, 4.3))}
-    for x, values in pairs.values():
-        sci[20, x:x + 2] = values
-        crmask[20, x:x + 2] = True
+    groups = {"noise": (10, (3.8, 3.8)), "sharp": (40, (4.6, 3.0)),
+              "chain": (70, (3.2, 4.0, 3.2)), "track": (100, (4.2, 4.2, 4.2))}
+    for x, values in groups.values():
+        sci[20, x:x + len(values)] = values
+        crmask[20, x:x + len(values)] = True
     inmask = np.zeros(sci.shape, bool)
 
     def kept():
         out = keep_significant(sci, var, crmask, inmask, nsigma=5.3, group_sigma=5.5)
-        return {k: bool(out[20, x]) for k, (x, _) in pairs.items()}
+        return {k: bool(out[20, x]) for k, (x, _) in groups.items()}
 
-    assert kept() == {"noise": False, "sharp": True, "bright": True}
+    assert kept() == {"noise": False, "sharp": True, "chain": False, "track": True}
     monkeypatch.setattr(cosmics, "_EVENT_PEAK_SIGMA", 0.0)
-    assert kept() == {"noise": True, "sharp": True, "bright": True}
+    assert kept() == {"noise": True, "sharp": True, "chain": True, "track": True}
 
 
 def test_sprawling_candidate_groups_are_split_and_give_the_same_mask(monkeypatch):
