@@ -2,6 +2,10 @@
 pixels farther than one pixel from a true cosmic ray, on 2x2 300 s nights with a bad
 column and hot pixels, reduced with truth masters (tests/stages/test_cosmics_defects.py).
 
+Far: from any pixel with CR charge above 1 sigma (a hit's faint pixels are hit too);
+"far5": from the simulator's truth mask itself (charge above 5 sigma), which also counts
+hits whose charge stays below 5 sigma and the faint ends of tracks.
+
 Star FP: flagged pixels where the noiseless stars exceed 3 sigma of the sky noise (not
 within 1 px of a true CR pixel), as in ``test_science_truth``. Several nights end with
 the worst case, the median and how many meet the goal (>= 95 %, <= 5 % far).
@@ -59,7 +63,7 @@ def main(argv: list[str]) -> None:
     runs = runs or [(512, 11, ""), (512, 21, ""), (1024, 12, ""), (1024, 22, ""),
                     (2048, 13, "")]
     print(f"{'night':>9s} {'seed':>5s} {'true px':>8s} {'compl':>7s} {'far':>6s} "
-          f"{'star FP':>8s} {'every frame':>11s}")
+          f"{'far5':>6s} {'star FP':>8s} {'every frame':>11s}")
     scores = []
     for size, seed, kind in runs:
         label = f"{size}{kind}"
@@ -86,14 +90,16 @@ def main(argv: list[str]) -> None:
                 continue
         scores.append(s)
         print(f"{label:>9s} {seed:5d} {int(s['true_px']):8d} {s['completeness']:7.1%} "
-              f"{s['far']:6.1%} {s['star_fp']:8.3%} {s['every_frame']:11d}", flush=True)
+              f"{s['far']:6.1%} {s['far_mask']:6.1%} {s['star_fp']:8.3%} "
+              f"{s['every_frame']:11d}", flush=True)
     if len(scores) > 1:
         c = [s["completeness"] for s in scores]
         f = [s["far"] for s in scores]
         ok = sum(s["completeness"] >= 0.95 and s["far"] <= 0.05 for s in scores)
+        ok5 = sum(s["completeness"] >= 0.95 and s["far_mask"] <= 0.05 for s in scores)
         print(f"worst {min(c):.1%} / {max(f):.1%}; median {median(c):.1%} / {median(f):.1%}; "
               f"worst star FP {max(s['star_fp'] for s in scores):.3%}; "
-              f"goal met on {ok} of {len(scores)}")
+              f"goal met on {ok} of {len(scores)} ({ok5} with far5)")
 
 
 if __name__ == "__main__":
