@@ -1089,16 +1089,22 @@ def keep_anchored(sci, var, crmask, inmask) -> np.ndarray:
     with np.errstate(all="ignore"):
         excess = (sci.ravel()[pix] - level) / noise
     excess = np.where(np.isfinite(excess), excess, np.inf)
-    core = np.zeros_like(crmask)
-    core.ravel()[pix[excess >= _ANCHOR_SIGMA]] = True
-    core.ravel()[pix[_brightest(excess, labels.ravel()[pix])]] = True
+    # on the flagged pixels and their 3x3 windows only (a whole-frame filter cost
+    # 0.14 s a 2k frame)
+    idx, inside = _neighbours(*np.divmod(pix, crmask.shape[1]), crmask.shape, 1)
+    core = excess >= _ANCHOR_SIGMA
+    core[_brightest(excess, labels.ravel()[pix])] = True
+    flat = np.zeros(crmask.size, bool)
     if _ANCHOR_PAIR > 0:
-        track = np.zeros_like(crmask)
-        track.ravel()[pix[excess >= _ANCHOR_PAIR]] = True
+        track = excess >= _ANCHOR_PAIR
+        flat[pix[track]] = True
         # the pixel and at least one neighbour
-        core |= track & (ndimage.convolve(track.view(np.uint8), ring.view(np.uint8),
-                                          mode="constant") >= 2)
-    return crmask & ndimage.binary_dilation(core, structure=ring)
+        core |= track & ((flat[idx] & inside).sum(axis=1) >= 2)
+        flat[:] = False
+    flat[pix[core]] = True
+    out = np.zeros_like(crmask)
+    out.ravel()[pix[(flat[idx] & inside).any(axis=1)]] = True
+    return out
 
 
 def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
