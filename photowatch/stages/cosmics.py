@@ -1054,6 +1054,21 @@ def _neighbours(ys, xs, shape, r: int):
     return idx.reshape(-1, n), inside.reshape(-1, n)
 
 
+def _flag_excess(sci, var, crmask, inmask):
+    """The flagged pixels (flat indices), each one's excess over the median of its
+    unflagged, usable 5x5 neighbours in sigmas of their median variance (+inf without
+    any), and the index (into them) of each event's brightest."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(crmask, structure=np.ones((3, 3), bool))
+    pix = np.flatnonzero(crmask)
+    level, noise = _local_background(sci, var, pix, (crmask | inmask).ravel())
+    with np.errstate(all="ignore"):
+        excess = (sci.ravel()[pix] - level) / noise
+    excess = np.where(np.isfinite(excess), excess, np.inf)
+    return pix, excess, _brightest(excess, labels.ravel()[pix])
+
+
 #: trim_faint on (False: off)
 _TRIM = True
 
@@ -1068,16 +1083,9 @@ def trim_faint(sci, var, crmask, inmask, *, nsigma: float) -> np.ndarray:
     do stand out come back with :func:`grow_conditional`, which runs next; the truth's
     hit pixels (charge above 5 sigma) are never below 2 sigma but for a 3-sigma noise dip.
     """
-    from scipy import ndimage
-
-    labels, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
-    pix = np.flatnonzero(crmask)
-    level, noise = _local_background(sci, var, pix, (crmask | inmask).ravel())
-    with np.errstate(all="ignore"):
-        excess = (sci.ravel()[pix] - level) / noise
-    excess = np.where(np.isfinite(excess), excess, np.inf)
+    pix, excess, top = _flag_excess(sci, var, crmask, inmask)
     keep = excess >= nsigma
-    keep[_brightest(excess, labels.ravel()[pix])] = True
+    keep[top] = True
     out = np.zeros_like(crmask)
     out.ravel()[pix[keep]] = True
     return out
@@ -1104,20 +1112,12 @@ def keep_anchored(sci, var, crmask, inmask) -> np.ndarray:
     (those fall from 5.4 to 4.2 % of the flags), and 0.12 % of the true pixels: the
     cores of faint tracks whose pixels read below 3.5 sigma.
     """
-    from scipy import ndimage
-
-    ring = np.ones((3, 3), bool)
-    labels, _ = ndimage.label(crmask, structure=ring)
-    pix = np.flatnonzero(crmask)
-    level, noise = _local_background(sci, var, pix, (crmask | inmask).ravel())
-    with np.errstate(all="ignore"):
-        excess = (sci.ravel()[pix] - level) / noise
-    excess = np.where(np.isfinite(excess), excess, np.inf)
+    pix, excess, top = _flag_excess(sci, var, crmask, inmask)
     # on the flagged pixels and their 3x3 windows only (a whole-frame filter cost
     # 0.14 s a 2k frame)
     idx, inside = _neighbours(*np.divmod(pix, crmask.shape[1]), crmask.shape, 1)
     core = excess >= _ANCHOR_SIGMA
-    core[_brightest(excess, labels.ravel()[pix])] = True
+    core[top] = True
     flat = np.zeros(crmask.size, bool)
     if _ANCHOR_PAIR > 0:
         track = excess >= _ANCHOR_PAIR
