@@ -265,7 +265,7 @@ _EVENT_LIN_SIGMA = 7.0
 _NOISE_EVENTS = 0.1
 #: ... counting the sky's Poisson skew (:func:`sky_skew`, the tail's first Edgeworth
 #: term): at 60 s (~1200 e- of sky) it holds 1.6 times the Gaussian's noise peaks above
-#: 5 sigma (0: a Gaussian tail)
+#: 5 sigma (False: a Gaussian tail)
 _SKEW = True
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _RING_RATIO = 0.8  # growth onto a source: the pixel's excess over its neighbours' mean, of its own
@@ -412,7 +412,8 @@ def sky_skew(var, inmask, rn: float) -> float:
     """The skewness of a pixel's noise, from the median variance (e-²) of the usable
     pixels: Poisson's 1/sqrt(electrons) of the sky's share, diluted by the read noise
     (``rn`` e-)."""
-    v = var[~inmask][::97]  # a sample is enough for a median
+    v = var.ravel()[::97]  # a sample is enough for a median
+    v = v[~inmask.ravel()[::97]]
     if not v.size:
         return 0.0
     medvar = float(np.median(v))
