@@ -541,14 +541,10 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
     """
     from scipy import ndimage
 
-    labels, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
+    labels, n, flagged, excess = _flag_excess(sci, var, crmask, inmask)
     if not n:
         return (crmask, labels) if return_labels else crmask
-    flagged = np.flatnonzero(crmask)
-    level, noise = _local_background(sci, var, flagged, (crmask | inmask).ravel())
-    with np.errstate(all="ignore"):
-        s = (sci.ravel()[flagged] - level) / noise
-    signif = np.where(np.isfinite(s), s, np.inf).astype(np.float32)
+    signif = excess.astype(np.float32)
     ids = np.arange(1, n + 1)
     lab = labels.ravel()[flagged]
     power = ndimage.sum(np.square(np.maximum(signif, 0)), lab, ids)
@@ -1056,18 +1052,17 @@ def _neighbours(ys, xs, shape, r: int):
 
 
 def _flag_excess(sci, var, crmask, inmask):
-    """The flagged pixels (flat indices), each one's excess over the median of its
-    unflagged, usable 5x5 neighbours in sigmas of their median variance (+inf without
-    any), and the index (into them) of each event's brightest."""
+    """The flagged events (8-connected labels and their number), the flagged pixels
+    (flat indices) and each one's excess over the median of its unflagged, usable 5x5
+    neighbours in sigmas of their median variance (+inf without any)."""
     from scipy import ndimage
 
-    labels, _ = ndimage.label(crmask, structure=np.ones((3, 3), bool))
+    labels, n = ndimage.label(crmask, structure=np.ones((3, 3), bool))
     pix = np.flatnonzero(crmask)
     level, noise = _local_background(sci, var, pix, (crmask | inmask).ravel())
     with np.errstate(all="ignore"):
         excess = (sci.ravel()[pix] - level) / noise
-    excess = np.where(np.isfinite(excess), excess, np.inf)
-    return pix, excess, _brightest(excess, labels.ravel()[pix])
+    return labels, n, pix, np.where(np.isfinite(excess), excess, np.inf)
 
 
 #: trim_faint on (False: off)
@@ -1084,9 +1079,9 @@ def trim_faint(sci, var, crmask, inmask, *, nsigma: float) -> np.ndarray:
     do stand out come back with :func:`grow_conditional`, which runs next; the truth's
     hit pixels (charge above 5 sigma) are never below 2 sigma but for a 3-sigma noise dip.
     """
-    pix, excess, top = _flag_excess(sci, var, crmask, inmask)
+    labels, _, pix, excess = _flag_excess(sci, var, crmask, inmask)
     keep = excess >= nsigma
-    keep[top] = True
+    keep[_brightest(excess, labels.ravel()[pix])] = True
     out = np.zeros_like(crmask)
     out.ravel()[pix[keep]] = True
     return out
@@ -1113,12 +1108,12 @@ def keep_anchored(sci, var, crmask, inmask) -> np.ndarray:
     (those fall from 5.4 to 4.2 % of the flags), and 0.12 % of the true pixels: the
     cores of faint tracks whose pixels read below 3.5 sigma.
     """
-    pix, excess, top = _flag_excess(sci, var, crmask, inmask)
+    labels, _, pix, excess = _flag_excess(sci, var, crmask, inmask)
     # on the flagged pixels and their 3x3 windows only (a whole-frame filter cost
     # 0.14 s a 2k frame)
     idx, inside = _neighbours(*np.divmod(pix, crmask.shape[1]), crmask.shape, 1)
     core = excess >= _ANCHOR_SIGMA
-    core[top] = True
+    core[_brightest(excess, labels.ravel()[pix])] = True
     flat = np.zeros(crmask.size, bool)
     if _ANCHOR_PAIR > 0:
         track = excess >= _ANCHOR_PAIR
