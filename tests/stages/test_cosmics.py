@@ -579,6 +579,28 @@ def test_blended_bright_stars_spared_hits_beside_them_flagged(fwhm_px, seed, mon
     assert run()[1] >= 200
 
 
+def six_hits_found_and_noise(skies, sigma):
+    """Plant six 2 px hits (40 + 15 ``sigma``) on each (sci, var, header) of ``skies``
+    and run the stage: the hit pixels flagged and the flags not within a pixel of a hit,
+    summed over the frames."""
+    from scipy import ndimage
+
+    found = noise = 0
+    for sci, var, hdr in skies:
+        hits = np.zeros(sci.shape, bool)
+        for k in range(6):
+            y, x = 100 + 150 * k, 80 + 140 * k
+            sci[y, x] += 40 * sigma
+            sci[y, x + 1] += 15 * sigma
+            hits[y, x:x + 2] = True
+        z, _ = flag_cosmics(Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr),
+                            settings=Cosmics())
+        flagged = (z.mask & Mask.COSMIC) != 0
+        found += int((flagged & hits).sum())
+        noise += int((flagged & ~ndimage.binary_dilation(hits, np.ones((3, 3), bool))).sum())
+    return found, noise
+
+
 def test_noise_peaks_dropped_where_hits_are_few(monkeypatch):
     """A 1k frame with six hits (a 60 s exposure's few) has ~3.5 noise peaks above the
     4.5 sigma that keep_significant asks of an event; grown, they were 5-10 % of a 60 s
@@ -587,25 +609,8 @@ def test_noise_peaks_dropped_where_hits_are_few(monkeypatch):
     import photowatch.stages.cosmics as cosmics
 
     def run():
-        noise = found = 0
-        for seed in (1, 2, 3):
-            sci, var, hdr = noise_frame((1024, 1024), seed=seed)
-            hits = np.zeros(sci.shape, bool)
-            for k in range(6):
-                y, x = 100 + 150 * k, 80 + 140 * k
-                sci[y, x] += 40 * SKY_SIGMA
-                sci[y, x + 1] += 15 * SKY_SIGMA
-                hits[y, x:x + 2] = True
-            frame = Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr)
-            z, _ = flag_cosmics(frame, settings=Cosmics())
-            flagged = (z.mask & Mask.COSMIC) != 0
-            found += int((flagged & hits).sum())
-            near = np.zeros_like(hits)
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    near |= np.roll(np.roll(hits, dy, 0), dx, 1)
-            noise += int((flagged & ~near).sum())
-        return found, noise
+        return six_hits_found_and_noise([noise_frame((1024, 1024), seed=s) for s in (1, 2, 3)],
+                                        SKY_SIGMA)
 
     found, noise = run()
     assert found == 36
@@ -656,18 +661,14 @@ def test_every_flag_stands_out_of_its_surroundings(seed, monkeypatch):
     night's far pixels. Before the growth, a flagged pixel that is not 2 sigma above the
     median of its unflagged 5x5 neighbours (the growth's own test) is unflagged, except
     its event's brightest."""
-    from scipy import ndimage
-
     import photowatch.stages.cosmics as cosmics
 
     def run():
         frame, hits = hits_on_noise(seed)
         z, _ = flag_cosmics(frame, settings=Cosmics())
         flagged = (z.mask & Mask.COSMIC) != 0
-        pix = np.flatnonzero(flagged)
-        level, noise = cosmics._local_background(frame.sci, frame.var, pix, flagged.ravel())
-        excess = (frame.sci.ravel()[pix] - level) / noise
-        labels, _ = ndimage.label(flagged, np.ones((3, 3), bool))
+        labels, _, pix, excess = cosmics._flag_excess(frame.sci, frame.var, flagged,
+                                                      np.zeros_like(flagged))
         low = excess < 2.0
         low[cosmics._brightest(excess, labels.ravel()[pix])] = False
         return (flagged & hits).sum() / hits.sum(), int(low.sum())
@@ -714,30 +715,18 @@ def test_noise_peaks_of_a_faint_poisson_sky_dropped(monkeypatch):
     stay flagged."""
     import photowatch.stages.cosmics as cosmics
 
-    def run():
-        noise = found = 0
-        for seed in (1, 2, 3, 4, 5):
-            rng = np.random.default_rng(seed)
-            sky = 100.0
-            sci = (rng.poisson(sky, (1024, 1024)) - sky).astype(np.float32)
-            var = np.full(sci.shape, sky, np.float32)
-            hits = np.zeros(sci.shape, bool)
-            for k in range(6):
-                y, x = 100 + 150 * k, 80 + 140 * k
-                sci[y, x] += 40 * np.sqrt(sky)
-                sci[y, x + 1] += 15 * np.sqrt(sky)
-                hits[y, x:x + 2] = True
-            hdr = fits.Header()
-            hdr["RDNOISE"] = 0.0
-            z, _ = flag_cosmics(Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr),
-                                settings=Cosmics())
-            flagged = (z.mask & Mask.COSMIC) != 0
-            found += int((flagged & hits).sum())
-            near = ndimage.binary_dilation(hits, np.ones((3, 3), bool))
-            noise += int((flagged & ~near).sum())
-        return found, noise
+    sky = 100.0
+    hdr = fits.Header()
+    hdr["RDNOISE"] = 0.0
 
-    from scipy import ndimage
+    def poisson_sky(seed):
+        rng = np.random.default_rng(seed)
+        sci = (rng.poisson(sky, (1024, 1024)) - sky).astype(np.float32)
+        return sci, np.full(sci.shape, sky, np.float32), hdr
+
+    def run():
+        return six_hits_found_and_noise([poisson_sky(s) for s in (1, 2, 3, 4, 5)],
+                                        np.sqrt(sky))
 
     found, noise = run()
     assert found == 60
