@@ -247,6 +247,30 @@ def hits_on_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA
     return frame, x, y, hits
 
 
+def bright_stars_with_companions(seed: int, fwhm_px: float, *, n_side: int = 8,
+                                 step: int = 32, peak_snr=(30.0, 300.0),
+                                 companion_snr=(5.0, 45.0), radius=(4.5, 7.0),
+                                 sky_sigma: float = 20.0):
+    """A sky-subtracted frame of bright stars, each with a faint companion (issue 17,
+    eleventh round): a grid of ``n_side`` x ``n_side`` Moffat stars whose peak pixel
+    stands ``peak_snr`` sky sigmas, and beside each, ``radius`` px from its centre, a
+    star of ``companion_snr`` sigmas, with their Poisson noise and no hit. Returns the
+    Frame."""
+    rng = np.random.default_rng(seed)
+    shape, x, y = star_grid(rng, n_side, step)
+    beta = MOFFAT_BETA
+    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)
+    peak = rng.uniform(*peak_snr, x.size) * sky_sigma
+    a, r = rng.uniform(0, 2 * np.pi, x.size), rng.uniform(*radius, x.size)
+    cx, cy = x + r * np.cos(a), y + r * np.sin(a)
+    cpeak = rng.uniform(*companion_snr, x.size) * sky_sigma
+    star = moffat_stars(shape, np.r_[x, cx], np.r_[y, cy],
+                        np.r_[peak, cpeak] / peak_fraction, fwhm_px=fwhm_px, beta=beta)
+    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    return _hit_frame(sci, star, np.zeros(shape, bool), sky_sigma)
+
+
 def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: int = 64,
                            peak_snr=(500.0, 5000.0), sep=(6.0, 10.0),
                            sky_sigma: float = 33.0):

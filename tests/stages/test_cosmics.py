@@ -530,6 +530,48 @@ def test_hits_on_bright_stars_flagged_their_cores_spared(seed, beta, monkeypatch
     assert without <= 0.1
 
 
+@pytest.mark.parametrize("seed,beta", [(1, 3.0), (2, 4.5), (3, 2.5)])
+def test_hits_on_a_bright_stars_wing_flagged(seed, beta, monkeypatch):
+    """Hits 4.5-6 px from a bright star's centre (FWHM 6 px), where the star still stands
+    several sigma: L.A.Cosmic's ``objlim`` spares some with the wing, and star_hits' 11x11
+    window (``_STAR_R`` 5) did not reach them: 75-84 % flagged. Its 15x15 window does:
+    98-100 %, and the stars without a hit keep every pixel within 7 px."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import hits_on_bright_stars
+
+    frame, x, y, hits = hits_on_bright_stars(seed, 6.0, beta=beta, radius=(4.5, 6.0))
+    iy, ix = np.indices(hits.shape)
+    clean = np.zeros(hits.shape, bool)
+    for k in range(1, x.size, 2):  # the stars without a hit
+        clean |= np.hypot(iy - y[k], ix - x[k]) <= 7
+    run = functools.partial(hits_found_and_flags_in, frame, hits, clean)
+
+    found, on_clean = run()
+    assert found >= 0.95
+    assert on_clean == 0
+    monkeypatch.setattr(cosmics, "_STAR_R", 5)
+    assert run()[0] <= 0.9
+
+
+def test_companions_of_bright_stars_spared(monkeypatch):
+    """A faint star (5-45 sigma) 4.5-7 px from a bright one lies in the bright star's
+    15x15 window, where its core is a residual above the fit. A hit's residual stands
+    above its neighbours' mean by most of itself, a star's core by 0.15-0.4 of itself
+    (FWHM 6-3.5 px): star_hits asks 0.6. Over 12 frames of 64 such pairs (FWHM 3.5, 4.5,
+    6 px) 4 companion pixels are flagged; at 0.5, 16 (with the 11x11 window, 4)."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import bright_stars_with_companions
+
+    def flagged():
+        return sum(int(((flag_cosmics(bright_stars_with_companions(seed, fwhm),
+                                      settings=Cosmics())[0].mask & Mask.COSMIC) != 0).sum())
+                   for seed in (1, 2, 3, 4) for fwhm in (3.5, 4.5, 6.0))
+
+    assert flagged() <= 6
+    monkeypatch.setattr(cosmics, "_STAR_SHARP", 0.5)
+    assert flagged() >= 12
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_fwhm_estimate_on_frames_of_bright_or_broad_stars(seed, monkeypatch):
     """Two kinds of frame where the estimate found no FWHM, so that no PSF test ran:
