@@ -504,6 +504,20 @@ def test_bright_undersampled_core_off_the_template_grid_is_dropped(seed, monkeyp
     assert kept()
 
 
+def hits_on_bright_stars_run(seed, fwhm_px, beta, *, radius, clean_px):
+    """The stage on ``sim.psf.hits_on_bright_stars``' frame, as a call returning the
+    fraction of its hits flagged and the flags within ``clean_px`` of the stars without
+    a hit."""
+    from photowatch.sim.psf import hits_on_bright_stars
+
+    frame, x, y, hits = hits_on_bright_stars(seed, fwhm_px, beta=beta, radius=radius)
+    iy, ix = np.indices(hits.shape)
+    clean = np.zeros(hits.shape, bool)
+    for k in range(1, x.size, 2):  # the stars without a hit
+        clean |= np.hypot(iy - y[k], ix - x[k]) <= clean_px
+    return functools.partial(hits_found_and_flags_in, frame, hits, clean)
+
+
 @pytest.mark.parametrize("seed,beta", [(1, 3.0), (2, 4.5), (3, 2.5)])
 def test_hits_on_bright_stars_flagged_their_cores_spared(seed, beta, monkeypatch):
     """Hits of 10-25 % of a bright star's peak, 1.5-3 px from its centre: L.A.Cosmic's
@@ -512,16 +526,8 @@ def test_hits_on_bright_stars_flagged_their_cores_spared(seed, beta, monkeypatch
     beta 2.5-4.5 and FWHM 3.5-6 px, `benchmarks/bench_cosmics_star_hits.py`). Stars
     without a hit keep every pixel, also where the Moffat's beta is not the model's 3."""
     import photowatch.stages.cosmics as cosmics
-    from photowatch.sim.psf import hits_on_bright_stars
 
-    frame, x, y, hits = hits_on_bright_stars(seed, 4.5, beta=beta)
-    iy, ix = np.indices(hits.shape)
-    clean = np.zeros(hits.shape, bool)
-    for k in range(1, x.size, 2):  # the stars without a hit
-        clean |= np.hypot(iy - y[k], ix - x[k]) <= 5
-
-    run = functools.partial(hits_found_and_flags_in, frame, hits, clean)
-
+    run = hits_on_bright_stars_run(seed, 4.5, beta, radius=(1.5, 3.0), clean_px=5)
     found, on_clean = run()
     assert found >= 0.7
     assert on_clean == 0
@@ -537,15 +543,8 @@ def test_hits_on_a_bright_stars_wing_flagged(seed, beta, monkeypatch):
     window (``_STAR_R`` 5) did not reach them: 75-84 % flagged. Its 15x15 window does:
     98-100 %, and the stars without a hit keep every pixel within 7 px."""
     import photowatch.stages.cosmics as cosmics
-    from photowatch.sim.psf import hits_on_bright_stars
 
-    frame, x, y, hits = hits_on_bright_stars(seed, 6.0, beta=beta, radius=(4.5, 6.0))
-    iy, ix = np.indices(hits.shape)
-    clean = np.zeros(hits.shape, bool)
-    for k in range(1, x.size, 2):  # the stars without a hit
-        clean |= np.hypot(iy - y[k], ix - x[k]) <= 7
-    run = functools.partial(hits_found_and_flags_in, frame, hits, clean)
-
+    run = hits_on_bright_stars_run(seed, 6.0, beta, radius=(4.5, 6.0), clean_px=7)
     found, on_clean = run()
     assert found >= 0.95
     assert on_clean == 0
