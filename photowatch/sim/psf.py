@@ -170,6 +170,21 @@ def _hit_frame(sci, star, hits, sky_sigma: float):
                  np.zeros(sci.shape, np.uint16), hdr)
 
 
+def moffat_stars_of_peak(shape: tuple[int, int], x, y, peak, *, fwhm_px: float,
+                         beta: float = MOFFAT_BETA) -> np.ndarray:
+    """:func:`moffat_stars` given each star's central value (the Moffat's peak, e- per
+    pixel) instead of its flux."""
+    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)  # of the flux, at the centre
+    return moffat_stars(shape, x, y, np.asarray(peak) / peak_fraction, fwhm_px=fwhm_px,
+                        beta=beta)
+
+
+def _observed(rng, star: np.ndarray, sky_sigma: float) -> np.ndarray:
+    """The stars on a sky-subtracted frame: sky noise ``sky_sigma`` and their Poisson."""
+    return rng.normal(0, sky_sigma, star.shape) + rng.normal(0, np.sqrt(star)) + star
+
+
 def star_grid(rng, n_side: int, step: int):
     """A square frame of ``n_side`` x ``n_side`` cells of ``step`` px and a star in the
     middle of each, up to half a pixel off: (shape, x, y)."""
@@ -197,7 +212,7 @@ def faint_stars_with_hits(seed: int, fwhm_px: float, n_side: int = 16, step: int
     s2n = rng.uniform(*snr, x.size)
     neff = 4 * np.pi * (fwhm_px / 2.3548) ** 2  # noise-equivalent area of the PSF
     star = moffat_stars(shape, x, y, s2n * sky_sigma * np.sqrt(neff), fwhm_px=fwhm_px)
-    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    sci = _observed(rng, star, sky_sigma)
     hits = np.zeros(shape, bool)
     for k in range(0, x.size, 2):
         a, r = rng.uniform(0, 2 * np.pi), rng.uniform(4, 6)
@@ -227,11 +242,9 @@ def hits_on_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA
     true hit mask (the stars of odd index carry no hit)."""
     rng = np.random.default_rng(seed)
     shape, x, y = star_grid(rng, n_side, step)
-    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)  # of the flux, at the centre
     peak = rng.uniform(*peak_snr, x.size) * sky_sigma
-    star = moffat_stars(shape, x, y, peak / peak_fraction, fwhm_px=fwhm_px, beta=beta)
-    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    star = moffat_stars_of_peak(shape, x, y, peak, fwhm_px=fwhm_px, beta=beta)
+    sci = _observed(rng, star, sky_sigma)
     hits = np.zeros(shape, bool)
     for k in range(0, x.size, 2):
         a, r = rng.uniform(0, 2 * np.pi), rng.uniform(*radius)
@@ -258,16 +271,13 @@ def bright_stars_with_companions(seed: int, fwhm_px: float, *, n_side: int = 8,
     Frame."""
     rng = np.random.default_rng(seed)
     shape, x, y = star_grid(rng, n_side, step)
-    beta = MOFFAT_BETA
-    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)
     peak = rng.uniform(*peak_snr, x.size) * sky_sigma
     a, r = rng.uniform(0, 2 * np.pi, x.size), rng.uniform(*radius, x.size)
     cx, cy = x + r * np.cos(a), y + r * np.sin(a)
     cpeak = rng.uniform(*companion_snr, x.size) * sky_sigma
-    star = moffat_stars(shape, np.r_[x, cx], np.r_[y, cy],
-                        np.r_[peak, cpeak] / peak_fraction, fwhm_px=fwhm_px, beta=beta)
-    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    star = moffat_stars_of_peak(shape, np.r_[x, cx], np.r_[y, cy], np.r_[peak, cpeak],
+                                fwhm_px=fwhm_px)
+    sci = _observed(rng, star, sky_sigma)
     return _hit_frame(sci, star, np.zeros(shape, bool), sky_sigma)
 
 
@@ -285,13 +295,10 @@ def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: 
     half = rng.uniform(*sep, cx.size) / 2
     x = np.concatenate([cx + half * np.cos(a), cx - half * np.cos(a)])
     y = np.concatenate([cy + half * np.sin(a), cy - half * np.sin(a)])
-    beta = MOFFAT_BETA
-    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    peak_fraction = (beta - 1.0) / (math.pi * alpha * alpha)
     peak = rng.uniform(*peak_snr, cx.size) * sky_sigma
     peak = np.concatenate([peak, peak * rng.uniform(0.4, 1.0, cx.size)])
-    star = moffat_stars(shape, x, y, peak / peak_fraction, fwhm_px=fwhm_px, beta=beta)
-    sci = rng.normal(0, sky_sigma, shape) + rng.normal(0, np.sqrt(star)) + star
+    star = moffat_stars_of_peak(shape, x, y, peak, fwhm_px=fwhm_px)
+    sci = _observed(rng, star, sky_sigma)
     hits = np.zeros(shape, bool)
     for k in range(cx.size):
         hy, hx = int(cy[k] - step / 2 + 6), int(cx[k] - step / 2 + 6)
@@ -323,7 +330,7 @@ def edge_stars_with_hits(seed: int, fwhm_px: float = 2.0, *, size: int = 128,
         ys.append(y)
         flux.append(rng.uniform(*peak_snr) * sky_sigma * 2 * np.pi * (fwhm_px / 2.3548) ** 2)
     star = moffat_stars((n, n), xs, ys, flux, fwhm_px=fwhm_px)
-    sci = rng.normal(0, sky_sigma, (n, n)) + rng.normal(0, np.sqrt(star)) + star
+    sci = _observed(rng, star, sky_sigma)
     hits = np.zeros((n, n), bool)
     for x0 in (20, 60, 100):
         sci[0, x0:x0 + 3] += rng.uniform(20, 60) * sky_sigma
