@@ -37,7 +37,6 @@ import numpy as np
 from astropy.io import fits
 from scipy import ndimage
 
-ROOT = Path(__file__).resolve().parents[1]
 RING = np.ones((3, 3), bool)
 
 
@@ -109,9 +108,7 @@ def main() -> None:
             t0 = time.time()
             rc = run(exe + ["reduce", str(night.raw_dir), "--out", str(out), "--catalog",
                             str(d / "night" / "catalog.ecsv")], d / "log")
-            steps = [("reduce", rc, time.time() - t0)]
-            s = score(out, night.truth_dir)
-            rows = [("reduce", rc, steps[0][2], s)]
+            rows = [("reduce", rc, time.time() - t0, score(out, night.truth_dir))]
             if not args.no_finalize:
                 t0 = time.time()
                 rc = run(exe + ["finalize", "--out", str(out)], d / "log")
