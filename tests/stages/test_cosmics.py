@@ -13,6 +13,7 @@ from photowatch.stages.cosmics import (
     candidate_seeds,
     drop_psf_like,
     estimate_fwhm,
+    faint_events,
     flag_cosmics,
     grow_conditional,
     keep_significant,
@@ -403,6 +404,64 @@ def test_faint_blobs_flagged_faint_stars_spared(seed, monkeypatch):
     monkeypatch.setattr(cosmics, "_BLOB_LIN", 0.0)
     without, _ = run()
     assert without <= 0.85
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_faint_groups_held_to_a_noise_threshold_above_their_surroundings(seed):
+    """faint_events takes a group no seed found only if its brightest pixel stands
+    ``min_excess`` above its surroundings (the frame's noise threshold, see the next
+    test): a short faint track of 4.7, 4.1 and 3.6 sigma (a hit whose charge stays below
+    the truth's 5 sigma, or three noise pixels) passes 4.5 sigma above zero, its only
+    test before (81-100 % of those tracks taken on seeds 1-7), and 5-14 % of them pass 5
+    (the median of their surroundings is itself noisy); the compact hits of
+    ``blobs_among_faint_stars`` pass both."""
+    frame, hits, x, y = blobs_among_faint_stars(seed)
+    sci = frame.sci.copy()
+    faint = np.zeros(hits.shape, bool)
+    for k in range(1, x.size, 2):  # midway between the stars the blobs leave free
+        ty, tx = int(y[k]) + 16, int(x[k]) + 16
+        if ty >= sci.shape[0] - 8 or tx >= sci.shape[1] - 8:
+            continue
+        sci[ty, tx:tx + 3] = np.array([4.7, 4.1, 3.6], np.float32) * SKY_SIGMA
+        faint[ty, tx:tx + 3] = True
+    assert faint.sum() >= 3 * 15
+    none = np.zeros(hits.shape, bool)
+
+    def taken(min_excess):
+        return faint_events(sci, frame.var, none, none, fwhm_px=5.0, min_excess=min_excess)
+
+    before, now = taken(0.0), taken(5.0)
+    assert before[faint].mean() >= 0.75
+    assert now[faint].mean() <= 0.2
+    assert now[hits].sum() >= 0.95 * before[hits].sum() > 0
+
+
+def test_faint_events_held_to_keep_significants_threshold(monkeypatch):
+    """flag_cosmics hands faint_events the threshold keep_significant set from the
+    frame's expected noise peaks: on a 512 px frame of four hits it is above 4.5 sigma."""
+    import photowatch.stages.cosmics as cosmics
+
+    sci, var, hdr = noise_frame((512, 512), seed=3)
+    for y, x in [(100, 100), (200, 300), (400, 150), (300, 450)]:
+        sci[y, x:x + 2] += 30 * SKY_SIGMA
+    seen = {}
+    keep, faint = cosmics.keep_significant, cosmics.faint_events
+
+    def keep_spy(*a, **k):
+        out = keep(*a, **k)
+        seen["t"] = out[2]
+        return out
+
+    def faint_spy(*a, **k):
+        seen["min_excess"] = k["min_excess"]
+        return faint(*a, **k)
+
+    monkeypatch.setattr(cosmics, "keep_significant", keep_spy)
+    monkeypatch.setattr(cosmics, "faint_events", faint_spy)
+    flag_cosmics(Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr), settings=Cosmics(),
+                 fwhm_px=5.0)
+    assert seen["t"] > 4.5
+    assert seen["min_excess"] == seen["t"]
 
 
 def test_hit_beside_a_bleed_trail_flagged_star_rim_protected(monkeypatch):
