@@ -6,7 +6,7 @@ of ``photowatch/stages/cosmics.py`` on dozens of nights in minutes, scored as
 runs ``photowatch reduce`` in-process and keeps every frame handed to the cosmics stage,
 with its truth mask and CR charge map, as ``CACHE/nSIZE_SEED/f_<raw stem>.pkl``.
 ``score`` runs ``flag_cosmics`` on them, with module constants overridden by ``--set``
-(also where a function binds one as a keyword default),
+(also where one of its functions binds a number as a keyword default: printed),
 and prints per night: frames, true pixels, completeness (truth outside MASK bits 1, 2, 8
 and 16), flags, far flags (more than a pixel from a truth pixel), pixels flagged in
 every frame; then the nights that meet the goal (>= 95 %, <= 5 %, none in every frame).
@@ -100,13 +100,18 @@ def score(root: Path, overrides: list[str]) -> None:
             raise SystemExit(f"photowatch.stages.cosmics has no {name}")
         old, value = getattr(cm, name), ast.literal_eval(value)
         setattr(cm, name, value)
-        # a constant bound as a keyword default (faint_events' peak=_BLOB_PEAK) is the
-        # same object there: change it too
-        for f in vars(cm).values():
-            kw = getattr(f, "__kwdefaults__", None) if callable(f) else None
-            for k, v in (kw or {}).items():
-                if v is old:
-                    kw[k] = value
+        # a number bound as a keyword default of the module's functions (faint_events'
+        # peak=_BLOB_PEAK) is the same object there: change it too, and say where (an
+        # equal literal elsewhere in the module may be that object as well)
+        if isinstance(old, (int, float)) and not isinstance(old, bool):
+            for f in vars(cm).values():
+                if getattr(f, "__module__", None) != cm.__name__:
+                    continue
+                kw = getattr(f, "__kwdefaults__", None) or {}
+                for k, v in kw.items():
+                    if v is old:
+                        kw[k] = value
+                        print(f"{name}: also {f.__name__}({k}=...)")
     met = total = 0
     sums = np.zeros(4)
     for d in sorted(p for p in root.iterdir() if (p / "done").exists()):
