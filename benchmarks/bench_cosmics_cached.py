@@ -8,8 +8,9 @@ with its truth mask and CR charge map, as ``CACHE/nSIZE_SEED/f_<raw stem>.pkl``.
 ``score`` runs ``flag_cosmics`` on them, with module constants overridden by ``--set``
 (also where one of its functions binds a number as a keyword default: printed),
 and prints per night: frames, true pixels, completeness (truth outside MASK bits 1, 2, 8
-and 16), flags, far flags (more than a pixel from a truth pixel), pixels flagged in
-every frame; then the nights that meet the goal (>= 95 %, <= 5 %, none in every frame).
+and 16), flags, far (the share of them more than a pixel from a truth pixel), pixels
+flagged in every frame; then the nights that meet the goal (>= 95 %, <= 5 %, none in every
+frame) and the pooled scores, as ``bench_cosmics_cli.py`` counts them (its ``Tally``).
 
 Usage::
 
@@ -29,18 +30,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-
-RING = np.ones((3, 3), bool)
-
-
-def nights(specs: list[str]) -> list[tuple[int, int]]:
-    out = []
-    for a in specs:
-        size, seeds = a.split(":")
-        first, _, last = seeds.partition("-")
-        out += [(int(size), s) for s in range(int(first), int(last or first) + 1)]
-    return out
+from bench_cosmics_cli import Tally, met, nights, summary
 
 
 def _keeper(d: Path, night, stage):
@@ -112,33 +102,21 @@ def score(root: Path, overrides: list[str]) -> None:
                     if v is old:
                         kw[k] = value
                         print(f"{name}: also {f.__name__}({k}=...)")
-    met = total = 0
-    sums = np.zeros(4)
+    scores = []
     for d in sorted(p for p in root.iterdir() if (p / "done").exists()):
-        true_px = hit = flagged_px = far = n = 0
-        count = None
+        tally = Tally()
         for pk in sorted(d.glob("f_*.pkl")):
             with open(pk, "rb") as fh:
                 c = pickle.load(fh)
             z, _ = cm.flag_cosmics(c["frame"], settings=c["settings"])
-            flagged = (z.mask & 4) != 0
-            truth = c["crm"] & ((c["frame"].mask & (1 | 2 | 8 | 16)) == 0)
-            true_px += truth.sum()
-            hit += (flagged & truth).sum()
-            flagged_px += flagged.sum()
-            far += (flagged & ~ndimage.binary_dilation(c["crm"], structure=RING)).sum()
-            count = flagged.astype(np.int16) if count is None else count + flagged
-            n += 1
-        every = int((count == n).sum()) if n else 0
-        compl, farf = hit / max(true_px, 1), far / max(flagged_px, 1)
-        ok = compl >= 0.95 and farf <= 0.05 and every == 0
-        met += ok
-        total += 1
-        sums += (true_px, hit, flagged_px, far)
-        print(f"{d.name:>12s} {n:3d} {true_px:7d} {100 * compl:6.2f}% {flagged_px:7d} {far:5d} "
-              f"{100 * farf:5.2f}% {every:3d}{'' if ok else '  goal missed'}", flush=True)
-    print(f"goal met on {met} of {total} nights; pooled completeness "
-          f"{100 * sums[1] / max(sums[0], 1):.2f} %, far {100 * sums[3] / max(sums[2], 1):.2f} %")
+            tally.add((z.mask & 4) != 0, c["frame"].mask, c["crm"])
+        s = tally.scores()
+        scores.append(s)
+        print(f"{d.name:>12s} {s['n']:3d} {s['true_px']:7d} {100 * s['compl']:6.2f}% "
+              f"{s['flagged']:7d} {100 * s['far']:5.2f}% {s['every']:3d}"
+              f"{'' if met(s) else '  goal missed'}", flush=True)
+    if scores:
+        print(summary("score", scores))
 
 
 def main() -> None:

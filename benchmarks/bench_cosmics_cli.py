@@ -40,29 +40,69 @@ from scipy import ndimage
 RING = np.ones((3, 3), bool)
 
 
+def nights(specs: list[str]) -> list[tuple[int, int]]:
+    """(size, seed) of each ``SIZE:SEED`` or ``SIZE:FIRST-LAST``."""
+    out = []
+    for a in specs:
+        size, seeds = a.split(":")
+        first, _, last = seeds.partition("-")
+        out += [(int(size), s) for s in range(int(first), int(last or first) + 1)]
+    return out
+
+
+class Tally:
+    """A night's counts, frame by frame: ``add(flagged, mask, crm)`` with the bit-4
+    pixels, the product's MASK and the truth mask; ``scores()`` as the module says."""
+
+    def __init__(self):
+        self.true_px = self.true_all = self.hit = self.hit_all = self.flagged = self.far = 0
+        self.count = None
+        self.n = 0
+
+    def add(self, flagged, mask, crm) -> None:
+        truth = crm & ((mask & (1 | 2 | 8 | 16)) == 0)
+        self.true_px += int(truth.sum())
+        self.true_all += int(crm.sum())
+        self.hit += int((flagged & truth).sum())
+        self.hit_all += int((flagged & crm).sum())
+        self.flagged += int(flagged.sum())
+        self.far += int((flagged & ~ndimage.binary_dilation(crm, structure=RING)).sum())
+        self.count = flagged.astype(np.int32) if self.count is None else self.count + flagged
+        self.n += 1
+
+    def scores(self) -> dict:
+        return dict(n=self.n, true_px=self.true_px, compl=self.hit / max(self.true_px, 1),
+                    compl_all=self.hit_all / max(self.true_all, 1), flagged=self.flagged,
+                    far=self.far / max(self.flagged, 1),
+                    every=int((self.count == self.n).sum()) if self.n else 0)
+
+
+def met(s: dict) -> bool:
+    """The issue's goal on a night's scores."""
+    return s["compl"] >= 0.95 and s["far"] <= 0.05 and s["every"] == 0
+
+
+def summary(label: str, sel: list[dict]) -> str:
+    """Goal met, pooled completeness and far, and the worst night of ``sel`` (scores)."""
+    tp = sum(s["true_px"] for s in sel)
+    fl = sum(s["flagged"] for s in sel)
+    pooled = sum(s["compl"] * s["true_px"] for s in sel) / max(tp, 1)
+    pooled_far = sum(s["far"] * s["flagged"] for s in sel) / max(fl, 1)
+    return (f"{label}: goal met on {sum(met(s) for s in sel)} of {len(sel)} nights; "
+            f"pooled completeness {100 * pooled:.2f} %, far {100 * pooled_far:.2f} %; "
+            f"worst {100 * min(s['compl'] for s in sel):.2f} % / "
+            f"{100 * max(s['far'] for s in sel):.2f} %")
+
+
 def score(out: Path, truth_dir: Path) -> dict:
-    true_px = true_all = hit = hit_all = flagged_px = far = 0
-    count = None
-    n = 0
+    tally = Tally()
     for path in sorted((out / "reduced").glob("*/*.fits")):
         with fits.open(path) as h:
             orig = h[0].header.get("ORIGFILE") or h["SCI"].header.get("ORIGFILE")
             mask = h["MASK"].data
         crm = fits.getdata(truth_dir / f"crmask_{Path(orig).stem}.fits") != 0
-        flagged = (mask & 4) != 0
-        excluded = (mask & (1 | 2 | 8 | 16)) != 0
-        truth = crm & ~excluded
-        true_px += truth.sum()
-        true_all += crm.sum()
-        hit += (flagged & truth).sum()
-        hit_all += (flagged & crm).sum()
-        flagged_px += flagged.sum()
-        far += (flagged & ~ndimage.binary_dilation(crm, structure=RING)).sum()
-        count = flagged.astype(int) if count is None else count + flagged
-        n += 1
-    return dict(n=n, true_px=int(true_px), compl=hit / max(true_px, 1),
-                compl_all=hit_all / max(true_all, 1), flagged=int(flagged_px),
-                far=far / max(flagged_px, 1), every=int((count == n).sum()) if n else 0)
+        tally.add((mask & 4) != 0, mask, crm)
+    return tally.scores()
 
 
 def _kept(root: str, size: int, seed: int) -> Path:
@@ -90,11 +130,7 @@ def main() -> None:
     extra = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.sim)}
     from photowatch.sim.night import simulate_night
 
-    runs = []
-    for a in args.nights:
-        size, seeds = a.split(":")
-        first, _, last = seeds.partition("-")
-        runs += [(int(size), s) for s in range(int(first), int(last or first) + 1)]
+    runs = nights(args.nights)
     exe = [sys.executable, "-m", "photowatch"]
     print(f"{'night':>10s} {'step':>8s} {'frames':>6s} {'true px':>8s} {'compl':>7s} "
           f"{'all':>7s} {'flagged':>8s} {'far':>6s} {'every':>5s} {'s':>6s}", flush=True)
@@ -114,24 +150,16 @@ def main() -> None:
                 rc = run(exe + ["finalize", "--out", str(out)], d / "log")
                 rows.append(("finalize", rc, time.time() - t0, score(out, night.truth_dir)))
             for step, rc, secs, s in rows:
-                ok = s["compl"] >= 0.95 and s["far"] <= 0.05 and s["every"] == 0
                 print(f"{size:>5d}:{seed:<4d} {step:>8s} {s['n']:6d} {s['true_px']:8d} "
                       f"{100 * s['compl']:6.2f}% {100 * s['compl_all']:6.2f}% "
                       f"{s['flagged']:8d} {100 * s['far']:5.2f}% {s['every']:5d} {secs:6.0f}"
-                      f"{'' if rc == 0 else f'  rc {rc}'}{'' if ok else '  goal missed'}",
+                      f"{'' if rc == 0 else f'  rc {rc}'}{'' if met(s) else '  goal missed'}",
                       flush=True)
-                results.append((step, ok, s))
+                results.append((step, s))
     for step in ("reduce", "finalize"):
-        sel = [(ok, s) for st, ok, s in results if st == step]
+        sel = [s for st, s in results if st == step]
         if sel:
-            tp = sum(s["true_px"] for _, s in sel)
-            pooled = sum(s["compl"] * s["true_px"] for _, s in sel) / max(tp, 1)
-            fl = sum(s["flagged"] for _, s in sel)
-            pooled_far = sum(s["far"] * s["flagged"] for _, s in sel) / max(fl, 1)
-            print(f"{step}: goal met on {sum(ok for ok, _ in sel)} of {len(sel)} nights; "
-                  f"pooled completeness {100 * pooled:.2f} %, far {100 * pooled_far:.2f} %; "
-                  f"worst {100 * min(s['compl'] for _, s in sel):.2f} % / "
-                  f"{100 * max(s['far'] for _, s in sel):.2f} %")
+            print(summary(step, sel))
 
 
 if __name__ == "__main__":
