@@ -288,6 +288,8 @@ _EVENT_LIN_SIGMA = 7.0
 #: the threshold rises to ~5.1 sigma on a 1k frame of six hits and stays at ~4.5-4.6 on
 #: 300 s frames (dozens): 2.5 % at the same completeness (notes/cosmics14.md)
 _NOISE_EVENTS = 0.03
+#: ... by at most this many sigma
+_NOISE_RISE = 1.0
 #: ... counting the sky's Poisson skew (:func:`sky_skew`, the tail's first Edgeworth
 #: term): at 60 s (~1200 e- of sky) it holds 1.6 times the Gaussian's noise peaks above
 #: 5 sigma (False: a Gaussian tail)
@@ -558,8 +560,8 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
     their linear sum over sqrt(pixels) ``_EVENT_LIN_SIGMA``: two or three noise pixels
     of 3.5-4 sigma side by side pass the quadratic sum, not that.
 
-    That peak threshold rises (by 0.05 sigma steps, up to 1 sigma) until the noise peaks
-    expected above it (Gaussian, over the frame's usable pixels) are at most
+    That peak threshold rises (by 0.05 sigma steps, up to ``_NOISE_RISE``) until the noise
+    peaks expected above it (Gaussian, over the frame's usable pixels) are at most
     ``_NOISE_EVENTS`` of the events kept: a 1k frame of 60 s has ~10 hits and ~3.5 noise
     peaks above 4.5 sigma, which, grown, were 5-10 % of its flags; it rises to ~5.1
     sigma there, where hits whose charge stays below the truth's 5 sigma are left too.
@@ -571,8 +573,9 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
     from scipy import ndimage
 
     labels, n, flagged, excess = _flag_excess(sci, var, crmask, inmask)
-    if not n:  # no event kept: the noise rule's threshold is at its top
-        top = _EVENT_PEAK_SIGMA + (1.0 if _NOISE_EVENTS > 0 else 0.0)
+    if not n:  # no event: the noise rule's threshold is at its top
+        top = _EVENT_PEAK_SIGMA + (_NOISE_RISE if _EVENT_PEAK_SIGMA > 0 and _NOISE_EVENTS > 0
+                                   else 0.0)
         return (crmask, labels, top) if return_labels else crmask
     signif = excess.astype(np.float32)
     ids = np.arange(1, n + 1)
@@ -595,7 +598,7 @@ def keep_significant(sci, var, crmask, inmask, *, nsigma: float,
         if _NOISE_EVENTS > 0:
             from scipy.special import ndtr
             n_test = float(np.count_nonzero(~inmask))
-            for t in _EVENT_PEAK_SIGMA + np.arange(0, 1.01, 0.05):
+            for t in _EVENT_PEAK_SIGMA + np.arange(0, _NOISE_RISE + 0.01, 0.05):
                 kept = np.count_nonzero(good[1:] & ((peak >= t) | by_lin))
                 tail = ndtr(-t) + skew / 6.0 * (t * t - 1.0) * math.exp(-0.5 * t * t) / _SQRT_2PI
                 if n_test * tail <= _NOISE_EVENTS * kept:
