@@ -81,6 +81,20 @@ def cache(root: Path, specs: list[str], sim: dict) -> None:
         print(f"{d}: reduce rc {rc}, {len(list(d.glob('f_*.pkl')))} frames", flush=True)
 
 
+def _bound_defaults(module) -> dict[str, list[tuple[str, str]]]:
+    """{constant name: [(function, keyword)]} for the module's top-level functions whose
+    keyword-only defaults are written as a bare name (``peak: float = _BLOB_PEAK``)."""
+    import inspect
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.FunctionDef):
+            for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults):
+                if isinstance(default, ast.Name):
+                    out.setdefault(default.id, []).append((node.name, arg.arg))
+    return out
+
+
 def score(root: Path, overrides: list[str]) -> None:
     import photowatch.stages.cosmics as cm
 
@@ -88,20 +102,14 @@ def score(root: Path, overrides: list[str]) -> None:
         name, value = item.split("=", 1)
         if not hasattr(cm, name):
             raise SystemExit(f"photowatch.stages.cosmics has no {name}")
-        old, value = getattr(cm, name), ast.literal_eval(value)
+        value = ast.literal_eval(value)
         setattr(cm, name, value)
-        # a number bound as a keyword default of the module's functions (faint_events'
-        # peak=_BLOB_PEAK) is the same object there: change it too, and say where (an
-        # equal literal elsewhere in the module may be that object as well)
-        if isinstance(old, (int, float)) and not isinstance(old, bool):
-            for f in vars(cm).values():
-                if getattr(f, "__module__", None) != cm.__name__:
-                    continue
-                kw = getattr(f, "__kwdefaults__", None) or {}
-                for k, v in kw.items():
-                    if v is old:
-                        kw[k] = value
-                        print(f"{name}: also {f.__name__}({k}=...)")
+        # a constant bound as a keyword default of the module's functions (faint_events'
+        # peak=_BLOB_PEAK) is read there at definition time: change it too, where the
+        # source names it (not by value: equal literals of a module are one object)
+        for fname, arg in _bound_defaults(cm).get(name, ()):
+            getattr(cm, fname).__kwdefaults__[arg] = value
+            print(f"{name}: also {fname}({arg}=...)")
     scores = []
     for d in sorted(p for p in root.iterdir() if (p / "done").exists()):
         tally = Tally()
