@@ -193,16 +193,16 @@ def test_grow_adds_bright_neighbours_but_not_star_wings():
 
 
 def test_growth_beyond_the_first_ring_needs_more(monkeypatch):
-    """A chain of 2.2-sigma pixels leading away from a hit: the first joins (beside the
-    hit, 2 sigma), the next does not (2.5 sigma from the second pass on); a track of
-    3-sigma pixels is followed to its end."""
+    """A chain of 2.7-sigma pixels leading away from a hit: the first joins (beside the
+    hit, 2 sigma), the next do not (3 sigma from the second pass on; they did at 2.5); a
+    track of 3.5-sigma pixels is followed to its end."""
     import photowatch.stages.cosmics as cosmics
 
     sci = np.zeros((32, 32), np.float32)
     var = np.full(sci.shape, SKY_SIGMA ** 2, np.float32)
     sci[10, 10] = sci[20, 10] = 50 * SKY_SIGMA  # two hits, flagged
-    sci[10, 11:14] = 2.2 * SKY_SIGMA  # noise-like chain
-    sci[20, 11:14] = 3.0 * SKY_SIGMA  # a faint track
+    sci[10, 11:14] = 2.7 * SKY_SIGMA  # noise-like chain
+    sci[20, 11:14] = 3.5 * SKY_SIGMA  # a faint track
     crmask = np.zeros(sci.shape, bool)
     crmask[10, 10] = crmask[20, 10] = True
 
@@ -213,7 +213,7 @@ def test_growth_beyond_the_first_ring_needs_more(monkeypatch):
     out = grown()
     assert out[10, 11] and not out[10, 12:14].any()
     assert out[20, 11:14].all()
-    monkeypatch.setattr(cosmics, "_GROW_LATER_SIGMA", 2.0)
+    monkeypatch.setattr(cosmics, "_GROW_LATER_SIGMA", 2.5)
     assert grown()[10, 11:14].all()
 
 
@@ -782,8 +782,8 @@ def test_every_flag_stands_out_of_its_surroundings(seed, monkeypatch):
 
 
 def test_flags_stay_within_a_pixel_of_a_hit_core(monkeypatch):
-    """A 30 sigma hit with a tail of 3 sigma pixels: the growth follows the tail (2 sigma,
-    then 2.5), but only the tail's first pixel lies within a pixel of the hit's core; the
+    """A 30 sigma hit with a tail of 3.2 sigma pixels: the growth follows the tail (2 sigma,
+    then 3), but only the tail's first pixel lies within a pixel of the hit's core; the
     rest is charge the truth does not count (below 5 sigma) with noise beside it, and is
     unflagged. A faint track of 3.8 sigma pixels is kept whole: neighbouring pixels above
     3.5 sigma are a track's core. Without the rule the tail stays flagged."""
@@ -792,7 +792,7 @@ def test_flags_stay_within_a_pixel_of_a_hit_core(monkeypatch):
     def flagged():
         sci, var, hdr = noise_frame((64, 64), noise=0.0)
         sci[20, 20] = 30 * SKY_SIGMA
-        sci[20, 21:26] = 3.0 * SKY_SIGMA
+        sci[20, 21:26] = 3.2 * SKY_SIGMA
         sci[40, 10:16] = np.array([4.6, 3.8, 3.8, 3.8, 3.8, 3.8]) * SKY_SIGMA
         z, _ = flag_cosmics(Frame(sci, var, np.zeros(sci.shape, np.uint16), hdr),
                             settings=Cosmics())
