@@ -96,6 +96,8 @@ def _bound_defaults(module) -> dict[str, list[tuple[str, str]]]:
 
 
 def score(root: Path, overrides: list[str]) -> None:
+    import inspect
+
     import photowatch.stages.cosmics as cm
 
     for item in overrides:
@@ -108,7 +110,7 @@ def score(root: Path, overrides: list[str]) -> None:
         # peak=_BLOB_PEAK) is read there at definition time: change it too, where the
         # source names it (not by value: equal literals of a module are one object)
         for fname, arg in _bound_defaults(cm).get(name, ()):
-            getattr(cm, fname).__kwdefaults__[arg] = value
+            inspect.unwrap(getattr(cm, fname)).__kwdefaults__[arg] = value
             print(f"{name}: also {fname}({arg}=...)")
     scores = []
     for d in sorted(p for p in root.iterdir() if (p / "done").exists()):
