@@ -6,7 +6,7 @@ of ``photowatch/stages/cosmics.py`` on dozens of nights in minutes, scored as
 runs ``photowatch reduce`` in-process and keeps every frame handed to the cosmics stage,
 with its truth mask and CR charge map, as ``CACHE/nSIZE_SEED/f_<raw stem>.pkl``.
 ``score`` runs ``flag_cosmics`` on them, with module constants overridden by ``--set``
-(also where one of its functions binds a number as a keyword default: printed),
+(also where one of its functions names that constant as a keyword default: printed),
 and prints per night: frames, true pixels, completeness (truth outside MASK bits 1, 2, 8
 and 16), flags, far (the share of them more than a pixel from a truth pixel), pixels
 flagged in every frame; then the nights that meet the goal (>= 95 %, <= 5 %, none in every
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import os
 import pickle
 import tempfile
@@ -84,8 +85,6 @@ def cache(root: Path, specs: list[str], sim: dict) -> None:
 def _bound_defaults(module) -> dict[str, list[tuple[str, str]]]:
     """{constant name: [(function, keyword)]} for the module's top-level functions whose
     keyword-only defaults are written as a bare name (``peak: float = _BLOB_PEAK``)."""
-    import inspect
-
     out: dict[str, list[tuple[str, str]]] = {}
     for node in ast.parse(inspect.getsource(module)).body:
         if isinstance(node, ast.FunctionDef):
@@ -96,10 +95,9 @@ def _bound_defaults(module) -> dict[str, list[tuple[str, str]]]:
 
 
 def score(root: Path, overrides: list[str]) -> None:
-    import inspect
-
     import photowatch.stages.cosmics as cm
 
+    bound = _bound_defaults(cm)
     for item in overrides:
         name, value = item.split("=", 1)
         if not hasattr(cm, name):
@@ -109,7 +107,7 @@ def score(root: Path, overrides: list[str]) -> None:
         # a constant bound as a keyword default of the module's functions (faint_events'
         # peak=_BLOB_PEAK) is read there at definition time: change it too, where the
         # source names it (not by value: equal literals of a module are one object)
-        for fname, arg in _bound_defaults(cm).get(name, ()):
+        for fname, arg in bound.get(name, ()):
             inspect.unwrap(getattr(cm, fname)).__kwdefaults__[arg] = value
             print(f"{name}: also {fname}({arg}=...)")
     scores = []
