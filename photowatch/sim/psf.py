@@ -312,6 +312,71 @@ def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: 
     return frame, star, hits
 
 
+def tracks_across_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFAT_BETA,
+                               trail_px: float = 0.0, n_side: int = 4, step: int = 64,
+                               peak_snr=(80.0, 300.0), radius=(5.0, 11.0),
+                               charge=(10.0, 30.0), sky_sigma: float = 20.0):
+    """A sky-subtracted frame of bright stars with tracks across their wings (issue 17,
+    fourteenth round): a grid of ``n_side`` x ``n_side`` stars (this module's Moffat,
+    ``trail_px`` long at one angle for the frame: a point-symmetric, elongated PSF) whose
+    peak stands ``peak_snr`` sky sigmas, with their Poisson noise; across every star a
+    straight track 16 px long that passes ``radius`` px from its centre, of ``charge``
+    sky sigmas per pixel of length, deposited bilinearly every 0.1 px (so it spills
+    into its neighbours as a real track does). Returns the Frame, the stars' model, the
+    CR charge image and the true hit mask (charge above 5 sky sigmas)."""
+    rng = np.random.default_rng(seed)
+    shape, x, y = star_grid(rng, n_side, step)
+    peak = rng.uniform(*peak_snr, x.size) * sky_sigma
+    psf = _Psf(fwhm_px, beta, trail_px=trail_px, trail_angle_deg=rng.uniform(0, 180))
+    one = render_stars((65, 65), psf, np.array([32.0]), np.array([32.0]), np.array([1.0]))
+    star = render_stars(shape, psf, x, y, peak / float(one.max()))
+    cr = np.zeros(shape)
+    for k in range(x.size):
+        a, r = rng.uniform(0, 2 * np.pi), rng.uniform(*radius)
+        amp = rng.uniform(*charge) * sky_sigma
+        t = np.arange(-8.0, 8.0, 0.1)  # along the track, from its closest approach
+        ty = y[k] + r * np.sin(a) + t * np.cos(a)
+        tx = x[k] + r * np.cos(a) - t * np.sin(a)
+        iy, ix = np.floor(ty).astype(int), np.floor(tx).astype(int)
+        fy, fx = ty - iy, tx - ix
+        for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
+                          (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+            np.add.at(cr, (iy + dy, ix + dx), 0.1 * amp * w)
+    sci = _observed(rng, star, sky_sigma) + cr
+    hits = cr > 5.0 * sky_sigma
+    frame = _hit_frame(sci, star, cr > 0, sky_sigma)
+    return frame, star, cr, hits
+
+
+def hits_beyond_companions(seed: int, fwhm_px: float, *, n_side: int = 4, step: int = 64,
+                           peak_snr=(80.0, 300.0), companion_snr=(15.0, 45.0),
+                           radius=(4.5, 7.0), hit_snr=(30.0, 60.0),
+                           sky_sigma: float = 20.0):
+    """A sky-subtracted frame of bright stars with a companion on their shoulder and a hit
+    beyond it (issue 17, fourteenth round): a grid of ``n_side`` x ``n_side`` Moffat stars
+    of peak ``peak_snr`` sky sigmas, beside each ``radius`` px out a star of
+    ``companion_snr``, and 2 px beyond the companion's centre (away from the bright star)
+    a 1 px hit of ``hit_snr`` sigmas of the noise there. The companion is not
+    point-symmetric about the bright star, and the hit's growth reaches it. Returns the
+    Frame and the true hit mask."""
+    rng = np.random.default_rng(seed)
+    shape, x, y = star_grid(rng, n_side, step)
+    peak = rng.uniform(*peak_snr, x.size) * sky_sigma
+    a, r = rng.uniform(0, 2 * np.pi, x.size), rng.uniform(*radius, x.size)
+    cx, cy = x + r * np.cos(a), y + r * np.sin(a)
+    cpeak = rng.uniform(*companion_snr, x.size) * sky_sigma
+    star = moffat_stars_of_peak(shape, np.r_[x, cx], np.r_[y, cy], np.r_[peak, cpeak],
+                                fwhm_px=fwhm_px)
+    sci = _observed(rng, star, sky_sigma)
+    hits = np.zeros(shape, bool)
+    for k in range(x.size):
+        hy = int(round(cy[k] + 2 * np.sin(a[k])))
+        hx = int(round(cx[k] + 2 * np.cos(a[k])))
+        sci[hy, hx] += rng.uniform(*hit_snr) * math.sqrt(sky_sigma ** 2 + float(star[hy, hx]))
+        hits[hy, hx] = True
+    return _hit_frame(sci, star, hits, sky_sigma), hits
+
+
 def edge_stars_with_hits(seed: int, fwhm_px: float = 2.0, *, size: int = 128,
                          peak_snr=(200.0, 2000.0), beyond=(0.8, 1.3),
                          sky_sigma: float = 20.0):
