@@ -666,6 +666,29 @@ def test_tracks_across_bright_stars_followed_by_their_symmetry(fwhm_px, beta, tr
     assert not (far & ~far_without).any()
 
 
+
+def test_symmetry_growth_tests_a_bounded_number_of_pixels(monkeypatch):
+    """Each pixel grow_on_stars tests costs ~1 ms (its star's climb, centre, mirrors): a
+    frame of many hits on bright sources stops after ``_MIRROR_MAX_TESTS`` of them, and
+    keeps every flag the other steps made."""
+    import photowatch.stages.cosmics as cosmics
+    from photowatch.sim.psf import tracks_across_bright_stars
+
+    frame, _, _, hits = tracks_across_bright_stars(2, 6.0)
+    calls = []
+    climb = cosmics._climb
+    monkeypatch.setattr(cosmics, "_climb", lambda *a: calls.append(1) or climb(*a))
+    full, _ = _flags_and_far(frame, hits, 6.0)
+    assert len(calls) > 40
+    calls.clear()
+    monkeypatch.setattr(cosmics, "_MIRROR_MAX_TESTS", 20)
+    capped, _ = _flags_and_far(frame, hits, 6.0)
+    assert 0 < len(calls) <= 20
+    assert capped.sum() < full.sum()
+    monkeypatch.setattr(cosmics, "_MIRROR_SIGMA", 0.0)
+    without, _ = _flags_and_far(frame, hits, 6.0)
+    assert not (without & ~capped).any()
+
 @pytest.mark.parametrize("fwhm_px", [4.5, 6.0])
 def test_symmetry_growth_stays_off_a_bright_stars_companion(fwhm_px, monkeypatch):
     """A hit just beyond a faint companion on a bright star's shoulder: the companion is
