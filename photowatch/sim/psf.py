@@ -270,6 +270,16 @@ def bright_stars_with_companions(seed: int, fwhm_px: float, *, n_side: int = 8,
     star of ``companion_snr`` sigmas, with their Poisson noise and no hit. Returns the
     Frame."""
     rng = np.random.default_rng(seed)
+    *_, star, sci = _with_companions(rng, fwhm_px, n_side, step, peak_snr, companion_snr,
+                                     radius, sky_sigma)
+    return _hit_frame(sci, star, np.zeros(star.shape, bool), sky_sigma)
+
+
+def _with_companions(rng, fwhm_px, n_side, step, peak_snr, companion_snr, radius,
+                     sky_sigma):
+    """Bright stars on :func:`star_grid` with a faint companion each, observed:
+    (the companions' x, y and angle from their bright star, the stars' model, the
+    observed image)."""
     shape, x, y = star_grid(rng, n_side, step)
     peak = rng.uniform(*peak_snr, x.size) * sky_sigma
     a, r = rng.uniform(0, 2 * np.pi, x.size), rng.uniform(*radius, x.size)
@@ -277,8 +287,7 @@ def bright_stars_with_companions(seed: int, fwhm_px: float, *, n_side: int = 8,
     cpeak = rng.uniform(*companion_snr, x.size) * sky_sigma
     star = moffat_stars_of_peak(shape, np.r_[x, cx], np.r_[y, cy], np.r_[peak, cpeak],
                                 fwhm_px=fwhm_px)
-    sci = _observed(rng, star, sky_sigma)
-    return _hit_frame(sci, star, np.zeros(shape, bool), sky_sigma)
+    return cx, cy, a, star, _observed(rng, star, sky_sigma)
 
 
 def bright_pairs_with_hits(seed: int, fwhm_px: float, *, n_side: int = 5, step: int = 64,
@@ -360,16 +369,10 @@ def hits_beyond_companions(seed: int, fwhm_px: float, *, n_side: int = 4, step: 
     point-symmetric about the bright star, and the hit's growth reaches it. Returns the
     Frame and the true hit mask."""
     rng = np.random.default_rng(seed)
-    shape, x, y = star_grid(rng, n_side, step)
-    peak = rng.uniform(*peak_snr, x.size) * sky_sigma
-    a, r = rng.uniform(0, 2 * np.pi, x.size), rng.uniform(*radius, x.size)
-    cx, cy = x + r * np.cos(a), y + r * np.sin(a)
-    cpeak = rng.uniform(*companion_snr, x.size) * sky_sigma
-    star = moffat_stars_of_peak(shape, np.r_[x, cx], np.r_[y, cy], np.r_[peak, cpeak],
-                                fwhm_px=fwhm_px)
-    sci = _observed(rng, star, sky_sigma)
-    hits = np.zeros(shape, bool)
-    for k in range(x.size):
+    cx, cy, a, star, sci = _with_companions(rng, fwhm_px, n_side, step, peak_snr,
+                                            companion_snr, radius, sky_sigma)
+    hits = np.zeros(star.shape, bool)
+    for k in range(cx.size):
         hy = int(round(cy[k] + 2 * np.sin(a[k])))
         hx = int(round(cx[k] + 2 * np.cos(a[k])))
         sci[hy, hx] += rng.uniform(*hit_snr) * math.sqrt(sky_sigma ** 2 + float(star[hy, hx]))

@@ -1186,6 +1186,17 @@ def keep_anchored(sci, var, crmask, inmask) -> np.ndarray:
     return out
 
 
+def _front_ring(front, shape, blocked) -> np.ndarray:
+    """The flat indices of the 8-neighbours of the flat indices ``front``, inside the
+    frame and not ``blocked`` (flat mask), each once: a growth's next candidates."""
+    ny, nx = shape
+    ys, xs = np.divmod(front, nx)
+    cy = ys[:, None] + _RING_Y[None, :]
+    cx = xs[:, None] + _RING_X[None, :]
+    ok = (cy >= 0) & (cy < ny) & (cx >= 0) & (cx < nx)
+    cand = np.unique((cy * nx + cx)[ok])
+    return cand[~blocked[cand]]
+
 def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
                      max_level: float = _GROW_MAX_LEVEL,
                      star_sigma: float = _GROW_STAR_SIGMA) -> np.ndarray:
@@ -1211,12 +1222,7 @@ def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
         if not front.size:
             break
         t = nsigma if k == 0 else max(nsigma, _GROW_LATER_SIGMA)
-        ys, xs = np.divmod(front, nx)
-        cy = ys[:, None] + _RING_Y[None, :]
-        cx = xs[:, None] + _RING_X[None, :]
-        ok = (cy >= 0) & (cy < ny) & (cx >= 0) & (cx < nx)
-        cand = np.unique((cy * nx + cx)[ok])
-        cand = cand[~blocked[cand]]
+        cand = _front_ring(front, (ny, nx), blocked)
         added = []
         for start in range(0, cand.size, _CHUNK):
             c = cand[start:start + _CHUNK]
@@ -1310,12 +1316,7 @@ def grow_on_stars(sci, var, crmask, inmask, saturated, *, fwhm_px: float,
     for _ in range(passes):
         if not front.size:
             break
-        ys, xs = np.divmod(front, nx)
-        cy = ys[:, None] + _RING_Y[None, :]
-        cx = xs[:, None] + _RING_X[None, :]
-        ok = (cy >= 0) & (cy < ny) & (cx >= 0) & (cx < nx)
-        cand = np.unique((cy * nx + cx)[ok])
-        cand = cand[~blocked[cand]]
+        cand = _front_ring(front, (ny, nx), blocked)
         if not cand.size:
             break
         level, noise = _local_background(sci, var, cand, blocked)
