@@ -1197,6 +1197,7 @@ def _front_ring(front, shape, blocked) -> np.ndarray:
     cand = np.unique((cy * nx + cx)[ok])
     return cand[~blocked[cand]]
 
+
 def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
                      max_level: float = _GROW_MAX_LEVEL,
                      star_sigma: float = _GROW_STAR_SIGMA) -> np.ndarray:
@@ -1257,8 +1258,9 @@ def grow_conditional(sci, var, crmask, inmask, *, nsigma: float, passes: int,
 #: above the pixel point-symmetric to it about the star's centre (0: off) ...
 _MIRROR_SIGMA = 3.0
 #: ... the noise of that difference with this fraction of the pixel's value (the PSF's
-#: own asymmetry, the centre's error, the interpolation; 0.03 flagged one true pixel
-#: more on 84 cached nights, and real PSFs are less symmetric than the simulator's) ...
+#: own asymmetry, the centre's error, the interpolation; 0.03 gained 0.00-0.08 % of
+#: completeness on 84 cached nights, and real PSFs are less symmetric than the
+#: simulator's) ...
 _MIRROR_ERR = 0.05
 #: ... and its asymmetry exceeds its usable neighbours' mean by this fraction of itself
 #: (a hit is sharp; a companion on the star's shoulder is asymmetric too, but broad: at
@@ -1415,11 +1417,12 @@ def _climb(flat_sci, blocked, sat, c, shape, reach, climbed):
     return end
 
 
-def _symmetric_centre(sci, var, blocked, sat, peak, reach):
+def _symmetric_centre(sci, var, excluded, sat, peak, reach):
     """The centre (y, x) about which the star at ``peak`` is most nearly point-symmetric,
     or None (a faint star: its peak's 5x5 median below ``_MIRROR_MIN_PEAK`` sigma).
 
-    Over its usable pixels within ``reach`` that stand 3 sigma above the sky, the mean
+    Over its pixels within ``reach`` that stand 3 sigma above the sky and are neither
+    ``excluded`` nor ``sat`` (flat masks; flagged pixels count), the mean
     of (pixel - mirror pixel)² / their variances, clipped at 9 (a track's pixels weigh no
     more than a misfit), on grids of 0.5, 0.1 and 0.02 px around the centroid of the
     star's top (its pixels above half its peak, saturated ones included): +-1.5 px, or
@@ -1433,7 +1436,7 @@ def _symmetric_centre(sci, var, blocked, sat, peak, reach):
     d = sci[y0:y1, x0:x1].astype(np.float64)
     v = var[y0:y1, x0:x1].astype(np.float64)
     sw = sat.reshape(ny, nx)[y0:y1, x0:x1]
-    good = ~blocked.reshape(ny, nx)[y0:y1, x0:x1] & ~sw
+    good = ~excluded.reshape(ny, nx)[y0:y1, x0:x1] & ~sw
     core = np.median(d[max(py - y0 - 2, 0):py - y0 + 3, max(px - x0 - 2, 0):px - x0 + 3])
     saturated_peak = bool(sw[py - y0, px - x0])
     if not saturated_peak and not core > _MIRROR_MIN_PEAK * np.sqrt(np.median(v)):

@@ -630,7 +630,6 @@ def test_companions_of_bright_stars_spared(monkeypatch):
     assert flagged() >= 12
 
 
-
 def _flags_and_far(frame, hits, fwhm_px):
     """The stage's bit-4 mask on ``frame`` and its flags more than a pixel from a hit."""
     from scipy import ndimage
@@ -666,7 +665,6 @@ def test_tracks_across_bright_stars_followed_by_their_symmetry(fwhm_px, beta, tr
     assert not (far & ~far_without).any()
 
 
-
 def test_symmetry_growth_tests_a_bounded_number_of_pixels(monkeypatch):
     """Each pixel grow_on_stars tests costs ~1 ms (its star's climb, centre, mirrors): a
     frame of many hits on bright sources stops after ``_MIRROR_MAX_TESTS`` of them, and
@@ -689,12 +687,14 @@ def test_symmetry_growth_tests_a_bounded_number_of_pixels(monkeypatch):
     without, _ = _flags_and_far(frame, hits, 6.0)
     assert not (without & ~capped).any()
 
+
 @pytest.mark.parametrize("fwhm_px", [4.5, 6.0])
 def test_symmetry_growth_stays_off_a_bright_stars_companion(fwhm_px, monkeypatch):
     """A hit just beyond a faint companion on a bright star's shoulder: the companion is
     not point-symmetric about the bright star, and without asking the asymmetry to be
     sharp (``_MIRROR_SHARP``) the growth took 150-310 of its pixels per frame; with it,
-    none, and every hit is flagged."""
+    none (the one far flag at FWHM 4.5 px is the other steps'), and every hit is
+    flagged."""
     import photowatch.stages.cosmics as cosmics
     from photowatch.sim.psf import hits_beyond_companions
 
