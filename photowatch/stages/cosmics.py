@@ -1330,7 +1330,7 @@ def grow_on_stars(sci, var, crmask, inmask, saturated, *, fwhm_px: float,
         cand = cand[:max(_MIRROR_MAX_TESTS - tested, 0)]
         tested += cand.size
         for c in cand:
-            peak = _climb(flat_sci, blocked, sat, c, (ny, nx), reach, climbed)
+            peak = _climb(sci, var, blocked, sat, c, reach, climbed)
             if peak is None:
                 continue
             if peak not in centres:
@@ -1373,23 +1373,15 @@ def grow_on_stars(sci, var, crmask, inmask, saturated, *, fwhm_px: float,
     return out
 
 
-def _level5(flat_sci, blocked, c, shape):
-    """The median of the usable pixels of each pixel's 5x5 window (NaN without any)."""
-    idx, inside = _neighbours(*np.divmod(c, shape[1]), shape, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return nanmedian_rows(np.where(inside & ~blocked[idx], flat_sci[idx], np.nan))
-
-
-def _climb(flat_sci, blocked, sat, c, shape, reach, climbed):
+def _climb(sci, var, blocked, sat, c, reach, climbed):
     """The flat index where a climb up the 5x5 median from ``c`` ends (a saturated
     pixel: the first one reached), or None beyond ``reach`` px; ``climbed`` remembers
     it for every pixel the climb passed."""
-    ny, nx = shape
+    ny, nx = sci.shape
     y0, x0 = divmod(int(c), nx)
     here = int(c)
     path = [here]
-    cur = _level5(flat_sci, blocked, np.array([here]), shape)[0]
+    cur = _local_background(sci, var, np.array([here]), blocked)[0][0]
     end = here
     for _ in range(4 * reach):
         if here in climbed:
@@ -1402,7 +1394,7 @@ def _climb(flat_sci, blocked, sat, c, shape, reach, climbed):
         if sat[nb].any():
             end = int(nb[np.flatnonzero(sat[nb])[0]])
             break
-        lv = _level5(flat_sci, blocked, nb, shape)
+        lv = _local_background(sci, var, nb, blocked)[0]
         j = int(np.nanargmax(lv)) if np.isfinite(lv).any() else -1
         if j < 0 or not lv[j] > cur:
             end = here
