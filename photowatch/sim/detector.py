@@ -167,19 +167,27 @@ def _cosmics(rng, n: int, binning: int, exptime_s: float, rate: float):
         ws.append(w)
     if not nev:
         return np.zeros(0, np.int64), np.zeros(0, np.float32), 0
-    px, py, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
+    uniq, val = deposit((n, n), np.concatenate(xs), np.concatenate(ys), np.concatenate(ws))
+    return uniq, val.astype(np.float32), nev
+
+
+def deposit(shape: tuple[int, int], px, py, w):
+    """Charge ``w`` (e-) at sub-pixel positions (``px``, ``py``: column, row), each shared
+    bilinearly among its four nearest pixels inside ``shape``: (the flat indices, each
+    once, and the e- they receive)."""
+    ny, nx = shape
     ix, iy = np.floor(px).astype(int), np.floor(py).astype(int)
     tx, ty = px - ix, py - iy
     idx, val = [], []
     for dx, dy, ww in ((0, 0, (1 - tx) * (1 - ty)), (1, 0, tx * (1 - ty)),
                        (0, 1, (1 - tx) * ty), (1, 1, tx * ty)):
         xx, yy = ix + dx, iy + dy
-        ok = (xx >= 0) & (xx < n) & (yy >= 0) & (yy < n) & (ww > 0)
-        idx.append(yy[ok] * n + xx[ok])
+        ok = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny) & (ww > 0)
+        idx.append(yy[ok] * nx + xx[ok])
         val.append(w[ok] * ww[ok])
     idx, val = np.concatenate(idx), np.concatenate(val)
     uniq, inv = np.unique(idx, return_inverse=True)
-    return uniq, np.bincount(inv, weights=val).astype(np.float32), nev
+    return uniq, np.bincount(inv, weights=val)
 
 
 def _spill(seg: np.ndarray, amount: float, full_well: float) -> None:

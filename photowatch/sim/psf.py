@@ -339,18 +339,19 @@ def tracks_across_bright_stars(seed: int, fwhm_px: float, *, beta: float = MOFFA
     psf = _Psf(fwhm_px, beta, trail_px=trail_px, trail_angle_deg=rng.uniform(0, 180))
     one = render_stars((65, 65), psf, np.array([32.0]), np.array([32.0]), np.array([1.0]))
     star = render_stars(shape, psf, x, y, peak / float(one.max()))
-    cr = np.zeros(shape)
+    from photowatch.sim.detector import deposit
+
+    t = np.arange(-8.0, 8.0, 0.1)  # along a track, from its closest approach
+    tx, ty, tw = [], [], []
     for k in range(x.size):
         a, r = rng.uniform(0, 2 * np.pi), rng.uniform(*radius)
         amp = rng.uniform(*charge) * sky_sigma
-        t = np.arange(-8.0, 8.0, 0.1)  # along the track, from its closest approach
-        ty = y[k] + r * np.sin(a) + t * np.cos(a)
-        tx = x[k] + r * np.cos(a) - t * np.sin(a)
-        iy, ix = np.floor(ty).astype(int), np.floor(tx).astype(int)
-        fy, fx = ty - iy, tx - ix
-        for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                          (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-            np.add.at(cr, (iy + dy, ix + dx), 0.1 * amp * w)
+        ty.append(y[k] + r * np.sin(a) + t * np.cos(a))
+        tx.append(x[k] + r * np.cos(a) - t * np.sin(a))
+        tw.append(np.full(t.size, 0.1 * amp))
+    cr = np.zeros(shape)
+    idx, val = deposit(shape, np.concatenate(tx), np.concatenate(ty), np.concatenate(tw))
+    cr.ravel()[idx] = val
     sci = _observed(rng, star, sky_sigma) + cr
     hits = cr > 5.0 * sky_sigma
     frame = _hit_frame(sci, star, cr > 0, sky_sigma)
