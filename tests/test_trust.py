@@ -317,6 +317,26 @@ def test_disk_full_then_read_only_during_a_live_night_then_resumes(night_copy):
     assert engine.paused is None and not list(out.rglob("*.tmp"))
 
 
+
+def test_a_restart_sweeps_temporaries_from_every_output_folder(tmp_path):
+    """A kill -9 during an atomic write leaves its ``.name.XXXX.tmp``; the next start
+    removes it wherever the writer was: light curves and candidates too (a daemon test
+    killed at a random instant found one left in lightcurves/), and nothing else."""
+    out = tmp_path / "out"
+    left = [out / "lightcurves" / "2020-01-28" / ".NGC0001.ecsv.5iuypcfk.tmp",
+            out / "candidates" / "2020-01-28" / ".candidates.ecsv.abc.tmp",
+            out / "reduced" / "2020-01-28" / ".x.fits.def.tmp"]
+    kept = [out / "lightcurves" / "2020-01-28" / "NGC0001.ecsv",
+            out / "reduced" / "2020-01-28" / ".hidden-note"]
+    for p in left + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    engine = Engine(settings_for(out), command="watch")
+    engine.startup()
+    engine.shutdown()
+    assert not [p for p in left if p.exists()]
+    assert all(p.exists() for p in kept)
+
 def test_a_short_write_is_a_full_disk(tmp_path):
     """numpy's tofile says "N requested and M written" without an errno (and astropy masks
     it with an AttributeError): atomic_write reports ENOSPC, and leaves nothing behind."""

@@ -221,8 +221,9 @@ class Engine:
         if recovered:
             log.warning("recovered_frames", count=len(recovered),
                         action="taken up again after a crash")
-        for sub in ("reduced", "coadds", "masters", "report", "state"):
-            remove_stale_temporaries(self.out / sub)
+        # the whole output tree: a list of folders missed lightcurves/ and candidates/,
+        # which issue 21 added later (a kill -9 mid-write left a temporary there)
+        remove_stale_temporaries(self.out)
         self.retake_held()
         # a coadd addition cut short: the coadd file says whether the frame got in
         self.store.resume_coadd_additions()
