@@ -174,6 +174,13 @@ class ZeroPoint(Section):
     err_floor_mag: NonNegFloat = 0.01
     color_term: bool = False
     spatial_order: Annotated[int, Field(ge=0, le=2)] = 0
+    #: a calibrator whose detected neighbours put more than this fraction of its own light
+    #: into its aperture is left out of the fit (0: off)
+    max_contamination: NonNegFloat = 0.02
+    #: when at least ``min_bright`` calibrators reach this S/N, only they are fitted: the
+    #: fainter ones carry the light of the field's undetected stars (0: off)
+    bright_snr: NonNegFloat = 100.0
+    min_bright: Annotated[int, Field(ge=1)] = 10
 
 
 class Stages(Section):
