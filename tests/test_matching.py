@@ -224,8 +224,16 @@ def test_chance_threshold_passes_complete_sparse_matches_and_grows_with_crowding
         assert needed <= n, (n, expected, needed)
         assert expected < 0.1 * n
     # the old threshold's situation: the whole deep catalogue (550 stars in 217,000
-    # arcsec2 -> 37 in the frame) within 6": 21 of 21 stars "need 22", as reported
-    assert chance_needed(21, 37, area, 6.0, 400)[1] == 22
+    # arcsec2 -> 37 in the frame) within 6": 21 of 21 stars "need 22", as reported. Even
+    # there (a chance match for 28 % of the stars) all 18 beyond a triangle matching is a
+    # 1e-10 event: the exact count passes a complete match, and not 3 fewer
+    from scipy.stats import binom
+
+    need = chance_needed(21, 37, area, 6.0, 400)[1]
+    p = 37 * np.pi * 36 / area
+    assert need <= 21
+    assert binom.sf(need - 3 - 1, 18, p) * 400 <= 1e-3 < binom.sf(need - 3 - 2, 18, p) * 400
+    assert need >= 18
     # more stars in the overlap, a larger radius or more trials need more matches
     base = chance_needed(20, 30, area, 2.0, 100)[1]
     assert chance_needed(20, 120, area, 2.0, 100)[1] > base
@@ -240,6 +248,28 @@ def test_chance_threshold_passes_complete_sparse_matches_and_grows_with_crowding
         hits += len(match_nearest(img, ref, 2.0)[0]) >= chance_needed(20, 30, area, 2.0, 1,
                                                                       fixed=0)[1]
     assert hits <= 4  # 1e-3 false-alarm rate: about 2 in 2000
+
+
+def test_a_small_fields_complete_match_passes_the_exact_chance_count():
+    """A 512 px frame at 0.12"/px (61" square) with 7-8 usable stars and 11-20 catalogue
+    stars in its footprint, 2" radius, 36-49 hypotheses, a third of the false-alarm
+    budget: the Poisson tail asked 8 of 7 and 9 of 8 (a simulated night's frames all
+    rejected); the binomial count of the 4-5 stars beyond a triangle passes them, and
+    never asks more than the image has when all of them matching is unlikely."""
+    area = (512 * 0.12) ** 2
+    for n, nref, nh in ((7, 11, 36), (8, 15, 49), (8, 20, 60)):
+        expected, needed = chance_needed(n, nref, area, 2.0, nh, false_alarm=1e-3 / 3)
+        assert needed <= n, (n, needed)
+        if n == 7 or nref == 20:  # the old count could not pass these
+            assert poisson_needed(expected, nh, 1e-3 / 3) + 3 > n
+    # a frame whose overlap is crowded at the radius cannot be verified at all
+    assert chance_needed(8, 300, area, 2.0, 40)[1] == 9
+    # random lists of 7 against 15 on the small field: false solutions stay rare
+    rng = np.random.default_rng(11)
+    need = chance_needed(7, 15, area, 2.0, 1, fixed=0)[1]
+    hits = sum(len(match_nearest(rng.uniform(0, 61.4, (7, 2)), rng.uniform(0, 61.4, (15, 2)),
+                                 2.0)[0]) >= need for _ in range(4000))
+    assert hits <= 8  # 1e-3: about 4 in 4000
 
 
 def test_spread_order_puts_the_brightest_of_every_cell_first():
