@@ -174,8 +174,8 @@ class ZeroPoint(Section):
     err_floor_mag: NonNegFloat = 0.01
     color_term: bool = False
     spatial_order: Annotated[int, Field(ge=0, le=2)] = 0
-    #: a calibrator whose detected neighbours put more than this fraction of its own light
-    #: into its aperture is left out of the fit (0: off)
+    #: a calibrator whose detected or catalogued neighbours put more than this fraction of
+    #: its own light into its aperture is left out of the fit (0: off)
     max_contamination: NonNegFloat = 0.02
     #: when at least ``min_bright`` calibrators reach this S/N, only they are fitted: the
     #: fainter ones carry the light of the field's undetected stars (0: off)

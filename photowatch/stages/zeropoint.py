@@ -14,8 +14,8 @@ or catalogued neighbours put more than ``max_contamination`` of their own light
 into their aperture are left out, and when ``min_bright`` of them reach S/N
 ``bright_snr`` only those are fitted (a faint star's aperture holds the light of
 the field's undetected stars too). On simulated nights of 65,000-200,000 stars
-per square degree the mean MAGZP - truth went from +0.011-0.033 to +0.008-0.020
-mag, ~0.009 of it the flat's normalisation (``benchmarks/sweep_nights.py``;
+per square degree the mean MAGZP - truth went from +0.002-+0.015 to -0.002-+0.003
+mag (the truth taken to photowatch's flat normalisation; ``benchmarks/sweep_nights.py``,
 benchmarks/README.md). Without a
 catalogue no zero point is invented: the frame gets a relative flux scale
 from the stars it shares with the night's reference frame of its field and
@@ -281,7 +281,9 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
                                           radius + _CONTAM_REACH * fwhm)
         clean = aperture_contamination(cat, a, radius_px=radius, fwhm_px=fwhm,
                                        neighbours=extra) <= settings.max_contamination
-        if clean.sum() >= settings.min_stars:  # else a sparse field: all of them
+        # crowding is a many-star problem: a sparse field keeps all of them (a cut to five
+        # left the clipping nothing to work with)
+        if clean.sum() >= 2 * settings.min_stars:
             a, b, refmag, referr, inst, insterr = (v[clean] for v in (a, b, refmag, referr,
                                                                       inst, insterr))
     # the undetected stars' light in an aperture is a larger part of a faint star's flux:
