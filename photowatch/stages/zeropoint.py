@@ -128,16 +128,23 @@ _CONTAM_REACH = 5.0
 
 def _disc_fraction(fwhm_px: float, radius_px: float, beta: float = _CONTAM_BETA):
     """(distances, fractions): the fraction of a Moffat star's light (FWHM ``fwhm_px``)
-    inside a disc of ``radius_px`` whose centre lies that far from the star."""
+    inside a disc of ``radius_px`` whose centre lies that far from the star.
+
+    The disc is sampled on 24 rings of 48 points (midpoint rule, area-weighted) and the
+    normalised Moffat summed over them: ~1 ms a frame (a 2-D pixel grid was 0.2 s)."""
     alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
     reach = radius_px + _CONTAM_REACH * fwhm_px
     step = min(0.5, fwhm_px / 6.0)
-    g = np.arange(-reach - radius_px, reach + radius_px + step, step)
-    yy, xx = np.meshgrid(g, g, indexing="ij")
-    psf = (1.0 + (xx ** 2 + yy ** 2) / alpha ** 2) ** (-beta)
-    psf /= psf.sum()
+    nr, nt = 24, 48
+    r = (np.arange(nr) + 0.5) / nr * radius_px
+    t = (np.arange(nt) + 0.5) / nt * 2.0 * np.pi
+    rr, tt = np.meshgrid(r, t, indexing="ij")
+    px, py = (rr * np.cos(tt)).ravel(), (rr * np.sin(tt)).ravel()
+    area = (rr * (radius_px / nr) * (2.0 * np.pi / nt)).ravel()
     ds = np.arange(0.0, reach + step, step)
-    inside = np.array([psf[(xx - d) ** 2 + yy ** 2 <= radius_px ** 2].sum() for d in ds])
+    d2 = (px[None, :] - ds[:, None]) ** 2 + py[None, :] ** 2
+    norm = (beta - 1.0) / (np.pi * alpha ** 2)  # the Moffat's integral over the plane is 1
+    inside = (norm * (1.0 + d2 / alpha ** 2) ** (-beta) * area[None, :]).sum(axis=1)
     return ds, inside
 
 
