@@ -72,10 +72,10 @@ def flat_convention_mag(sim, filt: str) -> float:
     flat is 1 at the median of its central half, the simulator's true flat has a mean of 1
     over the frame, so a flat-fielded star holds median/mean times the truth's electrons
     (+0.008 to +0.019 mag on the sweep's nights: a convention, not an error)."""
+    from photowatch.calib.combine import robust_level  # the master flat's own normalisation
+
     f = sim.true_flat(filt).astype(np.float64)
-    ny, nx = f.shape
-    core = f[ny // 4:ny - ny // 4, nx // 4:nx - nx // 4]
-    return float(2.5 * np.log10(np.median(core) / f.mean()))
+    return float(2.5 * np.log10(robust_level(f)[0] / f.mean()))
 
 
 def check(night: dict, work: Path) -> tuple[list[str], dict]:

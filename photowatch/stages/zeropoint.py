@@ -195,16 +195,16 @@ def _catalogue_neighbours(cat, a, reference, b, band: str, scale: float, reach_p
     ra, dec = np.asarray(reference["ra"], float), np.asarray(reference["dec"], float)
     mag = np.asarray(reference[band], float)
     ok = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mag) & (mag < 90)
-    c0 = math.cos(math.radians(float(np.nanmedian(np.asarray(cat["dec"], float)[a]))))
-    ra0, dec0 = float(np.asarray(cat["ra"], float)[a][0]), float(np.asarray(cat["dec"], float)[a][0])
+    cra, cdec = np.asarray(cat["ra"], float), np.asarray(cat["dec"], float)
+    c0 = math.cos(math.radians(float(np.nanmedian(cdec[a]))))
+    ra0, dec0 = float(cra[a][0]), float(cdec[a][0])
 
-    def plane(r, d):  # arcsec on a local plane (a frame's field is small)
-        return np.c_[(np.asarray(r, float) - ra0) * c0 * 3600.0, (np.asarray(d, float) - dec0) * 3600.0]
+    def plane(r, d):  # px on a local plane about the first calibrator (a frame is small)
+        return np.c_[(r - ra0) * c0 * 3600.0, (d - dec0) * 3600.0] / scale
 
-    ref_xy = plane(ra[ok], dec[ok]) / scale
-    det = np.asarray(cat["ra"], float), np.asarray(cat["dec"], float)
-    dok = np.isfinite(det[0]) & np.isfinite(det[1])
-    det_xy = plane(det[0][dok], det[1][dok]) / scale
+    ref_xy = plane(ra[ok], dec[ok])
+    dok = np.isfinite(cra) & np.isfinite(cdec)
+    det_xy = plane(cra[dok], cdec[dok])
     # catalogue stars a detection accounts for (its flux is in the frame's list)
     seen = np.zeros(ok.sum(), bool)
     if det_xy.size:
@@ -212,7 +212,7 @@ def _catalogue_neighbours(cat, a, reference, b, band: str, scale: float, reach_p
         seen = dist < 1.0
     rows = np.flatnonzero(ok)
     tree = cKDTree(ref_xy)
-    cal_xy = plane(np.asarray(cat["ra"], float)[a], np.asarray(cat["dec"], float)[a]) / scale
+    cal_xy = plane(cra[a], cdec[a])
     out = []
     for k in range(len(a)):
         near = np.asarray(tree.query_ball_point(cal_xy[k], reach_px), int)
@@ -280,6 +280,7 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
     a, b, refmag, referr, inst, insterr = (v[good] for v in (a, b, refmag, referr, inst,
                                                              insterr))
     # crowding: calibrators whose neighbours' light fills their aperture read bright
+    use = np.ones(a.size, bool)
     radius, fwhm, fwhm_as = (float(cat.meta.get(k) or 0.0) for k in ("APRAD", "FWHMPIX", "FWHM"))
     if settings.max_contamination > 0 and radius > 0 and fwhm > 0:
         extra = None
@@ -291,16 +292,15 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
         # crowding is a many-star problem: a sparse field keeps all of them (a cut to five
         # left the clipping nothing to work with)
         if clean.sum() >= 2 * settings.min_stars:
-            a, b, refmag, referr, inst, insterr = (v[clean] for v in (a, b, refmag, referr,
-                                                                      inst, insterr))
+            use &= clean
     # the undetected stars' light in an aperture is a larger part of a faint star's flux:
     # on simulated fields of 65,000-200,000 stars per square degree calibrators of S/N
     # 10-100 read 0.04-0.14 mag bright, those above 100 within 0.02 mag
     if settings.bright_snr > 0:
-        bright = insterr <= 1.0857 / settings.bright_snr
+        bright = use & (insterr <= 1.0857 / settings.bright_snr)
         if bright.sum() >= max(settings.min_bright, settings.min_stars):
-            a, b, refmag, referr, inst, insterr = (v[bright] for v in (a, b, refmag, referr,
-                                                                       inst, insterr))
+            use = bright
+    a, b, refmag, referr, inst, insterr = (v[use] for v in (a, b, refmag, referr, inst, insterr))
     y = refmag - inst
     w = 1.0 / (referr**2 + insterr**2 + settings.err_floor_mag**2)
     cols = [np.ones(y.size)]
