@@ -35,6 +35,7 @@ import numpy as np
 from astropy.stats import mad_std
 
 from photowatch.core.config import ZeroPoint
+from photowatch.stages.matching import project
 
 #: neighbour band used for a colour term: band → (blue, red) of the colour
 COLOURS = {"u": ("u", "g"), "g": ("g", "r"), "r": ("g", "r"), "i": ("r", "i"), "z": ("i", "z"),
@@ -196,11 +197,11 @@ def _catalogue_neighbours(cat, a, reference, b, band: str, scale: float, reach_p
     mag = np.asarray(reference[band], float)
     ok = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(mag) & (mag < 90)
     cra, cdec = np.asarray(cat["ra"], float), np.asarray(cat["dec"], float)
-    c0 = math.cos(math.radians(float(np.nanmedian(cdec[a]))))
     ra0, dec0 = float(cra[a][0]), float(cdec[a][0])
 
-    def plane(r, d):  # px on a local plane about the first calibrator (a frame is small)
-        return np.c_[(r - ra0) * c0 * 3600.0, (d - dec0) * 3600.0] / scale
+    def plane(r, d):  # px in the tangent plane at the first calibrator
+        xi, eta = project(r, d, ra0, dec0)
+        return np.c_[xi, eta] * (3600.0 / scale)
 
     ref_xy = plane(ra[ok], dec[ok])
     dok = np.isfinite(cra) & np.isfinite(cdec)
