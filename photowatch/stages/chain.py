@@ -239,14 +239,15 @@ def _cosmics(st: dict, ctx: NightContext) -> dict:
 
 
 def _sources(st: dict, ctx: NightContext) -> dict:
-    """Sources and the frame's PSF; a frame whose own aperture correction is not a
-    precise growth curve borrows from the night's other frames at similar seeing."""
+    """Sources and the frame's PSF; a frame whose own aperture correction is not settled
+    (a precise growth curve, or a Moffat model its own stars pin down) borrows from the
+    night's other frames at similar seeing."""
 
     info = ctx.info
     src = extract_sources(st["z"], settings=ctx.settings.stages.sources,
                           pixel_scale_arcsec=info.pixel_scale_arcsec)
     own = (src.aperture_correction, src.aperture_correction_err, src.n_apcor)
-    if src.meta.get("APCORSRC") != "growth" and np.isfinite(src.fwhm_arcsec):
+    if not src.aperture_correction_settled and np.isfinite(src.fwhm_arcsec):
         pooled = pool_aperture_correction(
             (src.aperture_correction, src.aperture_correction_err, src.fwhm_arcsec),
             apcor_peers(ctx.peers, frame_id=ctx.frame_id, filt=info.filter,

@@ -111,6 +111,11 @@ class SourceList:
         measured (``n_apcor == 0``).
     aperture_correction_err : float
         Its standard error (common to all sources; not included in ``fluxerr``).
+    aperture_correction_sem : float
+        The statistical part of that error: for a Moffat model, the scatter of its stars'
+        corrections over their number, without the model's systematic floor (what
+        :func:`pool_aperture_correction` weighs this frame's own value by); NaN without
+        a correction.
     n_apcor : int
         Bright isolated unsaturated stars used for the aperture correction.
     n_stellar : int
@@ -124,12 +129,29 @@ class SourceList:
     aperture_radius_px: float = float("nan")
     aperture_correction: float = 1.0
     aperture_correction_err: float = 0.0
+    aperture_correction_sem: float = float("nan")
     n_apcor: int = 0
     n_stellar: int = 0
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.table)
+
+    @property
+    def aperture_correction_settled(self) -> bool:
+        """The frame's own correction stands without the night's: a precise growth curve,
+        or a Moffat model its own stars pin down (at least :data:`_APCOR_MODEL_MIN_STARS`,
+        statistical error within the model's own floor, :data:`_APCOR_MODEL_SYS`: the
+        night's frames cannot make it more precise than that). At the same FWHM the
+        profile's wings still change from frame to frame (a Moffat beta of 2.6 or 3.9 at
+        2.2 px: corrections of 1.064 and 1.017 at 2 FWHM), so such a frame is not pulled
+        to the night's mean; a frame of few or scattered stars borrows (RATIR: 3-9 stars,
+        0.2-1 %)."""
+        source = self.meta.get("APCORSRC")
+        if source == "growth":
+            return True
+        return (source == "psf" and self.n_apcor >= _APCOR_MODEL_MIN_STARS
+                and bool(self.aperture_correction_sem <= _APCOR_MODEL_SYS))
 
     def with_aperture_correction(self, apcor: float, err: float, n: int, source: str
                                  ) -> SourceList:
@@ -159,17 +181,20 @@ def pool_aperture_correction(own: tuple, night: list[tuple], *, fwhm_tol: float 
     combined by their inverse-variance weighted mean (errors floored at 0.5 %): a PSF
     model built over several frames, steadier than one 10 s frame's handful of stars.
     Returns (apcor >= 1, its error, frames combined) or None without a usable peer.
+    Only for a frame whose own correction is not settled
+    (:attr:`SourceList.aperture_correction_settled`).
     """
     a0, e0, f0 = own
     if not (np.isfinite(a0) and np.isfinite(f0) and f0 > 0):
         return None
-    vals, errs = [a0], [max(e0 if np.isfinite(e0) and e0 > 0 else 0.01, 0.005)]
+    vals, errs = [a0], [max(e0 if np.isfinite(e0) and e0 > 0 else 0.01, _APCOR_MODEL_SYS)]
     for a, e, f in night:
         if a is None or f is None or not (np.isfinite(a) and np.isfinite(f)):
             continue
         if abs(f / f0 - 1.0) <= fwhm_tol and a >= 1.0:
             vals.append(a)
-            errs.append(max(e if e is not None and np.isfinite(e) and e > 0 else 0.01, 0.005))
+            errs.append(max(e if e is not None and np.isfinite(e) and e > 0 else 0.01,
+                            _APCOR_MODEL_SYS))
     if len(vals) < 2:
         return None
     w = 1.0 / np.square(errs)
@@ -381,10 +406,16 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
 _APCOR_MAX_ERR = 0.005
 #: ... and from at least this many stars; otherwise the Moffat model of the fitted stars
 _APCOR_MIN_STARS = 5
+#: the Moffat model's error is at least this (fraction): real profiles are not Moffats
+_APCOR_MODEL_SYS = 0.005
+#: a frame's Moffat model stands without the night's when from this many stars whose
+#: corrections scatter by at most ``_APCOR_MODEL_SYS`` over their number
+_APCOR_MODEL_MIN_STARS = 10
 
 
 def _model_apcor(shapes, r_ap: float) -> tuple[float, float]:
-    """Total / flux in ``r_ap`` of the fitted Moffats (median over stars, and its error)."""
+    """Total / flux in ``r_ap`` of the fitted Moffats (median over stars, and its
+    statistical error: the stars' scatter over their number; the caller adds the floor)."""
     if not shapes:
         return float("nan"), float("nan")
     vals = np.array([1.0 / (1.0 - (1.0 + (r_ap / a) ** 2) ** (1.0 - b)) for a, b in shapes])
@@ -393,7 +424,7 @@ def _model_apcor(shapes, r_ap: float) -> tuple[float, float]:
         return float("nan"), float("nan")
     med = float(np.median(vals))
     mad = float(mad_std(vals))
-    return med, max(1.2533 * mad / np.sqrt(vals.size), 0.005)
+    return med, 1.2533 * mad / np.sqrt(vals.size)
 
 
 def _mask_bits(mask: np.ndarray | None, x, y, r: float) -> np.ndarray:
@@ -995,13 +1026,16 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     # a growth curve of a few stars on a real frame jumps by +-10 % (RATIR: 0.76-1.10 with
     # stable seeing): it is used only when known to 0.5 % from 5+ stars; else the Moffat
     # model of the fitted stars' profiles; never below 1 (light beyond r_ap is positive)
-    apcor_src = "growth"
+    apcor_src, apcor_sem = "growth", apcor_err
     if not (n_apcor >= _APCOR_MIN_STARS and apcor_err <= _APCOR_MAX_ERR and apcor >= 1.0):
-        model, model_err = _model_apcor(shapes, r_ap)
+        model, model_sem = _model_apcor(shapes, r_ap)
         if np.isfinite(model):
-            apcor, apcor_err, n_apcor, apcor_src = model, model_err, len(shapes), "psf"
+            apcor, apcor_err, n_apcor, apcor_src = (model, max(model_sem, _APCOR_MODEL_SYS),
+                                                    len(shapes), "psf")
+            apcor_sem = model_sem
         else:
             apcor, apcor_err, n_apcor, apcor_src = 1.0, 0.0, 0, "none"
+            apcor_sem = float("nan")
     apcor = max(float(apcor), 1.0)
 
     flux = flux_ap * apcor
@@ -1060,6 +1094,7 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
         aperture_radius_px=float(r_ap),
         aperture_correction=float(apcor),
         aperture_correction_err=float(apcor_err),
+        aperture_correction_sem=float(apcor_sem),
         n_apcor=n_apcor,
         n_stellar=int(stellar.sum()),
         meta=meta,
