@@ -272,6 +272,49 @@ def test_a_small_fields_complete_match_passes_the_exact_chance_count():
     assert hits <= 8  # 1e-3: about 4 in 4000
 
 
+def _small_deep_field(rng, *, random_image=False):
+    """A 512 px frame at 0.12"/px (61") on a dense field: its nine brightest stars, the
+    reference list about as deep, the verification list five times as deep (50 stars in
+    the footprint: one within 2" of a random point four times in ten)."""
+    scale, half_px, cone = 0.12, 256.0, 150.0
+    nsky = rng.poisson(50 / (2 * half_px * scale) ** 2 * (2 * cone) ** 2)
+    sky = rng.uniform(-cone, cone, (nsky, 2))
+    mag = rng.uniform(14, 21, nsky)
+    true = Similarity(a=scale * np.exp(1j * math.radians(37.0)), b=complex(12, -25), flip=False)
+    z = (sky[:, 0] + 1j * sky[:, 1] - true.b) / true.a
+    on = np.flatnonzero((np.abs(z.real) < half_px - 5) & (np.abs(z.imag) < half_px - 5))
+    seen = on[np.argsort(mag[on])][:9]
+    img = np.column_stack([z.real[seen], z.imag[seen]]) + rng.normal(0, 0.05, (9, 2))
+    if random_image:
+        img = rng.uniform(-half_px, half_px, (9, 2))
+    ref = sky[mag <= mag[seen].max() + 0.3]
+    return img, ref, sky
+
+
+def test_a_small_deep_fields_complete_match_passes_in_the_radius_its_fit_allows():
+    """Within the 2" count radius a complete match of such a field could not pass ("matched
+    9 of 9 stars, need 10": a simulated night's frames, 200,000 stars per square degree);
+    its refitted pairs lie within 0.01", and counted within four times their median
+    distance (at least 0.25") they pass. Random lists of nine still fail."""
+    kw = dict(scale=0.12 * 1.01, scale_tolerance=0.05, max_offset=100.0, radius=6.0,
+              search_area=300.0**2, min_matches=6, extent=(256.0, 256.0), tight_radius=2.0,
+              false_alarm=2e-4)
+    passed = 0
+    for seed in range(4):
+        img, ref, sky = _small_deep_field(np.random.default_rng(seed))
+        match, why = find_similarity(img, ref, verify_xy=sky, **kw)
+        assert match is not None, why
+        assert match.nmatch == 9 and match.radius < 2.0
+        assert abs(match.transform.rotation_deg - 37.0) < 0.1
+        # the count in 2" alone asks more than the nine stars
+        passed += chance_needed(9, match.noverlap, (512 * 0.12) ** 2, 2.0, match.nhypotheses,
+                                false_alarm=2e-4)[1] > 9
+    assert passed == 4  # the old count failed these fields
+    for seed in range(10):
+        img, ref, sky = _small_deep_field(np.random.default_rng(100 + seed), random_image=True)
+        assert find_similarity(img, ref, verify_xy=sky, **kw)[0] is None
+
+
 def test_spread_order_puts_the_brightest_of_every_cell_first():
     rng = np.random.default_rng(8)
     crowd = rng.uniform(0, 200, (200, 2))  # the bright stars crowd one corner

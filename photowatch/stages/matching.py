@@ -386,9 +386,11 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
 
     Every hypothesis is counted within ``radius``; the best ``candidates`` are
     refitted (a least-squares similarity on their matched pairs) and counted
-    again within ``tight_radius``. The chance threshold
+    again within ``tight_radius``, and within the radius the refit allows (four times
+    its pairs' median distance, at least ``tight_radius / 8``). The chance threshold
     (:func:`chance_needed`) uses the image stars, the verification stars in
-    the hypothesis' footprint, ``tight_radius`` and the number of hypotheses.
+    the hypothesis' footprint, the radius and the number of hypotheses; the better
+    of the two counts is kept.
 
     Returns
     -------
@@ -474,12 +476,27 @@ def find_similarity(img_xy: np.ndarray, ref_xy: np.ndarray, *, verify_xy: np.nda
         inside = (np.abs(back.real) <= hx) & (np.abs(back.imag) <= hy)
         area = 4 * hx * hy * abs(ah) ** 2
         on_img = int(((np.abs(zall.real) <= hx) & (np.abs(zall.imag) <= hy)).sum())
-        expected, needed = chance_needed(on_img, int(inside.sum()), area, rt, nh,
+        noverlap = int(inside.sum())
+        expected, needed = chance_needed(on_img, noverlap, area, rt, nh,
                                          false_alarm=false_alarm)
+        nmatch, r_count = int(len(ii)), rt
+        # ... and in the radius the fit allows: the true pairs of a small field sit far
+        # inside rt (2" is 17 px at 0.12"/px, where a deep catalogue has a star near most
+        # image stars by chance: "matched 9 of 9 stars, need 10"). Four times the pairs'
+        # median distance (a true pair lies beyond it once in 1e5), at least rt / 8, judged
+        # against chance in that radius (its own share of the false-alarm budget)
+        if len(d):
+            r_fit = min(rt, max(4.0 * float(np.median(d)), rt / 8.0))
+            if r_fit < rt:
+                e_fit, n_need = chance_needed(on_img, noverlap, area, r_fit, nh,
+                                              false_alarm=false_alarm / 4)
+                n_fit = int((d <= r_fit).sum())
+                if n_fit - n_need > nmatch - needed:
+                    nmatch, r_count, expected, needed = n_fit, r_fit, e_fit, n_need
         needed = max(min_matches, needed)
         rms = float(np.sqrt(np.mean(d**2))) if len(d) else float("nan")
-        cand = PatternMatch(Similarity(ah, bh, fh), int(len(ii)), float(expected), int(needed),
-                            nh, rt, rms, int(inside.sum()))
+        cand = PatternMatch(Similarity(ah, bh, fh), nmatch, float(expected), int(needed),
+                            nh, r_count, rms, noverlap)
         if best is None or (cand.nmatch - cand.needed, cand.nmatch) > (
                 best.nmatch - best.needed, best.nmatch):
             best = cand
