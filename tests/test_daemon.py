@@ -421,7 +421,11 @@ def test_disk_full_in_a_live_daemon_resumes_by_itself_and_takes_requeued_frames(
     assert "No space left on device" in d.log.read_text()
     pings = d.notes.has("WATCHDOG=1")
     d.wait(lambda: d.notes.has("WATCHDOG=1") >= pings + 3, "watchdog pings while paused")
-    assert "daemon_hung" not in d.log.read_text()
+    # not hung while paused (before, a frame reduced on a loaded machine may outlast this
+    # test's 2 s per-frame limit: the check doing its job, not what is tested here)
+    log_text = d.log.read_text()
+    assert "processing paused" in log_text
+    assert "daemon_hung" not in log_text[log_text.index("processing paused"):]
     assert not [f for f in d.frames() if f["kind"] == "object" and f["state"] == "reduced"]
     fault.unlink()  # space is back
     d.wait(lambda: d.quiescent(everything), "every frame terminal, without a restart")
