@@ -250,17 +250,19 @@ def _geometry(w):
             np.linalg.det(cd) > 0)
 
 
-def run_random(trials, settings):
+def run_random(trials, settings, small: bool = False):
     """Random image lists (8-60 stars) against real catalogues: half on 512 px at 0.24"/px,
-    half on 1024 px at 0.4"/px."""
+    half on 1024 px at 0.4"/px; ``small``: all on 512 px at 0.12"/px (a 61" field) against
+    a catalogue four times as deep as the list (the ``--small`` case's)."""
     false = 0
     times = []
     for t in range(trials):
-        rng = np.random.default_rng([7, t])
+        rng = np.random.default_rng([7, t] if not small else [8, t])
         nstars = int(rng.choice([8, 12, 20, 30, 50, 60]))
-        n, scale = ((512, 0.24), (1024, 0.4))[t % 2]
+        n, scale = ((512, 0.24), (1024, 0.4))[t % 2] if not small else (512, 0.12)
         sources, reference, truth, guess = make_case(rng, nstars, n=n, scale=scale,
-                                                     random_image=True, settings=settings)
+                                                     random_image=True, settings=settings,
+                                                     depth=4.0 if small else 10.0)
         t0 = time.perf_counter()
         res = solve_astrometry(sources, shape=(n, n), wcs_guess=guess, reference=reference,
                                settings=settings)
@@ -269,7 +271,8 @@ def run_random(trials, settings):
         if res.ok:
             print(f"    false solution: trial {t}, {nstars} stars, {res.method}, "
                   f"{res.nstar} matched, rms {res.rms_arcsec:.3f}\"", flush=True)
-    print(f"{'random lists (8-60 stars)':28s} false solutions {false}/{trials} "
+    label = "random lists (8-60 stars)" + (", 61\"" if small else "")
+    print(f"{label:28s} false solutions {false}/{trials} "
           f"({100 * false / trials:.2f} %)  median {np.median(times) * 1e3:6.1f} ms", flush=True)
 
 
@@ -279,6 +282,9 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=1000, help="random-list trials")
     parser.add_argument("--dense", type=int, default=10, help="dense 4k trials")
     parser.add_argument("--warm", type=int, default=10, help="dense deep 4k warm-start trials")
+    parser.add_argument("--small", type=int, default=0,
+                        help="trials per small-field case (512 px at 0.12\"/px, catalogue "
+                             "four times as deep) and, with --random, random lists there")
     parser.add_argument("--astroalign", action="store_true")
     args = parser.parse_args()
     settings = Astrometry(solve_field=False)
@@ -297,8 +303,15 @@ def main() -> None:
             settings, aa, n=4096)
     if args.warm:
         run_warm(args.warm, settings)
+    for nstars in (8, 12, 20) if args.small else ():
+        run(f"{nstars} stars, 61\" field", args.small,
+            lambda rng, k=nstars: make_case(rng, k, n=512, scale=0.12, depth=4.0,
+                                            settings=settings),
+            settings, aa, n=512, tol_px=0.3)
     if args.random:
         run_random(args.random, settings)
+        if args.small:
+            run_random(args.random, settings, small=True)
 
 
 if __name__ == "__main__":
