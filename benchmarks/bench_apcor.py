@@ -24,8 +24,9 @@ import numpy as np
 
 
 def true_apcor(fwhm_px: float, beta: float, r_ap: float) -> float:
-    alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    return float(1.0 / (1.0 - (1.0 + (r_ap / alpha) ** 2) ** (1.0 - beta)))
+    from photowatch.stages.sources import moffat_alpha, moffat_encircled
+
+    return float(1.0 / moffat_encircled(r_ap, moffat_alpha(fwhm_px, beta), beta))
 
 
 def night(seed: int, density: float, root: Path) -> list[tuple]:

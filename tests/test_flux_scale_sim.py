@@ -13,6 +13,7 @@ from photowatch.core.config import Settings
 from photowatch.io.products import read_product
 from photowatch.run.batch import reduce_directory
 from photowatch.sim.night import simulate_night
+from photowatch.stages.sources import moffat_alpha, moffat_encircled
 from photowatch.state.store import Store
 
 
@@ -63,10 +64,8 @@ def test_aperture_correction_follows_each_frames_profile(tmp_path, seed):
         prod = read_product(r["product"])
         f, h = truth[r["raw_name"]], prod.header
         scale = float(np.hypot(h["CD1_1"], h["CD2_1"])) * 3600.0
-        fwhm_px, beta = f.fwhm_arcsec / scale, f.psf_beta
-        alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
-        r_ap = prod.cat.meta["APRAD"]
-        true = 1.0 / (1.0 - (1.0 + (r_ap / alpha) ** 2) ** (1.0 - beta))
+        alpha = moffat_alpha(f.fwhm_arcsec / scale, f.psf_beta)
+        true = 1.0 / moffat_encircled(prod.cat.meta["APRAD"], alpha, f.psf_beta)
         errors.append(h["APCOR"] / true - 1.0)
         true_values.append(true)
         own += prod.cat.meta.get("APCORSRC") in ("psf", "growth")

@@ -114,8 +114,7 @@ class SourceList:
     aperture_correction_sem : float
         The statistical part of that error: for a Moffat model, the scatter of its stars'
         corrections over their number, without the model's systematic floor (what
-        :func:`pool_aperture_correction` weighs this frame's own value by); NaN without
-        a correction.
+        :attr:`aperture_correction_settled` judges); NaN without a correction.
     n_apcor : int
         Bright isolated unsaturated stars used for the aperture correction.
     n_stellar : int
@@ -184,17 +183,19 @@ def pool_aperture_correction(own: tuple, night: list[tuple], *, fwhm_tol: float 
     Only for a frame whose own correction is not settled
     (:attr:`SourceList.aperture_correction_settled`).
     """
+    def floored(e):  # no error known: 1 %; never below the model's own floor
+        return max(e if e is not None and np.isfinite(e) and e > 0 else 0.01, _APCOR_MODEL_SYS)
+
     a0, e0, f0 = own
     if not (np.isfinite(a0) and np.isfinite(f0) and f0 > 0):
         return None
-    vals, errs = [a0], [max(e0 if np.isfinite(e0) and e0 > 0 else 0.01, _APCOR_MODEL_SYS)]
+    vals, errs = [a0], [floored(e0)]
     for a, e, f in night:
         if a is None or f is None or not (np.isfinite(a) and np.isfinite(f)):
             continue
         if abs(f / f0 - 1.0) <= fwhm_tol and a >= 1.0:
             vals.append(a)
-            errs.append(max(e if e is not None and np.isfinite(e) and e > 0 else 0.01,
-                            _APCOR_MODEL_SYS))
+            errs.append(floored(e))
     if len(vals) < 2:
         return None
     w = 1.0 / np.square(errs)
@@ -413,12 +414,22 @@ _APCOR_MODEL_SYS = 0.005
 _APCOR_MODEL_MIN_STARS = 10
 
 
+def moffat_alpha(fwhm, beta):
+    """The width ``alpha`` of a Moffat profile of FWHM ``fwhm`` and index ``beta``."""
+    return fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+
+def moffat_encircled(r, alpha, beta):
+    """The fraction of a Moffat star's light within ``r`` of its centre."""
+    return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+
+
 def _model_apcor(shapes, r_ap: float) -> tuple[float, float]:
     """Total / flux in ``r_ap`` of the fitted Moffats (median over stars, and its
     statistical error: the stars' scatter over their number; the caller adds the floor)."""
     if not shapes:
         return float("nan"), float("nan")
-    vals = np.array([1.0 / (1.0 - (1.0 + (r_ap / a) ** 2) ** (1.0 - b)) for a, b in shapes])
+    vals = np.array([1.0 / moffat_encircled(r_ap, a, b) for a, b in shapes])
     vals = vals[np.isfinite(vals) & (vals >= 1.0)]
     if not vals.size:
         return float("nan"), float("nan")
@@ -784,7 +795,7 @@ def _moffat_growth_fit(radii, growth, err, r_ap, at):
     def enclosed(r, alpha, beta):
         # a trial alpha near 0 overflows (r/alpha)**2: the limit, E = 1, is what it gives
         with np.errstate(over="ignore"):
-            return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+            return moffat_encircled(r, alpha, beta)
 
     def resid(p):
         alpha, beta = np.exp(p[0]), 1.0 + np.exp(p[1])

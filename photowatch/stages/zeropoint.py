@@ -36,6 +36,7 @@ from astropy.stats import mad_std
 
 from photowatch.core.config import ZeroPoint
 from photowatch.stages.matching import project
+from photowatch.stages.sources import moffat_alpha
 
 #: neighbour band used for a colour term: band → (blue, red) of the colour
 COLOURS = {"u": ("u", "g"), "g": ("g", "r"), "r": ("g", "r"), "i": ("r", "i"), "z": ("i", "z"),
@@ -133,7 +134,7 @@ def _disc_fraction(fwhm_px: float, radius_px: float, beta: float = _CONTAM_BETA)
 
     The disc is sampled on 24 rings of 48 points (midpoint rule, area-weighted) and the
     normalised Moffat summed over them: ~1 ms a frame (a 2-D pixel grid was 0.2 s)."""
-    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    alpha = moffat_alpha(fwhm_px, beta)
     reach = radius_px + _CONTAM_REACH * fwhm_px
     step = min(0.5, fwhm_px / 6.0)
     nr, nt = 24, 48
