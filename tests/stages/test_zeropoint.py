@@ -109,3 +109,24 @@ def test_bright_calibrators_alone_when_there_are_enough():
     few = calibrate_zeropoint(vstack([sparse, cat[12:]]), ref, band="r", shape=(2000, 2000),
                               settings=ZeroPoint())
     assert few.n > 9  # too few bright ones: the faint are fitted too
+
+
+def test_faint_calibrators_within_their_errors_stay_in_a_sparse_fit():
+    """A sparse frame: four bright calibrators agree within 0.003 mag, two faint ones (S/N
+    30) read 0.06-0.07 mag off, under two of their errors. Clipping plain residuals at
+    3 MAD of the bright ones threw the faint out and left four of the five a zero point
+    needs (sweep seed 6: "4 stars left after clipping, need 5"); in units of each star's
+    error they stay. A star 0.4 mag off (ten of its errors) is still left out."""
+    rng = np.random.default_rng(8)
+    bright, ref_b = field(rng, 4, (15.0, 15.5), snr=300.0)
+    faint, ref_f = field(rng, 3, (18.0, 18.5), snr=30.0)
+    bright["flux"] *= 10 ** (-0.4 * np.array([0.003, -0.003, 0.002, -0.002]))
+    faint["flux"] *= 10 ** (-0.4 * np.array([0.07, -0.06, 0.4]))
+    from astropy.table import vstack
+
+    cat, ref = vstack([bright, faint]), vstack([ref_b, ref_f])
+    cat.meta.update(bright.meta)
+    zp = calibrate_zeropoint(cat, ref, band="r", shape=(2000, 2000), settings=ZeroPoint())
+    assert zp.status == "ok", zp.reason
+    assert zp.n == 6
+    assert abs(zp.magzp - ZP) < 0.01
