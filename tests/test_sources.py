@@ -220,3 +220,42 @@ def test_psf_matched_pass_finds_faint_point_sources_at_their_aperture_snr(seed):
     assert found[5.0][snr == 8].mean() >= 0.9
     assert found[5.0][snr == 2.5].mean() <= 0.2
     assert found[0.0][snr == 8].mean() <= 0.5
+
+
+def test_a_filled_pixel_flags_a_star_by_the_light_it_held():
+    """LMI unbinned: FWHM 10 px, and 0.2 % of the pixels bad. Any bad pixel within a
+    FWHM flagged a star MASKED (and out of the stellar set): half the stars of such
+    frames, and their zero points kept a few calibrators. A filled pixel of a star that
+    wide holds under 1 % of its light; a bad column through its core holds 9 %."""
+    n = 420
+    sigma = 4.5  # FWHM 10.6 px
+    pos = {"clean": (100.3, 100.6), "near": (300.4, 100.2), "centre": (100.6, 300.5),
+           "column": (200.2, 300.7)}
+    xs = np.array([p[0] for p in pos.values()])
+    ys = np.array([p[1] for p in pos.values()])
+    model = gaussian_stars((n, n), xs, ys, np.full(len(xs), 2e6), sigma_px=sigma, radius=40)
+    mask = np.zeros((n, n), np.uint16)
+    mask[103, 300] |= int(Mask.BAD)  # 3 px from "near"'s centre
+    mask[300, 101] |= int(Mask.BAD)  # "centre"'s peak pixel
+    mask[:, 200] |= int(Mask.BAD)  # a bad column through "column"
+    rng = np.random.default_rng(4)
+    var = (SKY_VAR + model).astype(np.float32)
+    sci = (model + rng.standard_normal((n, n)) * np.sqrt(var)).astype(np.float32)
+    bad = (mask & int(Mask.BAD)) != 0
+    sci[bad] = 0.0  # a bad pixel's value is not the star's
+    frame = Frame(sci=sci, var=var, mask=mask, header=fits.Header())
+    t = extract_sources(frame, settings=Sources(), pixel_scale_arcsec=0.12).table
+
+    def row(px, py):
+        d = np.hypot(t["x"] - px, t["y"] - py)
+        assert d.min() < 1.0
+        return t[int(np.argmin(d))]
+
+    clean = row(*pos["clean"])
+    assert clean["flags"] == 0 and clean["stellar"]
+    for name in ("near", "centre"):
+        r = row(*pos[name])
+        assert r["flags"] == 0, name
+        assert r["stellar"], name
+        assert r["flux_aper"] == pytest.approx(clean["flux_aper"], rel=0.005), name
+    assert row(*pos["column"])["flags"] & SourceFlag.MASKED
