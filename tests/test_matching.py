@@ -379,3 +379,62 @@ def test_refine_fits_the_degree_its_kept_pairs_constrain(seed):
     # the whole frame, the corner included, within 0.1 px of the truth
     solved = out.solution.to_wcs()
     assert wcs_grid_rms_px(solved, w, (n, n), step=50) < 0.1
+
+
+def _radial_wcs(n, corner_px):
+    """A TAN frame of 0.24"/px whose optics move a pixel radially by ``corner_px`` at the
+    corner: u (1 + k r²), v (1 + k r²) about CRPIX (SIP A_3_0 = A_1_2 = B_2_1 = B_0_3)."""
+    from astropy.wcs import WCS, Sip
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    w.wcs.crpix = [n / 2 + 0.5, n / 2 + 0.5]
+    w.wcs.crval = [150.0, -30.0]
+    s = 0.24 / 3600
+    w.wcs.cd = [[-s, 0.0], [0.0, s]]
+    k = corner_px / (n / math.sqrt(2)) ** 3
+    a, b = np.zeros((4, 4)), np.zeros((4, 4))
+    a[3, 0] = a[1, 2] = b[2, 1] = b[0, 3] = k
+    w.sip = Sip(a, b, None, None, w.wcs.crpix)
+    w.wcs.set()
+    return w
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_few_stars_measure_the_optics_radial_distortion(seed):
+    """20 stars are too few for a cubic SIP (50 pairs): the linear fit left the radial
+    distortion of the optics at the corners (sparse simulated fields: 0.1-0.4 px). One
+    radial term, kept when the pairs measure it, takes it out; on a frame without
+    distortion no term is kept and the solution stays linear."""
+    from astropy.wcs import WCS
+
+    n = 1024
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(10, n - 10, (2, 20))
+    sig_px = 0.02
+
+    def solve(truth, degree):
+        ra, dec = truth.all_pix2world(x, y, 0)
+        xo, yo = x + rng.normal(0, sig_px, 20), y + rng.normal(0, sig_px, 20)
+        out = refine(xo, yo, ra, dec, predict=lambda px, py: truth.all_pix2world(px, py, 0),
+                     crpix=(n / 2 + 0.5, n / 2 + 0.5), crval=(150.0, -30.0), degree=degree,
+                     start_radius=2.0, match_radius=2.0, clip_sigma=3.0, scale_px=n / 2,
+                     shape=(n, n), pair_sigma=(np.full(20, sig_px * 0.24), np.zeros(20)))
+        assert out.solution is not None and out.degree == 1
+        return out.solution, len(out.img_index)
+
+    bent = _radial_wcs(n, 0.8)
+    linear, _ = solve(bent, degree=1)  # no SIP allowed: the radial term is not fitted
+    with_radial, kept = solve(bent, degree=3)
+    assert kept >= 19  # the corner stars fit too (the linear fit may clip them)
+    assert wcs_grid_rms_px(linear.to_wcs(), bent, (n, n), step=32) > 0.08
+    assert wcs_grid_rms_px(with_radial.to_wcs(), bent, (n, n), step=32) < 0.04
+    assert with_radial.a[3, 0] == pytest.approx(bent.sip.a[3, 0], rel=0.3)
+    flat = WCS(naxis=2)
+    flat.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    flat.wcs.crpix, flat.wcs.crval, flat.wcs.cd = bent.wcs.crpix, bent.wcs.crval, bent.wcs.cd
+    flat.wcs.set()
+    straight, kept = solve(flat, degree=3)
+    assert kept >= 19
+    assert not straight.a.any() and not straight.b.any()
+    assert wcs_grid_rms_px(straight.to_wcs(), flat, (n, n), step=32) < 0.04
