@@ -283,7 +283,8 @@ def draw_cutouts(out, store, info, row, rows, sci, mask, wcs, reference, size: i
     for old in folder.glob(f"{stem}_*.png") if folder.is_dir() else ():
         old.unlink(missing_ok=True)
     if rows:
-        sx, sy = wcs.all_world2pix(np.asarray(reference["ra"]), np.asarray(reference["dec"]), 0)
+        sx, sy = wcs.all_world2pix(np.asarray(reference["ra"]), np.asarray(reference["dec"]), 0,
+                                   quiet=True)
         flux = 10 ** (-0.4 * np.asarray(reference["mag"]))
     for r in rows:
         path = folder / f"{stem}_{r['id']}.png"

@@ -579,7 +579,9 @@ def _warm(prob: _Problem, previous, settings: Astrometry) -> tuple[Refined | Non
         return None, f"warm start: {n_img} well-measured stars"
     sel = cand[:n_img]
     img = np.column_stack([prob.x[sel], prob.y[sel]])
-    rx, ry = previous.all_world2pix(prob.ref_ra, prob.ref_dec, 0)
+    # quiet: a catalogue star far outside the frame may lie where a SIP's inverse
+    # diverges (finalize stopped on one); those land outside and are not used
+    rx, ry = previous.all_world2pix(prob.ref_ra, prob.ref_dec, 0, quiet=True)
     on = (np.isfinite(rx) & np.isfinite(ry) & (rx > -max_shift) & (rx < nx + max_shift)
           & (ry > -max_shift) & (ry < ny + max_shift))
     idx_on = np.flatnonzero(on)  # bright first, like the reference

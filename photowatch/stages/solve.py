@@ -172,7 +172,7 @@ def quicklook_fallback(sources, shape, quicklook, reference, settings, failed: s
     if x.size == 0:
         return None
     rx, ry = wcs.all_world2pix(np.asarray(reference["ra"], float),
-                               np.asarray(reference["dec"], float), 0)
+                               np.asarray(reference["dec"], float), 0, quiet=True)
     ny, nx = shape
     on = np.isfinite(rx) & np.isfinite(ry) & (rx > -1) & (rx < nx) & (ry > -1) & (ry < ny)
     if on.sum() < settings.min_matches:
