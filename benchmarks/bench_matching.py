@@ -171,6 +171,7 @@ def astroalign_trial(aa, sources, reference, truth, guess, n, settings):
 
 def run(label, trials, make, settings, aa=None, n=1024, tol_px=0.05):
     ok = 0
+    wrong = 0  # solved, but more than 2 px from the truth: a false solution of a true list
     errs = []
     times = []
     aa_ok = 0
@@ -186,6 +187,7 @@ def run(label, trials, make, settings, aa=None, n=1024, tol_px=0.05):
         err = grid_rms_px(res.wcs, truth, n) if res.ok else float("nan")
         good = res.ok and err < tol_px
         ok += good
+        wrong += bool(res.ok and not err < 2.0)
         if res.ok:
             errs.append(err)
         if not good and len(fails) < 3:
@@ -196,7 +198,8 @@ def run(label, trials, make, settings, aa=None, n=1024, tol_px=0.05):
             aa_times.append(dt)
     line = (f"{label:28s} {ok:5d}/{trials:<5d} {100 * ok / trials:6.1f} %  "
             f"median {np.median(times) * 1e3:6.1f} ms  p95 {np.percentile(times, 95) * 1e3:6.1f} ms  "
-            f"grid rms median {np.median(errs) if errs else float('nan'):.3f} px")
+            f"grid rms median {np.median(errs) if errs else float('nan'):.3f} px"
+            + (f"  WRONG {wrong}" if wrong else ""))
     if aa is not None:
         line += (f" | astroalign {aa_ok:5d}/{trials:<5d} median "
                  f"{np.median(aa_times) * 1e3:6.1f} ms")
@@ -250,15 +253,18 @@ def _geometry(w):
             np.linalg.det(cd) > 0)
 
 
-def run_random(trials, settings, small: bool = False):
+def run_random(trials, settings, small: bool = False, few: bool = False):
     """Random image lists (8-60 stars) against real catalogues: half on 512 px at 0.24"/px,
     half on 1024 px at 0.4"/px; ``small``: all on 512 px at 0.12"/px (a 61" field) against
-    a catalogue four times as deep as the list (the ``--small`` case's)."""
+    a catalogue four times as deep as the list (the ``--small`` case's); ``few``: lists of
+    4-7 stars (the ``--few`` case's sizes)."""
     false = 0
     times = []
     for t in range(trials):
         rng = np.random.default_rng([7, t] if not small else [8, t])
-        nstars = int(rng.choice([8, 12, 20, 30, 50, 60]))
+        if few:
+            rng = np.random.default_rng([9, t, int(small)])
+        nstars = int(rng.choice([4, 5, 6, 7] if few else [8, 12, 20, 30, 50, 60]))
         n, scale = ((512, 0.24), (1024, 0.4))[t % 2] if not small else (512, 0.12)
         sources, reference, truth, guess = make_case(rng, nstars, n=n, scale=scale,
                                                      random_image=True, settings=settings,
@@ -271,7 +277,8 @@ def run_random(trials, settings, small: bool = False):
         if res.ok:
             print(f"    false solution: trial {t}, {nstars} stars, {res.method}, "
                   f"{res.nstar} matched, rms {res.rms_arcsec:.3f}\"", flush=True)
-    label = "random lists (8-60 stars)" + (", 61\"" if small else "")
+    label = ("random lists (4-7 stars)" if few else "random lists (8-60 stars)") + (
+        ", 61\"" if small else "")
     print(f"{label:28s} false solutions {false}/{trials} "
           f"({100 * false / trials:.2f} %)  median {np.median(times) * 1e3:6.1f} ms", flush=True)
 
@@ -285,9 +292,17 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=0,
                         help="trials per small-field case (512 px at 0.12\"/px, catalogue "
                              "four times as deep) and, with --random, random lists there")
+    parser.add_argument("--few", type=int, default=0,
+                        help="trials per few-star case (4, 5, 6 stars on 512 px at 0.24\"/px "
+                             "and on 61\" fields) and, with --random, random lists of 4-7 "
+                             "stars there")
+    parser.add_argument("--min-matches", type=int, default=None,
+                        help="astrometry min_matches (default: the configuration's)")
     parser.add_argument("--astroalign", action="store_true")
     args = parser.parse_args()
     settings = Astrometry(solve_field=False)
+    if args.min_matches is not None:
+        settings = settings.model_copy(update={"min_matches": args.min_matches})
     aa = None
     if args.astroalign:
         import astroalign as aa
@@ -308,10 +323,22 @@ def main() -> None:
             lambda rng, k=nstars: make_case(rng, k, n=512, scale=0.12, depth=4.0,
                                             settings=settings),
             settings, aa, n=512, tol_px=0.3)
+    for nstars in (4, 5, 6) if args.few else ():
+        run(f"{nstars} stars, 512 px", args.few,
+            lambda rng, k=nstars: make_case(rng, k, n=512, scale=0.24, settings=settings),
+            settings, aa, n=512, tol_px=0.5)
+        run(f"{nstars} stars, 61\" field", args.few,
+            lambda rng, k=nstars: make_case(rng, k, n=512, scale=0.12, depth=4.0,
+                                            settings=settings),
+            settings, aa, n=512, tol_px=0.5)
     if args.random:
-        run_random(args.random, settings)
+        if not args.few:
+            run_random(args.random, settings)
         if args.small:
             run_random(args.random, settings, small=True)
+        if args.few:
+            run_random(args.random, settings, few=True)
+            run_random(args.random, settings, small=True, few=True)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class Astrometry(Section):
     max_pointing_error_arcsec: PositiveFloat = 300.0
     scale_tolerance: Fraction = 0.05
     max_stars: Annotated[int, Field(ge=8)] = 60
-    min_matches: Annotated[int, Field(ge=3)] = 6
+    min_matches: Annotated[int, Field(ge=3)] = 5
     match_radius_arcsec: PositiveFloat = 2.0
     sip_degree: Annotated[int, Field(ge=0, le=5)] = 3
     clip_sigma: PositiveFloat = 3.0
@@ -169,7 +169,7 @@ class ZeroPoint(Section):
     enabled: bool = True
     match_radius_arcsec: PositiveFloat = 1.5
     max_mag_err: PositiveFloat = 0.1
-    min_stars: Annotated[int, Field(ge=1)] = 5
+    min_stars: Annotated[int, Field(ge=1)] = 3
     clip_sigma: PositiveFloat = 3.0
     err_floor_mag: NonNegFloat = 0.01
     color_term: bool = False

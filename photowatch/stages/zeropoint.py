@@ -122,6 +122,8 @@ def usable_stars(cat, *, min_snr: float = 10.0, stellar_only: bool = True) -> np
     return np.nonzero(ok)[0]
 
 
+#: the crowding cut applies when this many calibrators are clean (fewer: all are kept)
+_MIN_CLEAN = 10
 #: Moffat beta of the model a neighbour's light is spread with (:func:`aperture_contamination`)
 _CONTAM_BETA = 3.0
 #: how far a neighbour's light is followed, in FWHM beyond the aperture
@@ -299,7 +301,7 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
                                        neighbours=extra) <= settings.max_contamination
         # crowding is a many-star problem: a sparse field keeps all of them (a cut to five
         # left the clipping nothing to work with)
-        if clean.sum() >= 2 * settings.min_stars:
+        if clean.sum() >= _MIN_CLEAN:
             use &= clean
     # the undetected stars' light in an aperture is a larger part of a faint star's flux:
     # on simulated fields of 65,000-200,000 stars per square degree calibrators of S/N
