@@ -122,8 +122,27 @@ def usable_stars(cat, *, min_snr: float = 10.0, stellar_only: bool = True) -> np
     return np.nonzero(ok)[0]
 
 
-#: the crowding cut applies when this many calibrators are clean (fewer: all are kept)
+#: the crowding cut applies when this many calibrators are clean (fewer: all are kept) ...
 _MIN_CLEAN = 10
+#: ... except where there are fewer calibrators than this: then only clean ones are used,
+#: and only where an aperture holds fewer catalogue stars than this on average
+_FEW_CALIBRATORS = 5
+_FEW_MAX_PER_APERTURE = 0.1
+#: radius (arcsec) around the calibrators over which the catalogue's density is counted
+_DENSITY_RADIUS = 60.0
+
+
+def _catalogue_stars_per_aperture(cat, a, reference, radius_arcsec: float) -> float:
+    """The catalogue's mean number of stars in an aperture of ``radius_arcsec``, from its
+    density within :data:`_DENSITY_RADIUS` of the calibrators ``a`` (0: unknown)."""
+    if radius_arcsec <= 0 or not len(a):
+        return 0.0
+    ra0 = float(np.median(np.asarray(cat["ra"], float)[a]))
+    dec0 = float(np.median(np.asarray(cat["dec"], float)[a]))
+    xi, eta = project(np.asarray(reference["ra"], float), np.asarray(reference["dec"], float),
+                      ra0, dec0)
+    near = np.hypot(xi, eta) * 3600.0 <= _DENSITY_RADIUS
+    return float(near.sum()) * (radius_arcsec / _DENSITY_RADIUS) ** 2
 #: Moffat beta of the model a neighbour's light is spread with (:func:`aperture_contamination`)
 _CONTAM_BETA = 3.0
 #: how far a neighbour's light is followed, in FWHM beyond the aperture
@@ -291,6 +310,7 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
                                                              insterr))
     # crowding: calibrators whose neighbours' light fills their aperture read bright
     use = np.ones(a.size, bool)
+    is_clean = np.ones(a.size, bool)
     radius, fwhm, fwhm_as = (float(cat.meta.get(k) or 0.0) for k in ("APRAD", "FWHMPIX", "FWHM"))
     if settings.max_contamination > 0 and radius > 0 and fwhm > 0:
         extra = None
@@ -300,9 +320,19 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
         clean = aperture_contamination(cat, a, radius_px=radius, fwhm_px=fwhm,
                                        neighbours=extra) <= settings.max_contamination
         # crowding is a many-star problem: a sparse field keeps all of them (a cut to five
-        # left the clipping nothing to work with)
+        # left the clipping nothing to work with) ...
         if clean.sum() >= _MIN_CLEAN:
             use &= clean
+        # ... but fewer than five calibrators leave nothing to clip a crowded one against
+        # (see the end)
+        elif nmatch < _FEW_CALIBRATORS:
+            if clean.sum() < settings.min_stars:
+                return ZeroPointResult(
+                    "failed", n_matched=nmatch, band=band,
+                    reason=f"{int(clean.sum())} of {nmatch} catalogue stars free of their "
+                           f"neighbours' light, need {settings.min_stars}")
+            use &= clean
+        is_clean = clean
     # the undetected stars' light in an aperture is a larger part of a faint star's flux:
     # on simulated fields of 65,000-200,000 stars per square degree calibrators of S/N
     # 10-100 read 0.04-0.14 mag bright, those above 100 within 0.02 mag
@@ -310,7 +340,8 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
         bright = use & (insterr <= 1.0857 / settings.bright_snr)
         if bright.sum() >= max(settings.min_bright, settings.min_stars):
             use = bright
-    a, b, refmag, referr, inst, insterr = (v[use] for v in (a, b, refmag, referr, inst, insterr))
+    a, b, refmag, referr, inst, insterr, is_clean = (
+        v[use] for v in (a, b, refmag, referr, inst, insterr, is_clean))
     y = refmag - inst
     w = 1.0 / (referr**2 + insterr**2 + settings.err_floor_mag**2)
     cols = [np.ones(y.size)]
@@ -322,7 +353,7 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
             colour = np.where(np.isfinite(colour) & (np.abs(colour) < 5), colour, np.nan)
             ok = np.isfinite(colour)
             if ok.sum() >= settings.min_stars + 1:
-                y, w, colour, a = y[ok], w[ok], colour[ok], a[ok]
+                y, w, colour, a, is_clean = y[ok], w[ok], colour[ok], a[ok], is_clean[ok]
                 cols = [np.ones(y.size), colour]
             else:
                 colour = None
@@ -333,6 +364,23 @@ def calibrate_zeropoint(cat, reference, *, band: str, shape: tuple[int, int],
     design = np.column_stack(cols)
     coef, keep, res = _robust_fit(design, y, w, settings.clip_sigma)
     n = int(keep.sum())
+    # fewer than five calibrators kept: they must all be clean, in a field where an
+    # aperture seldom holds a catalogue star (three of a 61" field of 200,000 stars per
+    # square degree, clean by the catalogue, read 0.1-0.2 mag bright: the stars below its
+    # depth); more are clipped against each other
+    if settings.min_stars <= n < _FEW_CALIBRATORS:
+        if not is_clean[keep].all():
+            return ZeroPointResult(
+                "failed", n_matched=nmatch, band=band,
+                reason=f"{n} stars left, {int((~is_clean[keep]).sum())} of them carrying "
+                       f"their neighbours' light; need {_FEW_CALIBRATORS}")
+        per_ap = _catalogue_stars_per_aperture(cat, a[keep], reference,
+                                               radius * fwhm_as / fwhm if fwhm > 0 else 0.0)
+        if per_ap > _FEW_MAX_PER_APERTURE:
+            return ZeroPointResult(
+                "failed", n_matched=nmatch, band=band,
+                reason=f"{n} stars left in a crowded field ({per_ap:.2f} catalogue stars "
+                       f"per aperture), need {_FEW_CALIBRATORS}")
     if n < settings.min_stars:
         return ZeroPointResult("failed", n_matched=nmatch, band=band,
                                reason=f"{n} stars left after clipping, need {settings.min_stars}")

@@ -130,3 +130,32 @@ def test_faint_calibrators_within_their_errors_stay_in_a_sparse_fit():
     assert zp.status == "ok", zp.reason
     assert zp.n == 6
     assert abs(zp.magzp - ZP) < 0.01
+
+
+def test_three_calibrators_calibrate_a_sparse_field_but_not_a_crowded_one():
+    """Three clean calibrators give a zero point (PhotoPipe took any number); in a field
+    whose apertures hold a catalogue star every few times, three read 0.1-0.2 mag bright
+    with the light of the stars below the catalogue's depth (a simulated 61" field of
+    200,000 stars per square degree) and cannot be clipped against each other: refused,
+    with the reason."""
+    from astropy.table import vstack
+
+    rng = np.random.default_rng(11)
+    cat, ref = field(rng, 3, (15.0, 16.0), snr=200.0)
+    cat["x"], cat["y"] = [900.0, 1000.0, 1100.0], [1000.0, 1080.0, 960.0]
+    cat["ra"] = RA0 + (cat["x"] - 1000) * SCALE / 3600 / np.cos(np.radians(DEC0))
+    cat["dec"] = DEC0 + (cat["y"] - 1000) * SCALE / 3600
+    ref["ra"], ref["dec"] = cat["ra"], cat["dec"]
+    sparse = calibrate_zeropoint(cat, ref, band="r", shape=(2000, 2000), settings=ZeroPoint())
+    assert sparse.status == "ok" and sparse.n == 3 and abs(sparse.magzp - ZP) < 0.01
+    # 300 faint catalogue stars within a minute of them, none within 10" of one
+    ang, r = rng.uniform(0, 2 * np.pi, 3000), 60.0 * np.sqrt(rng.uniform(0, 1, 3000))
+    dx, dy = r * np.cos(ang), r * np.sin(ang)
+    cx, cy = (np.asarray(cat["x"]) - 1000) * SCALE, (np.asarray(cat["y"]) - 1000) * SCALE
+    far = np.hypot(dx[:, None] - cx, dy[:, None] - cy).min(axis=1) > 10.0
+    dx, dy = dx[far][:300], dy[far][:300]
+    faint = Table({"ra": RA0 + dx / 3600 / np.cos(np.radians(DEC0)), "dec": DEC0 + dy / 3600,
+                   "r": np.full(dx.size, 20.5), "r_err": np.full(dx.size, 0.05)})
+    crowded = calibrate_zeropoint(cat, vstack([ref, faint]), band="r", shape=(2000, 2000),
+                                  settings=ZeroPoint())
+    assert crowded.status == "failed" and "crowded field" in crowded.reason
