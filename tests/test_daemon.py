@@ -185,6 +185,12 @@ class Daemon:
         conn.row_factory = sqlite3.Row
         try:
             return [dict(r) for r in conn.execute(sql, args).fetchall()]
+        except sqlite3.OperationalError as exc:
+            # the daemon (re)starting has created the file but not yet its tables: as
+            # before the file exists (a loaded machine hit this between kill -9 and restart)
+            if "no such table" in str(exc):
+                return []
+            raise
         finally:
             conn.close()
 
