@@ -732,11 +732,6 @@ def fit_tan_sip(x, y, ra, dec, *, crpix: tuple[float, float], crval: tuple[float
     crval = (float(crval[0]), float(crval[1]))
     coef = None
     k = 0.0  # the radial term, in normalised offsets
-
-    def radial_part(c):
-        """(n, 2): what a unit radial term adds to the standard coordinates (through CD)."""
-        return (u * r2)[:, None] * c[lin[(1, 0)]] + (v * r2)[:, None] * c[lin[(0, 1)]]
-
     for _ in range(max_clip_iter + 1):
         for _ in range(4):  # move the tangent point until the constant term vanishes
             xi, eta = project(ra, dec, *crval)
@@ -763,7 +758,7 @@ def fit_tan_sip(x, y, ra, dec, *, crpix: tuple[float, float], crval: tuple[float
             ra0, dec0 = deproject(c0[0], c0[1], *crval)
             crval = (float(ra0), float(dec0))
         xi, eta = project(ra, dec, *crval)
-        model = design @ coef + (k * radial_part(coef) if radial else 0.0)
+        model = design @ coef + (k * _radial_part(u, v, r2, coef, lin) if k else 0.0)
         resid = (np.column_stack([xi, eta]) - model) * ARCSEC_PER_DEG
         r = np.hypot(resid[:, 0], resid[:, 1])
         chi = r * np.sqrt(w / np.median(w[keep]))
@@ -781,7 +776,7 @@ def fit_tan_sip(x, y, ra, dec, *, crpix: tuple[float, float], crval: tuple[float
     cd = np.array([[coef[lin[(1, 0)], 0], coef[lin[(0, 1)], 0]],
                    [coef[lin[(1, 0)], 1], coef[lin[(0, 1)], 1]]]) / scale_px
     cdinv = np.linalg.inv(cd)
-    if radial:
+    if k:  # a kept radial term is a cubic SIP
         degree = max(degree, 3)
     order = max(degree, 2)
     a = np.zeros((order + 1, order + 1))
@@ -790,7 +785,7 @@ def fit_tan_sip(x, y, ra, dec, *, crpix: tuple[float, float], crval: tuple[float
         if p + q >= 2:
             corr = cdinv @ coef[i] / scale_px ** (p + q)
             a[p, q], b[p, q] = corr
-    if radial:
+    if k:
         kp = k / scale_px**2
         a[3, 0] += kp
         a[1, 2] += kp
@@ -804,6 +799,12 @@ def fit_tan_sip(x, y, ra, dec, *, crpix: tuple[float, float], crval: tuple[float
     return PolyFit(sol, resid, keep)
 
 
+def _radial_part(u, v, r2, coef, lin) -> np.ndarray:
+    """(n, 2): what a unit radial term adds to the standard coordinates (through the
+    linear terms of ``coef``)."""
+    return (u * r2)[:, None] * coef[lin[(1, 0)]] + (v * r2)[:, None] * coef[lin[(0, 1)]]
+
+
 def _fit_radial(design, std, sw, r2, u, v, coef, lin, iterations: int = 3):
     """The polynomial ``coef`` and a radial term ``k`` fitted together (both axes share
     ``k``; its columns go through the linear terms, so the fit is repeated with them).
@@ -812,7 +813,7 @@ def _fit_radial(design, std, sw, r2, u, v, coef, lin, iterations: int = 3):
     n = len(u)
     k = 0.0
     for _ in range(iterations):
-        rad = (u * r2)[:, None] * coef[lin[(1, 0)]] + (v * r2)[:, None] * coef[lin[(0, 1)]]
+        rad = _radial_part(u, v, r2, coef, lin)
         big = np.zeros((2 * n, 2 * nt + 1))
         big[:n, :nt] = design
         big[n:, nt:2 * nt] = design

@@ -468,8 +468,8 @@ _MASKED_LIGHT = 0.01
 _FILLED = int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)
 
 
-def _masked_light(mask: np.ndarray | None, x, y, r: float, fwhm: float, bits: int
-                  ) -> np.ndarray:
+def _masked_light(mask: np.ndarray | None, x, y, r: float, fwhm: float, bits: int,
+                  near: np.ndarray | None = None) -> np.ndarray:
     """The share of each source's light (a Moffat of ``fwhm``, beta 3, within ``r``) that
     falls on pixels with any of ``bits``.
 
@@ -477,12 +477,13 @@ def _masked_light(mask: np.ndarray | None, x, y, r: float, fwhm: float, bits: in
     undersampled star's peak holds a fifth of it, the same pixel within a 10 px star's
     FWHM under 1 %. Any bit within a fixed radius (the rule before) flagged half the stars
     of oversampled frames (LMI unbinned, FWHM 10 px, 0.2 % bad pixels) and left their
-    zero points a few calibrators.
+    zero points a few calibrators. ``near``: :func:`_mask_bits` of the same mask and
+    radius, when the caller has it.
     """
     out = np.zeros(len(x))
     if mask is None or not len(x):
         return out
-    hit = np.flatnonzero(_mask_bits(mask, x, y, r) & bits)
+    hit = np.flatnonzero((_mask_bits(mask, x, y, r) if near is None else near) & bits)
     if not hit.size:
         return out
     alpha2 = float(moffat_alpha(max(fwhm, 1.0), 3.0)) ** 2
@@ -934,7 +935,7 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     # usable neighbours, so an aperture's wing touching a hot pixel stays unbiased (an
     # area correction would add the aperture's mean brightness); saturated pixels stay
     # masked (a saturated star is flagged anyway)
-    filled = (mask16 & int(Mask.BAD | Mask.NODATA | Mask.LOWFLAT)) != 0 if has_mask else None
+    filled = (mask16 & _FILLED) != 0 if has_mask else None
     if bad is not None:
         filled = bad if filled is None else (filled | bad)
     phot_data = _fill_from_neighbours(data, filled) if filled is not None else data
@@ -1043,9 +1044,10 @@ def extract_sources(frame: Frame, *, settings: Sources, pixel_scale_arcsec: floa
     # core, not its wings, and one pixel of a well-sampled star not at all
     flags = np.zeros(n, dtype=np.int16)
     flags |= np.where(bits & int(Mask.SATURATED), int(SourceFlag.SATURATED), 0).astype(np.int16)
-    masked = _masked_light(any_bits, x, y, r_ap, fwhm_use, _FILLED) > _MASKED_LIGHT
+    masked = _masked_light(any_bits, x, y, r_ap, fwhm_use, _FILLED, near=bits) > _MASKED_LIGHT
     flags |= np.where(masked, int(SourceFlag.MASKED), 0).astype(np.int16)
-    cleaned = _masked_light(any_bits, x, y, r_ap, fwhm_use, int(Mask.COSMIC)) > _MASKED_LIGHT
+    cleaned = _masked_light(any_bits, x, y, r_ap, fwhm_use, int(Mask.COSMIC),
+                            near=bits) > _MASKED_LIGHT
     flags |= np.where(cleaned, int(SourceFlag.COSMIC), 0).astype(np.int16)
     edge = (x - r_ap < -0.5) | (y - r_ap < -0.5) | (x + r_ap > nx - 0.5) | (y + r_ap > ny - 0.5)
     edge |= (sepflags & sep.OBJ_TRUNC) != 0

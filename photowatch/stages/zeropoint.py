@@ -143,6 +143,8 @@ def _catalogue_stars_per_aperture(cat, a, reference, radius_arcsec: float) -> fl
                       ra0, dec0)
     near = np.hypot(xi, eta) * 3600.0 <= _DENSITY_RADIUS
     return float(near.sum()) * (radius_arcsec / _DENSITY_RADIUS) ** 2
+
+
 #: Moffat beta of the model a neighbour's light is spread with (:func:`aperture_contamination`)
 _CONTAM_BETA = 3.0
 #: how far a neighbour's light is followed, in FWHM beyond the aperture
