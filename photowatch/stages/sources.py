@@ -291,6 +291,10 @@ _FIT_SUB = 5
 _FIT_STARS = 20
 #: radius of the fitted stamps, in FWHM (+2 px)
 _FIT_HALF_FWHM = 3.0
+#: evaluations a fit of a wide star (FWHM >= 6 px: a defocused or trailed frame) may take:
+#: a star's fit converges in 5-7 (median, 90th percentile on the test night), a donut or a
+#: trail ran to scipy's 600 (~2 ms each on the large stamps: 12 and 23 s of CPU a frame)
+_FIT_MAX_NFEV_WIDE = 100
 #: bounds of the fitted (x, y offsets, flux, ln alpha, ln(beta - 1), background)
 _FIT_LOWER = np.array([-2, -2, 0, np.log(0.1), np.log(0.2), -np.inf])
 _FIT_UPPER = np.array([2, 2, np.inf, np.log(2000), np.log(499), np.inf])
@@ -318,6 +322,7 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
     # its FWHM by (1 + 1/(12 sigma²))^0.5 - 1 < 0.2 % above 10 px, and 5x5 sub-pixels of
     # 61 px stamps made defocused frames cost 20-70 s in these fits
     nsub = _FIT_SUB if fwhm0 < 6.0 else (3 if fwhm0 < 10.0 else 1)
+    max_nfev = None if fwhm0 < 6.0 else _FIT_MAX_NFEV_WIDE  # None: scipy's own limit
     sub = (np.arange(nsub) + 0.5) / nsub - 0.5
     gx = (ox[0, 0][:, None] + sub[None, :]).ravel()  # sub-pixel x positions, (W*S,)
     gy = (oy[0, :, 0][:, None] + sub[None, :]).ravel()
@@ -389,10 +394,11 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
         alpha0 = fwhm0 / (2.0 * np.sqrt(2.0 ** (1 / 3.0) - 1.0))
         p0 = [fx, fy, flux0, np.log(alpha0), np.log(2.0), 0.0]
         try:
-            fit = least_squares(resid, p0, jac=jac, method="lm", x_scale="jac")
+            fit = least_squares(resid, p0, jac=jac, method="lm", x_scale="jac",
+                                max_nfev=max_nfev)
             if not (fit.success and np.all((fit.x >= _FIT_LOWER) & (fit.x <= _FIT_UPPER))):
                 fit = least_squares(resid, p0, jac=jac, method="trf", x_scale="jac",
-                                    bounds=(_FIT_LOWER, _FIT_UPPER))
+                                    bounds=(_FIT_LOWER, _FIT_UPPER), max_nfev=max_nfev)
         except (ValueError, FloatingPointError):
             continue
         if not fit.success:
