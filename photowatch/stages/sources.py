@@ -293,7 +293,7 @@ _FIT_STARS = 20
 _FIT_HALF_FWHM = 3.0
 #: evaluations a fit of a wide star (FWHM >= 6 px: a defocused or trailed frame) may take:
 #: a star's fit converges in 5-7 (median, 90th percentile on the test night), a donut or a
-#: trail ran to scipy's 600 (~2 ms each on the large stamps: 12 and 23 s of CPU a frame)
+#: trail ran to scipy's 600 on 49-61 px stamps (that night's reduce 29 -> 16-22 s)
 _FIT_MAX_NFEV_WIDE = 100
 #: bounds of the fitted (x, y offsets, flux, ln alpha, ln(beta - 1), background)
 _FIT_LOWER = np.array([-2, -2, 0, np.log(0.1), np.log(0.2), -np.inf])
