@@ -19,6 +19,7 @@ Usage::
     .venv/bin/python benchmarks/bench_cosmics_cached.py score /tmp/cc/def
     .venv/bin/python benchmarks/bench_cosmics_cached.py score /tmp/cc/def --set _NOISE_EVENTS=0.05
     .venv/bin/python benchmarks/bench_cosmics_cached.py score /tmp/cc/def --why
+    .venv/bin/python benchmarks/bench_cosmics_cached.py score /tmp/cc/def --setting min_peak_sigma=5.0
     .venv/bin/python benchmarks/bench_cosmics_cached.py bound /tmp/cc/def
 
 ``score --why`` sorts each night's missed true pixels by where they lie: ``weak`` (a hit on
@@ -181,7 +182,8 @@ def bound(root: Path, peak: float, draws: int = 400) -> None:
           f"{nights_} nights (expected over noise draws)")
 
 
-def score(root: Path, overrides: list[str], why: bool = False, peak: float = 5.3) -> None:
+def score(root: Path, overrides: list[str], why: bool = False, peak: float = 5.3,
+          settings: list[str] = ()) -> None:
     import photowatch.stages.cosmics as cm
 
     bound = _bound_defaults(cm)
@@ -197,6 +199,7 @@ def score(root: Path, overrides: list[str], why: bool = False, peak: float = 5.3
         for fname, arg in bound.get(name, ()):
             inspect.unwrap(getattr(cm, fname)).__kwdefaults__[arg] = value
             print(f"{name}: also {fname}({arg}=...)")
+    update = {k: ast.literal_eval(v) for k, v in (x.split("=", 1) for x in settings)}
     scores = []
     whys = dict(weak=0, defect=0, source=0, sky=0)
     for d in sorted(p for p in root.iterdir() if (p / "done").exists()):
@@ -205,7 +208,8 @@ def score(root: Path, overrides: list[str], why: bool = False, peak: float = 5.3
         for pk in sorted(d.glob("f_*.pkl")):
             with open(pk, "rb") as fh:
                 c = pickle.load(fh)
-            z, _ = cm.flag_cosmics(c["frame"], settings=c["settings"])
+            cfg = c["settings"].model_copy(update=update) if update else c["settings"]
+            z, _ = cm.flag_cosmics(c["frame"], settings=cfg)
             tally.add((z.mask & 4) != 0, c["frame"].mask, c["crm"])
             if why:
                 for k, v in _why(c, (z.mask & 4) != 0, peak).items():
@@ -236,6 +240,8 @@ def main() -> None:
     s.add_argument("root", type=Path)
     s.add_argument("--set", action="append", default=[], dest="overrides",
                    help="NAME=VALUE: a module constant of photowatch.stages.cosmics")
+    s.add_argument("--setting", action="append", default=[], dest="settings",
+                   help="NAME=VALUE: a field of the [stages.cosmics] settings (min_peak_sigma=5.0)")
     s.add_argument("--why", action="store_true", help="sort each night's missed pixels")
     s.add_argument("--peak", type=float, default=5.3,
                    help="sigma below which a hit on the sky is 'weak' (min_peak_sigma)")
@@ -249,7 +255,7 @@ def main() -> None:
     elif args.cmd == "bound":
         bound(args.root, args.peak)
     else:
-        score(args.root, args.overrides, why=args.why, peak=args.peak)
+        score(args.root, args.overrides, why=args.why, peak=args.peak, settings=args.settings)
 
 
 if __name__ == "__main__":
