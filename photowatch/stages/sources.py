@@ -291,7 +291,10 @@ _FIT_SUB = 5
 _FIT_STARS = 20
 #: radius of the fitted stamps, in FWHM (+2 px)
 _FIT_HALF_FWHM = 3.0
-#: evaluations a fit of a wide star (FWHM >= 6 px: a defocused or trailed frame) may take:
+#: a wide star's FWHM (px): a defocused or trailed frame's, whose fits take fewer sub-pixels
+#: and a bounded number of evaluations
+_FIT_WIDE_FWHM = 6.0
+#: evaluations a fit of a wide star may take:
 #: a star's fit converges in 5-7 (median, 90th percentile on the test night), a donut or a
 #: trail ran to scipy's 600 on 49-61 px stamps (that night's reduce 29 -> 16-22 s)
 _FIT_MAX_NFEV_WIDE = 100
@@ -321,8 +324,9 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
     # sub-pixels matter for undersampled stars; a wide star's pixel integration changes
     # its FWHM by (1 + 1/(12 sigma²))^0.5 - 1 < 0.2 % above 10 px, and 5x5 sub-pixels of
     # 61 px stamps made defocused frames cost 20-70 s in these fits
-    nsub = _FIT_SUB if fwhm0 < 6.0 else (3 if fwhm0 < 10.0 else 1)
-    max_nfev = None if fwhm0 < 6.0 else _FIT_MAX_NFEV_WIDE  # None: scipy's own limit
+    wide = fwhm0 >= _FIT_WIDE_FWHM
+    nsub = (3 if fwhm0 < 10.0 else 1) if wide else _FIT_SUB
+    max_nfev = _FIT_MAX_NFEV_WIDE if wide else None  # None: scipy's own limit
     sub = (np.arange(nsub) + 0.5) / nsub - 0.5
     gx = (ox[0, 0][:, None] + sub[None, :]).ravel()  # sub-pixel x positions, (W*S,)
     gy = (oy[0, :, 0][:, None] + sub[None, :]).ravel()
