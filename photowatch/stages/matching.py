@@ -37,6 +37,7 @@ degrees; standard coordinates and radii in arcseconds unless named ``_deg``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -970,15 +971,13 @@ def refine(x, y, ra_ref, dec_ref, *, predict: Callable, crpix: tuple[float, floa
         while True:
             # too few pairs for the cubic SIP: the optics' radial term alone
             radial = it > 0 and deg < 3 <= degree and len(ii) >= RADIAL_MIN_PAIRS
-            fit = fit_tan_sip(x[ii], y[ii], ra_ref[jj], dec_ref[jj], crpix=crpix, crval=crval,
-                              degree=deg, scale_px=scale_px, weights=weights,
-                              clip_sigma=clip_sigma, shape=shape, inverse=False,
-                              radial=radial)
+            fit_pairs = functools.partial(
+                fit_tan_sip, x[ii], y[ii], ra_ref[jj], dec_ref[jj], crpix=crpix, crval=crval,
+                degree=deg, scale_px=scale_px, weights=weights, clip_sigma=clip_sigma,
+                shape=shape, inverse=False)
+            fit = fit_pairs(radial=radial)
             if radial and int(fit.keep.sum()) < RADIAL_MIN_PAIRS:
-                fit = fit_tan_sip(x[ii], y[ii], ra_ref[jj], dec_ref[jj], crpix=crpix,
-                                  crval=crval, degree=deg, scale_px=scale_px,
-                                  weights=weights, clip_sigma=clip_sigma, shape=shape,
-                                  inverse=False)
+                fit = fit_pairs()  # the radial term clipped too many pairs: without it
             # the degree the pairs KEPT constrain: a fit that clipped itself below it has
             # bent its terms around the pairs it rejected (a real night: degree 2 from 31
             # pairs kept 24 and was 0.7 px off at the 3 it dropped; linear kept 28)
