@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -60,14 +59,12 @@ def test_save_png_writes_a_readable_png(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))  # atomic: no temporary left behind
 
 
-def test_save_png_is_cheap_at_4k(tmp_path):
+def test_save_png_of_a_4k_image_is_a_1024_px_preview(tmp_path):
+    # its cost is measured in benchmarks/bench_previews.py, not asserted here
     img = np.random.default_rng(1).normal(0, 1, (4096, 4096)).astype(np.float32)
-    save_png(img[:64, :64], tmp_path / "warm.png", fsync=False)  # imports
-    t = time.perf_counter()
     save_png(img, tmp_path / "big.png", title="coadd", fsync=False)
-    elapsed = time.perf_counter() - t
-    assert imread(tmp_path / "big.png").shape[1] == 1024
-    assert elapsed < 2.0  # ~0.3 s on an idle machine; generous for shared CI
+    png = imread(tmp_path / "big.png")
+    assert png.shape[1] == 1024 and png.shape[0] == 1024 + 22  # 4x4 blocks, title band
 
 
 def test_no_pyplot_state():

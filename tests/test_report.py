@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import time
 import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -246,14 +245,13 @@ def test_night_json_has_every_frame_with_its_state(night):
     assert "FINAL" in text and "http-equiv" not in text
 
 
-def test_refresh_is_cheap_and_remakes_only_changed_images(night):
+def test_refresh_remakes_only_changed_images(night):
+    # what a refresh costs is measured in benchmarks/bench_report.py, not asserted here
     out, store, settings = night
     write_report(out, store, NIGHT, settings, final=False)
     img = out / "report" / NIGHT / "img"
     before = mtimes(img)
-    t0 = time.perf_counter()
     write_report(out, store, NIGHT, settings, final=False)
-    assert time.perf_counter() - t0 < 0.5
     assert mtimes(img) == before
 
     # a new master version (new file time): only the master's images are remade
