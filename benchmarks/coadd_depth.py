@@ -16,7 +16,6 @@ single frame's:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def night(root: Path, seed: int):
     from photowatch.sim.night import simulate_night
 
     sim = simulate_night(root / "sim", size=512, binning=2, filters=("SDSS-R",), seed=seed,
-                         n_science=6)
+                         n_science=6, overwrite=True)  # the same bytes for a seed
     if not (root / "out" / "state.sqlite").exists():
         settings = Settings().with_overrides(paths={"output_dir": str(root / "out")})
         assert reduce_directory(sim.raw_dir, settings, catalog=str(sim.catalog_path),
@@ -42,41 +41,18 @@ def night(root: Path, seed: int):
 
 
 def ratios(root: Path, sim) -> dict[str, np.ndarray]:
-    import sep
-    from astropy.io import fits
-    from astropy.stats import mad_std
-    from astropy.wcs import WCS
-    from test_night import noise_apertures
+    from test_night import coadd_depths, noise_apertures
 
-    from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
-    from photowatch.state.store import Store
-
-    store = Store(root / "out" / "state.sqlite")
-    (coadd,) = store.coadds()
-    grid = CoaddGrid.from_json(coadd["grid_json"])
-    rows = store.frames(kind="object", state="reduced", accepted=1)
-    members = [FinalMember(r["name"], r["product"], json.loads(r["qc_json"])["flxscale"],
-                           json.loads(r["qc_json"])["skynoise_e"], r["exptime"]) for r in rows]
-    out: dict[str, list[float]] = {"random": [], "noise": []}
-    for n in (1, 2, 4, len(members)):
-        path = final_coadd(members[:n], grid, root / f"c{n}.fits", clip_sigma=3.0,
-                           chunk_rows=256, magzp=None)
-        with fits.open(path) as h:
-            sci, ncov = h["SCI"].data.astype(np.float32), h["NCOV"].data
-            wcs = WCS(h["SCI"].header)
-        sigma = np.array([m.skynoise * m.flxscale for m in members[:n]])
-        predicted = 1.0 / np.sqrt(np.sum(1.0 / sigma**2))
+    def random(sci, ncov, n, wcs, seed):
         ys, xs = np.nonzero(ncov[8:-8, 8:-8] == n)
-        pick = np.random.default_rng(n).choice(ys.size, 12000, replace=False)
-        places = {"random": (xs[pick] + 8.0, ys[pick] + 8.0),
-                  "noise": noise_apertures(sci, ncov, n, wcs, sim.stars, seed=n)}
-        for kind, (x, y) in places.items():
-            v, _, _ = sep.sum_circle(np.ascontiguousarray(np.nan_to_num(sci)), x, y, 4.0)
-            for _ in range(5):
-                med, sig = np.median(v), mad_std(v)
-                v = v[np.abs(v - med) < 3 * sig]
-            out[kind].append(np.std(v) / predicted)
-    return {k: np.array(v) / v[0] for k, v in out.items()}
+        pick = np.random.default_rng(seed).choice(ys.size, 12000, replace=False)
+        return xs[pick] + 8.0, ys[pick] + 8.0
+
+    def noise(sci, ncov, n, wcs, seed):
+        return noise_apertures(sci, ncov, n, wcs, sim.stars, seed=seed)
+
+    depth = coadd_depths(root / "out", root, {"random": random, "noise": noise})
+    return {k: v / v[0] for k, v in depth.items()}
 
 
 def main() -> None:

@@ -351,6 +351,43 @@ def noise_apertures(sci, ncov, n, wcs, stars, count=12000, seed=0):
     return xs[pick].astype(float), ys[pick].astype(float)
 
 
+def coadd_depths(out, work, places, *, min_places=5000) -> dict[str, np.ndarray]:
+    """Final coadds of the first 1, 2, 4 and all accepted members of ``out``'s night:
+    per way of placing apertures (``places``: name -> f(sci, ncov, n, wcs, seed) ->
+    (xs, ys)), the std of 4-px aperture sums (3-sigma clipped) over the noise the members
+    predict, SKYNOISE_i x FLXSCALE_i combined with inverse-variance weights. Apertures,
+    not pixels: resampling correlates neighbouring pixels."""
+    import sep
+
+    from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
+
+    store = Store(out / "state.sqlite")
+    (coadd,) = store.coadds()
+    grid = CoaddGrid.from_json(coadd["grid_json"])
+    rows = store.frames(kind="object", state="reduced", accepted=1)
+    members = [FinalMember(r["name"], r["product"], json.loads(r["qc_json"])["flxscale"],
+                           json.loads(r["qc_json"])["skynoise_e"], r["exptime"]) for r in rows]
+    depth: dict[str, list[float]] = {name: [] for name in places}
+    for n in (1, 2, 4, len(members)):
+        path = final_coadd(members[:n], grid, work / f"c{n}.fits", clip_sigma=3.0,
+                           chunk_rows=256, magzp=None)
+        with fits.open(path) as h:
+            sci, ncov = h["SCI"].data.astype(np.float32), h["NCOV"].data
+            wcs = WCS(h["SCI"].header)
+        sigma = np.array([m.skynoise * m.flxscale for m in members[:n]])
+        predicted = 1.0 / np.sqrt(np.sum(1.0 / sigma**2))  # per pixel, reference units
+        for name, place in places.items():
+            xs, ys = place(sci, ncov, n, wcs, n)
+            assert xs.size > min_places, (name, n, xs.size)
+            v, _, _ = sep.sum_circle(np.ascontiguousarray(np.nan_to_num(sci)), xs, ys, 4.0)
+            for _ in range(5):  # what the places still hold (a star, a hit's residue)
+                med, sig = np.median(v), mad_std(v)
+                v = v[np.abs(v - med) < 3 * sig]
+            depth[name].append(np.std(v) / predicted)
+    store.close()
+    return {name: np.array(d) for name, d in depth.items()}
+
+
 def test_depth_grows_as_the_square_root_of_the_exposure(deep_night, tmp_path):
     """Final coadds of 1, 2, 4 and 6 frames: the measured noise of each coadd agrees within
     10 % with the noise its members predict, sigma_i = SKYNOISE_i x FLXSCALE_i (reference
@@ -363,34 +400,8 @@ def test_depth_grows_as_the_square_root_of_the_exposure(deep_night, tmp_path):
     depth"), the excess was the measurement's: apertures that summed a single frame's
     masked pixels as zeros, and faint stars' light, which every member shares; on
     apertures of noise alone (:func:`noise_apertures`) the coadds reach their depth."""
-    import sep
-
-    from photowatch.coadd.stack import CoaddGrid, FinalMember, final_coadd
-
     sim, out, settings, _ = deep_night
-    store = Store(out / "state.sqlite")
-    (coadd,) = store.coadds()
-    grid = CoaddGrid.from_json(coadd["grid_json"])
-    rows = store.frames(kind="object", state="reduced", accepted=1)
-    members = [FinalMember(r["name"], r["product"], json.loads(r["qc_json"])["flxscale"],
-                           json.loads(r["qc_json"])["skynoise_e"], r["exptime"]) for r in rows]
-    depth = []
-    for n in (1, 2, 4, len(members)):
-        path = final_coadd(members[:n], grid, tmp_path / f"c{n}.fits", clip_sigma=3.0,
-                           chunk_rows=256, magzp=None)
-        with fits.open(path) as h:
-            sci, ncov = h["SCI"].data.astype(np.float32), h["NCOV"].data
-            wcs = WCS(h["SCI"].header)
-        # photometric depth: sums in 4-px apertures (apertures, not pixels: resampling
-        # correlates neighbouring pixels) at thousands of places of noise alone
-        xs, ys = noise_apertures(sci, ncov, n, wcs, sim.stars, seed=n)
-        assert xs.size > 5000, xs.size
-        v, _, _ = sep.sum_circle(np.ascontiguousarray(sci), xs, ys, 4.0)
-        for _ in range(5):  # what a star-free sky still holds (a hit's residue): clipped
-            med, sig = np.median(v), mad_std(v)
-            v = v[np.abs(v - med) < 3 * sig]
-        sigma = np.array([m.skynoise * m.flxscale for m in members[:n]])
-        predicted = 1.0 / np.sqrt(np.sum(1.0 / sigma**2))  # per pixel, reference units
-        depth.append(np.std(v) / predicted)
-    depth = np.array(depth)
+    depth = coadd_depths(out, tmp_path, {"noise": lambda sci, ncov, n, wcs, seed:
+                                         noise_apertures(sci, ncov, n, wcs, sim.stars,
+                                                         seed=seed)})["noise"]
     assert np.all(np.abs(depth / depth[0] - 1) < 0.10), depth
