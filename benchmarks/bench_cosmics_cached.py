@@ -45,7 +45,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench_cosmics_cli import Tally, met, nights, summary
+from bench_cosmics_cli import EXCLUDED, RING, Tally, met, nights, summary
 
 
 def _keeper(d: Path, night, stage):
@@ -118,24 +118,21 @@ def _local_charge(c) -> tuple[np.ndarray, np.ndarray]:
     return charge / sig, (fr.sci - charge) / sig
 
 
-_EXCLUDED = 1 | 2 | 8 | 16  # BAD, SATURATED, NODATA, LOWFLAT: not truth to find
-
-
 def _why(c, flagged: np.ndarray, peak: float) -> dict[str, int]:
     """The missed true pixels of a frame by where they lie (see the module's notes)."""
     from scipy import ndimage
 
     fr = c["frame"]
-    excluded = (fr.mask & _EXCLUDED) != 0
+    excluded = (fr.mask & EXCLUDED) != 0
     truth = c["crm"] & ~excluded
     missed = truth & ~flagged
     out = dict(weak=0, defect=0, source=0, sky=0)
     if not missed.any():
         return out
-    _, clean = _local_charge(c)
-    read = fr.sci / np.sqrt(np.maximum(fr.var, 1.0))
-    ring = ndimage.binary_dilation(excluded, structure=np.ones((3, 3), bool))
-    lab, n = ndimage.label(c["crm"], structure=np.ones((3, 3), bool))
+    charge, clean = _local_charge(c)
+    read = charge + clean  # the frame in units of its local noise
+    ring = ndimage.binary_dilation(excluded, structure=RING)
+    lab, n = ndimage.label(c["crm"], structure=RING)
     idx = np.arange(1, n + 1)
     top = np.zeros(n + 1)
     top[1:] = ndimage.maximum(np.where(truth, read, -np.inf), lab, idx)
@@ -160,9 +157,9 @@ def bound(root: Path, peak: float, draws: int = 400) -> None:
         for pk in sorted(d.glob("f_*.pkl")):
             with open(pk, "rb") as fh:
                 c = pickle.load(fh)
-            good = (c["frame"].mask & _EXCLUDED) == 0
+            good = (c["frame"].mask & EXCLUDED) == 0
             charge, _ = _local_charge(c)
-            lab, _ = ndimage.label(c["crm"], structure=np.ones((3, 3), bool))
+            lab, _ = ndimage.label(c["crm"], structure=RING)
             for i, sl in enumerate(ndimage.find_objects(lab), 1):
                 m = (lab[sl] == i) & good[sl]
                 if m.any():

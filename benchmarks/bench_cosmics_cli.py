@@ -38,6 +38,8 @@ from astropy.io import fits
 from scipy import ndimage
 
 RING = np.ones((3, 3), bool)
+#: MASK bits BAD, SATURATED, NODATA, LOWFLAT: a true pixel under them is not one to find
+EXCLUDED = 1 | 2 | 8 | 16
 
 
 def nights(specs: list[str]) -> list[tuple[int, int]]:
@@ -60,7 +62,7 @@ class Tally:
         self.n = 0
 
     def add(self, flagged, mask, crm) -> None:
-        truth = crm & ((mask & (1 | 2 | 8 | 16)) == 0)
+        truth = crm & ((mask & EXCLUDED) == 0)
         self.true_px += int(truth.sum())
         self.true_all += int(crm.sum())
         self.hit += int((flagged & truth).sum())
