@@ -1,6 +1,6 @@
 """Frame FWHM against the simulator's truth for undersampled stars (issue 17).
 
-Stars of the simulator's pixel-integrated Moffat (beta 3), FWHM 1.5-4 px, 60 per 512 px
+Stars of the simulator's pixel-integrated Moffat (beta 3), FWHM 1.5-8 px, 60 per 512 px
 frame, sky 1000 e-, Poisson noise; prints the relative error of ``extract_sources``'s
 frame FWHM and the seconds of the call.
 
@@ -24,7 +24,7 @@ from photowatch.stages.sources import extract_sources
 
 def main() -> None:
     print(f"{'FWHM px':>7s} {'seed':>4s} {'error':>7s} {'stellar':>7s} {'s':>5s}")
-    for fw in (1.5, 1.8, 2.0, 2.5, 3.0, 4.0):
+    for fw in (1.5, 1.8, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0):
         for seed in (1, 2):
             rng = np.random.default_rng(seed)
             n = 512

@@ -285,22 +285,35 @@ def _half_max_fwhm(data: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) ->
     return fwhm, peak
 
 
-#: sub-pixels per pixel side of the pixel-integrated profile fit
+#: sub-pixels per pixel side of the pixel-integrated profile fit, at most ...
 _FIT_SUB = 5
+#: ... and enough that the midpoint rule's missing pixel variance, 1 / (12 n²) px², biases
+#: the fitted FWHM by at most this fraction (1 / (24 n² sigma²) of a Gaussian core): 4 from
+#: FWHM 2.7 px, 3 from 3.6, 2 from 5.4, 1 from 10.7; below 2.7 px the cap (0.23 % at 2 px)
+_FIT_SUB_BIAS = 0.002
 #: stars fitted for the frame's FWHM (the brightest unflagged stellar ones)
 _FIT_STARS = 20
 #: radius of the fitted stamps, in FWHM (+2 px)
 _FIT_HALF_FWHM = 3.0
-#: a wide star's FWHM (px): a defocused or trailed frame's, whose fits take fewer sub-pixels
-#: and a bounded number of evaluations
-_FIT_WIDE_FWHM = 6.0
-#: evaluations a fit of a wide star may take:
-#: a star's fit converges in 5-7 (median, 90th percentile on the test night), a donut or a
-#: trail ran to scipy's 600 on 49-61 px stamps (that night's reduce 29 -> 16-22 s)
-_FIT_MAX_NFEV_WIDE = 100
+#: evaluations a star's fit may take (each of the two methods):
+#: a star's fit converges in 4-5 (median), 14-42 (its slowest of a night, 3 nights of
+#: 512-1024 px), a donut's or a trail's in up to 94; what does not converge by then ran to
+#: scipy's own limit (600) for nothing: 1.35 s of one star on a 3 px frame, a defocused
+#: frame's fits 3 s
+_FIT_MAX_NFEV = 100
 #: bounds of the fitted (x, y offsets, flux, ln alpha, ln(beta - 1), background)
 _FIT_LOWER = np.array([-2, -2, 0, np.log(0.1), np.log(0.2), -np.inf])
 _FIT_UPPER = np.array([2, 2, np.inf, np.log(2000), np.log(499), np.inf])
+
+
+#: FWHM² / sigma² of a Gaussian (8 ln 2)
+_GAUSS_FWHM2_PER_VAR = 8.0 * np.log(2.0)
+
+
+def _fit_subpixels(fwhm: float) -> int:
+    """Sub-pixels per pixel side for a pixel-integrated fit of stars of ``fwhm`` pixels."""
+    sigma = fwhm / np.sqrt(_GAUSS_FWHM2_PER_VAR)
+    return int(np.clip(np.ceil(np.sqrt(1.0 / (24.0 * sigma**2 * _FIT_SUB_BIAS))), 1, _FIT_SUB))
 
 
 def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
@@ -321,12 +334,10 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
     xi, yi = np.rint(x).astype(np.intp), np.rint(y).astype(np.intp)
     vals, ox, oy = _stamps(data, xi, yi, half, np.nan)
     vvar, _, _ = _stamps(var, xi, yi, half, np.nan)
-    # sub-pixels matter for undersampled stars; a wide star's pixel integration changes
-    # its FWHM by (1 + 1/(12 sigma²))^0.5 - 1 < 0.2 % above 10 px, and 5x5 sub-pixels of
-    # 61 px stamps made defocused frames cost 20-70 s in these fits
-    wide = fwhm0 >= _FIT_WIDE_FWHM
-    nsub = (3 if fwhm0 < 10.0 else 1) if wide else _FIT_SUB
-    max_nfev = _FIT_MAX_NFEV_WIDE if wide else None  # None: scipy's own limit
+    # sub-pixels matter for undersampled stars only: the cost of an evaluation goes as
+    # their number, (stamp x nsub)², and 5x5 sub-pixels of 43-61 px stamps made
+    # defocused frames cost 3-70 s in these fits
+    nsub = _fit_subpixels(fwhm0)
     sub = (np.arange(nsub) + 0.5) / nsub - 0.5
     gx = (ox[0, 0][:, None] + sub[None, :]).ravel()  # sub-pixel x positions, (W*S,)
     gy = (oy[0, :, 0][:, None] + sub[None, :]).ravel()
@@ -399,16 +410,19 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
         p0 = [fx, fy, flux0, np.log(alpha0), np.log(2.0), 0.0]
         try:
             fit = least_squares(resid, p0, jac=jac, method="lm", x_scale="jac",
-                                max_nfev=max_nfev)
+                                max_nfev=_FIT_MAX_NFEV)
             if not (fit.success and np.all((fit.x >= _FIT_LOWER) & (fit.x <= _FIT_UPPER))):
                 fit = least_squares(resid, p0, jac=jac, method="trf", x_scale="jac",
-                                    bounds=(_FIT_LOWER, _FIT_UPPER), max_nfev=max_nfev)
+                                    bounds=(_FIT_LOWER, _FIT_UPPER), max_nfev=_FIT_MAX_NFEV)
         except (ValueError, FloatingPointError):
             continue
         if not fit.success:
             continue
         alpha, beta = np.exp(fit.x[3]), 1.0 + np.exp(fit.x[4])
         fw = 2.0 * alpha * np.sqrt(2.0 ** (1.0 / beta) - 1.0)
+        # n sub-pixels a side integrate a pixel short of 1 / (12 n²) px² of variance, which
+        # the fit took into the profile: 0.4 % of FWHM at 1.5 px with 5, 0.15 % at 6 px with 2
+        fw = np.sqrt(max(fw * fw - _GAUSS_FWHM2_PER_VAR / (12.0 * nsub * nsub), 0.0))
         if np.isfinite(fw) and 0.5 * fwhm0 < fw < 2.0 * fwhm0:
             out.append(fw)
             shapes.append((float(alpha), float(beta)))
