@@ -114,13 +114,15 @@ def not_fits_reason(path: str | os.PathLike) -> str | None:
     return None
 
 
-def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
+def fits_incomplete_reason(path: str | os.PathLike,
+                           content: bytes | None = None) -> str | None:
     """Why a file is not a complete FITS file, or None when it is.
 
     Checks the FITS structure without decoding data: the file starts with
     SIMPLE, every header ends with END, every HDU's data is present, and
     (uncompressed files) the size is a multiple of 2880 bytes. A gzip file is
-    decompressed as a stream, which also checks its CRC.
+    decompressed as a stream, which also checks its CRC; ``content``, when
+    given, is the file's whole decompressed content, read already.
     """
     path = Path(path)
     try:
@@ -136,7 +138,7 @@ def fits_incomplete_reason(path: str | os.PathLike) -> str | None:
     if not gz and size % BLOCK:
         return f"size {size} is not a multiple of 2880 bytes (truncated?)"
     try:
-        with _open_stream(path) as fh:
+        with (io.BytesIO(content) if content is not None else _open_stream(path)) as fh:
             first = True
             nhdu = 0
             while True:
@@ -407,6 +409,19 @@ def _amp_hdus(hdul) -> list:
     return []
 
 
+def _decompressed(path: Path) -> bytes | None:
+    """A gzip file's whole decompressed content (its CRC checked), read once for both the
+    completeness check and the FITS reader; None when not gzip or not readable as gzip
+    (the completeness check then says why)."""
+    if not _is_gzip(path):
+        return None
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+
+
 def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
     """Read a raw frame read-only: (2-D data as float32 ADU, merged header).
 
@@ -425,13 +440,15 @@ def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
     from astropy.io import fits
 
     path = Path(path)
-    reason = fits_incomplete_reason(path)
+    content = _decompressed(path)
+    reason = fits_incomplete_reason(path, content)
     if reason:
         raise BadInput(reason)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with fits.open(path, mode="readonly", memmap=False) as hdul:
+            with fits.open(io.BytesIO(content) if content is not None else path,
+                           mode="readonly", memmap=False) as hdul:
                 amps = _amp_hdus(hdul)
                 if amps:
                     headers = [h.header for h in amps]
@@ -443,7 +460,7 @@ def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, object]:
                         arr = np.asarray(hdu.data)
                         arr = arr.reshape(arr.shape[-2:])
                         data = np.asarray(arr, dtype=np.float32)
-                        header = hdu.header.copy()
+                        header = hdu.header  # the file's own: nothing else holds it
                         if hdu is not hdul[0]:
                             header = _merged(header, hdul[0].header)
                         inline = _inline_amps(header)
@@ -479,7 +496,7 @@ def read_header(path: str | os.PathLike):
                 primary = hdul[0].header
                 if _is_2d(primary):
                     inline = _inline_amps(primary)
-                    return _inline_header(primary, inline) if inline else primary.copy()
+                    return _inline_header(primary, inline) if inline else primary
                 amps = _amp_hdus(hdul)
                 if amps:
                     headers = [h.header for h in amps]
