@@ -306,13 +306,9 @@ _FIT_LOWER = np.array([-2, -2, 0, np.log(0.1), np.log(0.2), -np.inf])
 _FIT_UPPER = np.array([2, 2, np.inf, np.log(2000), np.log(499), np.inf])
 
 
-#: FWHM² / sigma² of a Gaussian (8 ln 2)
-_GAUSS_FWHM2_PER_VAR = 8.0 * np.log(2.0)
-
-
 def _fit_subpixels(fwhm: float) -> int:
     """Sub-pixels per pixel side for a pixel-integrated fit of stars of ``fwhm`` pixels."""
-    sigma = fwhm / np.sqrt(_GAUSS_FWHM2_PER_VAR)
+    sigma = fwhm / GAUSS_FWHM
     return int(np.clip(np.ceil(np.sqrt(1.0 / (24.0 * sigma**2 * _FIT_SUB_BIAS))), 1, _FIT_SUB))
 
 
@@ -422,7 +418,7 @@ def _fitted_fwhm(data, var, x, y, fwhm0: float) -> tuple[float, int, list]:
         fw = 2.0 * alpha * np.sqrt(2.0 ** (1.0 / beta) - 1.0)
         # n sub-pixels a side integrate a pixel short of 1 / (12 n²) px² of variance, which
         # the fit took into the profile: 0.4 % of FWHM at 1.5 px with 5, 0.15 % at 6 px with 2
-        fw = np.sqrt(max(fw * fw - _GAUSS_FWHM2_PER_VAR / (12.0 * nsub * nsub), 0.0))
+        fw = np.sqrt(max(fw * fw - GAUSS_FWHM**2 / (12.0 * nsub * nsub), 0.0))
         if np.isfinite(fw) and 0.5 * fwhm0 < fw < 2.0 * fwhm0:
             out.append(fw)
             shapes.append((float(alpha), float(beta)))
